@@ -1,0 +1,1 @@
+"""The aggregator: settles, forms hash-chained blocks that consensus agents sign, reports."""

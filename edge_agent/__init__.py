@@ -1,0 +1,1 @@
+"""The edge agent: the service on each microgrid controller (ingest, bid, consensus)."""

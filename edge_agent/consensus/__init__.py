@@ -1,0 +1,1 @@
+"""SDBFT light consensus: a pure state machine per node and an MQTT transport around it."""

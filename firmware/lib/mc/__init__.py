@@ -1,0 +1,1 @@
+# MeterChain meter-board firmware package (MicroPython; also runs under CPython).

@@ -1,0 +1,1 @@
+"""Ledger data structures: blocks, Merkle trees, chain verification and stores."""

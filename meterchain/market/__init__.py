@@ -1,0 +1,1 @@
+"""Market contracts: pure, deterministic rules every node executes (no I/O)."""
