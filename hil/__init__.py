@@ -1,1 +1,1 @@
-"""Hardware-in-the-loop rigs: emulated meters and boards, real-board drivers, the MicroPython runner."""
+"""Hardware-in-the-loop rigs: emulated meters and boards, board drivers, the MicroPython runner."""

@@ -29,3 +29,24 @@ def mpy() -> Callable[..., micropython.Result]:
     except micropython.MicroPythonUnavailable as exc:  # pragma: no cover - setup problem
         pytest.fail(f"MicroPython runtime missing: {exc}")
     return micropython.run_code
+
+
+@pytest.fixture
+def mosquitto_factory(tmp_path_factory: pytest.TempPathFactory):
+    """Start real Mosquitto brokers (TLS, passwords, ACL); all are stopped after the test.
+
+    `broker = mosquitto_factory(users={"m1": "pw"}, acl="...")` returns a started
+    `hil.broker.MosquittoBroker`.
+    """
+    from hil.broker import MosquittoBroker
+
+    brokers: list[MosquittoBroker] = []
+
+    def start(**kwargs: object) -> MosquittoBroker:
+        broker = MosquittoBroker(tmp_path_factory.mktemp("mosquitto"), **kwargs)  # type: ignore[arg-type]
+        brokers.append(broker)
+        return broker.start()
+
+    yield start
+    for broker in brokers:
+        broker.kill()

@@ -1,0 +1,253 @@
+"""A real Mosquitto broker with TLS, per-client passwords and ACLs, run in a folder.
+
+Tests, benchmarks and HIL rigs start one with `MosquittoBroker(workdir, users=..., acl=...)`.
+It generates a throw-away CA and a server certificate for localhost/127.0.0.1,
+writes the password and ACL files, and can be stopped, killed and restarted
+on the same port so clients can test reconnection.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from meterchain.mqtt_auth import password_line
+
+
+class BrokerError(RuntimeError):
+    """Mosquitto is missing or did not start; the message carries its log tail."""
+
+
+def find_mosquitto() -> str:
+    for candidate in (
+        shutil.which("mosquitto"),
+        "/usr/sbin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise BrokerError("mosquitto not found; run `make setup` (installs it via apt)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _write_pem(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+    path.chmod(0o600)
+
+
+def make_test_pki(directory: Path, hostnames: tuple[str, ...] = ("localhost",)) -> dict[str, Path]:
+    """A CA and a server certificate (P-256) valid for `hostnames` and 127.0.0.1."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "MeterChain test CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName(h) for h in hostnames]
+    names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=825))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {
+        "ca": directory / "ca.crt",
+        "cert": directory / "server.crt",
+        "key": directory / "server.key",
+    }
+    paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    _write_pem(
+        paths["key"],
+        server_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        ),
+    )
+    return paths
+
+
+class MosquittoBroker:
+    """One Mosquitto process listening with TLS on 127.0.0.1 (and optionally plain TCP).
+
+    `users` maps usernames to passwords; `acl` is the text of a Mosquitto ACL
+    file (see meterchain.mqtt_auth for the blocks MeterChain uses). With
+    `acl=None` every authenticated user may read and write everything.
+    """
+
+    host = "127.0.0.1"
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        users: dict[str, str] | None = None,
+        acl: str | None = None,
+        plain_port: bool = False,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.users = dict(users or {})
+        self.acl = acl
+        self.port = free_port()
+        self.plain_port = free_port() if plain_port else None
+        self.pki = make_test_pki(self.workdir / "pki")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = self.workdir / "mosquitto.log"
+        self._write_files()
+
+    @property
+    def ca_file(self) -> Path:
+        return self.pki["ca"]
+
+    @property
+    def url(self) -> str:
+        return f"mqtts://{self.host}:{self.port}"
+
+    def set_users(self, users: dict[str, str]) -> None:
+        self.users = dict(users)
+        self._write_files()
+
+    def set_acl(self, acl: str | None) -> None:
+        self.acl = acl
+        self._write_files()
+
+    def _write_files(self) -> None:
+        passwd = self.workdir / "passwd"
+        passwd.write_text("".join(password_line(u, p) + "\n" for u, p in self.users.items()))
+        passwd.chmod(0o600)
+        acl_path = self.workdir / "acl"
+        acl_path.write_text(self.acl if self.acl is not None else "pattern readwrite #\n")
+        acl_path.chmod(0o600)
+        persistence = self.workdir / "persistence"
+        persistence.mkdir(exist_ok=True)
+        lines = [
+            "per_listener_settings false",
+            # As root Mosquitto would switch to the `mosquitto` user, which cannot
+            # read the files in this folder; stay who we are instead.
+            *(["user root"] if os.geteuid() == 0 else []),
+            "allow_anonymous false",
+            f"password_file {passwd}",
+            f"acl_file {acl_path}",
+            "persistence true",
+            f"persistence_location {persistence}/",
+            "autosave_interval 1",
+            "max_inflight_messages 100",
+            "max_queued_messages 100000",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            f"log_dest file {self.log_path}",
+            f"listener {self.port} {self.host}",
+            f"cafile {self.pki['ca']}",
+            f"certfile {self.pki['cert']}",
+            f"keyfile {self.pki['key']}",
+            "tls_version tlsv1.2",
+        ]
+        if self.plain_port is not None:
+            lines.append(f"listener {self.plain_port} {self.host}")
+        (self.workdir / "mosquitto.conf").write_text("\n".join(lines) + "\n")
+
+    def start(self, timeout: float = 10.0) -> MosquittoBroker:
+        if self.process is not None and self.process.poll() is None:
+            return self
+        self.process = subprocess.Popen(
+            [find_mosquitto(), "-c", str(self.workdir / "mosquitto.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                err = self.process.stderr.read().decode() if self.process.stderr else ""
+                raise BrokerError(f"mosquitto exited {self.process.returncode}: {err}{self.log()}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.02)
+        self.kill()
+        raise BrokerError(f"mosquitto did not listen on {self.port} in {timeout}s\n{self.log()}")
+
+    def stop(self) -> None:
+        """Graceful stop: Mosquitto writes its persistence file before exiting."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._close()
+
+    def kill(self) -> None:
+        """Hard stop (SIGKILL): what a power cut does to the broker."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._close()
+
+    def restart(self) -> MosquittoBroker:
+        self.stop()
+        return self.start()
+
+    def reload(self) -> None:
+        """Re-read password and ACL files (SIGHUP) without dropping clients."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGHUP)
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()[-4000:]
+        except OSError:
+            return ""
+
+    def _close(self) -> None:
+        if self.process is not None and self.process.stderr is not None:
+            self.process.stderr.close()
+
+    def __enter__(self) -> MosquittoBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
