@@ -1,0 +1,555 @@
+"""The edge agent's configuration: defaults in dataclasses, a per-site TOML file, secrets apart.
+
+`load(path)` reads the site file, checks every key against the dataclasses
+below (unknown keys, wrong types, out-of-range values, missing files, broken
+references between sections), reads the secrets it points to (the node's
+PEM key, the broker password file) and returns an `AgentConfig`. Anything
+wrong raises `ConfigError(file, key, problem)`; `meterchain agent run` prints
+it as `config error: FILE: KEY: PROBLEM` and exits with status 2.
+
+Relative paths in the file are relative to the file's own folder, so a site
+folder (agent.toml, node.key, broker.pass, registry.toml, ...) can move as a
+whole. A minimal file:
+
+    [agent]
+    node_id = "mg1"
+    market = "m1"
+    key_file = "node.key"
+    registry = "registry.toml"
+    state_dir = "state"
+
+    [broker]
+    url = "mqtts://broker.example:8883"
+    ca_file = "ca.crt"
+    password_file = "broker.pass"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from meterchain.errors import ConfigError, MeterChainError
+from meterchain.keys import PrivateKey
+from meterchain.mqtt_auth import check_name
+from meterchain.reading import SOURCES
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+SETPOINT_KINDS = ("storage_charge_w", "storage_discharge_w", "storage_power_w", "gas_turbine_w")
+
+
+@dataclass(frozen=True)
+class AgentSection:
+    node_id: str = ""
+    market: str = ""
+    microgrid: str = ""  # owner name in the registry; defaults to node_id
+    key_file: Path = Path()
+    registry: Path = Path()
+    state_dir: Path = Path()
+    log_level: str = "info"
+    metrics_port: int = 0  # 0: no /metrics endpoint
+    metrics_host: str = "127.0.0.1"
+    max_clock_ahead_s: int = 300
+
+
+@dataclass(frozen=True)
+class BrokerSection:
+    url: str = ""
+    ca_file: Path | None = None
+    username: str = ""  # defaults to node_id
+    password_file: Path | None = None
+    client_id: str = ""  # defaults to "agent-<node_id>"
+    keepalive_s: int = 30
+    # Group commit: up to `batch_max` readings share one SQLite transaction and
+    # their PUBACKs wait for it; `batch_wait_ms` bounds the added latency.
+    batch_max: int = 64
+    batch_wait_ms: int = 20
+    publish_gateway_readings: bool = True
+
+
+@dataclass(frozen=True)
+class ModbusBusSection:
+    name: str = ""
+    kind: str = ""  # "tcp" or "rtu"
+    host: str = ""
+    port: int = 502
+    serial_port: str = ""
+    baudrate: int = 9600
+    parity: str = "N"
+    stopbits: int = 1
+    timeout_s: float = 1.0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class ModbusMeterSection:
+    id: str = ""
+    bus: str = ""
+    unit: int = 1
+    model: str = "sdm630"
+    source: str = "load"
+    poll_interval_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class SetpointSection:
+    """Where one setpoint of the cleared schedule is written (holding registers)."""
+
+    kind: str = ""  # one of SETPOINT_KINDS
+    bus: str = ""
+    unit: int = 1
+    address: int = 0  # PDU address (0-based) of the first register
+    scale: float = 1.0  # register value = round(setpoint_w * scale)
+    words: int = 1  # 1: int16 (function 06), 2: int32 big-endian (function 16)
+    signed: bool = True
+
+
+@dataclass(frozen=True)
+class ForecastSection:
+    kind: str = "persistence"  # "persistence" or "profile"
+    profile_file: Path | None = None
+    horizon_h: int = 24
+
+
+@dataclass(frozen=True)
+class MicrogridSection:
+    """The microgrid's physical and price parameters for the M1 model (power kW, energy kWh)."""
+
+    gas_turbine_max_kw: float = 0.0
+    gas_turbine_cost_a: float = 0.0  # cost per kW^2 per hour
+    gas_turbine_cost_b: float = 0.0  # cost per kWh
+    storage_charge_max_kw: float = 0.0
+    storage_discharge_max_kw: float = 0.0
+    storage_efficiency: float = 0.95
+    storage_min_kwh: float = 0.0
+    storage_max_kwh: float = 0.0
+    storage_initial_kwh: float = 0.0
+    green_share: float = 0.0  # fraction of the load that must be green (G = share * L)
+    green_loss_coefficient: float = 0.0  # c_i, cost per kWh of green deficit
+    feed_in_tariff: float = 0.0  # gamma, per kWh
+    retail_prices: tuple[float, ...] = ()  # lambda_t per hour of day, 24 values
+
+
+@dataclass(frozen=True)
+class ConsensusSection:
+    role: str = "submitter"  # "node" (one of the consensus set) or "submitter"
+    membership: Path | None = None
+    round_interval_s: float = 3600.0
+    delta_s: float = 5.0  # the synchronous bound of SDBFT
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """A validated configuration with its secrets loaded."""
+
+    path: Path
+    agent: AgentSection
+    broker: BrokerSection
+    buses: tuple[ModbusBusSection, ...] = ()
+    modbus_meters: tuple[ModbusMeterSection, ...] = ()
+    setpoints: tuple[SetpointSection, ...] = ()
+    forecast: ForecastSection = field(default_factory=ForecastSection)
+    microgrid: MicrogridSection = field(default_factory=MicrogridSection)
+    consensus: ConsensusSection = field(default_factory=ConsensusSection)
+    node_key: PrivateKey | None = field(default=None, repr=False)
+    broker_password: str = field(default="", repr=False)
+
+    @property
+    def owner(self) -> str:
+        return self.agent.microgrid or self.agent.node_id
+
+    @property
+    def database(self) -> Path:
+        return self.agent.state_dir / "agent.sqlite"
+
+    def bus(self, name: str) -> ModbusBusSection:
+        return next(b for b in self.buses if b.name == name)
+
+
+# -- generic checking of one TOML table against one dataclass ---------------------------
+
+
+class _Checker:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.base = path.parent
+
+    def fail(self, key: str | None, problem: str) -> typing.NoReturn:
+        raise ConfigError(str(self.path), key, problem)
+
+    def table(self, raw: Any, cls: type, where: str) -> Any:
+        """Build dataclass `cls` from TOML table `raw`, refusing unknown keys and bad types."""
+        if not isinstance(raw, dict):
+            self.fail(where, f"must be a table, not {_toml_kind(raw)}")
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in raw:
+            if key not in hints:
+                self.fail(f"{where}.{key}", f"unknown key (known: {', '.join(names)})")
+        values = {key: self.value(raw[key], hints[key], f"{where}.{key}") for key in raw}
+        return cls(**values)
+
+    def value(self, raw: Any, hint: Any, key: str) -> Any:
+        origin = typing.get_origin(hint)
+        if origin in (types.UnionType, typing.Union):
+            (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+            return self.value(raw, inner, key)
+        if origin is tuple:
+            if not isinstance(raw, list):
+                self.fail(key, f"must be an array, not {_toml_kind(raw)}")
+            (item, _) = typing.get_args(hint)
+            return tuple(self.value(x, item, f"{key}[{i}]") for i, x in enumerate(raw))
+        if hint is bool:
+            if not isinstance(raw, bool):
+                self.fail(key, f"must be true or false, not {_toml_kind(raw)}")
+            return raw
+        if hint is int:
+            if not isinstance(raw, int) or isinstance(raw, bool):
+                self.fail(key, f"must be an integer, not {_toml_kind(raw)}")
+            return raw
+        if hint is float:
+            if not isinstance(raw, int | float) or isinstance(raw, bool):
+                self.fail(key, f"must be a number, not {_toml_kind(raw)}")
+            return float(raw)
+        if hint is str:
+            if not isinstance(raw, str):
+                self.fail(key, f"must be a string, not {_toml_kind(raw)}")
+            return raw
+        if hint is Path:
+            if not isinstance(raw, str) or not raw:
+                self.fail(key, f"must be a non-empty path string, not {_toml_kind(raw)}")
+            return self.base / os.path.expanduser(raw)
+        raise TypeError(f"no checker for {hint!r}")  # a programming error, not a config one
+
+    def require(self, section: Any, where: str, *keys: str) -> None:
+        for key in keys:
+            value = getattr(section, key)
+            if value in ("", Path(), None):
+                self.fail(f"{where}.{key}", "missing (required)")
+
+    def positive(self, value: float, key: str, *, allow_zero: bool = False) -> None:
+        if value < 0 or (value == 0 and not allow_zero):
+            self.fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+    def name(self, value: str, key: str, kind: str) -> None:
+        try:
+            check_name(kind, value)
+        except ValueError as exc:
+            self.fail(key, str(exc))
+
+    def readable_file(self, path: Path, key: str) -> None:
+        try:
+            info = path.stat()
+        except OSError as exc:
+            self.fail(key, f"cannot read {path}: {exc.strerror}")
+        if not stat.S_ISREG(info.st_mode):
+            self.fail(key, f"{path} is not a regular file")
+        if not os.access(path, os.R_OK):
+            self.fail(key, f"cannot read {path}: permission denied")
+
+    def secret_file(self, path: Path, key: str) -> bytes:
+        """Read a secret, refusing one that other users could read (as ssh does)."""
+        self.readable_file(path, key)
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            self.fail(
+                key, f"{path} is accessible by group/others (mode {mode & 0o777:o}); chmod 600 it"
+            )
+        return path.read_bytes()
+
+
+def _toml_kind(value: Any) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a float",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+_SECTIONS = ("agent", "broker", "modbus", "setpoint", "forecast", "microgrid", "consensus")
+
+
+def load(path: str | Path) -> AgentConfig:
+    """Read, check and return the configuration at `path` (raises ConfigError)."""
+    path = Path(path)
+    check = _Checker(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        check.fail(None, "file does not exist")
+    except (OSError, UnicodeDecodeError) as exc:
+        check.fail(None, f"cannot read: {exc}")
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        check.fail(None, f"not valid TOML: {exc}")
+    for key in doc:
+        if key not in _SECTIONS:
+            check.fail(key, f"unknown section (known: {', '.join(_SECTIONS)})")
+    for key in ("agent", "broker"):
+        if key not in doc:
+            check.fail(key, "missing section (required)")
+
+    agent = _check_agent(check, check.table(doc["agent"], AgentSection, "agent"))
+    broker = _check_broker(check, check.table(doc["broker"], BrokerSection, "broker"), agent)
+    buses, meters = _check_modbus(check, doc.get("modbus", {}))
+    setpoints = _check_setpoints(check, doc.get("setpoint", []), buses)
+    forecast = _check_forecast(
+        check, check.table(doc.get("forecast", {}), ForecastSection, "forecast")
+    )
+    microgrid = _check_microgrid(
+        check, check.table(doc.get("microgrid", {}), MicrogridSection, "microgrid")
+    )
+    consensus = _check_consensus(
+        check, check.table(doc.get("consensus", {}), ConsensusSection, "consensus")
+    )
+
+    # Checked as a secret (regular file, owner-only) before the PEM is parsed.
+    check.secret_file(agent.key_file, "agent.key_file")
+    try:
+        node_key = PrivateKey.load(agent.key_file)
+    except MeterChainError as exc:
+        check.fail("agent.key_file", str(exc))
+    password = ""
+    if broker.password_file is not None:
+        raw = check.secret_file(broker.password_file, "broker.password_file")
+        try:
+            password = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            check.fail("broker.password_file", f"{broker.password_file} is not UTF-8 text")
+        if not password:
+            check.fail("broker.password_file", f"{broker.password_file} is empty")
+    return AgentConfig(
+        path=path,
+        agent=agent,
+        broker=broker,
+        buses=buses,
+        modbus_meters=meters,
+        setpoints=setpoints,
+        forecast=forecast,
+        microgrid=microgrid,
+        consensus=consensus,
+        node_key=node_key,
+        broker_password=password,
+    )
+
+
+def _check_agent(check: _Checker, agent: AgentSection) -> AgentSection:
+    check.require(agent, "agent", "node_id", "market", "key_file", "registry", "state_dir")
+    check.name(agent.node_id, "agent.node_id", "node id")
+    check.name(agent.market, "agent.market", "market")
+    if agent.microgrid:
+        check.name(agent.microgrid, "agent.microgrid", "microgrid")
+    if agent.log_level not in LOG_LEVELS:
+        check.fail(
+            "agent.log_level", f"must be one of {', '.join(LOG_LEVELS)}, not {agent.log_level!r}"
+        )
+    if not 0 <= agent.metrics_port < 65536:
+        check.fail("agent.metrics_port", f"must be 0 (off) or a TCP port, got {agent.metrics_port}")
+    check.positive(agent.max_clock_ahead_s, "agent.max_clock_ahead_s", allow_zero=True)
+    check.readable_file(agent.registry, "agent.registry")
+    if agent.state_dir.exists() and not agent.state_dir.is_dir():
+        check.fail("agent.state_dir", f"{agent.state_dir} exists and is not a directory")
+    return agent
+
+
+def _check_broker(check: _Checker, broker: BrokerSection, agent: AgentSection) -> BrokerSection:
+    check.require(broker, "broker", "url")
+    url = urlsplit(broker.url)
+    if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+        check.fail(
+            "broker.url",
+            f"must look like mqtts://HOST:PORT or mqtt://HOST:PORT, not {broker.url!r}",
+        )
+    try:
+        url.port  # noqa: B018 - urlsplit validates the port lazily
+    except ValueError as exc:
+        check.fail("broker.url", f"bad port: {exc}")
+    if url.scheme == "mqtts":
+        if broker.ca_file is None:
+            check.fail("broker.ca_file", "missing (required for mqtts://)")
+        check.readable_file(broker.ca_file, "broker.ca_file")
+    if broker.username and broker.password_file is None:
+        check.fail("broker.password_file", "missing (a username needs a password file)")
+    check.positive(broker.keepalive_s, "broker.keepalive_s")
+    if not 1 <= broker.batch_max <= 1000:
+        check.fail("broker.batch_max", f"must be 1 .. 1000, got {broker.batch_max}")
+    check.positive(broker.batch_wait_ms, "broker.batch_wait_ms", allow_zero=True)
+    return dataclasses.replace(
+        broker,
+        username=broker.username or (agent.node_id if broker.password_file else ""),
+        client_id=broker.client_id or f"agent-{agent.node_id}",
+    )
+
+
+def _check_modbus(
+    check: _Checker, raw: Any
+) -> tuple[tuple[ModbusBusSection, ...], tuple[ModbusMeterSection, ...]]:
+    if not isinstance(raw, dict):
+        check.fail("modbus", f"must be a table, not {_toml_kind(raw)}")
+    for key in raw:
+        if key not in ("bus", "meter"):
+            check.fail(f"modbus.{key}", "unknown key (known: bus, meter)")
+    buses: list[ModbusBusSection] = []
+    for i, entry in enumerate(_array(check, raw.get("bus", []), "modbus.bus")):
+        where = f"modbus.bus[{i}]"
+        bus = check.table(entry, ModbusBusSection, where)
+        check.require(bus, where, "name", "kind")
+        check.name(bus.name, f"{where}.name", "bus name")
+        if any(b.name == bus.name for b in buses):
+            check.fail(f"{where}.name", f"duplicate bus name {bus.name!r}")
+        if bus.kind == "tcp":
+            check.require(bus, where, "host")
+            if not 0 < bus.port < 65536:
+                check.fail(f"{where}.port", f"must be a TCP port, got {bus.port}")
+        elif bus.kind == "rtu":
+            check.require(bus, where, "serial_port")
+            if bus.parity not in ("N", "E", "O"):
+                check.fail(f"{where}.parity", f"must be N, E or O, not {bus.parity!r}")
+            if bus.stopbits not in (1, 2):
+                check.fail(f"{where}.stopbits", f"must be 1 or 2, got {bus.stopbits}")
+            check.positive(bus.baudrate, f"{where}.baudrate")
+        else:
+            check.fail(f"{where}.kind", f'must be "tcp" or "rtu", not {bus.kind!r}')
+        check.positive(bus.timeout_s, f"{where}.timeout_s")
+        check.positive(bus.backoff_initial_s, f"{where}.backoff_initial_s")
+        if bus.backoff_max_s < bus.backoff_initial_s:
+            check.fail(f"{where}.backoff_max_s", "must be >= backoff_initial_s")
+        buses.append(bus)
+    meters: list[ModbusMeterSection] = []
+    for i, entry in enumerate(_array(check, raw.get("meter", []), "modbus.meter")):
+        where = f"modbus.meter[{i}]"
+        meter = check.table(entry, ModbusMeterSection, where)
+        check.require(meter, where, "id", "bus")
+        check.name(meter.id, f"{where}.id", "meter id")
+        if any(m.id == meter.id for m in meters):
+            check.fail(f"{where}.id", f"duplicate meter id {meter.id!r}")
+        if not any(b.name == meter.bus for b in buses):
+            check.fail(f"{where}.bus", f"no [[modbus.bus]] named {meter.bus!r}")
+        if not 1 <= meter.unit <= 247:
+            check.fail(f"{where}.unit", f"must be a Modbus unit id 1 .. 247, got {meter.unit}")
+        if meter.model != "sdm630":
+            check.fail(
+                f"{where}.model", f"unsupported meter model {meter.model!r} (supported: sdm630)"
+            )
+        if meter.source not in SOURCES:
+            check.fail(
+                f"{where}.source",
+                f"unknown source {meter.source!r} (known: {', '.join(sorted(SOURCES))})",
+            )
+        check.positive(meter.poll_interval_s, f"{where}.poll_interval_s")
+        meters.append(meter)
+    return tuple(buses), tuple(meters)
+
+
+def _check_setpoints(
+    check: _Checker, raw: Any, buses: tuple[ModbusBusSection, ...]
+) -> tuple[SetpointSection, ...]:
+    setpoints: list[SetpointSection] = []
+    for i, entry in enumerate(_array(check, raw, "setpoint")):
+        where = f"setpoint[{i}]"
+        sp = check.table(entry, SetpointSection, where)
+        check.require(sp, where, "kind", "bus")
+        if sp.kind not in SETPOINT_KINDS:
+            check.fail(
+                f"{where}.kind", f"must be one of {', '.join(SETPOINT_KINDS)}, not {sp.kind!r}"
+            )
+        if any(s.kind == sp.kind for s in setpoints):
+            check.fail(f"{where}.kind", f"duplicate setpoint {sp.kind!r}")
+        if not any(b.name == sp.bus for b in buses):
+            check.fail(f"{where}.bus", f"no [[modbus.bus]] named {sp.bus!r}")
+        if not 0 <= sp.address <= 0xFFFF - sp.words + 1:
+            check.fail(
+                f"{where}.address", f"must be a register address 0 .. 65535, got {sp.address}"
+            )
+        if sp.words not in (1, 2):
+            check.fail(f"{where}.words", f"must be 1 (16-bit) or 2 (32-bit), got {sp.words}")
+        if sp.scale == 0:
+            check.fail(f"{where}.scale", "must not be 0")
+        if not 0 <= sp.unit <= 247:
+            check.fail(f"{where}.unit", f"must be a Modbus unit id 0 .. 247, got {sp.unit}")
+        setpoints.append(sp)
+    return tuple(setpoints)
+
+
+def _check_forecast(check: _Checker, forecast: ForecastSection) -> ForecastSection:
+    if forecast.kind not in ("persistence", "profile"):
+        check.fail("forecast.kind", f'must be "persistence" or "profile", not {forecast.kind!r}')
+    if forecast.kind == "profile":
+        if forecast.profile_file is None:
+            check.fail("forecast.profile_file", 'missing (required for kind = "profile")')
+        check.readable_file(forecast.profile_file, "forecast.profile_file")
+    if not 1 <= forecast.horizon_h <= 24:
+        check.fail("forecast.horizon_h", f"must be 1 .. 24, got {forecast.horizon_h}")
+    return forecast
+
+
+def _check_microgrid(check: _Checker, mg: MicrogridSection) -> MicrogridSection:
+    for name in (
+        "gas_turbine_max_kw",
+        "gas_turbine_cost_a",
+        "gas_turbine_cost_b",
+        "storage_charge_max_kw",
+        "storage_discharge_max_kw",
+        "storage_min_kwh",
+        "storage_max_kwh",
+        "storage_initial_kwh",
+        "green_loss_coefficient",
+        "feed_in_tariff",
+    ):
+        check.positive(getattr(mg, name), f"microgrid.{name}", allow_zero=True)
+    if not 0 < mg.storage_efficiency <= 1:
+        check.fail(
+            "microgrid.storage_efficiency", f"must be in (0, 1], got {mg.storage_efficiency}"
+        )
+    if not 0 <= mg.green_share <= 1:
+        check.fail("microgrid.green_share", f"must be in [0, 1], got {mg.green_share}")
+    if mg.storage_max_kwh < mg.storage_min_kwh:
+        check.fail("microgrid.storage_max_kwh", "must be >= storage_min_kwh")
+    if (
+        not mg.storage_min_kwh
+        <= mg.storage_initial_kwh
+        <= max(mg.storage_max_kwh, mg.storage_min_kwh)
+    ):
+        check.fail(
+            "microgrid.storage_initial_kwh",
+            f"must lie in [storage_min_kwh, storage_max_kwh] = "
+            f"[{mg.storage_min_kwh}, {mg.storage_max_kwh}]",
+        )
+    if mg.retail_prices and len(mg.retail_prices) != 24:
+        check.fail(
+            "microgrid.retail_prices", f"must have 24 hourly values, got {len(mg.retail_prices)}"
+        )
+    for i, price in enumerate(mg.retail_prices):
+        check.positive(price, f"microgrid.retail_prices[{i}]", allow_zero=True)
+    return mg
+
+
+def _check_consensus(check: _Checker, cons: ConsensusSection) -> ConsensusSection:
+    if cons.role not in ("node", "submitter"):
+        check.fail("consensus.role", f'must be "node" or "submitter", not {cons.role!r}')
+    if cons.membership is not None:
+        check.readable_file(cons.membership, "consensus.membership")
+    elif cons.role == "node":
+        check.fail("consensus.membership", 'missing (required for role = "node")')
+    check.positive(cons.round_interval_s, "consensus.round_interval_s")
+    check.positive(cons.delta_s, "consensus.delta_s")
+    return cons
+
+
+def _array(check: _Checker, raw: Any, where: str) -> list[Any]:
+    if not isinstance(raw, list):
+        check.fail(where, f"must be an array of tables ([[{where}]]), not {_toml_kind(raw)}")
+    return raw
