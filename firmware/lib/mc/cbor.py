@@ -129,6 +129,46 @@ def encode(value: object) -> bytes:
     return bytes(buf)
 
 
+def _is_utf8(raw: bytes) -> bool:
+    """Strict UTF-8 check (Unicode table 3-7): no overlongs, surrogates or code points > 10FFFF.
+
+    MicroPython's own decoder lets those through while CPython's refuses them; checking
+    here makes both refuse the same byte strings.
+    """
+    i = 0
+    end = len(raw)
+    while i < end:
+        lead = raw[i]
+        i += 1
+        if lead < 0x80:
+            continue
+        low = 0x80
+        high = 0xBF
+        if 0xC2 <= lead <= 0xDF:
+            more = 1
+        elif 0xE0 <= lead <= 0xEF:
+            more = 2
+            if lead == 0xE0:
+                low = 0xA0  # shorter forms are overlong
+            elif lead == 0xED:
+                high = 0x9F  # ED A0..BF would be surrogates
+        elif 0xF0 <= lead <= 0xF4:
+            more = 3
+            if lead == 0xF0:
+                low = 0x90  # overlong
+            elif lead == 0xF4:
+                high = 0x8F  # beyond U+10FFFF
+        else:
+            return False
+        if i + more > end or not low <= raw[i] <= high:
+            return False
+        for j in range(i + 1, i + more):
+            if not 0x80 <= raw[j] <= 0xBF:
+                return False
+        i += more
+    return True
+
+
 def _decode(data: memoryview, pos: int, depth: int) -> tuple[object, int]:
     """Decode the item at data[pos]; return (value, position after it)."""
     end = len(data)
@@ -176,10 +216,9 @@ def _decode(data: memoryview, pos: int, depth: int) -> tuple[object, int]:
         pos += arg
         if major == _MAJOR_BYTES:
             return raw, pos
-        try:
-            return str(raw, "utf-8"), pos
-        except UnicodeError:
-            raise ValueError("text string is not valid UTF-8") from None
+        if not _is_utf8(raw):
+            raise ValueError("text string is not valid UTF-8")
+        return str(raw, "utf-8"), pos
     if depth >= MAX_DEPTH:
         raise ValueError(f"nesting deeper than {MAX_DEPTH}")
     if major == _MAJOR_ARRAY:

@@ -217,21 +217,22 @@ def _mul_g(k: int) -> tuple[int, int, int]:
             x2 = int.from_bytes(entries[o : o + 32], "big")
             y2 = int.from_bytes(entries[o + 32 : o + 64], "big")
             if z:
-                # Mixed addition Jacobian + affine (8M + 3S), inlined for speed.
+                # Mixed addition Jacobian + affine (8M + 3S), inlined for speed.  Its one
+                # special case, equal x (h == 0), cannot occur for 0 < k < n: here the
+                # running point is a*G and the entry b*G with K = a + b the scalar's
+                # columns >= c shifted down by c.  a == b would make K == 2*b, whose
+                # column-c bits are 0, so b == 0; a + b == n would need K == n, but K <= k
+                # < n.  (Had it happened, z would become 0 and the caller's inversion of z
+                # would raise instead of signing with a wrong point.)
                 zz = z * z % p
                 h = x2 * zz % p - x
                 r = y2 * zz * z % p - y
-                if h:
-                    hh = h * h % p
-                    hhh = h * hh % p
-                    v = x * hh % p
-                    x = (r * r - hhh - (v << 1)) % p
-                    y = (r * (v - x) - y * hhh) % p
-                    z = z * h % p
-                else:
-                    # Same x: equal points (double) or opposite (infinity).  Reachable only
-                    # for scalars whose partial sums collide mod n; kept for correctness.
-                    x, y, z = _add_affine(x, y, z, x2, y2)
+                hh = h * h % p
+                hhh = h * hh % p
+                v = x * hh % p
+                x = (r * r - hhh - (v << 1)) % p
+                y = (r * (v - x) - y * hhh) % p
+                z = z * h % p
             else:
                 x = x2
                 y = y2
