@@ -1,0 +1,157 @@
+"""The agent's MQTT session: subscribe to readings, acknowledge after commit, publish the outbox.
+
+paho-mqtt runs the connection in its own thread with its own reconnect and
+backoff; this class owns the session policy:
+- persistent session (`clean_session=False`, fixed client id) and QoS 1, so
+  readings published while the agent is down wait at the broker;
+- manual acknowledgement: a PUBACK is sent only when the ingest writer has
+  committed the reading (`Delivery.ack`);
+- acknowledgements belong to one connection: a message received on an
+  earlier connection is never acked on a later one (the broker re-sends it
+  with the same packet id, and a late ack could otherwise acknowledge a
+  different message that reused the id before it was committed);
+- the gateway outbox: rows are published QoS 1 and deleted on PUBACK; rows
+  left from before a restart are published at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+
+from edge_agent.gateway import gateway_subscription
+from edge_agent.store import StoreView
+from edge_agent.worker import Delivery, IngestWorker
+from meterchain.mqtt_auth import check_name
+
+log = logging.getLogger("meterchain.agent.mqtt")
+
+
+class BrokerLink:
+    def __init__(
+        self,
+        *,
+        url: str,
+        client_id: str,
+        market: str,
+        worker: IngestWorker,
+        outbox: StoreView | None = None,
+        username: str = "",
+        password: str = "",
+        ca_file: str | None = None,
+        keepalive_s: int = 30,
+        on_connected: Callable[[bool], None] | None = None,
+    ) -> None:
+        parts = urlsplit(url)
+        self.host = parts.hostname or "localhost"
+        self.tls = parts.scheme == "mqtts"
+        self.port = parts.port or (8883 if self.tls else 1883)
+        self.market = check_name("market", market)
+        self.worker = worker
+        self.outbox = outbox
+        self.keepalive_s = keepalive_s
+        self.on_connected = on_connected or (lambda up: None)
+        self.connected = False
+        self._epoch = 0
+        self._lock = threading.Lock()
+        self._in_flight: dict[int, int] = {}  # mid -> outbox row id
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+            manual_ack=True,
+        )
+        if username:
+            self._client.username_pw_set(username, password)
+        if self.tls:
+            self._client.tls_set(ca_certs=ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
+
+    @property
+    def topics(self) -> list[tuple[str, int]]:
+        return [(f"mc/{self.market}/r/+", 1), (gateway_subscription(self.market), 1)]
+
+    def start(self) -> None:
+        self._client.connect_async(self.host, self.port, keepalive=self.keepalive_s)
+        self._client.loop_start()
+
+    def stop(self) -> None:
+        """Disconnect cleanly; unacknowledged readings stay in the broker's session."""
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    # -- paho callbacks (paho's thread) ---------------------------------------------
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
+    ) -> None:
+        if rc.is_failure:
+            log.error("broker %s:%d refused the connection: %s", self.host, self.port, rc)
+            return
+        with self._lock:
+            self._epoch += 1
+            self._in_flight.clear()
+        self.connected = True
+        log.info(
+            "connected to %s:%d (session present: %s)", self.host, self.port, flags.session_present
+        )
+        client.subscribe(self.topics)
+        self.on_connected(True)
+        self.pump_outbox()
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
+    ) -> None:
+        with self._lock:
+            self._epoch += 1
+        if self.connected:
+            log.warning("disconnected from %s:%d: %s", self.host, self.port, rc)
+        self.connected = False
+        self.on_connected(False)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        epoch = self._epoch
+        mid, qos = message.mid, message.qos
+
+        def ack() -> None:
+            with self._lock:
+                if self._epoch == epoch and qos:
+                    client.ack(mid, qos)
+
+        sender = message.topic.rsplit("/", 1)[-1]
+        self.worker.submit(Delivery(bytes(message.payload), sender, ack))
+
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, rc: Any, props: Any
+    ) -> None:
+        with self._lock:
+            row_id = self._in_flight.pop(mid, None)
+        if row_id is not None and self.outbox is not None:
+            self.outbox.delete_outbox(row_id)
+
+    # -- outbox ----------------------------------------------------------------------
+
+    def pump_outbox(self) -> None:
+        """Publish outbox rows not already in flight (any thread)."""
+        if self.outbox is None or not self.connected:
+            return
+        with self._lock:
+            busy = set(self._in_flight.values())
+            for row_id, topic, payload in self.outbox.outbox():
+                if row_id in busy:
+                    continue
+                info = self._client.publish(topic, payload, qos=1)
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                    break
+                self._in_flight[info.mid] = row_id

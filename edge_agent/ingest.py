@@ -1,0 +1,185 @@
+"""The one ingest path: signed reading bytes in, verified energy in SQLite out, exactly once.
+
+`Ingest.process_batch` is what the MQTT subscriber, the Modbus gateway and
+the benchmark all call: decode and verify each reading (`reading.verify`
+against the registry), then, in one SQLite transaction, pass it through the
+sequence guard (replay, out-of-order, counters running backwards, and
+byte-identical duplicates) and fold it into hourly energy. Only after the
+commit are the results returned, so callers acknowledge nothing that is not
+on disk. A byte-identical copy of an accepted reading (an MQTT redelivery
+after a crash, a board resending from its spool) is a `duplicate`: it is
+acknowledged and changes nothing, which is what makes the accounting
+exactly-once.
+
+Rejected readings are counted by reason and logged calmly: ERROR the first
+time a meter shows a reason, DEBUG while it repeats, INFO when the meter's
+next reading is accepted.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from edge_agent.calm import CalmLog
+from edge_agent.store import AgentStore
+from meterchain.errors import DuplicateReading, MeterChainError, RejectedReading
+from meterchain.reading import DEFAULT_MAX_CLOCK_AHEAD_S, Reading, verify
+from meterchain.registry import Registry
+
+log = logging.getLogger("meterchain.agent.ingest")
+
+
+class Guard(Protocol):
+    """The sequence guard, working inside the store's open transaction."""
+
+    def admit(self, reading: Reading) -> None:
+        """Record `reading` as accepted or raise the RejectedReading saying why not."""
+
+
+class Outcome(enum.Enum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    outcome: Outcome
+    reading: Reading | None = None
+    reason: str = ""
+    detail: str = ""
+
+
+class IngestObserver(Protocol):
+    """Where outcomes go after the commit (metrics)."""
+
+    def accepted(self, reading: Reading, owner: str) -> None: ...
+
+    def duplicate(self, reading: Reading) -> None: ...
+
+    def rejected(self, reason: str) -> None: ...
+
+
+@dataclass
+class IngestCounts:
+    """A plain observer: totals by outcome and rejection reason (tests, benchmark)."""
+
+    accepted_n: int = 0
+    duplicate_n: int = 0
+
+    def __post_init__(self) -> None:
+        self.rejected_by_reason: dict[str, int] = {}
+
+    def accepted(self, reading: Reading, owner: str) -> None:
+        self.accepted_n += 1
+
+    def duplicate(self, reading: Reading) -> None:
+        self.duplicate_n += 1
+
+    def rejected(self, reason: str) -> None:
+        self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + 1
+
+
+class Ingest:
+    """Verify, guard and persist readings; one instance per writer thread."""
+
+    def __init__(
+        self,
+        store: AgentStore,
+        registry: Registry,
+        guard: Guard,
+        *,
+        observer: IngestObserver | None = None,
+        clock: Callable[[], float] = time.time,
+        max_clock_ahead_s: int = DEFAULT_MAX_CLOCK_AHEAD_S,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.guard = guard
+        self.observer = observer or IngestCounts()
+        self.clock = clock
+        self.max_clock_ahead_s = max_clock_ahead_s
+        self.calm = CalmLog(log)
+
+    def process(self, payload: bytes) -> Result:
+        return self.process_batch([payload])[0]
+
+    def process_batch(
+        self,
+        payloads: Sequence[bytes],
+        before_commit: Callable[[list[Result]], None] | None = None,
+        *,
+        senders: Sequence[str] | None = None,
+    ) -> list[Result]:
+        """Ingest `payloads` in one transaction; results in input order, after the commit.
+
+        `before_commit(results)` runs inside the transaction once every
+        reading is folded (the gateway uses it to queue what it publishes).
+        `senders` names where each payload came from (the MQTT topic's meter
+        level), for logging readings too broken to name their meter.
+        Raises MeterChainError or sqlite3.Error only if the store fails, in
+        which case nothing was committed and nothing may be acknowledged.
+        """
+        now = int(self.clock())
+        results: list[Result | None] = [None] * len(payloads)
+        verified: list[tuple[int, Reading]] = []
+        # Signature checks run outside the write transaction: they are the
+        # expensive part and need no database.
+        for i, payload in enumerate(payloads):
+            try:
+                reading = verify(
+                    payload, self.registry, now=now, max_clock_ahead_s=self.max_clock_ahead_s
+                )
+            except RejectedReading as exc:
+                results[i] = Result(Outcome.REJECTED, None, exc.reason, str(exc))
+                continue
+            verified.append((i, reading))
+        if verified:
+            with self.store.transaction():
+                for i, reading in verified:
+                    results[i] = self._admit(reading)
+                if before_commit is not None:
+                    before_commit([r for r in results if r is not None])
+        final = [r for r in results if r is not None]
+        self._report(final, senders)
+        return final
+
+    def _admit(self, reading: Reading) -> Result:
+        try:
+            self.guard.admit(reading)
+        except DuplicateReading as exc:
+            return Result(Outcome.DUPLICATE, reading, exc.reason, str(exc))
+        except RejectedReading as exc:
+            return Result(Outcome.REJECTED, reading, exc.reason, str(exc))
+        meter = self.registry.get(reading.meter_id)
+        if meter is None:  # verify() looked it up a moment ago; a registry swap raced us
+            raise MeterChainError(f"meter {reading.meter_id!r} vanished from the registry")
+        self.store.fold(reading, meter.owner)
+        return Result(Outcome.ACCEPTED, reading)
+
+    def _report(self, results: list[Result], senders: Sequence[str] | None) -> None:
+        for i, result in enumerate(results):
+            reading = result.reading
+            if result.outcome is Outcome.ACCEPTED:
+                assert reading is not None
+                meter = self.registry.get(reading.meter_id)
+                self.observer.accepted(reading, meter.owner if meter else "")
+                self.calm.success(f"meter {reading.meter_id}")
+            elif result.outcome is Outcome.DUPLICATE:
+                assert reading is not None
+                self.observer.duplicate(reading)
+                log.debug(
+                    "meter %s seq %d: duplicate, already accepted", reading.meter_id, reading.seq
+                )
+            else:
+                self.observer.rejected(result.reason)
+                if reading is not None:
+                    subject = f"meter {reading.meter_id}"
+                else:
+                    subject = f"meter {senders[i]}" if senders else "unnamed sender"
+                self.calm.failure(subject, result.reason, f"rejected: {result.detail}")

@@ -1,0 +1,146 @@
+"""The agent's Prometheus metrics, on a registry of its own so several agents can share a process.
+
+Names (all prefixed `meterchain_agent_`): readings accepted per meter,
+duplicates, rejected by reason, last reading age per meter, ingest batch
+size and commit time, Modbus errors by bus and kind, Modbus link state,
+setpoint writes that failed, round latency, changes of primary, MQTT
+connection state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from meterchain.reading import Reading
+
+
+class AgentMetrics:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._clock = clock
+        r = self.registry
+        self.readings_accepted = Counter(
+            "meterchain_agent_readings_accepted",
+            "Readings verified and folded into energy",
+            ["meter"],
+            registry=r,
+        )
+        self.readings_duplicate = Counter(
+            "meterchain_agent_readings_duplicate",
+            "Byte-identical copies of accepted readings (re-deliveries), acknowledged, not counted",
+            registry=r,
+        )
+        self.readings_rejected = Counter(
+            "meterchain_agent_readings_rejected",
+            "Readings refused, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.last_reading_age = Gauge(
+            "meterchain_agent_last_reading_age_seconds",
+            "Seconds since the time of the last accepted reading of each meter",
+            ["meter"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "meterchain_agent_ingest_batch_size",
+            "Readings per ingest transaction",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "meterchain_agent_ingest_batch_seconds",
+            "Verify + commit time per ingest batch",
+            registry=r,
+        )
+        self.modbus_errors = Counter(
+            "meterchain_agent_modbus_errors",
+            "Failed Modbus requests, by bus and kind",
+            ["bus", "kind"],
+            registry=r,
+        )
+        self.modbus_reads = Counter(
+            "meterchain_agent_modbus_reads",
+            "Successful meter reads",
+            ["meter"],
+            registry=r,
+        )
+        self.modbus_connected = Gauge(
+            "meterchain_agent_modbus_connected",
+            "1 while the bus link is up",
+            ["bus"],
+            registry=r,
+        )
+        self.setpoint_failures = Counter(
+            "meterchain_agent_setpoint_failures",
+            "Setpoints that could not be applied",
+            ["kind"],
+            registry=r,
+        )
+        self.setpoint_writes = Counter(
+            "meterchain_agent_setpoint_writes",
+            "Setpoints written",
+            ["kind"],
+            registry=r,
+        )
+        self.round_latency = Histogram(
+            "meterchain_agent_round_latency_seconds",
+            "From submitting a bid to a committed clearing result",
+            registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.rounds = Counter(
+            "meterchain_agent_rounds",
+            "Rounds finished, by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.primary_changes = Counter(
+            "meterchain_agent_primary_changes",
+            "Changes of SDBFT primary seen",
+            registry=r,
+        )
+        self.mqtt_connected = Gauge(
+            "meterchain_agent_mqtt_connected",
+            "1 while connected to the broker",
+            registry=r,
+        )
+        self.outbox_dropped = Counter(
+            "meterchain_agent_outbox_dropped",
+            "Gateway readings dropped from a full outbox (still counted locally)",
+            registry=r,
+        )
+        self._last_time: dict[str, int] = {}
+
+    # -- IngestObserver -----------------------------------------------------------
+
+    def accepted(self, reading: Reading, owner: str) -> None:
+        self.readings_accepted.labels(reading.meter_id).inc()
+        if reading.meter_id not in self._last_time:
+            meter = reading.meter_id
+            self.last_reading_age.labels(meter).set_function(
+                lambda: self._clock() - self._last_time[meter]
+            )
+        self._last_time[reading.meter_id] = reading.time
+
+    def duplicate(self, reading: Reading) -> None:
+        self.readings_duplicate.inc()
+
+    def rejected(self, reason: str) -> None:
+        self.readings_rejected.labels(reason).inc()
+
+    # -- Modbus -------------------------------------------------------------------
+
+    def modbus_error(self, bus: str, kind: str) -> None:
+        self.modbus_errors.labels(bus, kind).inc()
+
+    def batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)

@@ -1,0 +1,248 @@
+"""Every kind of bad configuration stops `meterchain agent run` with status 2 and a clear message."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from agent_site import agent_command
+
+from edge_agent import config as agent_config
+from meterchain.keys import PrivateKey
+from meterchain.registry import entry_text, make_meter
+
+GOOD = """\
+[agent]
+node_id = "mg1"
+market = "m1"
+key_file = "node.key"
+registry = "registry.toml"
+state_dir = "state"
+
+[broker]
+url = "mqtts://127.0.0.1:8883"
+ca_file = "ca.crt"
+password_file = "broker.pass"
+
+[[modbus.bus]]
+name = "rs485"
+kind = "rtu"
+serial_port = "/dev/ttyUSB0"
+
+[[modbus.meter]]
+id = "mg1-sdm"
+bus = "rs485"
+unit = 2
+
+[[setpoint]]
+kind = "storage_power_w"
+bus = "rs485"
+unit = 5
+address = 100
+"""
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    PrivateKey.generate().save(tmp_path / "node.key")
+    (tmp_path / "broker.pass").write_text("secret\n")
+    (tmp_path / "broker.pass").chmod(0o600)
+    (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    meter = make_meter("mg1-pv", PrivateKey.generate().public_key(), "mg1", "pv")
+    (tmp_path / "registry.toml").write_text(entry_text(meter))
+    (tmp_path / "agent.toml").write_text(GOOD)
+    return tmp_path
+
+
+def _replace(old: str, new: str) -> Callable[[Path], None]:
+    def edit(root: Path) -> None:
+        path = root / "agent.toml"
+        text = path.read_text()
+        assert old in text, old
+        path.write_text(text.replace(old, new, 1))
+
+    return edit
+
+
+def _append(extra: str) -> Callable[[Path], None]:
+    def edit(root: Path) -> None:
+        with (root / "agent.toml").open("a") as out:
+            out.write(extra)
+
+    return edit
+
+
+def _chmod(name: str, mode: int) -> Callable[[Path], None]:
+    return lambda root: (root / name).chmod(mode)
+
+
+def _write(name: str, text: str, mode: int = 0o600) -> Callable[[Path], None]:
+    def edit(root: Path) -> None:
+        (root / name).write_text(text)
+        (root / name).chmod(mode)
+
+    return edit
+
+
+# (case id, edit of the good site, expected "KEY: PROBLEM" after "FILE: ")
+CASES: list[tuple[str, Callable[[Path], None], str]] = [
+    ("not-toml", _write("agent.toml", "[agent\nnode_id = 1\n"), "not valid TOML"),
+    ("unknown-section", _append("[gateway]\nx = 1\n"), "gateway: unknown section"),
+    (
+        "unknown-key",
+        _replace('node_id = "mg1"', 'node_id = "mg1"\nnodeid = "x"'),
+        "agent.nodeid: unknown key (known: node_id, market,",
+    ),
+    ("missing-section", _replace("[broker]", "[forecast]"), "broker: missing section"),
+    ("missing-key", _replace('market = "m1"\n', ""), "agent.market: missing (required)"),
+    (
+        "wrong-type",
+        _replace('state_dir = "state"', 'state_dir = "state"\nmetrics_port = "80"'),
+        "agent.metrics_port: must be an integer, not a string",
+    ),
+    (
+        "out-of-range",
+        _replace('state_dir = "state"', 'state_dir = "state"\nmetrics_port = 70000'),
+        "agent.metrics_port: must be 0 (off) or a TCP port, got 70000",
+    ),
+    (
+        "bad-name",
+        _replace('node_id = "mg1"', 'node_id = "mg 1"'),
+        "agent.node_id: node id 'mg 1' must be 1-64 characters",
+    ),
+    (
+        "bad-choice",
+        _replace('state_dir = "state"', 'state_dir = "state"\nlog_level = "loud"'),
+        "agent.log_level: must be one of debug, info, warning, error, not 'loud'",
+    ),
+    (
+        "key-file-missing",
+        _replace('key_file = "node.key"', 'key_file = "gone.key"'),
+        "agent.key_file: cannot read {root}/gone.key: No such file or directory",
+    ),
+    (
+        "key-file-too-open",
+        _chmod("node.key", 0o644),
+        "agent.key_file: {root}/node.key is accessible by group/others (mode 644); chmod 600 it",
+    ),
+    (
+        "key-file-not-a-key",
+        _write("node.key", "hello\n"),
+        "agent.key_file: {root}/node.key: not an unencrypted PEM private key",
+    ),
+    (
+        "password-file-empty",
+        _write("broker.pass", "\n"),
+        "broker.password_file: {root}/broker.pass is empty",
+    ),
+    (
+        "ca-file-missing",
+        _replace('ca_file = "ca.crt"', 'ca_file = "none.crt"'),
+        "broker.ca_file: cannot read {root}/none.crt: No such file or directory",
+    ),
+    (
+        "bad-url",
+        _replace("mqtts://127.0.0.1:8883", "http://broker"),
+        "broker.url: must look like mqtts://HOST:PORT or mqtt://HOST:PORT, not 'http://broker'",
+    ),
+    (
+        "bad-reference",
+        _replace('bus = "rs485"\nunit = 2', 'bus = "rs-485"\nunit = 2'),
+        "modbus.meter[0].bus: no [[modbus.bus]] named 'rs-485'",
+    ),
+    (
+        "duplicate-meter",
+        _append('[[modbus.meter]]\nid = "mg1-sdm"\nbus = "rs485"\n'),
+        "modbus.meter[1].id: duplicate meter id 'mg1-sdm'",
+    ),
+    (
+        "bad-unit",
+        _replace("unit = 2", "unit = 300"),
+        "modbus.meter[0].unit: must be a Modbus unit id 1 .. 247, got 300",
+    ),
+    (
+        "bad-setpoint",
+        _replace('kind = "storage_power_w"', 'kind = "boiler_w"'),
+        "setpoint[0].kind: must be one of storage_charge_w, storage_discharge_w",
+    ),
+    (
+        "profile-without-file",
+        _append('[forecast]\nkind = "profile"\n'),
+        'forecast.profile_file: missing (required for kind = "profile")',
+    ),
+    (
+        "node-without-membership",
+        _append('[consensus]\nrole = "node"\n'),
+        'consensus.membership: missing (required for role = "node")',
+    ),
+    (
+        "bad-microgrid",
+        _append("[microgrid]\nstorage_efficiency = 1.5\n"),
+        "microgrid.storage_efficiency: must be in (0, 1], got 1.5",
+    ),
+]
+
+
+@pytest.mark.parametrize(("edit", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_config_exits_2_naming_file_key_and_problem(
+    site: Path, edit: Callable[[Path], None], expected: str
+) -> None:
+    edit(site)
+    config = site / "agent.toml"
+    proc = subprocess.run(
+        agent_command("run", "--config", str(config)), capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"config error: {config}: " + expected.format(root=site)), (
+        proc.stderr
+    )
+    assert not (site / "state").exists(), "a refused config must not create state"
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        agent_command("run", "--config", str(tmp_path / "nope.toml")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == f"config error: {tmp_path}/nope.toml: file does not exist\n"
+
+
+def test_bad_registry_is_a_config_error_naming_the_registry(site: Path) -> None:
+    (site / "registry.toml").write_text(
+        '[[meter]]\nid = "mg1-pv"\npublic_key = "zz"\nowner = "mg1"\nsource = "pv"\n'
+    )
+    proc = subprocess.run(
+        agent_command("run", "--config", str(site / "agent.toml")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(
+        f"config error: {site}/registry.toml: meter[0].public_key: meter 'mg1-pv': not hex"
+    ), proc.stderr
+
+
+def test_good_config_loads_with_defaults_and_resolved_paths(site: Path) -> None:
+    cfg = agent_config.load(site / "agent.toml")
+    assert cfg.agent.key_file == site / "node.key"
+    assert cfg.database == site / "state" / "agent.sqlite"
+    assert cfg.broker.username == "mg1" and cfg.broker.client_id == "agent-mg1"
+    assert cfg.broker_password == "secret"
+    assert cfg.buses[0].baudrate == 9600 and cfg.buses[0].parity == "N"
+    assert cfg.modbus_meters[0].poll_interval_s == 10.0
+    assert cfg.setpoints[0].words == 1 and cfg.setpoints[0].scale == 1.0
+    assert cfg.owner == "mg1"
+    proc = subprocess.run(
+        agent_command("check-config", "--config", str(site / "agent.toml")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "OK (1 Modbus meter(s), 1 registered meter(s))" in proc.stdout
