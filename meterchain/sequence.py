@@ -1,0 +1,328 @@
+"""Per-meter sequence guard: no replayed or reordered readings, no registers running backwards.
+
+`verify` proves a reading is authentic; this proves it is new. For each meter
+the guard keeps, in SQLite (WAL, synchronous=FULL), the last accepted sequence
+number, time and energy registers, plus the digests of the accepted readings
+in a recent window of sequence numbers. For a verified reading:
+
+- seq already accepted, byte-identical  -> DuplicateReading (a ReplayedReading
+  with `duplicate = True`: an MQTT QoS 1 re-delivery, which ingest acknowledges
+  as done);
+- seq already accepted, other bytes     -> ReplayedReading;
+- seq below the last accepted, never accepted (or older than the window)
+                                        -> OutOfOrder;
+- import or export register below the last accepted one -> CounterBackwards,
+  unless the reading carries FLAG_COUNTER_RESET (then it is accepted and the
+  admission says `counter_reset`);
+- otherwise admitted. Gaps in seq are allowed (the board thins its spool when
+  it overflows) and reported as `Admission.gap`.
+
+`check_and_accept` checks and records in one IMMEDIATE transaction and returns
+only after the commit reached the disk, so an acknowledgement sent after it
+can never be for a reading a crash forgets. A rejected reading changes nothing.
+
+Thread-safe: one connection behind one lock. Several processes may share a
+file; SQLite's write lock (taken at BEGIN IMMEDIATE) serializes them.
+
+Unsigned 64-bit values are stored as 20-digit zero-padded decimal text:
+SQLite integers are signed 64-bit, and padded text keeps the numeric order
+(used to prune the window) while staying readable in the sqlite3 shell.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from meterchain.errors import (
+    CounterBackwards,
+    DuplicateReading,
+    MeterChainError,
+    OutOfOrder,
+    RejectedReading,
+    ReplayedReading,
+)
+from meterchain.reading import FLAG_COUNTER_RESET, Reading
+
+SCHEMA_VERSION = 1
+DEFAULT_WINDOW = 1024
+_BUSY_TIMEOUT_MS = 5000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meter_state (
+    meter_id  TEXT PRIMARY KEY,
+    seq       TEXT NOT NULL,
+    time      TEXT NOT NULL,
+    import_wh TEXT NOT NULL,
+    export_wh TEXT NOT NULL,
+    digest    BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS accepted (
+    meter_id TEXT NOT NULL,
+    seq      TEXT NOT NULL,
+    digest   BLOB NOT NULL,
+    PRIMARY KEY (meter_id, seq)
+) WITHOUT ROWID;
+"""
+
+
+class SequenceStateError(MeterChainError):
+    """The guard's SQLite file cannot be opened, read or written; the message names it."""
+
+
+@dataclass(frozen=True)
+class MeterState:
+    """The last accepted reading of a meter, as the guard remembers it (Wh, Unix seconds)."""
+
+    meter_id: str
+    seq: int
+    time: int
+    import_wh: int
+    export_wh: int
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What accepting a reading means relative to the meter's last accepted one.
+
+    `gap` counts the sequence numbers skipped (0 when contiguous or first).
+    The deltas are the energy (Wh) since the last accepted reading; None for a
+    meter's first reading and after a counter reset, where no difference is
+    meaningful. `time_backwards` notes a clock step back (accepted: the
+    cumulative registers, not the clock, carry the energy).
+    """
+
+    meter_id: str
+    seq: int
+    first: bool
+    gap: int
+    counter_reset: bool
+    import_delta_wh: int | None
+    export_delta_wh: int | None
+    time_backwards: bool
+
+
+def _u64(value: int) -> str:
+    return f"{value:020d}"
+
+
+class SequenceGuard:
+    """The per-meter sequence and register state in one SQLite file; see the module docstring."""
+
+    def __init__(self, path: str | Path, *, window: int = DEFAULT_WINDOW) -> None:
+        if window < 1:
+            raise ValueError("window must be at least 1 sequence number")
+        self.path = Path(path)
+        self.window = window
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=5.0
+            )
+            self._db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise SequenceStateError(f"{self.path}: cannot switch to WAL (journal mode {mode})")
+            # FULL: a commit is on disk when it returns (NORMAL may lose the last
+            # commits on power loss, i.e. readings already acknowledged).
+            self._db.execute("PRAGMA synchronous = FULL")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise SequenceStateError(
+                    f"{self.path}: sequence state schema {version}, this build reads "
+                    f"{SCHEMA_VERSION}"
+                )
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            raise SequenceStateError(f"{self.path}: cannot open sequence state: {exc}") from exc
+
+    # --- queries -------------------------------------------------------------------
+
+    def state(self, meter_id: str) -> MeterState | None:
+        """The last accepted reading of `meter_id`, or None if none was ever accepted."""
+        with self._lock, self._transaction("DEFERRED"):
+            return self._state(meter_id)
+
+    def check(self, reading: Reading) -> Admission:
+        """What `check_and_accept` would do now, without recording anything."""
+        # A read transaction, so both lookups see one snapshot even while
+        # another process writes.
+        with self._lock, self._transaction("DEFERRED"):
+            return self._admit(reading)
+
+    # --- recording -----------------------------------------------------------------
+
+    def check_and_accept(self, reading: Reading) -> Admission:
+        """Check and record `reading` in one transaction, durable when this returns.
+
+        Raises a RejectedReading subclass (and records nothing) if the reading
+        is a replay, out of order, or has registers running backwards.
+        """
+        with self._lock, self._transaction():
+            admission = self._admit(reading)
+            self._record(reading)
+            return admission
+
+    # `check` then `accept` is safe: accept re-checks inside its own transaction,
+    # so a reading that became stale in between is refused, never stored.
+    accept = check_and_accept
+
+    def check_and_accept_many(
+        self, readings: Iterable[Reading]
+    ) -> list[Admission | RejectedReading]:
+        """Admit a batch in one transaction (one disk sync); each outcome in input order.
+
+        Later readings are checked against earlier ones of the same batch, so a
+        batch behaves exactly like the same calls to `check_and_accept` in order.
+        """
+        outcomes: list[Admission | RejectedReading] = []
+        with self._lock, self._transaction():
+            for reading in readings:
+                try:
+                    admission = self._admit(reading)
+                except RejectedReading as exc:
+                    outcomes.append(exc)
+                    continue
+                self._record(reading)
+                outcomes.append(admission)
+        return outcomes
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> SequenceGuard:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- internals (caller holds the lock) -----------------------------------------
+
+    @contextmanager
+    def _transaction(self, mode: str = "IMMEDIATE") -> Iterator[None]:
+        """BEGIN mode ... COMMIT, or ROLLBACK on any error; SQLite errors become ours."""
+        try:
+            self._db.execute(f"BEGIN {mode}")
+        except sqlite3.Error as exc:
+            raise self._store_error("lock", exc) from exc
+        try:
+            yield
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise self._store_error("access", exc) from exc
+        except BaseException:
+            self._rollback()
+            raise
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise self._store_error("commit", exc) from exc
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
+    def _store_error(self, action: str, exc: sqlite3.Error) -> SequenceStateError:
+        return SequenceStateError(f"{self.path}: cannot {action} sequence state: {exc}")
+
+    def _state(self, meter_id: str) -> MeterState | None:
+        row = self._db.execute(
+            "SELECT seq, time, import_wh, export_wh, digest FROM meter_state WHERE meter_id = ?",
+            (meter_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        seq, time, import_wh, export_wh, digest = row
+        return MeterState(meter_id, int(seq), int(time), int(import_wh), int(export_wh), digest)
+
+    def _admit(self, reading: Reading) -> Admission:
+        last = self._state(reading.meter_id)
+        reset_flag = bool(reading.flags & FLAG_COUNTER_RESET)
+        if last is None:
+            return Admission(reading.meter_id, reading.seq, True, 0, reset_flag, None, None, False)
+        if reading.seq <= last.seq:
+            self._refuse_old_seq(reading, last)
+        backwards = [
+            f"{name} {new} < {old}"
+            for name, new, old in (
+                ("import_wh", reading.import_wh, last.import_wh),
+                ("export_wh", reading.export_wh, last.export_wh),
+            )
+            if new < old
+        ]
+        if backwards and not reset_flag:
+            raise CounterBackwards(
+                f"meter {reading.meter_id!r} seq {reading.seq}: {', '.join(backwards)} "
+                f"(last accepted seq {last.seq}) without the counter-reset flag"
+            )
+        deltas_known = not reset_flag
+        return Admission(
+            reading.meter_id,
+            reading.seq,
+            False,
+            reading.seq - last.seq - 1,
+            reset_flag,
+            reading.import_wh - last.import_wh if deltas_known else None,
+            reading.export_wh - last.export_wh if deltas_known else None,
+            reading.time < last.time,
+        )
+
+    def _refuse_old_seq(self, reading: Reading, last: MeterState) -> None:
+        row = self._db.execute(
+            "SELECT digest FROM accepted WHERE meter_id = ? AND seq = ?",
+            (reading.meter_id, _u64(reading.seq)),
+        ).fetchone()
+        where = f"meter {reading.meter_id!r} seq {reading.seq}"
+        if row is not None:
+            if row[0] == reading.digest:
+                raise DuplicateReading(f"{where}: already accepted (byte-identical copy)")
+            raise ReplayedReading(
+                f"{where}: already accepted with different content "
+                f"(digest {row[0].hex()[:16]}, this one {reading.digest.hex()[:16]})"
+            )
+        if reading.seq <= last.seq - self.window:
+            raise OutOfOrder(
+                f"{where}: below the last accepted seq {last.seq} and older than the "
+                f"{self.window}-seq replay window"
+            )
+        raise OutOfOrder(f"{where}: below the last accepted seq {last.seq} and never accepted")
+
+    def _record(self, reading: Reading) -> None:
+        seq = _u64(reading.seq)
+        self._db.execute(
+            "INSERT INTO meter_state (meter_id, seq, time, import_wh, export_wh, digest) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (meter_id) DO UPDATE SET "
+            "seq = excluded.seq, time = excluded.time, import_wh = excluded.import_wh, "
+            "export_wh = excluded.export_wh, digest = excluded.digest",
+            (
+                reading.meter_id,
+                seq,
+                _u64(reading.time),
+                _u64(reading.import_wh),
+                _u64(reading.export_wh),
+                reading.digest,
+            ),
+        )
+        self._db.execute(
+            "INSERT INTO accepted (meter_id, seq, digest) VALUES (?, ?, ?)",
+            (reading.meter_id, seq, reading.digest),
+        )
+        if reading.seq >= self.window:
+            self._db.execute(
+                "DELETE FROM accepted WHERE meter_id = ? AND seq <= ?",
+                (reading.meter_id, _u64(reading.seq - self.window)),
+            )
