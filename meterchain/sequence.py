@@ -19,10 +19,14 @@ in a recent window of sequence numbers. For a verified reading:
 
 `check_and_accept` checks and records in one IMMEDIATE transaction and returns
 only after the commit reached the disk, so an acknowledgement sent after it
-can never be for a reading a crash forgets. A rejected reading changes nothing.
+can never be for a reading a crash forgets. A service that stores more per
+reading (the edge agent's energy rows) hands the guard its own connection
+and calls `admit` inside its transaction instead, so both commit together.
+A rejected reading changes nothing.
 
 Thread-safe: one connection behind one lock. Several processes may share a
-file; SQLite's write lock (taken at BEGIN IMMEDIATE) serializes them.
+file; SQLite's write lock (taken at BEGIN IMMEDIATE) serializes them. With a
+shared connection the caller's transaction discipline applies.
 
 Unsigned 64-bit values are stored as 20-digit zero-padded decimal text:
 SQLite integers are signed 64-bit, and padded text keeps the numeric order
@@ -54,6 +58,7 @@ DEFAULT_WINDOW = 1024
 _BUSY_TIMEOUT_MS = 5000
 
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS sequence_guard_schema (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meter_state (
     meter_id  TEXT PRIMARY KEY,
     seq       TEXT NOT NULL,
@@ -113,35 +118,66 @@ def _u64(value: int) -> str:
 
 
 class SequenceGuard:
-    """The per-meter sequence and register state in one SQLite file; see the module docstring."""
+    """The per-meter sequence and register state in SQLite; see the module docstring."""
 
-    def __init__(self, path: str | Path, *, window: int = DEFAULT_WINDOW) -> None:
+    def __init__(
+        self, db: str | Path | sqlite3.Connection, *, window: int = DEFAULT_WINDOW
+    ) -> None:
+        """Open (creating if needed) the guard's tables in a file, or in a caller's connection.
+
+        With a path the guard owns its connection (WAL, synchronous=FULL) and its
+        transactions. With an open `sqlite3.Connection` (isolation_level=None)
+        the guard's tables live beside the caller's, and `admit` records inside
+        the caller's transaction, so the guard advances atomically with whatever
+        else the caller stores for the reading.
+        """
         if window < 1:
             raise ValueError("window must be at least 1 sequence number")
-        self.path = Path(path)
         self.window = window
         self._lock = threading.Lock()
+        self._owns_connection = not isinstance(db, sqlite3.Connection)
         try:
-            self._db = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=5.0
-            )
-            self._db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode != "wal":
-                raise SequenceStateError(f"{self.path}: cannot switch to WAL (journal mode {mode})")
-            # FULL: a commit is on disk when it returns (NORMAL may lose the last
-            # commits on power loss, i.e. readings already acknowledged).
-            self._db.execute("PRAGMA synchronous = FULL")
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                raise SequenceStateError(
-                    f"{self.path}: sequence state schema {version}, this build reads "
-                    f"{SCHEMA_VERSION}"
+            if isinstance(db, sqlite3.Connection):
+                self._db = db
+                self.path = Path(db.execute("PRAGMA database_list").fetchone()[2] or ":memory:")
+            else:
+                self.path = Path(db)
+                self._db = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False, timeout=5.0
                 )
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        except sqlite3.Error as exc:
-            raise SequenceStateError(f"{self.path}: cannot open sequence state: {exc}") from exc
+                self._configure()
+            self._create_schema()
+        except (sqlite3.Error, SequenceStateError) as exc:
+            if self._owns_connection and hasattr(self, "_db"):
+                self._db.close()
+            if isinstance(exc, SequenceStateError):
+                raise
+            raise SequenceStateError(f"{db}: cannot open sequence state: {exc}") from exc
+
+    def _configure(self) -> None:
+        self._db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise SequenceStateError(f"{self.path}: cannot switch to WAL (journal mode {mode})")
+        # FULL: a commit is on disk when it returns (NORMAL may lose the last
+        # commits on power loss, i.e. readings already acknowledged).
+        self._db.execute("PRAGMA synchronous = FULL")
+
+    def _create_schema(self) -> None:
+        # The tables carry their own version row: user_version belongs to whoever
+        # owns a shared database file.
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                self._db.execute(statement)
+        row = self._db.execute("SELECT version FROM sequence_guard_schema").fetchone()
+        if row is None:
+            self._db.execute(
+                "INSERT INTO sequence_guard_schema (version) VALUES (?)", (SCHEMA_VERSION,)
+            )
+        elif row[0] != SCHEMA_VERSION:
+            raise SequenceStateError(
+                f"{self.path}: sequence state schema {row[0]}, this build reads {SCHEMA_VERSION}"
+            )
 
     # --- queries -------------------------------------------------------------------
 
@@ -170,6 +206,26 @@ class SequenceGuard:
             self._record(reading)
             return admission
 
+    def admit(self, reading: Reading) -> Admission:
+        """Check and record `reading` inside the caller's open transaction.
+
+        For a guard sharing the caller's connection: the caller's COMMIT makes
+        the admission durable together with its own rows; a rejection raises
+        before anything is written, so the transaction stays clean.
+        """
+        with self._lock:
+            if not self._db.in_transaction:
+                raise SequenceStateError(
+                    f"{self.path}: admit() needs the caller's open transaction; "
+                    "use check_and_accept() to let the guard commit"
+                )
+            try:
+                admission = self._admit(reading)
+                self._record(reading)
+            except sqlite3.Error as exc:
+                raise self._store_error("access", exc) from exc
+            return admission
+
     # `check` then `accept` is safe: accept re-checks inside its own transaction,
     # so a reading that became stale in between is refused, never stored.
     accept = check_and_accept
@@ -195,8 +251,10 @@ class SequenceGuard:
         return outcomes
 
     def close(self) -> None:
+        """Close the guard's own connection (a shared one stays with its owner)."""
         with self._lock:
-            self._db.close()
+            if self._owns_connection:
+                self._db.close()
 
     def __enter__(self) -> SequenceGuard:
         return self
@@ -213,7 +271,21 @@ class SequenceGuard:
 
     @contextmanager
     def _transaction(self, mode: str = "IMMEDIATE") -> Iterator[None]:
-        """BEGIN mode ... COMMIT, or ROLLBACK on any error; SQLite errors become ours."""
+        """BEGIN mode ... COMMIT, or ROLLBACK on any error; SQLite errors become ours.
+
+        A read (DEFERRED) inside a caller's open transaction just reads there.
+        """
+        if self._db.in_transaction:
+            if mode != "DEFERRED":
+                raise SequenceStateError(
+                    f"{self.path}: a transaction is already open on this connection; "
+                    "record with admit() inside it"
+                )
+            try:
+                yield
+            except sqlite3.Error as exc:
+                raise self._store_error("access", exc) from exc
+            return
         try:
             self._db.execute(f"BEGIN {mode}")
         except sqlite3.Error as exc:
