@@ -30,15 +30,18 @@ from edge_agent.store import AgentStore
 from meterchain.errors import DuplicateReading, MeterChainError, RejectedReading
 from meterchain.reading import DEFAULT_MAX_CLOCK_AHEAD_S, Reading, verify
 from meterchain.registry import Registry
+from meterchain.sequence import Admission, MeterState
 
 log = logging.getLogger("meterchain.agent.ingest")
 
 
 class Guard(Protocol):
-    """The sequence guard, working inside the store's open transaction."""
+    """The sequence guard (meterchain.sequence.SequenceGuard) on the store's connection."""
 
-    def admit(self, reading: Reading) -> None:
-        """Record `reading` as accepted or raise the RejectedReading saying why not."""
+    def state(self, meter_id: str) -> MeterState | None: ...
+
+    def admit(self, reading: Reading) -> Admission:
+        """Record `reading` in the open transaction or raise the RejectedReading saying why not."""
 
 
 class Outcome(enum.Enum):
@@ -150,8 +153,9 @@ class Ingest:
         return final
 
     def _admit(self, reading: Reading) -> Result:
+        previous = self.guard.state(reading.meter_id)
         try:
-            self.guard.admit(reading)
+            admission = self.guard.admit(reading)
         except DuplicateReading as exc:
             return Result(Outcome.DUPLICATE, reading, exc.reason, str(exc))
         except RejectedReading as exc:
@@ -159,7 +163,23 @@ class Ingest:
         meter = self.registry.get(reading.meter_id)
         if meter is None:  # verify() looked it up a moment ago; a registry swap raced us
             raise MeterChainError(f"meter {reading.meter_id!r} vanished from the registry")
-        self.store.fold(reading, meter.owner)
+        if previous is not None:
+            if admission.counter_reset:
+                # The registers restarted: what they hold now was measured since the reset.
+                d_import, d_export = reading.import_wh, reading.export_wh
+            else:
+                assert admission.import_delta_wh is not None
+                assert admission.export_delta_wh is not None
+                d_import, d_export = admission.import_delta_wh, admission.export_delta_wh
+            self.store.fold(
+                reading.meter_id,
+                meter.owner,
+                reading.source,
+                previous.time,
+                reading.time,
+                d_import,
+                d_export,
+            )
         return Result(Outcome.ACCEPTED, reading)
 
     def _report(self, results: list[Result], senders: Sequence[str] | None) -> None:

@@ -1,15 +1,17 @@
-"""The agent's SQLite state: per-meter last reading, hourly energy per meter, the gateway outbox.
+"""The agent's SQLite state: hourly energy per meter and the gateway outbox, beside the guard's.
 
-One connection, owned by the ingest thread, writes; every change a reading
-causes (sequence guard, last reading, hourly energy, outbox row) happens in
-one transaction, and MQTT acknowledgements are sent only after it commits
-(STYLE rule 6). WAL with `synchronous=FULL` makes a commit durable on power
-loss, not just on a process crash. Other threads read through their own
-connections (`AgentStore.reader`).
+One connection, owned by the ingest thread, writes. The sequence guard
+(`meterchain.sequence.SequenceGuard`) keeps its tables in the same database
+through the same connection, so every change a reading causes (guard state,
+hourly energy, outbox row) happens in one transaction, and MQTT
+acknowledgements are sent only after it commits (STYLE rule 6). WAL with
+`synchronous=FULL` makes a commit durable on power loss, not just on a
+process crash. Other threads use their own connections (`StoreView`).
 
 Energy accounting starts at the first accepted reading of a meter: it sets
 the baseline, and each later reading adds the register difference since the
-previous one, split over hours by `edge_agent.energy.split_interval`.
+previous one (the guard's last state), split over hours by
+`edge_agent.energy.split_interval`.
 """
 
 from __future__ import annotations
@@ -22,16 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.energy import split_interval
-from meterchain.reading import Reading
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS meter_last (
-    meter_id  TEXT PRIMARY KEY,
-    seq       INTEGER NOT NULL,
-    time      INTEGER NOT NULL,
-    import_wh INTEGER NOT NULL,
-    export_wh INTEGER NOT NULL
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS hourly_energy (
     hour      INTEGER NOT NULL,
     meter_id  TEXT NOT NULL,
@@ -47,14 +41,6 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload BLOB NOT NULL
 );
 """
-
-
-@dataclass(frozen=True, slots=True)
-class LastReading:
-    seq: int
-    time: int
-    import_wh: int
-    export_wh: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,74 +72,48 @@ class AgentStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = connect(self.path)
         self.conn.executescript(SCHEMA)
-        self._last: dict[str, LastReading] = {}
-        self._reload()
-        self._in_tx = False
         self.outbox_limit = 100_000
         self.outbox_dropped = 0
 
-    def _reload(self) -> None:
-        rows = self.conn.execute(
-            "SELECT meter_id, seq, time, import_wh, export_wh FROM meter_last"
-        ).fetchall()
-        self._last = {row[0]: LastReading(*row[1:]) for row in rows}
-
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT; on any error ROLLBACK and forget cached state."""
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error."""
         self.conn.execute("BEGIN IMMEDIATE")
-        self._in_tx = True
         try:
             yield self.conn
         except BaseException:
             self.conn.execute("ROLLBACK")
-            self._reload()
             raise
-        else:
-            self.conn.execute("COMMIT")
-        finally:
-            self._in_tx = False
+        self.conn.execute("COMMIT")
 
-    def last(self, meter_id: str) -> LastReading | None:
-        return self._last.get(meter_id)
+    def fold(
+        self,
+        meter_id: str,
+        owner: str,
+        source: str,
+        t0: int,
+        t1: int,
+        import_delta_wh: int,
+        export_delta_wh: int,
+    ) -> None:
+        """Add the energy a meter measured between times t0 and t1 to its hourly rows (Wh).
 
-    def fold(self, reading: Reading, owner: str) -> None:
-        """Add the energy since the meter's previous reading to its hourly rows (in a transaction).
-
-        The sequence guard has already refused counters that run backwards
-        without FLAG_COUNTER_RESET; after a reset the new registers are the
-        energy measured since the reset.
+        Runs inside `transaction()`, beside the guard's admission of the reading.
         """
-        assert self._in_tx, "fold() must run inside transaction()"
-        previous = self._last.get(reading.meter_id)
-        if previous is not None:
-            if reading.counter_reset:
-                d_import, d_export = reading.import_wh, reading.export_wh
-            else:
-                d_import = reading.import_wh - previous.import_wh
-                d_export = reading.export_wh - previous.export_wh
-            shares = split_interval(previous.time, reading.time, d_import, d_export)
-            if shares:
-                self.conn.executemany(
-                    "INSERT INTO hourly_energy VALUES (?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (hour, meter_id) DO UPDATE SET "
-                    "import_wh = import_wh + excluded.import_wh, "
-                    "export_wh = export_wh + excluded.export_wh",
-                    [
-                        (s.hour, reading.meter_id, owner, reading.source, s.import_wh, s.export_wh)
-                        for s in shares
-                    ],
-                )
-        last = LastReading(reading.seq, reading.time, reading.import_wh, reading.export_wh)
-        self.conn.execute(
-            "INSERT OR REPLACE INTO meter_last VALUES (?, ?, ?, ?, ?)",
-            (reading.meter_id, last.seq, last.time, last.import_wh, last.export_wh),
-        )
-        self._last[reading.meter_id] = last
+        assert self.conn.in_transaction, "fold() must run inside transaction()"
+        shares = split_interval(t0, t1, import_delta_wh, export_delta_wh)
+        if shares:
+            self.conn.executemany(
+                "INSERT INTO hourly_energy VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (hour, meter_id) DO UPDATE SET "
+                "import_wh = import_wh + excluded.import_wh, "
+                "export_wh = export_wh + excluded.export_wh",
+                [(s.hour, meter_id, owner, source, s.import_wh, s.export_wh) for s in shares],
+            )
 
     def add_outbox(self, topic: str, payload: bytes) -> None:
         """Queue a gateway reading for publication (in a transaction); bounded, drops counted."""
-        assert self._in_tx, "add_outbox() must run inside transaction()"
+        assert self.conn.in_transaction, "add_outbox() must run inside transaction()"
         self.conn.execute("INSERT INTO outbox (topic, payload) VALUES (?, ?)", (topic, payload))
         (pending,) = self.conn.execute("SELECT count(*) FROM outbox").fetchone()
         if pending > self.outbox_limit:
@@ -190,17 +150,6 @@ class StoreView:
         params: tuple[object, ...] = (since, owner) if owner is not None else (since,)
         rows = self._conn().execute(sql + " ORDER BY hour, meter_id", params).fetchall()
         return [HourlyEnergy(*row) for row in rows]
-
-    def last(self, meter_id: str) -> LastReading | None:
-        row = (
-            self._conn()
-            .execute(
-                "SELECT seq, time, import_wh, export_wh FROM meter_last WHERE meter_id = ?",
-                (meter_id,),
-            )
-            .fetchone()
-        )
-        return LastReading(*row) if row else None
 
     def outbox(self, limit: int = 1000) -> list[tuple[int, str, bytes]]:
         return (

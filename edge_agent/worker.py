@@ -164,7 +164,7 @@ class IngestWorker(threading.Thread):
         if self.gateway is None:
             item.done.set_exception(RuntimeError("no gateway identity configured"))
             return
-        last = self.ingest.store.last(item.meter_id)
+        last = self.ingest.guard.state(item.meter_id)
         seq = last.seq + 1 if last else 1
         flags = 0
         if last and (
