@@ -15,6 +15,13 @@ coordinates, a = -3 formulas) and at most 32 mixed Jacobian+affine additions, pl
 field inversion and one inversion mod n (extended Euclid, which is about 3x faster than
 pow(a, p-2, p) on MicroPython's mpz).  The hot loop is written out inline because a
 function call costs as much as several big-int multiplications on MicroPython.
+Measured on the MicroPython WebAssembly port (`meterchain bench sign`): about 2 ms per
+signature, 35 ms to build the table.  Fewer teeth trade speed for RAM: 6 teeth (63
+entries, 4 KB) measured 2.9 ms, 4 teeth (15 entries, 1 KB) 3.9 ms.
+
+Memory: besides the table, a signature's live working set is a few dozen big ints
+(about 2 KB), but it allocates some 200 KB of short-lived ones in total, which the
+collector reclaims as it goes; building the table peaks near 32 KB including the table.
 
 Side channels: this is NOT constant-time.  MicroPython (and CPython) integers are
 arbitrary-precision with data-dependent running time and allocation, and the comb skips

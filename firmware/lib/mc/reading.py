@@ -38,7 +38,9 @@ KEY_POWER_W = const(6)
 KEY_FLAGS = const(7)
 KEY_SOURCE = const(8)
 
-METER_ID_MAX_BYTES = const(64)
+METER_ID_MAX_CHARS = const(64)
+_ID_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-"
+_ID_RULE = "A-Z a-z 0-9 _ . : -"
 _UINT64_LIMIT = const(0x10000000000000000)  # 2**64
 _INT64_LIMIT = const(0x8000000000000000)  # 2**63
 
@@ -55,13 +57,10 @@ def _uint(name: str, value: object) -> int:
 def _meter_id(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(f"meter_id must be a str, got {type(value).__name__}")
-    raw = value.encode("utf-8")
-    if not 0 < len(raw) <= METER_ID_MAX_BYTES:
-        raise ValueError(f"meter_id must be 1..{METER_ID_MAX_BYTES} bytes of UTF-8")
-    for byte in raw:
-        # It is an MQTT topic level (mc/<market>/r/<meter_id>) and the COSE kid.
-        if byte < 0x20 or byte == 0x7F or byte in b"/+#":
-            raise ValueError("meter_id must not contain '/', '+', '#' or control characters")
+    # The id is an MQTT topic level (mc/<market>/r/<meter_id>), an ACL user name and the
+    # COSE kid: the same rule as the core's registry and the board's config.
+    if not 0 < len(value) <= METER_ID_MAX_CHARS or any(c not in _ID_CHARS for c in value):
+        raise ValueError(f"meter_id must be 1-{METER_ID_MAX_CHARS} characters of {_ID_RULE}")
     return value
 
 
