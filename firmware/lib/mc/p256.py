@@ -89,7 +89,10 @@ def hmac_sha256(key: bytes, msg: bytes) -> bytes:
 
 
 def _inverse(a: int, m: int) -> int:
-    """a**-1 mod prime m for a not divisible by m (extended Euclid, one cofactor tracked)."""
+    """a**-1 mod prime m for a not divisible by m (extended Euclid, one cofactor tracked).
+
+    Not pow(a, -1, m): MicroPython 1.27 returns 0 for it instead of raising or inverting.
+    """
     u = a % m
     if not u:
         raise ValueError("no inverse of 0")
