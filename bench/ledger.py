@@ -1,0 +1,116 @@
+"""Ledger benchmark: committing verified readings into certified blocks, and verifying the ledger.
+
+`commit_readings_per_second` times what the aggregator does with readings that
+were already signature-checked at ingest: batch them per hour (sort, Merkle
+root), apply the block to the ledger state with every hash and column check,
+collect the members' quorum certificate and commit block + readings to SQLite
+in one transaction. Its anchor, `raw_insert_per_second`, is the bare SQLite
+insert of the same rows into the same table (executemany, one transaction),
+measured in the same run; `ratio` is commit / raw. `verify_readings_per_second`
+is `ledger verify` on hashes, columns and Merkle roots;
+`verify_signatures_per_second` is the full verify including every reading's
+ES256 signature. Targets: commit >= 20,000/s, verify >= 50,000/s.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+from meterchain.ledger.chain import store_lookup, verify_store
+from meterchain.ledger.readings import HOUR, LedgerReading
+from meterchain.ledger.review import accept_block
+from meterchain.ledger.sandbox import Chain, Sandbox, reading_batch
+from meterchain.ledger.sqlite_store import SCHEMA
+from meterchain.ledger.store import open_store
+
+T0 = 1_767_225_600  # 2026-01-01T00:00Z
+TARGET_COMMIT = 20_000
+TARGET_VERIFY = 50_000
+
+
+def _readings(sb: Sandbox, meters: int, hours: int, per_hour: int) -> list[list[LedgerReading]]:
+    """Signed readings per hour for `meters` PV meters (signing is setup, not timed)."""
+    out = []
+    step = HOUR // per_hour
+    for h in range(hours):
+        batch = []
+        for m in range(meters):
+            meter = f"pv{m:04d}"
+            for k in range(per_hour):
+                n = h * per_hour + k
+                batch.append(sb.reading(meter, n + 1, T0 + h * HOUR + k * step, 0, 500 * n, "pv"))
+        out.append(batch)
+    return out
+
+
+def run(quick: bool) -> dict:
+    meters, hours, per_hour = (50, 2, 60) if quick else (100, 4, 120)
+    sb = Sandbox(market="bench", members=3)
+    with tempfile.TemporaryDirectory(prefix="mc-bench-ledger-") as tmp:
+        store = open_store(str(Path(tmp) / "ledger.db"))
+        chain = Chain(sb, store)
+        chain.genesis(T0 - HOUR, [sb.participant("mg1", "microgrid", T0 - HOUR)])
+        chain.commit(
+            [sb.meter(f"pv{m:04d}", "mg1", "pv", T0 - HOUR) for m in range(meters)], T0 - HOUR
+        )
+        hourly = _readings(sb, meters, hours, per_hour)
+        total = sum(len(b) for b in hourly)
+        lookup = store_lookup(store)
+
+        # Commit: one block per hour, exactly the aggregator's path after ingest.
+        started = time.perf_counter()
+        for h, batch in enumerate(hourly):
+            tx, ordered = reading_batch((T0 // HOUR) + h, batch)
+            assert chain.state is not None
+            block = sb.seal(chain.build([tx], T0 + (h + 1) * HOUR + 1))
+            chain.state = accept_block(chain.state, block, {0: ordered}, lookup, signatures=False)
+            store.append(block, {0: ordered})
+        commit_s = time.perf_counter() - started
+
+        # Anchor: the same rows, bare executemany into the same table, one transaction.
+        raw_db = sqlite3.connect(str(Path(tmp) / "raw.db"), isolation_level=None)
+        raw_db.execute("PRAGMA journal_mode=WAL")
+        raw_db.execute("PRAGMA synchronous=FULL")
+        raw_db.executescript(SCHEMA)
+        rows = [
+            (h + 2, 0, pos, *r.row())
+            for h, batch in enumerate(hourly)
+            for pos, r in enumerate(sorted(batch, key=lambda r: (r.meter_id, r.seq)))
+        ]
+        started = time.perf_counter()
+        raw_db.execute("BEGIN")
+        raw_db.executemany(
+            "INSERT INTO readings (height, idx, pos, digest, meter_id, seq, time, import_wh, "
+            "export_wh, cose) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        raw_db.execute("COMMIT")
+        raw_s = time.perf_counter() - started
+        raw_db.close()
+
+        _, hashes = verify_store(store, signatures=False)
+        _, full = verify_store(store, signatures=True)
+        assert hashes.readings == total and full.signatures_checked == total
+        store.close()
+
+    commit_rate = total / commit_s
+    raw_rate = total / raw_s
+    verify_rate = total / hashes.seconds
+    return {
+        "readings": total,
+        "blocks": hours,
+        "readings_per_block": total // hours,
+        "commit_readings_per_second": round(commit_rate),
+        "raw_insert_per_second": round(raw_rate),
+        "ratio": round(commit_rate / raw_rate, 3),
+        "verify_readings_per_second": round(verify_rate),
+        "verify_signatures_per_second": round(total / full.seconds),
+        "targets": {
+            "commit_readings_per_second": TARGET_COMMIT,
+            "verify_readings_per_second": TARGET_VERIFY,
+        },
+        "meets_targets": commit_rate >= TARGET_COMMIT and verify_rate >= TARGET_VERIFY,
+    }

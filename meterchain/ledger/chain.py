@@ -1,0 +1,186 @@
+"""Chain verification: replay a stored ledger and name the first block that is not what it claims.
+
+Checked for every block, in height order: the stored header hash against the
+header bytes, the previous-header link, the transaction hashes and the body
+Merkle root, the quorum certificate of more than n/2 members over the block
+statement, and every transaction against the ledger rules (`LedgerState`):
+regulator and party signatures, each reading batch's readings (digest, indexed
+columns, Merkle root, and with `signatures` each reading's COSE signature
+against the meters registered on the ledger), and re-executed settlement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time as _time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from meterchain import codec
+from meterchain.errors import CodecError, MeterChainError
+from meterchain.keys import PublicKey
+from meterchain.ledger.block import GENESIS_PREV, BlockError, Header, block_statement
+from meterchain.ledger.merkle import leaf_hash, root_of_hashes
+from meterchain.ledger.readings import LedgerReading
+from meterchain.ledger.state import LedgerState, TxContext
+from meterchain.ledger.store import LedgerStore, StoredBlock
+from meterchain.ledger.transactions import Tx, TxError
+from meterchain.quorum import QuorumCertificate, QuorumError
+
+
+class ChainError(MeterChainError):
+    """The first bad block of a ledger; `height` and `reason` say where and why."""
+
+    def __init__(self, height: int, reason: str) -> None:
+        self.height = height
+        self.reason = reason
+        super().__init__(f"block {height}: {reason}")
+
+
+@dataclass
+class VerifyReport:
+    market: str = ""
+    blocks: int = 0
+    transactions: int = 0
+    readings: int = 0
+    signatures_checked: int = 0
+    head: bytes = b""
+    regulator: str = ""
+    seconds: float = 0.0
+    kinds: dict[str, int] = field(default_factory=dict)
+
+
+def store_lookup(store: LedgerStore) -> Callable[[bytes], tuple[LedgerReading, int, int] | None]:
+    """A reading lookup (digest -> reading, height, tx index) backed by a store."""
+
+    def lookup(digest: bytes) -> tuple[LedgerReading, int, int] | None:
+        found = store.find_reading(digest)
+        if found is None:
+            return None
+        height, idx, _, row = found
+        return LedgerReading(*row), height, idx
+
+    return lookup
+
+
+def check_block_frame(
+    stored: StoredBlock, expected_height: int, prev_hash: bytes
+) -> tuple[Header, list[Tx]]:
+    """Header bytes, hash, link, transaction hashes and body root of one stored block."""
+    height = expected_height
+    try:
+        header = Header.decode(stored.header_raw)
+    except BlockError as exc:
+        raise ChainError(height, f"header: {exc}") from exc
+    if header.height != height:
+        raise ChainError(height, f"header says height {header.height}")
+    if hashlib.sha256(stored.header_raw).digest() != stored.hash:
+        raise ChainError(height, "stored header hash does not match the header bytes")
+    if header.prev != prev_hash:
+        raise ChainError(height, "previous-header hash does not match the block before it")
+    for idx, position in enumerate(stored.positions):
+        if position != idx:
+            raise ChainError(height, f"transaction stored at position {position}, not {idx}")
+    txs: list[Tx] = []
+    for idx, (kind, tx_hash, raw) in enumerate(stored.txs):
+        try:
+            tx = Tx.decode(raw)
+        except TxError as exc:
+            raise ChainError(height, f"tx {idx}: {exc}") from exc
+        if tx.kind != kind:
+            raise ChainError(height, f"tx {idx}: stored kind {kind!r} but the bytes say {tx.kind}")
+        if leaf_hash(raw) != tx_hash:
+            raise ChainError(height, f"tx {idx} ({tx.kind}): stored hash does not match its bytes")
+        txs.append(tx)
+    if root_of_hashes([leaf_hash(raw) for _, _, raw in stored.txs]) != header.root:
+        raise ChainError(height, "body Merkle root does not match the header")
+    return header, txs
+
+
+def check_qc(stored: StoredBlock, header: Header, state: LedgerState) -> None:
+    height = header.height
+    try:
+        qc = QuorumCertificate.from_cbor(codec.decode(stored.qc_raw))
+        qc.verify(state.membership, expect=block_statement(state.market, height, stored.hash))
+    except (QuorumError, CodecError) as exc:
+        raise ChainError(height, f"quorum certificate: {exc}") from exc
+
+
+def tx_label(idx: int, tx: Tx) -> str:
+    if tx.kind == "readings":
+        return f"reading batch {idx} (hour {tx.body['hour']})"
+    return f"tx {idx} ({tx.describe()})"
+
+
+def verify_store(
+    store: LedgerStore,
+    *,
+    signatures: bool = True,
+    regulator: PublicKey | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[LedgerState | None, VerifyReport]:
+    """Replay every stored block; raise ChainError naming the first bad one.
+
+    `regulator`, when given, pins the trust anchor: the genesis must name this key.
+    Returns the final state and counts of what was checked.
+    """
+    started = _time.perf_counter()
+    report = VerifyReport()
+    state: LedgerState | None = None
+    prev_hash = GENESIS_PREV
+    expected = 0
+    lookup = store_lookup(store)
+    for stored in store.stored_blocks():
+        if stored.height != expected:
+            raise ChainError(expected, f"missing (the next stored block is {stored.height})")
+        header, txs = check_block_frame(stored, expected, prev_hash)
+        height = header.height
+        first = 0
+        if state is None:
+            if not txs:
+                raise ChainError(0, "genesis block has no transactions")
+            try:
+                state = LedgerState.from_genesis(txs[0], header.market)
+            except TxError as exc:
+                raise ChainError(0, f"tx 0 (genesis): {exc}") from exc
+            if regulator is not None and state.regulator.point != regulator.point:
+                raise ChainError(0, "genesis regulator key is not the pinned regulator key")
+            report.market = state.market
+            report.regulator = state.regulator.fingerprint
+            first = 1
+        elif header.market != state.market:
+            raise ChainError(height, f"header names market {header.market!r}")
+        check_qc(stored, header, state)
+        try:
+            state.begin_block(height, header.time)
+        except TxError as exc:
+            raise ChainError(height, str(exc)) from exc
+        for idx in range(first, len(txs)):
+            tx = txs[idx]
+            rows = store.batch_rows(height, idx) if tx.kind == "readings" else ()
+            ctx = TxContext(height, idx, header.time, rows, signatures, lookup)
+            try:
+                report.signatures_checked += state.apply(tx, ctx)
+            except TxError as exc:
+                raise ChainError(height, f"{tx_label(idx, tx)}: {exc}") from exc
+            report.readings += len(rows)
+            report.kinds[tx.kind] = report.kinds.get(tx.kind, 0) + 1
+        if first:
+            report.kinds["genesis"] = 1
+        try:
+            state.end_block()
+        except TxError as exc:
+            raise ChainError(height, str(exc)) from exc
+        report.transactions += len(txs)
+        report.blocks += 1
+        prev_hash = stored.hash
+        expected += 1
+        if progress is not None:
+            progress(height)
+    stray = store.stray_readings()
+    if stray:
+        height, idx, pos = stray[0]
+        raise ChainError(height, f"reading at tx {idx} position {pos} is not in a reading batch")
+    report.head = prev_hash if state is not None else b""
+    report.seconds = _time.perf_counter() - started
+    return state, report

@@ -1,0 +1,228 @@
+"""`meterchain ledger verify|show|prove|check-proof`: check a ledger, summarise it, prove a reading.
+
+DB is a SQLite file path or a postgresql:// URL. `verify` exits 0 when every
+block checks out and 1 naming the first bad block and why; 2 is a usage error
+or a ledger that cannot be opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from meterchain import codec
+from meterchain.errors import CodecError, MeterChainError
+from meterchain.keys import PublicKey
+from meterchain.ledger.block import BlockError, Header
+from meterchain.ledger.chain import ChainError, verify_store
+from meterchain.ledger.merkle import ProofError
+from meterchain.ledger.proof import build_proof, check_proof, resolve_reading
+from meterchain.ledger.store import LedgerStore, StoreError, open_store
+from meterchain.ledger.transactions import Tx, TxError
+from meterchain.quorum import Membership, QuorumCertificate, QuorumError
+
+
+def _open(target: str) -> LedgerStore:
+    if not target.startswith(("postgresql://", "postgres://")) and not Path(target).exists():
+        raise StoreError(f"{target}: no such ledger file")
+    return open_store(target)
+
+
+def _cmd_verify(ns: argparse.Namespace) -> int:
+    regulator = PublicKey.from_hex(ns.regulator) if ns.regulator else None
+    with _open(ns.db) as store:
+        try:
+            _, report = verify_store(store, signatures=not ns.no_signatures, regulator=regulator)
+        except ChainError as exc:
+            if ns.json:
+                print(json.dumps({"valid": False, "height": exc.height, "reason": exc.reason}))
+            else:
+                print(f"INVALID: {exc}", file=sys.stderr)
+            return 1
+    summary = {
+        "valid": True,
+        "market": report.market,
+        "blocks": report.blocks,
+        "transactions": report.transactions,
+        "readings": report.readings,
+        "reading_signatures_checked": report.signatures_checked,
+        "head": report.head.hex(),
+        "regulator": report.regulator,
+        "seconds": round(report.seconds, 3),
+    }
+    if ns.json:
+        print(json.dumps(summary))
+    else:
+        if report.blocks == 0:
+            print("valid: the ledger is empty")
+        else:
+            print(
+                f"valid: market {report.market}, {report.blocks} blocks, {report.transactions} "
+                f"transactions, {report.readings} readings ({report.signatures_checked} reading "
+                f"signatures checked), head {report.head.hex()[:16]}, regulator "
+                f"{report.regulator}, {report.seconds:.2f} s"
+            )
+    return 0
+
+
+def summary(store: LedgerStore, last: int = 10) -> dict[str, Any]:
+    """What a ledger holds, read straight from the store (no verification)."""
+    head = store.head()
+    out: dict[str, Any] = {
+        "height": head[0] if head else None,
+        "head": head[1].hex() if head else None,
+    }
+    if head is None:
+        return out
+    kinds: dict[str, int] = {}
+    participants: dict[str, dict[str, Any]] = {}
+    meters: dict[str, dict[str, Any]] = {}
+    blocks: list[dict[str, Any]] = []
+    market = ""
+    for stored in store.stored_blocks():
+        try:
+            header = Header.decode(stored.header_raw)
+            qc = QuorumCertificate.from_cbor(codec.decode(stored.qc_raw))
+        except (BlockError, CodecError, QuorumError) as exc:
+            raise StoreError(f"block {stored.height} is unreadable: {exc}") from exc
+        market = header.market
+        counts: dict[str, int] = {}
+        for kind, _, raw in stored.txs:
+            counts[kind] = counts.get(kind, 0) + 1
+            kinds[kind] = kinds.get(kind, 0) + 1
+            if kind in ("participant", "participant_exit", "meter", "meter_exit"):
+                try:
+                    body = Tx.decode(raw).body
+                except TxError:
+                    continue
+                if kind == "participant":
+                    participants[body["id"]] = {"role": body["role"], "active": True}
+                elif kind == "participant_exit" and body["id"] in participants:
+                    participants[body["id"]].update(active=False, exit=body["mode"])
+                elif kind == "meter":
+                    meters[body["id"]] = {
+                        "owner": body["owner"],
+                        "source": body["source"],
+                        "active": True,
+                    }
+                elif kind == "meter_exit" and body["id"] in meters:
+                    meters[body["id"]]["active"] = False
+        blocks.append(
+            {
+                "height": header.height,
+                "hash": stored.hash.hex(),
+                "time": header.time,
+                "round": header.round,
+                "proposer": header.proposer,
+                "signers": list(qc.signers),
+                "transactions": counts,
+            }
+        )
+        blocks = blocks[-last:]
+    out.update(
+        market=market,
+        transactions=kinds,
+        readings=store.reading_count(),
+        participants=participants,
+        meters=meters,
+        last_blocks=blocks,
+    )
+    return out
+
+
+def _cmd_show(ns: argparse.Namespace) -> int:
+    with _open(ns.db) as store:
+        info = summary(store, ns.last)
+    if ns.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    if info["height"] is None:
+        print("empty ledger")
+        return 0
+    print(f"market {info['market']}: height {info['height']}, head {info['head'][:16]}")
+    print(f"readings: {info['readings']}")
+    print("transactions: " + ", ".join(f"{k} {v}" for k, v in sorted(info["transactions"].items())))
+    active = [p for p, v in info["participants"].items() if v["active"]]
+    print(f"participants: {len(info['participants'])} ({len(active)} active): {', '.join(active)}")
+    print(f"meters: {len(info['meters'])}")
+    print(f"last {len(info['last_blocks'])} blocks:")
+    for b in info["last_blocks"]:
+        txs = ", ".join(f"{k} {v}" for k, v in sorted(b["transactions"].items()))
+        print(
+            f"  {b['height']:>6}  {b['hash'][:16]}  t={b['time']}  by {b['proposer']}  "
+            f"signed {','.join(b['signers'])}  [{txs}]"
+        )
+    return 0
+
+
+def _cmd_prove(ns: argparse.Namespace) -> int:
+    with _open(ns.db) as store:
+        digest = resolve_reading(store, ns.reading)
+        proof = build_proof(store, digest)
+    text = json.dumps(proof, indent=2)
+    if ns.out:
+        Path(ns.out).write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+def _cmd_check_proof(ns: argparse.Namespace) -> int:
+    try:
+        doc = json.loads(Path(ns.proof).read_text())
+    except (OSError, ValueError) as exc:
+        raise ProofError(f"{ns.proof}: cannot read a JSON proof: {exc}") from exc
+    header_hash = bytes.fromhex(ns.header_hash) if ns.header_hash else None
+    membership = Membership.load(ns.membership) if ns.membership else None
+    if membership is not None and ns.regulator:
+        membership.verify(PublicKey.from_hex(ns.regulator))
+    meter_key = PublicKey.from_hex(ns.meter_key) if ns.meter_key else None
+    try:
+        result = check_proof(
+            doc, header_hash=header_hash, membership=membership, meter_key=meter_key
+        )
+    except ProofError as exc:
+        print(f"INVALID proof: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"valid: reading {result.meter_id}:{result.seq} is in block {result.height} "
+        f"({result.header_hash.hex()[:16]}), anchored by {', '.join(result.anchored_by)}"
+    )
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="meterchain ledger", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("verify", help="check every hash, Merkle root, QC, signature, settlement")
+    p.add_argument("db", help="SQLite file or postgresql:// URL")
+    p.add_argument("--no-signatures", action="store_true", help="skip reading signature checks")
+    p.add_argument("--regulator", help="pin the regulator's public key (hex point)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_verify)
+    p = sub.add_parser("show", help="summarise a ledger")
+    p.add_argument("db")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--last", type=int, default=10, help="how many recent blocks to list")
+    p.set_defaults(func=_cmd_show)
+    p = sub.add_parser("prove", help="inclusion proof of one reading (JSON)")
+    p.add_argument("db")
+    p.add_argument("reading", help="reading digest (64 hex digits) or METER:SEQ")
+    p.add_argument("--out", help="write the proof here instead of stdout")
+    p.set_defaults(func=_cmd_prove)
+    p = sub.add_parser("check-proof", help="check a reading inclusion proof without the ledger")
+    p.add_argument("proof", help="proof JSON from `ledger prove`")
+    p.add_argument("--header-hash", help="a block header hash you trust (hex)")
+    p.add_argument("--membership", help="membership TOML to check the block's QC against")
+    p.add_argument("--regulator", help="regulator key (hex) the membership must be signed by")
+    p.add_argument("--meter-key", help="the meter's public key (hex) to check the signature")
+    p.set_defaults(func=_cmd_check_proof)
+    ns = parser.parse_args(argv)
+    try:
+        return int(ns.func(ns))
+    except (StoreError, ProofError, MeterChainError, ValueError) as exc:
+        print(f"meterchain ledger {ns.command}: {exc}", file=sys.stderr)
+        return 2

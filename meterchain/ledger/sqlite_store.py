@@ -1,0 +1,122 @@
+"""The default ledger store: one SQLite file in WAL mode, one database transaction per block."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from meterchain.ledger.store import SCHEMA_VERSION, LedgerStore, StoreError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS blocks (
+    height INTEGER PRIMARY KEY,
+    hash BLOB NOT NULL UNIQUE,
+    header BLOB NOT NULL,
+    qc BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS txs (
+    height INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    hash BLOB NOT NULL UNIQUE,
+    body BLOB NOT NULL,
+    PRIMARY KEY (height, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS readings (
+    height INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    pos INTEGER NOT NULL,
+    digest BLOB NOT NULL UNIQUE,
+    meter_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    time INTEGER NOT NULL,
+    import_wh INTEGER NOT NULL,
+    export_wh INTEGER NOT NULL,
+    cose BLOB NOT NULL,
+    PRIMARY KEY (height, idx, pos),
+    UNIQUE (meter_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS inbox (
+    digest BLOB PRIMARY KEY,
+    meter_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    time INTEGER NOT NULL,
+    import_wh INTEGER NOT NULL,
+    export_wh INTEGER NOT NULL,
+    cose BLOB NOT NULL,
+    UNIQUE (meter_id, seq)
+);
+CREATE TABLE IF NOT EXISTS tx_inbox (
+    hash BLOB PRIMARY KEY,
+    body BLOB NOT NULL,
+    received INTEGER NOT NULL
+);
+"""
+
+
+class SQLiteStore(LedgerStore):
+    """A ledger in one SQLite file (WAL journal, full fsync on commit)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.url = str(path)
+        try:
+            # Autocommit mode: transactions are opened and closed explicitly below.
+            self._db = sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed block survives power loss, not only a process crash.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            if row is None:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
+                    (SCHEMA_VERSION,),
+                )
+            elif row[0] != SCHEMA_VERSION:
+                raise StoreError(
+                    f"{path}: ledger schema {row[0]}, this build reads {SCHEMA_VERSION}"
+                )
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path}: cannot open SQLite ledger: {exc}") from exc
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self._db.execute(sql, tuple(params)).fetchall()
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.url}: {exc}") from exc
+
+    def _executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        try:
+            self._db.executemany(sql, rows)
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.url}: {exc}") from exc
+
+    def _begin(self) -> None:
+        # IMMEDIATE takes the write lock up front, so the height check and the insert
+        # cannot interleave with another writer.
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def _commit(self) -> None:
+        self._db.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
+    def _is_unique_violation(self, exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.IntegrityError)
+
+    def _ignore_insert(self, table: str, columns: Sequence[str]) -> str:
+        marks = ", ".join("?" for _ in columns)
+        return f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({marks})"
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,707 @@
+"""The ledger's replicated state: the rules every transaction must satisfy, applied in order.
+
+`LedgerState` starts from a genesis transaction and applies each block's
+transactions; a transaction that breaks a rule raises `TxError` naming the rule.
+The same code runs when the aggregator forms a block, when a consensus agent
+reviews a proposal and when `ledger verify` replays the whole ledger, so all
+three agree by construction. Records are frozen and replaced, never edited, so
+`copy()` is a cheap snapshot a reviewer can apply a proposal to and throw away.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from meterchain import codec, reading
+from meterchain.errors import CodecError, MeterChainError, RejectedReading
+from meterchain.keys import PublicKey
+from meterchain.ledger.merkle import root_of_hashes
+from meterchain.ledger.readings import HOUR, LedgerReading, ReadingFormatError, columns
+from meterchain.ledger.transactions import Tx, TxError, cert_id, statement
+from meterchain.quorum import Member, Membership, QuorumCertificate, QuorumError
+from meterchain.registry import Registry, make_meter
+
+CERTIFICATE_WH = 1_000_000  # one green certificate per MWh (M22)
+# Hours of per-meter register snapshots kept for settlement; older hours are settled.
+SNAPSHOT_WINDOW_HOURS = 72
+SELLER_ROLES = frozenset({"microgrid", "generator"})
+BUYER_ROLES = frozenset({"microgrid", "consumer"})
+VETOABLE = frozenset(
+    {"order", "order_change", "clearing", "settlement", "cert_issue", "cert_transfer"}
+)
+
+ReadingRow = tuple[bytes, str, int, int, int, int, bytes]
+# digest -> (reading, height, tx index) of a reading committed before the current transaction
+ReadingLookup = Callable[[bytes], "tuple[LedgerReading, int, int] | None"]
+
+
+class BatchError(TxError):
+    """A reading batch does not match its readings; the message names the reading."""
+
+
+@dataclass(frozen=True)
+class Participant:
+    id: str
+    role: str
+    key: PublicKey
+    active: bool = True
+    exit_mode: str | None = None
+
+
+@dataclass(frozen=True)
+class MeterEntry:
+    id: str
+    owner: str
+    key: PublicKey
+    source: str
+    active: bool = True
+
+
+@dataclass(frozen=True)
+class Order:
+    """A multi-signed trade order (M11/M27) and its current terms."""
+
+    id: str
+    seller: str
+    buyer: str
+    grid: str
+    dispatch: str
+    energy_wh: int
+    price: int  # minor units per kWh
+    delivery: int  # hour index
+    deposit: int  # minor units per party
+    version: int
+    status: str  # open, fired, vetoed
+    tx: bytes  # hash of the transaction that set the current terms
+
+
+@dataclass(frozen=True)
+class Certificate:
+    id: str
+    meter: str
+    owner: str
+    issue_tx: bytes
+    from_reading: bytes
+    to_reading: bytes
+    retired: bool = False
+
+
+@dataclass(frozen=True)
+class CertProgress:
+    """Where a meter's certificate issuing stands: next serial and the reading it reached."""
+
+    next_serial: int
+    checkpoint: bytes
+    checkpoint_export_wh: int
+    carry_wh: int
+
+
+@dataclass(frozen=True)
+class TxRecord:
+    height: int
+    idx: int
+    kind: str
+    vetoed_by: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Clearing:
+    hour: int
+    round: int
+    result: bytes
+    tx: bytes
+
+
+@dataclass
+class TxContext:
+    """Where a transaction sits and what it may consult while it is applied."""
+
+    height: int
+    idx: int
+    time: int  # the block's time, Unix seconds
+    rows: Sequence[tuple[int, ReadingRow]] = ()  # a reading batch's stored readings
+    check_signatures: bool = True
+    lookup_reading: ReadingLookup | None = None
+
+
+@dataclass
+class LedgerState:
+    market: str
+    regulator: PublicKey
+    membership: Membership
+    participants: dict[str, Participant] = field(default_factory=dict)
+    banned: set[str] = field(default_factory=set)
+    meters: dict[str, MeterEntry] = field(default_factory=dict)
+    orders: dict[str, Order] = field(default_factory=dict)
+    certificates: dict[str, Certificate] = field(default_factory=dict)
+    cert_progress: dict[str, CertProgress] = field(default_factory=dict)
+    clearings: dict[int, Clearing] = field(default_factory=dict)
+    settlements: dict[int, bytes] = field(default_factory=dict)
+    txs: dict[bytes, TxRecord] = field(default_factory=dict)
+    # meter -> hour -> (first seq, first import, first export, last seq, last import, last export)
+    snapshots: dict[str, dict[int, tuple[int, int, int, int, int, int]]] = field(
+        default_factory=dict
+    )
+    latest_hour: int = 0
+    pending_membership: Membership | None = None
+    pending_forfeits: dict[str, list[tuple[str, int, str]]] = field(default_factory=dict)
+    height: int = -1
+    time: int = 0
+    _registry: Registry | None = None
+
+    # --- construction and snapshots ------------------------------------------------
+    @classmethod
+    def from_genesis(cls, tx: Tx, market: str) -> LedgerState:
+        """The state a genesis transaction founds; checks the regulator signed the membership."""
+        if tx.kind != "genesis":
+            raise TxError(f"the first transaction must be genesis, not {tx.kind}")
+        body = tx.body
+        if body["market"] != market:
+            raise TxError(f"genesis names market {body['market']!r}, header says {market!r}")
+        regulator = _key(body["regulator"], "regulator")
+        membership = _membership(market, body["epoch"], body["members"], body["regulator_sig"])
+        try:
+            membership.verify(regulator)
+        except QuorumError as exc:
+            raise TxError(f"genesis: {exc}") from exc
+        state = cls(market, regulator, membership)
+        state.txs[tx.hash] = TxRecord(0, 0, "genesis")
+        state.time = body["time"]
+        return state
+
+    def copy(self) -> LedgerState:
+        """An independent snapshot (records are immutable, so copying the maps suffices)."""
+        other = replace(self)
+        other.participants = dict(self.participants)
+        other.banned = set(self.banned)
+        other.meters = dict(self.meters)
+        other.orders = dict(self.orders)
+        other.certificates = dict(self.certificates)
+        other.cert_progress = dict(self.cert_progress)
+        other.clearings = dict(self.clearings)
+        other.settlements = dict(self.settlements)
+        other.txs = dict(self.txs)
+        other.snapshots = {m: dict(h) for m, h in self.snapshots.items()}
+        other.pending_forfeits = {k: list(v) for k, v in self.pending_forfeits.items()}
+        return other
+
+    def registry(self) -> Registry:
+        """The active meters as a `meterchain.registry.Registry` for `reading.verify`."""
+        if self._registry is None:
+            self._registry = Registry(
+                make_meter(m.id, m.key, m.owner, m.source) for m in self.meters.values() if m.active
+            )
+        return self._registry
+
+    # --- blocks ---------------------------------------------------------------------
+    def begin_block(self, height: int, time: int) -> None:
+        if time < self.time:
+            raise TxError(f"block time {time} is before the previous block's {self.time}")
+        self.height = height
+        self.time = time
+
+    def end_block(self) -> None:
+        """Close a block: every due forfeit must have been recorded; new membership applies."""
+        for order, forfeits in sorted(self.pending_forfeits.items()):
+            if forfeits:
+                party, amount, _ = forfeits[0]
+                raise TxError(
+                    f"order {order}: deposit forfeit of {amount} by {party} is missing "
+                    "from the block that fired it"
+                )
+        self.pending_forfeits.clear()
+        if self.pending_membership is not None:
+            self.membership = self.pending_membership
+            self.pending_membership = None
+
+    def apply(self, tx: Tx, ctx: TxContext) -> int:
+        """Apply one transaction; returns the number of reading signatures checked."""
+        if tx.kind == "genesis":
+            raise TxError("genesis may only be the first transaction of block 0")
+        tx_hash = tx.hash
+        if tx_hash in self.txs:
+            earlier = self.txs[tx_hash]
+            raise TxError(f"replay of the transaction in block {earlier.height} tx {earlier.idx}")
+        handler: Callable[[Tx, TxContext], int | None] = getattr(self, f"_apply_{tx.kind}")
+        checked = handler(tx, ctx) or 0
+        self.txs[tx_hash] = TxRecord(ctx.height, ctx.idx, tx.kind)
+        return checked
+
+    # --- regulator-signed records --------------------------------------------------
+    def _regulator_signed(self, tx: Tx) -> None:
+        if not self.regulator.verify(tx.body["regulator_sig"], tx.statement(self.market)):
+            raise TxError("regulator signature does not verify")
+
+    def _apply_membership(self, tx: Tx, ctx: TxContext) -> None:
+        body = tx.body
+        if body["epoch"] <= self.membership.epoch:
+            raise TxError(f"membership epoch {body['epoch']} is not after {self.membership.epoch}")
+        membership = _membership(self.market, body["epoch"], body["members"], body["regulator_sig"])
+        try:
+            membership.verify(self.regulator)
+        except QuorumError as exc:
+            raise TxError(str(exc)) from exc
+        # The block announcing a new membership is still certified by the old one.
+        self.pending_membership = membership
+
+    def _apply_participant(self, tx: Tx, ctx: TxContext) -> None:
+        self._regulator_signed(tx)
+        pid = tx.body["id"]
+        if pid in self.banned:
+            raise TxError(f"participant {pid} is permanently banned")
+        current = self.participants.get(pid)
+        if current is not None and current.active:
+            raise TxError(f"participant {pid} is already admitted")
+        self.participants[pid] = Participant(pid, tx.body["role"], _key(tx.body["key"], "key"))
+
+    def _apply_participant_exit(self, tx: Tx, ctx: TxContext) -> None:
+        self._regulator_signed(tx)
+        pid, mode = tx.body["id"], tx.body["mode"]
+        current = self._active_participant(pid)
+        if mode in ("voluntary", "inactive"):
+            open_orders = sorted(
+                o.id for o in self.orders.values() if o.status == "open" and pid in _parties(o)
+            )
+            if open_orders:
+                raise TxError(f"participant {pid} has open orders {open_orders}: cannot exit")
+        self.participants[pid] = replace(current, active=False, exit_mode=mode)
+        if mode == "banned":
+            self.banned.add(pid)
+        for meter in list(self.meters.values()):
+            if meter.owner == pid and meter.active:
+                self.meters[meter.id] = replace(meter, active=False)
+                self._registry = None
+
+    def _apply_meter(self, tx: Tx, ctx: TxContext) -> None:
+        self._regulator_signed(tx)
+        body = tx.body
+        current = self.meters.get(body["id"])
+        if current is not None and current.active:
+            raise TxError(f"meter {body['id']} is already registered")
+        self._active_participant(body["owner"])
+        key = _key(body["key"], "key")
+        for other in self.meters.values():
+            if other.active and other.key.point == key.point:
+                raise TxError(f"meter {body['id']}: key already registered to meter {other.id}")
+        self.meters[body["id"]] = MeterEntry(body["id"], body["owner"], key, body["source"])
+        self._registry = None
+
+    def _apply_meter_exit(self, tx: Tx, ctx: TxContext) -> None:
+        self._regulator_signed(tx)
+        meter = self.meters.get(tx.body["id"])
+        if meter is None or not meter.active:
+            raise TxError(f"meter {tx.body['id']} is not registered")
+        self.meters[meter.id] = replace(meter, active=False)
+        self._registry = None
+
+    def _apply_veto(self, tx: Tx, ctx: TxContext) -> None:
+        self._regulator_signed(tx)
+        target = tx.body["target"]
+        record = self.txs.get(target)
+        if record is None:
+            raise TxError(f"veto target {target.hex()[:16]} is not a recorded transaction")
+        if record.kind not in VETOABLE:
+            raise TxError(f"a {record.kind} transaction cannot be vetoed")
+        if record.vetoed_by is not None:
+            raise TxError(f"transaction {target.hex()[:16]} is already vetoed")
+        if record.kind in ("order", "order_change"):
+            order = next((o for o in self.orders.values() if o.tx == target), None)
+            if order is None or order.status != "open":
+                raise TxError(
+                    f"veto target {target.hex()[:16]} is not the current terms of an open order"
+                    " (a recorded trade is never modified)"
+                )
+            self.orders[order.id] = replace(order, status="vetoed")
+        self.txs[target] = replace(record, vetoed_by=tx.hash)
+
+    # --- readings ---------------------------------------------------------------------
+    def _apply_readings(self, tx: Tx, ctx: TxContext) -> int:
+        body = tx.body
+        hour, rows = body["hour"], ctx.rows
+        if len(rows) != body["count"]:
+            raise BatchError(f"holds {len(rows)} readings, the batch says {body['count']}")
+        registry = self.registry() if ctx.check_signatures else None
+        leaves: list[bytes] = []
+        sha256 = hashlib.sha256
+        meters = self.meters
+        prev: tuple[str, int] = ("", -1)
+        checked = 0
+        # The hot loop of `ledger verify`: keep it to hashing, one decode and comparisons.
+        for i, (pos, row) in enumerate(rows):
+            digest, meter_id, seq, time, imp, exp, cose = row
+            if pos != i:
+                raise BatchError(f"reading position {pos} where {i} was expected")
+            if sha256(cose).digest() != digest:
+                raise BatchError(f"reading {i}: stored digest does not match its signed bytes")
+            try:
+                signed_columns = columns(cose)
+            except ReadingFormatError as exc:
+                raise BatchError(f"reading {i}: {exc}") from exc
+            if signed_columns != row[1:6]:
+                names = [
+                    name
+                    for name, a, b in zip(
+                        ("meter_id", "seq", "time", "import_wh", "export_wh"),
+                        signed_columns,
+                        row[1:6],
+                        strict=True,
+                    )
+                    if a != b
+                ]
+                verb = "does" if len(names) == 1 else "do"
+                raise BatchError(
+                    f"reading {i}: stored {', '.join(names)} {verb} not match its signed bytes"
+                )
+            if time // HOUR != hour:
+                raise BatchError(f"reading {i} ({meter_id}:{seq}) is not in hour {hour}")
+            if (meter_id, seq) <= prev:
+                raise BatchError(f"reading {i} ({meter_id}:{seq}) is out of (meter, seq) order")
+            prev = (meter_id, seq)
+            meter = meters.get(meter_id)
+            if meter is None or not meter.active:
+                raise BatchError(f"reading {i}: meter {meter_id} is not registered")
+            if registry is not None:
+                try:
+                    reading.verify(cose, registry)
+                except RejectedReading as exc:
+                    raise BatchError(f"reading {i} ({meter_id}:{seq}): {exc}") from exc
+                checked += 1
+            leaves.append(sha256(b"\x00" + digest).digest())
+            self._snapshot(meter_id, hour, seq, imp, exp)
+        if root_of_hashes(leaves) != body["root"]:
+            raise BatchError("Merkle root mismatch")
+        self.latest_hour = max(self.latest_hour, hour)
+        return checked
+
+    def _snapshot(self, meter_id: str, hour: int, seq: int, imp: int, exp: int) -> None:
+        hours = self.snapshots.setdefault(meter_id, {})
+        cur = hours.get(hour)
+        if cur is None:
+            hours[hour] = (seq, imp, exp, seq, imp, exp)
+        elif seq < cur[0]:
+            hours[hour] = (seq, imp, exp, cur[3], cur[4], cur[5])
+        elif seq > cur[3]:
+            hours[hour] = (cur[0], cur[1], cur[2], seq, imp, exp)
+
+    def meter_energy(self, meter_id: str, hour: int) -> tuple[int, int]:
+        """Imported and exported Wh of one meter in `hour`, from its cumulative registers."""
+        hours = self.snapshots.get(meter_id, {})
+        end = max((h for h in hours if h <= hour), default=None)
+        if end is None:
+            return 0, 0
+        before = max((h for h in hours if h < hour), default=None)
+        last = hours[end]
+        if before is not None:
+            start = hours[before][4], hours[before][5]
+        elif end == hour:
+            start = last[1], last[2]
+        else:
+            return 0, 0
+        return max(0, last[4] - start[0]), max(0, last[5] - start[1])
+
+    def metered(self, hour: int) -> dict[str, dict[str, int]]:
+        """Metered Wh per participant in `hour`: import, export and renewable (green) export."""
+        totals: dict[str, dict[str, int]] = {}
+        for meter in sorted(self.meters.values(), key=lambda m: m.id):
+            if meter.id not in self.snapshots:
+                continue
+            imp, exp = self.meter_energy(meter.id, hour)
+            t = totals.setdefault(meter.owner, {"import_wh": 0, "export_wh": 0, "green_wh": 0})
+            t["import_wh"] += imp
+            t["export_wh"] += exp
+            if meter.source in reading.RENEWABLE_SOURCES:
+                t["green_wh"] += exp
+        return totals
+
+    # --- market results -------------------------------------------------------------
+    def _apply_clearing(self, tx: Tx, ctx: TxContext) -> None:
+        body = tx.body
+        if body["hour"] in self.clearings:
+            raise TxError(f"hour {body['hour']} already has a committed clearing")
+        try:
+            qc = QuorumCertificate.from_cbor(body["qc"])
+            fields = qc.fields()
+            qc.verify(self.membership)
+        except (QuorumError, CodecError) as exc:
+            raise TxError(f"clearing QC: {exc}") from exc
+        try:
+            codec.decode(body["result"])
+        except CodecError as exc:
+            raise TxError(f"clearing result is not canonical CBOR: {exc}") from exc
+        if len(fields) < 3 or fields[2] != body["round"]:
+            raise TxError(f"clearing QC certifies round {fields[2:3]}, not {body['round']}")
+        if fields[-1] != hashlib.sha256(body["result"]).digest():
+            raise TxError("clearing QC does not certify this result (hash differs)")
+        self.clearings[body["hour"]] = Clearing(
+            body["hour"], body["round"], body["result"], tx.hash
+        )
+
+    def _apply_settlement(self, tx: Tx, ctx: TxContext) -> None:
+        from meterchain.ledger import settle
+
+        body = tx.body
+        hour = body["hour"]
+        if hour in self.settlements:
+            raise TxError(f"hour {hour} is already settled")
+        if ctx.time < (hour + 1) * HOUR:
+            raise TxError(f"hour {hour} cannot be settled before it has ended")
+        clearing = self.clearings.get(hour)
+        if clearing is None or clearing.tx != body["clearing"]:
+            raise TxError(f"settlement of hour {hour} does not refer to its committed clearing")
+        metered = self.metered(hour)
+        if codec.encode(metered) != body["metered"]:
+            raise TxError(
+                f"metered values of hour {hour} differ from those the ledger's readings give"
+            )
+        expected = settle.execute(clearing.result, metered, hour)
+        if expected != body["result"]:
+            raise TxError(f"re-executed settlement of hour {hour} differs from the recorded one")
+        self.settlements[hour] = tx.hash
+        self._prune_snapshots()
+
+    def _prune_snapshots(self) -> None:
+        oldest = self.latest_hour - SNAPSHOT_WINDOW_HOURS
+        for hours in self.snapshots.values():
+            for h in [h for h in hours if h < oldest]:
+                del hours[h]
+
+    # --- trade orders (M11, M27) and the contract client (M26) -------------------------
+    def _active_participant(self, pid: str, roles: frozenset[str] | None = None) -> Participant:
+        p = self.participants.get(pid)
+        if p is None or not p.active:
+            raise TxError(f"participant {pid} is not admitted")
+        if roles is not None and p.role not in roles:
+            raise TxError(f"participant {pid} is a {p.role}, not one of {sorted(roles)}")
+        return p
+
+    def _check_order_signatures(
+        self, tx: Tx, buyer: str, seller: str, grid: str, dispatch: str
+    ) -> None:
+        message = tx.statement(self.market)
+        if not self.regulator.verify(tx.body["audit"], message):
+            raise TxError("the trading centre's audit signature does not verify")
+        dispatcher = self._active_participant(dispatch, frozenset({"dispatch"}))
+        if not dispatcher.key.verify(tx.body["security"], message):
+            raise TxError(f"the dispatch centre {dispatch}'s security check does not verify")
+        signatures: Mapping[str, bytes] = tx.body["signatures"]
+        need = {buyer, seller, grid}
+        if set(signatures) != need:
+            missing = sorted(need - set(signatures))
+            extra = sorted(set(signatures) - need)
+            raise TxError(
+                f"order needs signatures of {sorted(need)}: missing {missing}, extra {extra}"
+            )
+        for party in sorted(need):
+            if not self._active_participant(party).key.verify(signatures[party], message):
+                raise TxError(f"signature of {party} does not verify")
+
+    def _apply_order(self, tx: Tx, ctx: TxContext) -> None:
+        b = tx.body
+        if b["id"] in self.orders:
+            raise TxError(f"order {b['id']} already exists")
+        if b["seller"] == b["buyer"]:
+            raise TxError("seller and buyer must differ")
+        if b["creator"] not in (b["seller"], b["buyer"]):
+            raise TxError(f"creator {b['creator']} is neither the seller nor the buyer")
+        if b["energy_wh"] == 0:
+            raise TxError("order energy must be positive")
+        if b["created"] > ctx.time:
+            raise TxError("order is created after the block that records it")
+        if b["delivery"] * HOUR < ctx.time:
+            raise TxError(f"delivery hour {b['delivery']} has already begun")
+        self._active_participant(b["seller"], SELLER_ROLES)
+        self._active_participant(b["buyer"], BUYER_ROLES)
+        self._active_participant(b["grid"], frozenset({"grid"}))
+        self._check_order_signatures(tx, b["buyer"], b["seller"], b["grid"], b["dispatch"])
+        self.orders[b["id"]] = Order(
+            b["id"], b["seller"], b["buyer"], b["grid"], b["dispatch"], b["energy_wh"],
+            b["price"], b["delivery"], b["deposit"], 0, "open", tx.hash,
+        )  # fmt: skip
+
+    def _apply_order_change(self, tx: Tx, ctx: TxContext) -> None:
+        b = tx.body
+        order = self.orders.get(b["order"])
+        if order is None:
+            raise TxError(f"order {b['order']} does not exist")
+        if order.status != "open":
+            raise TxError(f"order {order.id} is {order.status}; it can no longer change")
+        if b["version"] != order.version + 1:
+            raise TxError(f"order {order.id} change must be version {order.version + 1}")
+        if order.delivery * HOUR <= ctx.time or b["delivery"] * HOUR < ctx.time:
+            raise TxError(f"order {order.id}: delivery has begun, terms are fixed")
+        if b["energy_wh"] == 0:
+            raise TxError("order energy must be positive")
+        # A change needs every original signer again (M27).
+        self._check_order_signatures(tx, order.buyer, order.seller, order.grid, order.dispatch)
+        self.orders[order.id] = replace(
+            order,
+            energy_wh=b["energy_wh"],
+            price=b["price"],
+            delivery=b["delivery"],
+            version=b["version"],
+            tx=tx.hash,
+        )
+
+    def _apply_contract_fire(self, tx: Tx, ctx: TxContext) -> None:
+        from meterchain.ledger.contracts import order_outcome
+
+        b = tx.body
+        order = self.orders.get(b["order"])
+        if order is None or order.status != "open":
+            raise TxError(f"order {b['order']} is not open")
+        outcome = order_outcome(self, order, ctx.time)
+        if outcome is None:
+            raise TxError(f"order {order.id} is not due before hour {order.delivery + 2}")
+        got = (b["delivered_wh"], b["payment"], b["refund"])
+        want = (outcome.delivered_wh, outcome.payment, outcome.refund)
+        if got != want:
+            raise TxError(
+                f"order {order.id}: fired with delivered/payment/refund {got}, "
+                f"the contract gives {want}"
+            )
+        self.orders[order.id] = replace(order, status="fired")
+        self.pending_forfeits[order.id] = list(outcome.forfeits)
+
+    def _apply_deposit_forfeit(self, tx: Tx, ctx: TxContext) -> None:
+        b = tx.body
+        due = self.pending_forfeits.get(b["order"])
+        if not due:
+            raise TxError(f"order {b['order']}: no deposit forfeit is due")
+        party, amount, reason = due[0]
+        if (b["party"], b["amount"], b["reason"]) != (party, amount, reason):
+            raise TxError(
+                f"order {b['order']}: forfeit {b['party']}/{b['amount']} differs from the "
+                f"contract's {party}/{amount} ({reason})"
+            )
+        due.pop(0)
+
+    # --- green certificates (M22) -------------------------------------------------------
+    def _apply_cert_issue(self, tx: Tx, ctx: TxContext) -> None:
+        b = tx.body
+        meter = self.meters.get(b["meter"])
+        if meter is None or not meter.active:
+            raise TxError(f"meter {b['meter']} is not registered")
+        if meter.source not in reading.RENEWABLE_SOURCES:
+            raise TxError(f"meter {meter.id} is {meter.source}, not a renewable source")
+        if ctx.lookup_reading is None:
+            raise TxError("certificate issue needs the ledger's readings to check its origin")
+        ends = []
+        for name in ("from_reading", "to_reading"):
+            found = ctx.lookup_reading(b[name])
+            if found is None or (found[1], found[2]) >= (ctx.height, ctx.idx):
+                raise TxError(f"{name} {b[name].hex()[:16]} is not a reading on the ledger")
+            if found[0].meter_id != meter.id:
+                raise TxError(f"{name} is a reading of meter {found[0].meter_id}, not {meter.id}")
+            ends.append(found[0])
+        start, end = ends
+        progress = self.cert_progress.get(meter.id)
+        if progress is not None and b["from_reading"] != progress.checkpoint:
+            raise TxError(
+                f"meter {meter.id}: issue must continue from reading "
+                f"{progress.checkpoint.hex()[:16]} where the last issue stopped"
+            )
+        if end.seq <= start.seq:
+            raise TxError("to_reading must come after from_reading")
+        carry = progress.carry_wh if progress else 0
+        energy = end.export_wh - start.export_wh + carry
+        count = energy // CERTIFICATE_WH
+        first = progress.next_serial if progress else 0
+        if (b["first"], b["count"]) != (first, count) or count == 0:
+            raise TxError(
+                f"meter {meter.id}: {energy} Wh earn {count} certificate(s) from serial {first},"
+                f" the issue says {b['count']} from {b['first']}"
+            )
+        for serial in range(first, first + count):
+            cid = cert_id(meter.id, serial)
+            self.certificates[cid] = Certificate(
+                cid, meter.id, meter.owner, tx.hash, b["from_reading"], b["to_reading"]
+            )
+        self.cert_progress[meter.id] = CertProgress(
+            first + count, b["to_reading"], end.export_wh, energy - count * CERTIFICATE_WH
+        )
+
+    def _owned_certificates(self, certs: Sequence[str], owner: str) -> list[Certificate]:
+        if len(set(certs)) != len(certs):
+            raise TxError("a certificate is listed twice")
+        found = []
+        for cid in certs:
+            cert = self.certificates.get(cid)
+            if cert is None:
+                raise TxError(f"certificate {cid} does not exist")
+            if cert.retired:
+                raise TxError(f"certificate {cid} is already retired")
+            if cert.owner != owner:
+                raise TxError(f"certificate {cid} belongs to {cert.owner}, not {owner}")
+            found.append(cert)
+        return found
+
+    def _owner_signed(self, tx: Tx, owner: str) -> None:
+        holder = self._active_participant(owner)
+        if not holder.key.verify(tx.body["owner_sig"], statement(self.market, tx.kind, tx.body)):
+            raise TxError(f"signature of owner {owner} does not verify")
+
+    def _apply_cert_transfer(self, tx: Tx, ctx: TxContext) -> None:
+        b = tx.body
+        certs = self._owned_certificates(b["certs"], b["from"])
+        self._active_participant(b["to"])
+        if b["to"] == b["from"]:
+            raise TxError("a transfer must change the owner")
+        self._owner_signed(tx, b["from"])
+        for cert in certs:
+            self.certificates[cert.id] = replace(cert, owner=b["to"])
+
+    def _apply_cert_retire(self, tx: Tx, ctx: TxContext) -> None:
+        b = tx.body
+        certs = self._owned_certificates(b["certs"], b["owner"])
+        self._owner_signed(tx, b["owner"])
+        for cert in certs:
+            self.certificates[cert.id] = replace(cert, retired=True)
+
+    # --- queries ---------------------------------------------------------------------
+    def certificate_balances(self) -> dict[str, dict[str, int]]:
+        """Per owner: certificates held (not retired) and retired."""
+        out: dict[str, dict[str, int]] = {}
+        for cert in self.certificates.values():
+            entry = out.setdefault(cert.owner, {"held": 0, "retired": 0})
+            entry["retired" if cert.retired else "held"] += 1
+        return out
+
+
+def _parties(order: Order) -> tuple[str, str]:
+    return order.seller, order.buyer
+
+
+def _key(point: bytes, what: str) -> PublicKey:
+    try:
+        return PublicKey.from_point(point)
+    except MeterChainError as exc:
+        raise TxError(f"{what}: {exc}") from exc
+
+
+def _membership(market: str, epoch: int, members: Any, signature: bytes) -> Membership:
+    try:
+        return Membership(
+            market,
+            epoch,
+            tuple(Member(node, _key(point, f"member {node}")) for node, point in members),
+            signature,
+        )
+    except QuorumError as exc:
+        raise TxError(str(exc)) from exc
+
+
+def membership_fields(membership: Membership) -> dict[str, Any]:
+    """The epoch/members/regulator_sig fields of a genesis or membership transaction."""
+    return {
+        "epoch": membership.epoch,
+        "members": [[m.node_id, m.public_key.point] for m in membership.members],
+        "regulator_sig": membership.regulator_signature,
+    }
+
+
+def lookup_in(readings: Mapping[bytes, tuple[LedgerReading, int, int]]) -> ReadingLookup:
+    """A reading lookup over an in-memory map (blocks being formed)."""
+    return readings.get
