@@ -3,9 +3,11 @@ retirement, renewable-quota compliance with shortfall fines, and a one-way certi
 market built on the listing book.
 
 Issuance. Registered renewable meters earn one certificate per `unit_wh` (default
-1 MWh) of verified generation. Input records carry (meter_id, seq, digest,
+1 MWh) of verified generation. `issue` takes records (meter_id, seq, digest,
 energy_wh, source): the interval energy of one verified signed reading and the
-digest of its signed bytes. Energy below a whole unit carries over per meter, so
+digest of its signed bytes; `issue_from_readings` takes verified readings
+themselves (meterchain.reading.Reading) and derives the interval energy from the
+rise of their cumulative export register. Energy below a whole unit carries over per meter, so
 nothing is lost, and every certificate lists the exact share of each reading it
 was made from (a reading may be split between two certificates); summed over a
 meter's certificates and its carry, the shares give back every reading's energy.
@@ -45,9 +47,9 @@ from meterchain.market.listing import (
     Taken,
     Tick,
 )
+from meterchain.reading import RENEWABLE_SOURCES
 
 UNIT_WH = 1_000_000
-RENEWABLE_SOURCES = frozenset({"pv", "wind", "hydro", "biomass", "geothermal", "tidal"})
 
 
 class CertificateError(MarketError):
@@ -124,6 +126,28 @@ class GenerationRecord(Protocol):
     def source(self) -> str: ...
 
 
+class RegisterReading(Protocol):
+    """A verified reading with cumulative registers, as meterchain.reading.Reading is."""
+
+    @property
+    def meter_id(self) -> str: ...
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def digest(self) -> bytes: ...
+
+    @property
+    def export_wh(self) -> int: ...
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def counter_reset(self) -> bool: ...
+
+
 @dataclass(frozen=True)
 class MeteredGeneration:
     """A plain GenerationRecord: one verified reading's interval generation."""
@@ -158,6 +182,7 @@ class MeterAccount:
     last_seq: int = -1
     carry: tuple[ReadingShare, ...] = ()
     issued: int = 0
+    export_wh: int | None = None  # last export register seen (issue_from_readings only)
 
     @property
     def carry_wh(self) -> int:
@@ -218,6 +243,16 @@ class Issued:
 
 
 @dataclass(frozen=True)
+class Rebaselined:
+    """A meter's export register was taken as the new starting point (no energy counted)."""
+
+    meter_id: str
+    seq: int
+    export_wh: int
+    why: str
+
+
+@dataclass(frozen=True)
 class Transferred:
     cert_id: str
     sender: str
@@ -250,7 +285,7 @@ class Assessed:
     compliance: Compliance
 
 
-Event = MeterRegistered | Issued | Transferred | Retired | Assessed
+Event = MeterRegistered | Issued | Rebaselined | Transferred | Retired | Assessed
 
 
 # --- registry operations ------------------------------------------------------------------
@@ -280,6 +315,65 @@ def register_meter(
     return replace(registry, meters=meters, accounts=accounts), (MeterRegistered(meter),)
 
 
+def _check_identity(
+    registry: CertificateRegistry, meter_id: str, seq: object, digest: object, source: str
+) -> RenewableMeter:
+    meter = registry.meters.get(meter_id)
+    if meter is None:
+        raise UnregisteredMeter(f"meter {meter_id!r} is not a registered renewable meter")
+    if source != meter.source:
+        raise WrongSource(f"meter {meter_id} is registered as {meter.source}, got {source!r}")
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        raise BadRecord(f"meter {meter_id}: seq must be an integer >= 0, got {seq!r}")
+    if not isinstance(digest, bytes) or not digest:
+        raise BadRecord(f"meter {meter_id} seq {seq}: digest must be non-empty bytes")
+    return meter
+
+
+def _accrue(
+    meter: RenewableMeter,
+    account: MeterAccount,
+    share: ReadingShare,
+    unit: int,
+    certificates: dict[str, Certificate],
+    events: list[Event],
+) -> MeterAccount:
+    """Add one reading's energy to the meter's carry and cut whole certificates from it."""
+    if share.seq <= account.last_seq:
+        raise ReadingAlreadyCounted(
+            f"meter {meter.meter_id}: seq {share.seq} is not after the last counted seq "
+            f"{account.last_seq}"
+        )
+    carry = list(account.carry)
+    if share.energy_wh:
+        carry.append(share)
+    issued = account.issued
+    while sum(s.energy_wh for s in carry) >= unit:
+        parts: list[ReadingShare] = []
+        need = unit
+        while need:
+            head = carry[0]
+            used = min(head.energy_wh, need)
+            parts.append(ReadingShare(head.digest, head.seq, used))
+            need -= used
+            if used == head.energy_wh:
+                carry.pop(0)
+            else:
+                carry[0] = ReadingShare(head.digest, head.seq, head.energy_wh - used)
+        issued += 1
+        cert = Certificate(
+            cert_id=f"{meter.meter_id}-{issued}",
+            meter_id=meter.meter_id,
+            source=meter.source,
+            owner=meter.owner,
+            energy_wh=unit,
+            readings=tuple(parts),
+        )
+        certificates[cert.cert_id] = cert
+        events.append(Issued(cert))
+    return replace(account, last_seq=share.seq, carry=tuple(carry), issued=issued)
+
+
 def issue(
     registry: CertificateRegistry, records: Iterable[GenerationRecord]
 ) -> tuple[CertificateRegistry, tuple[Event, ...]]:
@@ -291,54 +385,58 @@ def issue(
     accounts = dict(registry.accounts)
     certificates = dict(registry.certificates)
     events: list[Event] = []
-    unit = registry.unit_wh
     for record in records:
-        meter_id, seq, digest = record.meter_id, record.seq, record.digest
-        energy, source = record.energy_wh, record.source
-        meter = registry.meters.get(meter_id)
-        if meter is None:
-            raise UnregisteredMeter(f"meter {meter_id!r} is not a registered renewable meter")
-        if source != meter.source:
-            raise WrongSource(f"meter {meter_id} is registered as {meter.source}, got {source!r}")
-        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
-            raise BadRecord(f"meter {meter_id}: seq must be an integer >= 0, got {seq!r}")
+        meter = _check_identity(registry, record.meter_id, record.seq, record.digest, record.source)
+        energy = record.energy_wh
         if isinstance(energy, bool) or not isinstance(energy, int) or energy < 0:
-            raise BadRecord(f"meter {meter_id} seq {seq}: energy must be integer Wh >= 0")
-        if not isinstance(digest, bytes) or not digest:
-            raise BadRecord(f"meter {meter_id} seq {seq}: digest must be non-empty bytes")
-        account = accounts[meter_id]
-        if seq <= account.last_seq:
-            raise ReadingAlreadyCounted(
-                f"meter {meter_id}: seq {seq} is not after the last counted seq {account.last_seq}"
+            raise BadRecord(f"meter {meter.meter_id} seq {record.seq}: energy must be Wh >= 0")
+        share = ReadingShare(record.digest, record.seq, energy)
+        accounts[meter.meter_id] = _accrue(
+            meter, accounts[meter.meter_id], share, registry.unit_wh, certificates, events
+        )
+    return replace(registry, accounts=accounts, certificates=certificates), tuple(events)
+
+
+def issue_from_readings(
+    registry: CertificateRegistry, readings: Iterable[RegisterReading]
+) -> tuple[CertificateRegistry, tuple[Event, ...]]:
+    """Issue from verified readings' cumulative export registers (meterchain.reading.Reading).
+
+    A generator meter's output is its export register; a reading's energy is the
+    rise of that register since the meter's previous counted reading, credited to
+    this reading's digest. The first reading of a meter only sets the baseline, and
+    so does a reading flagged counter-reset (the energy since the last reading is
+    unknown, and a certificate must never claim energy nobody measured): both give a
+    Rebaselined event. A register lower than before without the flag is refused
+    (the sequence guard refuses it too). All or nothing, like `issue`.
+    """
+    accounts = dict(registry.accounts)
+    certificates = dict(registry.certificates)
+    events: list[Event] = []
+    for r in readings:
+        meter = _check_identity(registry, r.meter_id, r.seq, r.digest, r.source)
+        register = r.export_wh
+        if isinstance(register, bool) or not isinstance(register, int) or register < 0:
+            raise BadRecord(f"meter {meter.meter_id} seq {r.seq}: export register must be Wh >= 0")
+        account = accounts[meter.meter_id]
+        if account.export_wh is None or r.counter_reset:
+            if r.seq <= account.last_seq:
+                raise ReadingAlreadyCounted(
+                    f"meter {meter.meter_id}: seq {r.seq} is not after the last counted seq "
+                    f"{account.last_seq}"
+                )
+            why = "first reading" if account.export_wh is None else "counter reset"
+            accounts[meter.meter_id] = replace(account, last_seq=r.seq, export_wh=register)
+            events.append(Rebaselined(meter.meter_id, r.seq, register, why))
+            continue
+        if register < account.export_wh:
+            raise BadRecord(
+                f"meter {meter.meter_id} seq {r.seq}: export register {register} below "
+                f"{account.export_wh} without the counter-reset flag"
             )
-        carry = list(account.carry)
-        if energy:
-            carry.append(ReadingShare(digest, seq, energy))
-        issued = account.issued
-        while sum(s.energy_wh for s in carry) >= unit:
-            parts: list[ReadingShare] = []
-            need = unit
-            while need:
-                head = carry[0]
-                used = min(head.energy_wh, need)
-                parts.append(ReadingShare(head.digest, head.seq, used))
-                need -= used
-                if used == head.energy_wh:
-                    carry.pop(0)
-                else:
-                    carry[0] = ReadingShare(head.digest, head.seq, head.energy_wh - used)
-            issued += 1
-            cert = Certificate(
-                cert_id=f"{meter_id}-{issued}",
-                meter_id=meter_id,
-                source=meter.source,
-                owner=meter.owner,
-                energy_wh=unit,
-                readings=tuple(parts),
-            )
-            certificates[cert.cert_id] = cert
-            events.append(Issued(cert))
-        accounts[meter_id] = MeterAccount(last_seq=seq, carry=tuple(carry), issued=issued)
+        share = ReadingShare(r.digest, r.seq, register - account.export_wh)
+        account = _accrue(meter, account, share, registry.unit_wh, certificates, events)
+        accounts[meter.meter_id] = replace(account, export_wh=register)
     return replace(registry, accounts=accounts, certificates=certificates), tuple(events)
 
 

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meterchain.keys import PrivateKey
 from meterchain.market import certificates as gc
 from meterchain.market import listing as lm
 from meterchain.market.certificates import (
@@ -20,6 +21,9 @@ from meterchain.market.certificates import (
     ReadingShare,
 )
 from meterchain.market.errors import MarketError
+from meterchain.reading import FLAG_COUNTER_RESET, sign_reading
+from meterchain.reading import verify as verify_reading
+from meterchain.registry import Registry as MeterRegistry
 
 MWH = 1_000_000
 
@@ -275,3 +279,58 @@ def test_issued_events_name_their_readings() -> None:
     _, events = gc.issue(reg, [reading("pv1", 1, MWH)])
     assert isinstance(events[0], Issued)
     assert events[0].certificate.readings == (ReadingShare(digest("pv1", 1), 1, MWH),)
+
+
+# --- from real signed readings ------------------------------------------------------------
+
+
+def test_issue_from_verified_signed_readings() -> None:
+    key = PrivateKey.generate()
+    meters = MeterRegistry()
+    meters.add("pv7", key.public_key().point, "gen", "pv")
+    registers = [5_000_000, 5_600_000, 6_300_000, 6_300_000, 250_000, 1_400_000]
+    flags = [0, 0, 0, 0, FLAG_COUNTER_RESET, 0]
+    verified = [
+        verify_reading(
+            sign_reading(key, "pv7", seq, 1_700_000_000 + 900 * seq, 0, wh, 1000, flag, "pv"),
+            meters,
+        )
+        for seq, (wh, flag) in enumerate(zip(registers, flags, strict=True), start=1)
+    ]
+    reg = registry(pv7=("gen", "pv"))
+    reg, events = gc.issue_from_readings(reg, verified[:3])
+    # The first reading is the baseline; 600 kWh + 700 kWh give one MWh and 300 kWh over.
+    assert events[0] == gc.Rebaselined("pv7", 1, 5_000_000, "first reading")
+    (cert,) = [e.certificate for e in events if isinstance(e, Issued)]
+    assert cert.readings == (
+        ReadingShare(verified[1].digest, 2, 600_000),
+        ReadingShare(verified[2].digest, 3, 400_000),
+    )
+    # Every digest is the SHA-256 of the exact signed bytes the ledger stores.
+    assert verified[1].digest == hashlib.sha256(verified[1].signed).digest()
+    assert reg.accounts["pv7"].carry_wh == 300_000
+    # An unchanged register adds nothing; a counter reset restarts the baseline without
+    # crediting the unknown energy; afterwards the rise counts again.
+    reg, events = gc.issue_from_readings(reg, verified[3:])
+    assert events[0] == gc.Rebaselined("pv7", 5, 250_000, "counter reset")
+    (cert2,) = [e.certificate for e in events if isinstance(e, Issued)]
+    assert cert2.readings == (
+        ReadingShare(verified[2].digest, 3, 300_000),
+        ReadingShare(verified[5].digest, 6, 700_000),
+    )
+    assert reg.accounts["pv7"].carry_wh == 450_000
+    with pytest.raises(gc.ReadingAlreadyCounted):
+        gc.issue_from_readings(reg, [verified[5]])
+
+
+def test_register_running_backwards_without_reset_is_refused() -> None:
+    key = PrivateKey.generate()
+    meters = MeterRegistry()
+    meters.add("pv8", key.public_key().point, "gen", "pv")
+    first, second = (
+        verify_reading(sign_reading(key, "pv8", seq, 1_700_000_000, 0, wh, 0, 0, "pv"), meters)
+        for seq, wh in ((1, 9000), (2, 8000))
+    )
+    reg, _ = gc.issue_from_readings(registry(pv8=("gen", "pv")), [first])
+    with pytest.raises(gc.BadRecord):
+        gc.issue_from_readings(reg, [second])
