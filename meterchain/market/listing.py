@@ -118,6 +118,10 @@ class NotOwner(ListingError):
     reason = "not_owner"
 
 
+class NotAdmitted(ListingError):
+    reason = "not_admitted"
+
+
 class InsufficientFunds(ListingError):
     reason = "insufficient_funds"
 
@@ -235,6 +239,9 @@ class ListingBook:
     clock: tuple[int, int] = (-1, -1)
     listing_count: int = 0
     take_count: int = 0
+    # Who may post and take (e.g. reputation.admitted(): registered, not expelled, bond
+    # posted); None admits everybody. Deposits, settlement and refunds are never barred.
+    admitted: frozenset[str] | None = None
 
     def balance(self, account: str) -> int:
         return self.balances.get(account, 0)
@@ -545,6 +552,11 @@ def _check_party(name: object, what: str) -> str:
     return name
 
 
+def _check_admitted(book: ListingBook, name: str) -> None:
+    if book.admitted is not None and name not in book.admitted:
+        raise NotAdmitted(f"{name} may not trade (not admitted, expelled or bond missing)")
+
+
 def _positive(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise InvalidRequest(f"{what} must be a positive integer, got {value!r}")
@@ -651,6 +663,7 @@ def _withdraw(book: ListingBook, req: Withdraw) -> tuple[ListingBook, tuple[Even
 def _post(book: ListingBook, req: PostListing) -> tuple[ListingBook, tuple[Event, ...]]:
     rules = book.rules
     owner = _check_party(req.owner, "owner")
+    _check_admitted(book, owner)
     if req.side not in rules.sides:
         raise InvalidRequest(f"this market does not accept {req.side!s} listings")
     quantity = _positive(req.quantity, "listed quantity")
@@ -714,6 +727,7 @@ def _open_listing(book: ListingBook, listing_id: str) -> Listing:
 def _take(book: ListingBook, req: TakeListing) -> tuple[ListingBook, tuple[Event, ...]]:
     rules = book.rules
     taker = _check_party(req.taker, "taker")
+    _check_admitted(book, taker)
     quantity = _positive(req.quantity, "taken quantity")
     listing = _open_listing(book, req.listing_id)
     if listing.owner == taker:

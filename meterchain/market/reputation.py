@@ -265,6 +265,11 @@ def may_trade(book: ReputationBook, name: str) -> bool:
     return p.bond >= standing_of(book, name)[2]
 
 
+def admitted(book: ReputationBook) -> frozenset[str]:
+    """Everyone who may trade now (for ListingBook.admitted)."""
+    return frozenset(name for name in book.participants if may_trade(book, name))
+
+
 # --- transitions --------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 
 import pytest
@@ -507,3 +508,15 @@ def test_settlement_flows_balance(quantity, price, fee, delivered, consumed, a, 
         assert seller_energy == take.prepaid
     else:
         assert seller_energy <= take.prepaid
+
+
+def test_only_admitted_parties_post_and_take() -> None:
+    book = funded(bob=10_000, eve=10_000)
+    book = run(book, PostListing(10, 1, "alice", Side.SELL, 1, 1000, 100))
+    gated = dataclasses.replace(book, admitted=frozenset({"alice", "bob"}))
+    with pytest.raises(lm.NotAdmitted):
+        lm.apply(gated, TakeListing(20, 1, "eve", "L1", 10))
+    with pytest.raises(lm.NotAdmitted):
+        lm.apply(gated, PostListing(20, 1, "eve", Side.SELL, 1, 10, 1))
+    gated = run(gated, TakeListing(20, 1, "bob", "L1", 10))
+    assert gated.takes["T1"].buyer == "bob"

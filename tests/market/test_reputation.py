@@ -213,3 +213,10 @@ def test_score_is_bounded_and_monotone_in_each_new_rating(ratings, trades) -> No
     assert rp.score(POLICY, worst) <= s <= rp.score(POLICY, best)
     busier = Participant("x", ratings=p.ratings, stars=p.stars, trades=trades + 1)
     assert rp.score(POLICY, busier) >= s
+
+
+def test_admitted_set_follows_bonds_and_expulsion() -> None:
+    book = book_with("bob", "sue", "eve")
+    book, _ = rp.post_bond(book, "bob", 1_000_000)
+    book, _ = rp.post_bond(book, "sue", 999_999)
+    assert rp.admitted(book) == frozenset({"bob"})
