@@ -606,7 +606,9 @@ def _through_book(
             offers[event.listing.listing_id] = tuple(offered)
         elif isinstance(event, Taken):
             take = event.take
-            on_offer = offers[take.listing_id]
+            on_offer = offers.get(take.listing_id)
+            if on_offer is None:
+                raise CertificateError(f"listing {take.listing_id} carries no certificates")
             moved = [
                 replace(registry.certificates[c], owner=take.buyer, on_offer=None)
                 for c in on_offer[: take.quantity]

@@ -409,7 +409,11 @@ Event = Deposited | Withdrawn | Listed | Taken | Closed | Settled | Failed | Rej
 
 
 def apply(book: ListingBook, request: Request) -> tuple[ListingBook, tuple[Event, ...]]:
-    """Apply one request after everything already in `book`; raise ListingError if refused."""
+    """Apply one request after everything already in `book`.
+
+    Refusals raise a MarketError subclass (a ListingError, or a ZoneError such as
+    NoFeasiblePath when no path can carry a take); `book` itself never changes.
+    """
     swept, expired = _advance(book, request)
     new_book, events = _execute(swept, request)
     return new_book, expired + events
