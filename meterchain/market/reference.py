@@ -3,16 +3,19 @@
 `reference_case()` is the day the tests, the demo and the benchmarks use:
 
 * mg1-campus -- short of green power: modest rooftop PV, a large daytime load
-  half of which must be green, a gas turbine and a battery;
+  70 % of which must be green, a gas turbine and a battery;
 * mg2-hospital -- short of green power: a small wind turbine, a steady load of
-  which 60 % must be green (high loss coefficient), a gas turbine;
+  which 80 % must be green (high loss coefficient), a gas turbine;
 * mg3-solar-park -- surplus: a large PV plant, a small load, a battery;
 * mg4-wind-farm -- surplus: wind strongest at night, a small gas turbine and a
   battery.
 
 Prices are one time-of-use tariff (valley 0.35, shoulder 0.75, peak 1.15
 currency/kWh), a feed-in tariff of 0.25 and a wheeling fee of 0.05 per kWh.
-Forecast errors are seeded (`LeadTimeForecast`), so every run sees the same.
+Green power is scarce: the buyers' green demand exceeds the sellers' green
+surplus in most hours, so sellers sell nearly all of it and a forecast error
+shows up as a shortfall. Forecast errors are seeded (`LeadTimeForecast`), so
+every run sees the same.
 
 `synthetic_request(n, seed)` builds a one-window clearing request for n
 microgrids (mixed surplus/short, some with storage or gas) for the benchmark;
@@ -93,7 +96,7 @@ def reference_microgrids() -> tuple[MicrogridDay, ...]:
             id="mg1-campus",
             renewable_w=_solar(120_000),
             load_w=campus_load,
-            green_demand_w=_share(campus_load, 50),
+            green_demand_w=_share(campus_load, 70),
             retail_price_per_kwh=tou,
             feed_in_tariff_per_kwh=FEED_IN,
             green_loss=GreenLoss.linear(5_000),
@@ -113,7 +116,7 @@ def reference_microgrids() -> tuple[MicrogridDay, ...]:
             id="mg2-hospital",
             renewable_w=_wind(40_000, 0.4, 2.0),
             load_w=hospital_load,
-            green_demand_w=_share(hospital_load, 60),
+            green_demand_w=_share(hospital_load, 80),
             retail_price_per_kwh=tou,
             feed_in_tariff_per_kwh=FEED_IN,
             green_loss=GreenLoss.linear(6_000),
@@ -122,7 +125,7 @@ def reference_microgrids() -> tuple[MicrogridDay, ...]:
         ),
         MicrogridDay(
             id="mg3-solar-park",
-            renewable_w=_solar(600_000),
+            renewable_w=_solar(400_000),
             load_w=park_load,
             green_demand_w=_share(park_load, 30),
             retail_price_per_kwh=tou,
@@ -141,7 +144,7 @@ def reference_microgrids() -> tuple[MicrogridDay, ...]:
         ),
         MicrogridDay(
             id="mg4-wind-farm",
-            renewable_w=_wind(300_000, 0.5, 3.0),
+            renewable_w=_wind(200_000, 0.5, 3.0),
             load_w=farm_load,
             green_demand_w=_share(farm_load, 30),
             retail_price_per_kwh=tou,
