@@ -1,0 +1,312 @@
+"""SequenceGuard: replays, reordering, counters running backwards, restarts, batches, sharing."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meterchain import errors, reading
+from meterchain.reading import FLAG_COUNTER_RESET, Reading
+from meterchain.registry import Registry
+from meterchain.sequence import Admission, SequenceGuard, SequenceStateError
+
+from .conftest import DEFAULTS, LOAD_KEY, LOAD_METER, PV_KEY, PV_METER, T0
+
+Make = Callable[..., Reading]
+
+
+@pytest.fixture
+def make(registry: Registry) -> Make:
+    """`make(seq, import_wh=..., ...)`: a verified PV reading (LOAD meter with `load=True`)."""
+
+    def build(seq: int, *, load: bool = False, **fields: Any) -> Reading:
+        values = {**DEFAULTS, "seq": seq, "time": T0 + 60 * seq, **fields}
+        if load:
+            values.update(meter_id=LOAD_METER, source="load")
+        signed = reading.sign_reading(LOAD_KEY if load else PV_KEY, **values)
+        return reading.verify(signed, registry)
+
+    return build
+
+
+@pytest.fixture
+def guard(tmp_path: Path) -> SequenceGuard:
+    with SequenceGuard(tmp_path / "seq.db") as opened:
+        yield opened
+
+
+def _tables(path: Path) -> list[tuple[Any, ...]]:
+    """Every stored row, through an independent connection."""
+    with sqlite3.connect(path) as db:
+        state = db.execute("SELECT * FROM meter_state ORDER BY meter_id").fetchall()
+        accepted = db.execute("SELECT * FROM accepted ORDER BY meter_id, seq").fetchall()
+    return state + accepted
+
+
+def _refused(guard: SequenceGuard, r: Reading, cls: type[errors.RejectedReading]) -> str:
+    with pytest.raises(errors.RejectedReading) as info:
+        guard.check_and_accept(r)
+    assert type(info.value) is cls, f"{type(info.value).__name__}: {info.value}"
+    return str(info.value)
+
+
+def test_first_reading_then_contiguous_then_gap(guard: SequenceGuard, make: Make) -> None:
+    first = guard.check_and_accept(make(10, import_wh=1000, export_wh=50))
+    assert first == Admission(PV_METER, 10, True, 0, False, None, None, False)
+    nxt = guard.check_and_accept(make(11, import_wh=1250, export_wh=50))
+    assert (nxt.first, nxt.gap, nxt.import_delta_wh, nxt.export_delta_wh) == (False, 0, 250, 0)
+    # The board thinned its spool: 12..14 never arrive. Allowed, and reported.
+    gap = guard.check_and_accept(make(15, import_wh=1900, export_wh=60))
+    assert (gap.gap, gap.import_delta_wh, gap.export_delta_wh) == (3, 650, 10)
+    state = guard.state(PV_METER)
+    assert state is not None and (state.seq, state.import_wh, state.export_wh) == (15, 1900, 60)
+    assert state.time == T0 + 60 * 15
+
+
+def test_meters_are_independent(guard: SequenceGuard, make: Make) -> None:
+    guard.check_and_accept(make(100))
+    assert guard.check_and_accept(make(1, load=True)).first
+    assert guard.state(LOAD_METER).seq == 1  # type: ignore[union-attr]
+    assert guard.state("never-seen") is None
+
+
+def test_byte_identical_copy_is_a_duplicate(guard: SequenceGuard, make: Make) -> None:
+    r = make(7)
+    guard.check_and_accept(r)
+    with pytest.raises(errors.DuplicateReading) as info:
+        guard.check_and_accept(r)
+    assert info.value.duplicate and info.value.reason == "duplicate"
+    assert isinstance(info.value, errors.ReplayedReading)
+    assert "already accepted (byte-identical copy)" in str(info.value)
+
+
+def test_same_seq_with_other_content_is_a_replay(guard: SequenceGuard, make: Make) -> None:
+    guard.check_and_accept(make(7, import_wh=500))
+    with pytest.raises(errors.ReplayedReading) as info:
+        guard.check_and_accept(make(7, import_wh=999))
+    assert type(info.value) is errors.ReplayedReading and not info.value.duplicate
+    assert info.value.reason == "replayed"
+    assert "seq 7: already accepted with different content" in str(info.value)
+
+
+def test_older_accepted_reading_redelivered_is_still_a_duplicate(
+    guard: SequenceGuard, make: Make
+) -> None:
+    old = make(5)
+    guard.check_and_accept(old)
+    guard.check_and_accept(make(6))
+    with pytest.raises(errors.DuplicateReading):
+        guard.check_and_accept(old)
+
+
+def test_seq_below_last_never_accepted_is_out_of_order(guard: SequenceGuard, make: Make) -> None:
+    guard.check_and_accept(make(5))
+    guard.check_and_accept(make(9))
+    message = _refused(guard, make(7), errors.OutOfOrder)
+    assert "seq 7: below the last accepted seq 9 and never accepted" in message
+
+
+def test_below_the_window_is_out_of_order(tmp_path: Path, make: Make) -> None:
+    with SequenceGuard(tmp_path / "w.db", window=4) as guard:
+        first = make(1)
+        for seq in (1, 2, 3, 4, 5, 6):
+            guard.check_and_accept(make(seq) if seq != 1 else first)
+        message = _refused(guard, first, errors.OutOfOrder)
+        assert "older than the 4-seq replay window" in message
+        with sqlite3.connect(tmp_path / "w.db") as db:
+            kept = [int(s) for (s,) in db.execute("SELECT seq FROM accepted ORDER BY seq")]
+        assert kept == [3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("register", ["import_wh", "export_wh"])
+def test_counter_running_backwards_is_refused(
+    guard: SequenceGuard, make: Make, register: str
+) -> None:
+    guard.check_and_accept(make(1, import_wh=5000, export_wh=700))
+    lower = {"import_wh": 5000, "export_wh": 700, register: 4999 if register == "import_wh" else 1}
+    message = _refused(guard, make(2, **lower), errors.CounterBackwards)
+    assert f"{register} " in message and "without the counter-reset flag" in message
+    assert guard.state(PV_METER).seq == 1  # type: ignore[union-attr]
+
+
+def test_counter_reset_flag_admits_lower_registers(guard: SequenceGuard, make: Make) -> None:
+    guard.check_and_accept(make(1, import_wh=5000, export_wh=700))
+    admitted = guard.check_and_accept(make(2, import_wh=3, export_wh=0, flags=FLAG_COUNTER_RESET))
+    assert admitted.counter_reset and admitted.import_delta_wh is None
+    assert guard.state(PV_METER).import_wh == 3  # type: ignore[union-attr]
+    # Counting resumes from the new baseline.
+    assert guard.check_and_accept(make(3, import_wh=10, export_wh=0)).import_delta_wh == 7
+
+
+def test_clock_step_back_is_accepted_and_noted(guard: SequenceGuard, make: Make) -> None:
+    guard.check_and_accept(make(1, time=T0 + 600))
+    assert guard.check_and_accept(make(2, time=T0 + 300)).time_backwards
+
+
+def test_full_uint64_range(guard: SequenceGuard, make: Make) -> None:
+    top = 2**64 - 1
+    guard.check_and_accept(make(top - 1, import_wh=top - 5, export_wh=top, time=T0))
+    admitted = guard.check_and_accept(make(top, import_wh=top, export_wh=top, time=T0))
+    assert (admitted.gap, admitted.import_delta_wh) == (0, 5)
+    again = make(top - 1, import_wh=top - 5, export_wh=top, time=T0)
+    _refused(guard, again, errors.ReplayedReading)
+    _refused(guard, make(2**63, import_wh=top, export_wh=top, time=T0), errors.OutOfOrder)
+    assert guard.state(PV_METER).seq == top  # type: ignore[union-attr]
+
+
+def test_rejections_leave_stored_state_intact(
+    guard: SequenceGuard, make: Make, tmp_path: Path
+) -> None:
+    accepted = [make(seq, import_wh=1000 + seq) for seq in (3, 4, 8)]
+    for r in accepted:
+        guard.check_and_accept(r)
+    before = _tables(tmp_path / "seq.db")
+    for bad, cls in (
+        (accepted[1], errors.DuplicateReading),
+        (make(8, import_wh=5), errors.ReplayedReading),
+        (make(6), errors.OutOfOrder),
+        (make(9, import_wh=10), errors.CounterBackwards),
+    ):
+        _refused(guard, bad, cls)
+    assert _tables(tmp_path / "seq.db") == before
+
+
+def test_check_reports_without_recording(guard: SequenceGuard, make: Make, tmp_path: Path) -> None:
+    guard.check_and_accept(make(1))
+    before = _tables(tmp_path / "seq.db")
+    assert guard.check(make(3)).gap == 1
+    assert _tables(tmp_path / "seq.db") == before
+    with pytest.raises(errors.OutOfOrder):
+        guard.check(make(0))
+    assert guard.accept(make(3)).gap == 1  # accept == check_and_accept
+
+
+def test_state_survives_a_restart_and_replays_stay_refused(tmp_path: Path, make: Make) -> None:
+    path = tmp_path / "seq.db"
+    r4, r5 = make(4, import_wh=1900), make(5, import_wh=2000)
+    with SequenceGuard(path) as guard:
+        guard.check_and_accept(r4)
+        guard.check_and_accept(r5)
+    with SequenceGuard(path) as reopened:
+        state = reopened.state(PV_METER)
+        assert state is not None and (state.seq, state.import_wh) == (5, 2000)
+        assert state.digest == r5.digest
+        with pytest.raises(errors.DuplicateReading):
+            reopened.check_and_accept(r5)
+        _refused(reopened, r4, errors.DuplicateReading)
+        # The same fields signed again (a fresh ECDSA nonce) are other bytes: a replay.
+        _refused(reopened, make(4, import_wh=1900), errors.ReplayedReading)
+        _refused(reopened, make(6, import_wh=1), errors.CounterBackwards)
+        assert reopened.check_and_accept(make(6, import_wh=2100)).import_delta_wh == 100
+
+
+def test_batch_is_one_transaction_with_per_reading_outcomes(
+    guard: SequenceGuard, make: Make
+) -> None:
+    r1, r2 = make(1), make(2, import_wh=DEFAULTS["import_wh"] + 10)
+    outcomes = guard.check_and_accept_many([r1, r2, r2, make(1, import_wh=0), make(3, load=True)])
+    assert isinstance(outcomes[0], Admission) and outcomes[0].first
+    assert isinstance(outcomes[1], Admission) and outcomes[1].import_delta_wh == 10
+    assert isinstance(outcomes[2], errors.DuplicateReading)  # the batch sees its own rows
+    assert type(outcomes[3]) is errors.ReplayedReading
+    assert isinstance(outcomes[4], Admission) and outcomes[4].meter_id == LOAD_METER
+    assert guard.state(PV_METER).seq == 2  # type: ignore[union-attr]
+
+
+def test_concurrent_threads_accept_each_reading_once(guard: SequenceGuard, make: Make) -> None:
+    readings = [make(seq, import_wh=seq) for seq in range(1, 9)]
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def submit(r: Reading) -> None:
+        try:
+            guard.check_and_accept(r)
+            outcome = f"ok {r.seq}"
+        except errors.RejectedReading as exc:
+            outcome = exc.reason
+        with lock:
+            results.append(outcome)
+
+    threads = [threading.Thread(target=submit, args=(r,)) for r in readings * 3]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    accepted = [r for r in results if r.startswith("ok")]
+    # Whatever the interleaving: no seq accepted twice, never an error other than a refusal.
+    assert len(accepted) == len(set(accepted)) and set(results) - set(accepted) <= {
+        "duplicate",
+        "out_of_order",
+    }
+    assert guard.state(PV_METER).seq == max(int(a.split()[1]) for a in accepted)  # type: ignore[union-attr]
+
+
+# --- sharing the caller's connection and transaction -------------------------------------
+
+
+def _shared(tmp_path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(tmp_path / "agent.db", isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("CREATE TABLE energy (meter_id TEXT, wh INTEGER)")
+    return db
+
+
+def test_admit_commits_with_the_callers_rows(tmp_path: Path, make: Make) -> None:
+    db = _shared(tmp_path)
+    guard = SequenceGuard(db)
+    db.execute("BEGIN IMMEDIATE")
+    guard.admit(make(1))
+    db.execute("INSERT INTO energy VALUES (?, ?)", (PV_METER, 5))
+    db.execute("COMMIT")
+    db.execute("BEGIN IMMEDIATE")
+    guard.admit(make(2))
+    db.execute("ROLLBACK")  # the caller's failure undoes the guard's step too
+    assert guard.state(PV_METER).seq == 1  # type: ignore[union-attr]
+    guard.close()  # leaves the caller's connection open
+    assert db.execute("SELECT count(*) FROM energy").fetchone() == (1,)
+    reopened = SequenceGuard(tmp_path / "agent.db")
+    assert reopened.state(PV_METER).seq == 1  # type: ignore[union-attr]
+    reopened.close()
+    db.close()
+
+
+def test_admit_refusal_writes_nothing_into_the_callers_transaction(
+    tmp_path: Path, make: Make
+) -> None:
+    db = _shared(tmp_path)
+    guard = SequenceGuard(db)
+    r = make(1)
+    db.execute("BEGIN IMMEDIATE")
+    guard.admit(r)
+    with pytest.raises(errors.DuplicateReading):
+        guard.admit(r)
+    db.execute("COMMIT")
+    assert guard.state(PV_METER).seq == 1  # type: ignore[union-attr]
+    db.close()
+
+
+def test_transaction_discipline_is_enforced(tmp_path: Path, make: Make) -> None:
+    db = _shared(tmp_path)
+    guard = SequenceGuard(db)
+    with pytest.raises(SequenceStateError, match="needs the caller's open transaction"):
+        guard.admit(make(1))
+    db.execute("BEGIN IMMEDIATE")
+    with pytest.raises(SequenceStateError, match="already open"):
+        guard.check_and_accept(make(1))
+    assert guard.check(make(1)).first  # reads inside the caller's transaction
+    db.execute("ROLLBACK")
+    db.close()
+
+
+def test_unreadable_state_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "seq.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(SequenceStateError, match="cannot open sequence state"):
+        SequenceGuard(path)
+    with pytest.raises(ValueError, match="window"):
+        SequenceGuard(tmp_path / "ok.db", window=0)
