@@ -587,7 +587,7 @@ _sha256 = hashlib.sha256
 
 
 def verify(
-    data: bytes,
+    data: bytes | bytearray | memoryview,
     registry: Registry,
     *,
     now: int | None = None,
@@ -609,18 +609,17 @@ def verify(
     try:
         protected, unprotected, payload, signature = envelope.value
         kid = unprotected[HEADER_KID]
-        ok = (
-            envelope.tag == COSE_SIGN1_TAG
-            and protected == PROTECTED_ES256
-            and type(kid) is bytes
-            and len(unprotected) == 1
-            and type(payload) is bytes
-            and type(signature) is bytes
-            and len(signature) == SIGNATURE_LEN
-        )
     except (AttributeError, ValueError, TypeError, LookupError):
-        ok = False
-    if not ok:
+        _refuse_envelope(envelope)
+    if not (
+        envelope.tag == COSE_SIGN1_TAG
+        and protected == PROTECTED_ES256
+        and type(kid) is bytes
+        and len(unprotected) == 1
+        and type(payload) is bytes
+        and type(signature) is bytes
+        and len(signature) == SIGNATURE_LEN
+    ):
         _refuse_envelope(envelope)
     # ... in exactly its canonical bytes, nothing after it. (A header label 4.0
     # or a reordered item also lands here: they encode differently.)

@@ -78,8 +78,9 @@ def board_messages(mpy: Callable[..., Any]) -> list[bytes]:
 def _firmware_on_cpython() -> tuple[Any, Any]:
     if str(FIRMWARE_LIB) not in sys.path:
         sys.path.insert(0, str(FIRMWARE_LIB))
-    from mc import cose as fw_cose
-    from mc import reading as fw_reading
+    # firmware/lib is on sys.path only at run time.
+    from mc import cose as fw_cose  # pyright: ignore[reportMissingImports]
+    from mc import reading as fw_reading  # pyright: ignore[reportMissingImports]
 
     return fw_cose, fw_reading
 

@@ -10,9 +10,9 @@ import cbor2
 import pytest
 from pycose.algorithms import Es256
 from pycose.headers import KID, Algorithm
-from pycose.keys import EC2Key
 from pycose.keys.curves import P256
-from pycose.messages import Sign1Message
+from pycose.keys.ec2 import EC2Key
+from pycose.messages.sign1message import Sign1Message
 
 from meterchain import codec, errors, reading
 from meterchain.keys import PrivateKey
@@ -151,11 +151,16 @@ def _pycose_key(key: PrivateKey, private: bool) -> EC2Key:
     return EC2Key(crv=P256, x=point[1:33], y=point[33:], d=d)
 
 
+def _pycose_message(items: list[Any]) -> Any:
+    # pycose 1.1 cannot decode the tuples cbor2 >= 6 returns for tagged arrays,
+    # so the four items go in through from_cose_obj. (Any: pycose's class
+    # decorator hides Sign1Message's methods from type checkers.)
+    return Sign1Message.from_cose_obj(items, True)
+
+
 def test_pycose_verifies_what_sign_reading_makes(signed: Signed) -> None:
     protected, unprotected, payload, signature = _parts(signed())
-    # pycose 1.1 cannot decode the tuples cbor2 >= 6 returns for tagged arrays,
-    # so the four items go in through from_cose_obj.
-    message = Sign1Message.from_cose_obj([protected, unprotected, payload, signature], True)
+    message = _pycose_message([protected, unprotected, payload, signature])
     message.key = _pycose_key(PV_KEY, private=False)
     assert message.verify_signature()
     assert message.phdr == {Algorithm: Es256}
@@ -166,7 +171,9 @@ def test_verify_accepts_what_pycose_makes_and_it_is_byte_for_byte_canonical(
     registry: Registry,
 ) -> None:
     payload = codec.encode(payload_map())
-    message = Sign1Message(phdr={Algorithm: Es256}, uhdr={KID: PV_METER.encode()}, payload=payload)
+    message: Any = Sign1Message(
+        phdr={Algorithm: Es256}, uhdr={KID: PV_METER.encode()}, payload=payload
+    )
     message.key = _pycose_key(PV_KEY, private=True)
     data = message.encode()
     got = reading.verify(data, registry)
@@ -179,7 +186,7 @@ def test_verify_accepts_what_pycose_makes_and_it_is_byte_for_byte_canonical(
 def test_pycose_refuses_a_signature_verify_refuses(signed: Signed) -> None:
     protected, unprotected, payload, signature = _parts(signed())
     forged = bytes([signature[0] ^ 1]) + signature[1:]
-    message = Sign1Message.from_cose_obj([protected, unprotected, payload, forged], True)
+    message = _pycose_message([protected, unprotected, payload, forged])
     message.key = _pycose_key(PV_KEY, private=False)
     assert not message.verify_signature()
 

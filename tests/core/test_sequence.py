@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ def make(registry: Registry) -> Make:
 
 
 @pytest.fixture
-def guard(tmp_path: Path) -> SequenceGuard:
+def guard(tmp_path: Path) -> Iterator[SequenceGuard]:
     with SequenceGuard(tmp_path / "seq.db") as opened:
         yield opened
 
