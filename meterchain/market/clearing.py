@@ -26,10 +26,13 @@ How a window is cleared:
    grid exchange absorbs what rounding leaves so every balance is exact, and
    storage energy follows the rounded flows exactly (`Storage.energy_step_exact`).
 4. Bilateral trades: in each period the pool is split into trades P_ij,t by the
-   north-west-corner rule over sellers and buyers sorted by id. It is
-   deterministic, gives at most (#sellers + #buyers - 1) trades, and its cells
-   (including zero-volume cells when partial sums tie) form a spanning tree of
-   the traders. A trade is stored once (seller, buyer, Wh), so P_ij = -P_ji.
+   north-west-corner rule. It is deterministic, gives at most (#sellers +
+   #buyers - 1) trades, and its cells (including zero-volume cells when partial
+   sums tie) form a spanning tree of the traders. A trade is stored once
+   (seller, buyer, Wh), so P_ij = -P_ji. In the executed hour sellers are
+   ordered by the price per kWh their payment amounts to and buyers likewise
+   (ties by id), which pairs cheap with cheap and keeps trade prices close to
+   each side's average; planned trades of later periods use id order.
 5. Stage 2 (M3) for the executed hour h: the coalition is the microgrids that
    trade in h. The savings S = sum over the coalition of C_non_i(h) - C_i(h)
    are split equally: with transfers summing to zero, max sum ln(C_non_i - C_i
@@ -56,6 +59,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from functools import cached_property
 from typing import Any
 
@@ -758,8 +762,17 @@ def _executed_hour(
     if coalition:
         for i, share in zip(coalition, equal_shares(saving, len(coalition)), strict=True):
             payments[i] = alone_cost[i] - cost[i] - share
-    sellers = [(ids[i], dispatch[i].sell_w) for i in range(n) if dispatch[i].sell_w > 0]
-    buyers = [(ids[i], dispatch[i].buy_w) for i in range(n) if dispatch[i].buy_w > 0]
+    # Sellers by the price they receive, buyers by the price they pay (then id): the
+    # north-west corner then pairs like with like, so each trade's price stays close to
+    # both sides' average prices.
+    sellers = sorted(
+        ((ids[i], dispatch[i].sell_w) for i in range(n) if dispatch[i].sell_w > 0),
+        key=lambda s: (Fraction(-payments[ids.index(s[0])], s[1]), s[0]),
+    )
+    buyers = sorted(
+        ((ids[i], dispatch[i].buy_w) for i in range(n) if dispatch[i].buy_w > 0),
+        key=lambda b: (Fraction(payments[ids.index(b[0])], b[1]), b[0]),
+    )
     cells = north_west_corner(sellers, buyers)
     index = {mg_id: k for k, mg_id in enumerate(ids)}
     money = tree_money(

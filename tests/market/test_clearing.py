@@ -1,0 +1,291 @@
+"""Clearing (M2-M4): hand-checked cases, decomposition, bargaining properties and determinism."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from clearing_cases import FEE, microgrid, request, two_microgrids
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meterchain.market.clearing import (
+    ClearingRequest,
+    ClearingResult,
+    clear,
+    equal_shares,
+    north_west_corner,
+    tree_money,
+)
+from meterchain.market.errors import InfeasibleWindow, InvalidRequest, InvalidResult
+from meterchain.market.model import GasTurbine, Market, Storage, TradeRequest
+from meterchain.market.verify import check
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_two_microgrids_by_hand() -> None:
+    """a: R 100, L 50, G 20 kW; b: R 0, L 80, G 60 kW; lambda 0.8, gamma 0.25, phi 0.05,
+    c 0.4 currency/kWh; wear epsilon 0.05 minor units per kW^2 h.
+
+    Alone: a exports 50 kWh at 2500 -> -125 000; b imports 80 kWh at 8000 and misses
+    60 kWh of green at 4000 -> 640 000 + 240 000 = 880 000.
+    Together, every kWh a sells up to 60 saves b its green loss (4000) at a cost of at
+    most phi (500); beyond 60 it only swaps grid energy and loses phi: a sells 60 kWh,
+    covering its own 50 kWh surplus and importing 10 kWh.
+    a: 10 * 8000 + 250 * 60 + 0.05 * 60^2 = 95 180; b: 20 * 8000 + 15 000 + 180 = 175 180.
+    Savings 484 640, 242 320 each: a receives 462 500, b pays it; price 7708 per kWh.
+    """
+    result = clear(two_microgrids())
+    hour = result.executed[0]
+    assert result.standalone_cost == (-125_000, 880_000)
+    assert result.cooperative_cost == (95_180, 175_180)
+    assert hour.standalone_cost == (-125_000, 880_000)
+    assert hour.cost == (95_180, 175_180)
+    assert hour.saving == 484_640
+    assert hour.payments == (-462_500, 462_500)
+    assert [(t.seller, t.buyer, t.energy_wh, t.amount, t.price_per_kwh) for t in hour.trades] == [
+        ("a", "b", 60_000, 462_500, 7_708)
+    ]
+    assert hour.coalition == ("a", "b") and hour.individually_rational
+    a, b = hour.dispatch
+    assert (a.sell_w, a.grid_w, b.buy_w, b.grid_w) == (60_000, 10_000, 60_000, 20_000)
+    # final costs fall by the same amount
+    assert [hour.standalone_cost[i] - hour.final_cost(i) for i in range(2)] == [242_320, 242_320]
+
+
+def test_seller_short_of_surplus_sells_all_it_has() -> None:
+    """Seller has 30 kW green surplus, buyer 60 kW green deficit: all 30 kW is traded."""
+    result = clear(
+        request(microgrid("s", 50_000, 40_000, 20_000), microgrid("t", 0, 80_000, 60_000))
+    )
+    hour = result.executed[0]
+    assert hour.trades[0].energy_wh == 30_000
+    seller, buyer = hour.dispatch
+    assert seller.grid_w == 40_000 + 30_000 - 50_000  # imports for its own grey load
+    assert buyer.grid_w == 80_000 - 30_000
+
+
+def test_no_gain_no_trade() -> None:
+    """Two microgrids with green surplus: nothing to gain, nobody trades or pays."""
+    result = clear(
+        request(microgrid("x", 100_000, 20_000, 10_000), microgrid("y", 90_000, 30_000, 10_000))
+    )
+    hour = result.executed[0]
+    assert hour.coalition == () and hour.trades == () and hour.payments == (0, 0)
+    assert hour.dispatch == hour.standalone and hour.saving == 0
+    assert result.window_trades == ()
+
+
+def test_wheeling_fee_above_gain_stops_trade() -> None:
+    """A fee larger than lambda - gamma + c makes trading a loss."""
+    market = Market(wheeling_fee_per_kwh=20_000)
+    result = clear(
+        request(
+            microgrid("a", 100_000, 50_000, 20_000),
+            microgrid("b", 0, 80_000, 60_000),
+            market=market,
+        )
+    )
+    assert result.executed[0].trades == ()
+
+
+def test_north_west_corner_degenerate_cells_form_a_tree() -> None:
+    cells = north_west_corner([("A", 50), ("B", 50)], [("X", 50), ("Y", 50)])
+    assert cells == [(0, 0, 50), (1, 0, 0), (1, 1, 50)]
+    # A receives 30, B 70; X pays 60, Y 40: the zero cell B-X must carry 10
+    assert tree_money(cells, [30, 70], [60, 40]) == [30, 30, 40]
+    cells = north_west_corner([("A", 10), ("B", 100)], [("X", 55), ("Y", 55)])
+    assert cells == [(0, 0, 10), (1, 0, 45), (1, 1, 55)]
+    with pytest.raises(ValueError):
+        north_west_corner([("A", 10)], [("X", 11)])
+    with pytest.raises(ValueError):
+        tree_money(cells, [1, 1], [1, 2])
+
+
+def test_degenerate_split_pays_a_transfer() -> None:
+    """Two identical sellers and two identical buyers: the pool splits into two separate
+    trades; savings flow between the pairs through a zero-volume transfer when needed."""
+    seller = dict(renewable=100_000, load=40_000, green=20_000)
+    buyers = [microgrid(f"b{k}", 0, 80_000, 60_000, loss=4_000 + 2_000 * k) for k in range(2)]
+    result = clear(
+        request(microgrid("s0", **seller), microgrid("s1", **seller), *buyers)  # type: ignore[arg-type]
+    )
+    hour = result.executed[0]
+    # s0 -> b0 and s1 -> b1 carry energy; b1 gains more (higher loss coefficient), so money
+    # must cross between the pairs on the zero-volume cell s1-b0
+    assert [(t.seller, t.buyer, t.energy_wh) for t in hour.trades] == [
+        ("s0", "b0", 60_000),
+        ("s1", "b1", 60_000),
+    ]
+    assert [(t.payer, t.payee) for t in hour.transfers] == [("s1", "b0")]
+    money_in = {mg: 0 for mg in result.microgrids}
+    for t in hour.trades:
+        money_in[t.seller] += t.amount
+        money_in[t.buyer] -= t.amount
+    for t in hour.transfers:
+        money_in[t.payee] += t.amount
+        money_in[t.payer] -= t.amount
+    assert [money_in[mg] for mg in result.microgrids] == [-p for p in hour.payments]
+    assert check(request(microgrid("s0", **seller), microgrid("s1", **seller), *buyers), result)  # type: ignore[arg-type]
+
+
+def test_equal_shares_split_remainder_by_id_order() -> None:
+    assert equal_shares(10, 3) == [4, 3, 3]
+    assert equal_shares(-10, 3) == [-3, -3, -4]
+    assert sum(equal_shares(1_234_567, 7)) == 1_234_567
+
+
+def test_reference_window(
+    reference_request: ClearingRequest, reference_result: ClearingResult
+) -> None:
+    result = reference_result
+    hour = result.executed[0]
+    assert result.periods == 24 and result.first_period == 0
+    assert sum(result.cooperative_cost) < sum(result.standalone_cost)
+    assert hour.individually_rational and sum(hour.payments) == 0
+    assert set(hour.coalition) >= {"mg4-wind-farm"}  # the night seller
+    for i, p in enumerate(result.plan):
+        mg = reference_request.microgrids[i]
+        for t in range(24):
+            d = p.at(t)
+            assert mg.renewable_w[t] + d.gas_w + d.discharge_w + d.grid_w + d.buy_w == (
+                mg.load_w[t] + d.charge_w + d.sell_w
+            )
+            assert not (d.sell_w and d.buy_w)
+    for t in range(24):
+        sold = sum(p.sell_w[t] for p in result.plan)
+        assert sold == sum(p.buy_w[t] for p in result.plan)
+        assert sold == sum(w.energy_wh for w in result.window_trades if w.period == t)
+    # a trade is stored once, seller to buyer: P_ij = -P_ji by construction
+    pairs = [(w.period, w.seller, w.buyer) for w in result.window_trades]
+    assert len(pairs) == len(set(pairs))
+    assert all((p, b, s) not in set(pairs) for p, s, b in pairs)
+
+
+def test_day_ahead_mode_executes_every_hour(reference_request: ClearingRequest) -> None:
+    day_ahead = ClearingRequest(
+        reference_request.market, 0, reference_request.requests, executed_periods=24
+    )
+    result = clear(day_ahead)
+    assert [h.period for h in result.executed] == list(range(24))
+    for t, hour in enumerate(result.executed):
+        assert hour.dispatch == tuple(p.at(t) for p in result.plan)
+        assert sum(hour.payments) == 0
+    assert check(day_ahead, result)
+
+
+def test_infeasible_microgrid_is_named() -> None:
+    island = microgrid("island", 0, 50_000, 0, import_limit=10_000)
+    with pytest.raises(InfeasibleWindow, match="microgrid island: no feasible schedule"):
+        clear(request(microgrid("a", 100_000, 50_000, 20_000), island))
+
+
+def test_request_validation() -> None:
+    a, b = microgrid("a", 1, 1, 0), microgrid("b", 1, 1, 0)
+    with pytest.raises(InvalidRequest, match="microgrid a has more than one request"):
+        request(a, a)
+    with pytest.raises(InvalidRequest, match=r"deposit \(5\) < market min_deposit \(10\)"):
+        request(a, b, deposit=5, market=Market(FEE, min_deposit=10))
+    with pytest.raises(InvalidRequest, match="covers 2 periods"):
+        request(a, microgrid("c", (1, 1), 1, 0))
+    with pytest.raises(InvalidRequest, match="executed_periods"):
+        request(a, b, executed_periods=2)
+    with pytest.raises(InvalidRequest, match="at least one"):
+        ClearingRequest(Market(FEE), 0, ())
+
+
+def test_request_and_result_round_trip_canonical_cbor() -> None:
+    req = two_microgrids(deposit=1_000)
+    assert ClearingRequest.from_cbor(req.to_cbor()) == req
+    result = clear(req)
+    again = ClearingResult.from_cbor(result.to_cbor())
+    assert again == result and again.digest == result.digest
+    with pytest.raises(InvalidResult):
+        ClearingResult.from_cbor(b"\xa0")
+    with pytest.raises(InvalidResult):
+        ClearingResult.from_dict({**result.to_dict(), "plan": [[[1.5]]]})
+
+
+def test_same_input_same_bytes_twice_and_in_a_fresh_process(
+    reference_request: ClearingRequest, reference_result: ClearingResult
+) -> None:
+    assert clear(reference_request).to_cbor() == reference_result.to_cbor()
+    code = (
+        "from meterchain.market.reference import reference_request\n"
+        "from meterchain.market.clearing import clear\n"
+        "print(clear(reference_request()).digest.hex())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == reference_result.digest.hex()
+
+
+@st.composite
+def small_requests(draw: st.DrawFn) -> ClearingRequest:
+    """2-4 microgrids over 1-3 hours, some with gas or storage, prices and profiles random."""
+    periods = draw(st.integers(1, 3))
+    n = draw(st.integers(2, 4))
+    power = st.integers(0, 200).map(lambda kw: kw * 1_000)
+    mgs = []
+    for k in range(n):
+        ren = tuple(draw(power) for _ in range(periods))
+        load = tuple(draw(power) for _ in range(periods))
+        green = tuple(x * draw(st.integers(0, 100)) // 100 for x in load)
+        retail = tuple(draw(st.integers(3_000, 12_000)) for _ in range(periods))
+        gas = None
+        if draw(st.booleans()):
+            gas = GasTurbine(
+                a_per_mw2h=draw(st.integers(0, 5_000_000)),
+                b_per_kwh=draw(st.integers(3_000, 7_000)),
+                p_max_w=draw(power),
+            )
+        storage = None
+        if draw(st.booleans()):
+            cap = draw(st.integers(10, 300)) * 1_000
+            storage = Storage(
+                cap // 2, cap // 2, draw(st.integers(850_000, 1_000_000)), 0, cap, cap // 2
+            )
+        mgs.append(
+            microgrid(
+                f"m{k}",
+                ren,
+                load,
+                green,
+                retail=retail,
+                loss=draw(st.integers(0, 8_000)),
+                gas=gas,
+                storage=storage,
+            )
+        )
+    market = Market(wheeling_fee_per_kwh=draw(st.integers(0, 2_000)))
+    return ClearingRequest(market, 0, tuple(TradeRequest(m) for m in mgs))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_requests())
+def test_equal_split_and_individual_rationality(req: ClearingRequest) -> None:
+    result = clear(req)
+    hour = result.executed[0]
+    n = len(req.ids)
+    assert sum(hour.payments) == 0
+    # nobody ends worse off than alone (M3 individual rationality), by construction
+    assert hour.individually_rational
+    assert all(hour.final_cost(i) <= hour.standalone_cost[i] for i in range(n))
+    gains = [hour.standalone_cost[i] - hour.final_cost(i) for i in range(n)]
+    members = [req.ids.index(m) for m in hour.coalition]
+    if members:
+        member_gains = [gains[i] for i in members]
+        assert max(member_gains) - min(member_gains) <= 1  # equal split, to the minor unit
+        assert min(member_gains) > 0
+    for i in range(n):
+        if i not in members:  # outside the coalition: own disagreement hour, no money
+            assert gains[i] == 0 and hour.dispatch[i] == hour.standalone[i]
+    # the cooperative optimum is never worse than everyone alone (within rounding)
+    assert sum(result.cooperative_cost) <= sum(result.standalone_cost) + 2 * n * req.periods
+    # and a backup accepts the honest result
+    verdict = check(req, result, own=result)
+    assert verdict.accepted, verdict.problems
