@@ -90,7 +90,7 @@ def check_block_frame(
         if tx.kind != kind:
             raise ChainError(height, f"tx {idx}: stored kind {kind!r} but the bytes say {tx.kind}")
         if leaf_hash(raw) != tx_hash:
-            raise ChainError(height, f"tx {idx} ({tx.kind}): stored hash does not match its bytes")
+            raise ChainError(height, f"{tx_label(idx, tx)}: stored hash does not match its bytes")
         txs.append(tx)
     if root_of_hashes([leaf_hash(raw) for _, _, raw in stored.txs]) != header.root:
         raise ChainError(height, "body Merkle root does not match the header")

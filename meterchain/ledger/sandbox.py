@@ -119,6 +119,47 @@ class Sandbox:
     def owner_signed(self, kind: str, terms: Mapping[str, Any], owner: str) -> Tx:
         return signed(self.market, kind, terms, self.key(owner), field="owner_sig")
 
+    def clearing(
+        self,
+        hour: int,
+        request: Any,
+        result: Any,
+        *,
+        round: int = 1,
+        view: int = 0,
+        signers: Sequence[str] | None = None,
+    ) -> Tx:
+        """A committed clearing as the consensus agents certify it (SDBFT vote statement).
+
+        `request`/`result` are `meterchain.market.clearing` objects; each microgrid's
+        consensus request is signed with its participant key.
+        """
+        from meterchain import codec
+        from meterchain.ledger.settle import value_digest
+
+        round_id = [round, "clear"]
+        requests = []
+        for trade_request in request.requests:
+            who = trade_request.microgrid.id
+            stmt = codec.encode(
+                ["req", self.market, round_id, 0, b"deposit:" + who.encode(), who,
+                 trade_request.to_dict()]
+            )  # fmt: skip
+            requests.append(codec.encode([stmt, who, self.key(who).sign(stmt), None]))
+        value = result.to_dict()
+        digest = value_digest(self.market, round_id, requests, value)
+        stmt = codec.encode(["vote", self.market, round_id, view, digest])
+        names = self.node_ids if signers is None else signers
+        qc = QuorumCertificate.collect(stmt, [(n, self.key(n).sign(stmt)) for n in names])
+        return Tx.make(
+            "clearing",
+            {
+                "round": round, "round_kind": "clear", "view": view, "hour": hour,
+                "requests": requests, "value": codec.encode(value),
+                "request": request.to_cbor(), "result": result.to_cbor(), "qc": qc.to_cbor(),
+            },
+        )  # fmt: skip
+
     def reading(
         self,
         meter_id: str,

@@ -15,13 +15,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from meterchain import codec, reading
-from meterchain.errors import CodecError, MeterChainError, RejectedReading
+from meterchain import reading
+from meterchain.errors import MeterChainError, RejectedReading
 from meterchain.keys import PublicKey
 from meterchain.ledger.merkle import root_of_hashes
 from meterchain.ledger.readings import HOUR, LedgerReading, ReadingFormatError, columns
 from meterchain.ledger.transactions import Tx, TxError, cert_id, statement
-from meterchain.quorum import Member, Membership, QuorumCertificate, QuorumError
+from meterchain.quorum import Member, Membership, QuorumError
 from meterchain.registry import Registry, make_meter
 
 CERTIFICATE_WH = 1_000_000  # one green certificate per MWh (M22)
@@ -109,8 +109,11 @@ class TxRecord:
 
 @dataclass(frozen=True)
 class Clearing:
+    """A committed clearing: the SC1 request and result bytes for one delivery hour."""
+
     hour: int
     round: int
+    request: bytes
     result: bytes
     tx: bytes
 
@@ -418,25 +421,16 @@ class LedgerState:
 
     # --- market results -------------------------------------------------------------
     def _apply_clearing(self, tx: Tx, ctx: TxContext) -> None:
+        from meterchain.ledger import settle
+
         body = tx.body
         if body["hour"] in self.clearings:
             raise TxError(f"hour {body['hour']} already has a committed clearing")
-        try:
-            qc = QuorumCertificate.from_cbor(body["qc"])
-            fields = qc.fields()
-            qc.verify(self.membership)
-        except (QuorumError, CodecError) as exc:
-            raise TxError(f"clearing QC: {exc}") from exc
-        try:
-            codec.decode(body["result"])
-        except CodecError as exc:
-            raise TxError(f"clearing result is not canonical CBOR: {exc}") from exc
-        if len(fields) < 3 or fields[2] != body["round"]:
-            raise TxError(f"clearing QC certifies round {fields[2:3]}, not {body['round']}")
-        if fields[-1] != hashlib.sha256(body["result"]).digest():
-            raise TxError("clearing QC does not certify this result (hash differs)")
+        if (body["hour"] + 1) * HOUR <= ctx.time:
+            raise TxError(f"hour {body['hour']} is over: its clearing comes too late")
+        settle.check_clearing(self.market, self.membership, body)
         self.clearings[body["hour"]] = Clearing(
-            body["hour"], body["round"], body["result"], tx.hash
+            body["hour"], body["round"], body["request"], body["result"], tx.hash
         )
 
     def _apply_settlement(self, tx: Tx, ctx: TxContext) -> None:
@@ -451,13 +445,15 @@ class LedgerState:
         clearing = self.clearings.get(hour)
         if clearing is None or clearing.tx != body["clearing"]:
             raise TxError(f"settlement of hour {hour} does not refer to its committed clearing")
-        metered = self.metered(hour)
-        if codec.encode(metered) != body["metered"]:
+        if self.txs[clearing.tx].vetoed_by is not None:
+            raise TxError(f"the clearing of hour {hour} was vetoed; it cannot be settled")
+        request, result = settle.decode_clearing(clearing.request, clearing.result)
+        metered = settle.metered_for(self, hour, request, result)
+        if settle.encode_metered(metered) != body["metered"]:
             raise TxError(
                 f"metered values of hour {hour} differ from those the ledger's readings give"
             )
-        expected = settle.execute(clearing.result, metered, hour)
-        if expected != body["result"]:
+        if settle.execute(request, result, metered) != body["result"]:
             raise TxError(f"re-executed settlement of hour {hour} differs from the recorded one")
         self.settlements[hour] = tx.hash
         self._prune_snapshots()

@@ -71,6 +71,10 @@ def _sig_map(v: Any) -> bool:
     return isinstance(v, dict) and all(_name(k) and _bytes_of(64)(s) for k, s in v.items())
 
 
+def _byte_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, bytes) for x in v)
+
+
 def _qc(v: Any) -> bool:
     return (
         isinstance(v, list) and len(v) == 2 and isinstance(v[0], bytes) and isinstance(v[1], list)
@@ -134,9 +138,14 @@ SCHEMAS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "root": (_H32, "a 32-byte Merkle root"),
     },
     "clearing": {
-        "round": (_uint, "an unsigned integer"),
-        "hour": (_uint, "an hour index"),
-        "result": (_bytes, "canonical CBOR bytes of the clearing result"),
+        "round": (_uint, "the consensus round's sequence number"),
+        "round_kind": (_name, "the consensus round's kind"),
+        "view": (_uint, "the view the round committed in"),
+        "hour": (_uint, "the delivery hour index it executes"),
+        "requests": (_byte_list, "the list of signed request messages of the round"),
+        "value": (_bytes, "canonical CBOR of the value the round agreed"),
+        "request": (_bytes, "canonical CBOR of the SC1 clearing request"),
+        "result": (_bytes, "canonical CBOR of the SC1 clearing result"),
         "qc": (_qc, "a quorum certificate [statement, [[node, sig], ...]]"),
     },
     "settlement": {

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 from meterchain.ledger.contracts import due_actions
 from meterchain.ledger.readings import HOUR, LedgerReading
 from meterchain.ledger.sandbox import Chain, Sandbox, reading_batch
+from meterchain.ledger.settle import settlement_tx
 from meterchain.ledger.store import LedgerStore
 from meterchain.ledger.transactions import Tx, cert_id
+from meterchain.market.clearing import ClearingRequest, clear
+from meterchain.market.model import TradeRequest
+from meterchain.market.reference import reference_request
 
 T0 = 1_767_225_600  # 2026-01-01T00:00:00Z, on an hour boundary
 H0 = T0 // HOUR
@@ -29,6 +36,7 @@ class World:
     order_tx: Tx | None = None
     vetoed_tx: Tx | None = None
     veto_tx: Tx | None = None
+    clearing_tx: Tx | None = None
 
     @property
     def store(self) -> LedgerStore:
@@ -65,6 +73,20 @@ def order_terms(oid: str, delivery: int, energy_wh: int, created: int) -> dict[s
     }
 
 
+@functools.cache
+def two_microgrid_clearing(first_period: int) -> tuple[Any, Any]:
+    """The reference day's clearing with the wind farm as mg1 and the campus as mg2."""
+    reference = reference_request(first_period)
+    names = {"mg4-wind-farm": "mg1", "mg1-campus": "mg2"}
+    requests = tuple(
+        TradeRequest(dataclasses.replace(r.microgrid, id=names[r.microgrid.id]), r.deposit)
+        for r in reference.requests
+        if r.microgrid.id in names
+    )
+    request = ClearingRequest(reference.market, reference.first_period, requests)
+    return request, clear(request)
+
+
 def build_world(store: LedgerStore) -> World:
     sb = Sandbox(market="m1", members=3)
     chain = Chain(sb, store)
@@ -83,7 +105,10 @@ def build_world(store: LedgerStore) -> World:
     # block 2: a trade order for hour H0+1, and another one the regulator will halt
     world.order_tx = sb.order(order_terms("o1", H0 + 1, 700_000, T0 + 20))
     world.vetoed_tx = sb.order(order_terms("o2", H0 + 2, 50_000, T0 + 25))
-    chain.commit([world.order_tx, world.vetoed_tx], T0 + 30)
+    # ... and the consensus agents' committed clearing for delivery hour H0+1
+    request, result = two_microgrid_clearing((H0 + 1) % 24)
+    world.clearing_tx = sb.clearing(H0 + 1, request, result, round=7)
+    chain.commit([world.order_tx, world.vetoed_tx, world.clearing_tx], T0 + 30)
     # block 3 and 4: an hour of readings each
     for i, hour in enumerate((H0, H0 + 1)):
         rs = hour_readings(sb, hour, 1 + 6 * i)
@@ -92,7 +117,8 @@ def build_world(store: LedgerStore) -> World:
     # block 5: the regulator halts o2 with a published reason
     world.veto_tx = sb.veto(world.vetoed_tx.hash, "seller line limit exceeded", T0 + 2 * HOUR + 30)
     chain.commit([world.veto_tx], T0 + 2 * HOUR + 30)
-    # block 6: contract client fires o1 (due at H0+3) and a certificate is issued for pv1
+    # block 6: hour H0+1 is settled, the contract client fires o1 (due at H0+3) and a
+    # certificate is issued for pv1
     state = chain.state
     assert state is not None
     t6 = (H0 + 3) * HOUR + 10
@@ -102,7 +128,7 @@ def build_world(store: LedgerStore) -> World:
         "cert_issue",
         {"meter": "pv1", "first": 0, "count": 1, "from_reading": first, "to_reading": last},
     )
-    chain.commit([*fire, issue], t6)
+    chain.commit([settlement_tx(state, H0 + 1), *fire, issue], t6)
     # block 7: the certificate moves to mg2, which retires it
     cid = cert_id("pv1", 0)
     transfer = sb.owner_signed(

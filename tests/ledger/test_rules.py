@@ -223,9 +223,7 @@ def test_only_the_owner_moves_a_certificate(world: World) -> None:
 
 def test_an_order_needs_all_three_party_signatures(world: World) -> None:
     terms = order_terms("o3", H0 + 6, 10_000, T_NEXT)
-    _refused(
-        world, [world.sandbox.order(terms, signers=["mg1", "mg2"])], r"missing \['grid'\]"
-    )
+    _refused(world, [world.sandbox.order(terms, signers=["mg1", "mg2"])], r"missing \['grid'\]")
     forged = world.sandbox.order(terms)
     body = dict(forged.body)
     body["signatures"] = {**body["signatures"], "mg1": body["signatures"]["mg2"]}
@@ -249,7 +247,7 @@ def test_the_contract_client_fires_and_forfeits_by_the_rule(world: World) -> Non
     assert state is not None
     o1 = state.orders["o1"]
     assert o1.status == "fired"
-    fired = Tx.decode(world.store.stored_block(6).txs[0][2])
+    fired = Tx.decode(world.store.stored_block(6).txs[1][2])
     # mg1 exported 600 kWh of 700 contracted; mg2 imported 450 kWh: 450 kWh delivered.
     assert fired.body == {"order": "o1", "delivered_wh": 450_000, "payment": 360_000,
                           "refund": 200_000}  # fmt: skip

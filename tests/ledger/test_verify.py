@@ -227,7 +227,7 @@ def test_cli_verify_exit_codes(world: World, capsys: pytest.CaptureFixture[str])
     assert "no such ledger file" in capsys.readouterr().err
 
 
-def test_cli_verify_names_a_tampered_settlement_byte(tmp_path: Path) -> None:
+def test_cli_verify_names_a_tampered_settlement(tmp_path: Path) -> None:
     """End to end through the console script, on a file changed outside MeterChain."""
     db = tmp_path / "ledger.db"
     world = build_world(open_store(str(db)))
@@ -239,18 +239,21 @@ def test_cli_verify_names_a_tampered_settlement_byte(tmp_path: Path) -> None:
 
     with sqlite3.connect(db) as conn:
         (body,) = conn.execute(
-            "SELECT body FROM txs WHERE height = 6 AND kind = 'contract_fire'"
+            "SELECT body FROM txs WHERE height = 6 AND kind = 'settlement'"
         ).fetchone()
         value = codec.decode(body)
-        value[1]["payment"] += 1
+        settlement = codec.decode(value[1]["result"])
+        settlement["entries"][0][2] += 1  # one minor unit more on the first money movement
+        value[1]["result"] = codec.encode(settlement)
         conn.execute(
-            "UPDATE txs SET body = ? WHERE height = 6 AND kind = 'contract_fire'",
+            "UPDATE txs SET body = ? WHERE height = 6 AND kind = 'settlement'",
             (codec.encode(value),),
         )
     bad = _cli("ledger", "verify", str(db))
     assert bad.returncode == 1
-    assert "INVALID: block 6: tx 0 (contract_fire): stored hash does not match its bytes" in (
-        bad.stderr
+    assert (
+        f"INVALID: block 6: tx 0 (settlement hour={H0 + 1}): stored hash does not match its bytes"
+        in bad.stderr
     )
 
 
