@@ -40,6 +40,7 @@ class BrokerLink:
         url: str,
         client_id: str,
         market: str,
+        node_id: str,
         worker: IngestWorker,
         outbox: StoreView | None = None,
         username: str = "",
@@ -47,16 +48,22 @@ class BrokerLink:
         ca_file: str | None = None,
         keepalive_s: int = 30,
         on_connected: Callable[[bool], None] | None = None,
+        on_subscribed: Callable[[], None] | None = None,
     ) -> None:
         parts = urlsplit(url)
         self.host = parts.hostname or "localhost"
         self.tls = parts.scheme == "mqtts"
         self.port = parts.port or (8883 if self.tls else 1883)
         self.market = check_name("market", market)
+        # Our own gateway readings come back through the subscription; they were
+        # committed before being published, so they are acknowledged unread.
+        self._own_prefix = f"mc/{self.market}/c/{check_name('node id', node_id)}/gw/"
+        self._stopping = False
         self.worker = worker
         self.outbox = outbox
         self.keepalive_s = keepalive_s
         self.on_connected = on_connected or (lambda up: None)
+        self.on_subscribed = on_subscribed or (lambda: None)
         self.connected = False
         self._epoch = 0
         self._lock = threading.Lock()
@@ -77,6 +84,7 @@ class BrokerLink:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
+        self._client.on_subscribe = self._on_subscribe
 
     @property
     def topics(self) -> list[tuple[str, int]]:
@@ -88,6 +96,7 @@ class BrokerLink:
 
     def stop(self) -> None:
         """Disconnect cleanly; unacknowledged readings stay in the broker's session."""
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -115,10 +124,19 @@ class BrokerLink:
     ) -> None:
         with self._lock:
             self._epoch += 1
-        if self.connected:
+        if self.connected and not self._stopping:
             log.warning("disconnected from %s:%d: %s", self.host, self.port, rc)
         self.connected = False
         self.on_connected(False)
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any
+    ) -> None:
+        refused = [code for code in codes if code.is_failure]
+        if refused:
+            log.error("broker refused the subscription to %s: %s", self.topics, refused)
+            return
+        self.on_subscribed()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         epoch = self._epoch
@@ -129,6 +147,9 @@ class BrokerLink:
                 if self._epoch == epoch and qos:
                     client.ack(mid, qos)
 
+        if message.topic.startswith(self._own_prefix):
+            ack()
+            return
         sender = message.topic.rsplit("/", 1)[-1]
         self.worker.submit(Delivery(bytes(message.payload), sender, ack))
 

@@ -56,6 +56,7 @@ class Result:
     reading: Reading | None = None
     reason: str = ""
     detail: str = ""
+    owner: str = ""  # the accepted reading's microgrid
 
 
 class IngestObserver(Protocol):
@@ -108,6 +109,9 @@ class Ingest:
         self.clock = clock
         self.max_clock_ahead_s = max_clock_ahead_s
         self.calm = CalmLog(log)
+        # Time of each meter's last accepted reading (the guard's state, cached
+        # to save a query per reading); forgotten whenever a transaction fails.
+        self._last_time: dict[str, int] = {}
 
     def process(self, payload: bytes) -> Result:
         return self.process_batch([payload])[0]
@@ -143,17 +147,27 @@ class Ingest:
                 continue
             verified.append((i, reading))
         if verified:
-            with self.store.transaction():
-                for i, reading in verified:
-                    results[i] = self._admit(reading)
-                if before_commit is not None:
-                    before_commit([r for r in results if r is not None])
+            try:
+                with self.store.transaction():
+                    for i, reading in verified:
+                        results[i] = self._admit(reading)
+                    if before_commit is not None:
+                        before_commit([r for r in results if r is not None])
+            except BaseException:
+                self._last_time.clear()
+                raise
         final = [r for r in results if r is not None]
         self._report(final, senders)
         return final
 
+    def _previous_time(self, meter_id: str) -> int | None:
+        if meter_id in self._last_time:
+            return self._last_time[meter_id]
+        state = self.guard.state(meter_id)
+        return state.time if state is not None else None
+
     def _admit(self, reading: Reading) -> Result:
-        previous = self.guard.state(reading.meter_id)
+        previous_time = self._previous_time(reading.meter_id)
         try:
             admission = self.guard.admit(reading)
         except DuplicateReading as exc:
@@ -163,7 +177,8 @@ class Ingest:
         meter = self.registry.get(reading.meter_id)
         if meter is None:  # verify() looked it up a moment ago; a registry swap raced us
             raise MeterChainError(f"meter {reading.meter_id!r} vanished from the registry")
-        if previous is not None:
+        self._last_time[reading.meter_id] = reading.time
+        if previous_time is not None:
             if admission.counter_reset:
                 # The registers restarted: what they hold now was measured since the reset.
                 d_import, d_export = reading.import_wh, reading.export_wh
@@ -175,20 +190,19 @@ class Ingest:
                 reading.meter_id,
                 meter.owner,
                 reading.source,
-                previous.time,
+                previous_time,
                 reading.time,
                 d_import,
                 d_export,
             )
-        return Result(Outcome.ACCEPTED, reading)
+        return Result(Outcome.ACCEPTED, reading, owner=meter.owner)
 
     def _report(self, results: list[Result], senders: Sequence[str] | None) -> None:
         for i, result in enumerate(results):
             reading = result.reading
             if result.outcome is Outcome.ACCEPTED:
                 assert reading is not None
-                meter = self.registry.get(reading.meter_id)
-                self.observer.accepted(reading, meter.owner if meter else "")
+                self.observer.accepted(reading, result.owner)
                 self.calm.success(f"meter {reading.meter_id}")
             elif result.outcome is Outcome.DUPLICATE:
                 assert reading is not None

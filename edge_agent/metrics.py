@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from edge_agent.modbus import LinkState
 from meterchain.reading import Reading
 
 
@@ -140,6 +141,9 @@ class AgentMetrics:
 
     def modbus_error(self, bus: str, kind: str) -> None:
         self.modbus_errors.labels(bus, kind).inc()
+
+    def modbus_state(self, bus: str, state: LinkState) -> None:
+        self.modbus_connected.labels(bus).set(1 if state is LinkState.CONNECTED else 0)
 
     def batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

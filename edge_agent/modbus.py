@@ -92,10 +92,12 @@ class ModbusBus:
         settings: BusSettings,
         *,
         on_error: Callable[[str, str], None] | None = None,
+        on_state: Callable[[str, LinkState], None] | None = None,
         calm: CalmLog | None = None,
     ) -> None:
         self.settings = settings
-        self.state = LinkState.DISCONNECTED
+        self._on_state = on_state or (lambda bus, state: None)
+        self._state = LinkState.DISCONNECTED
         self.lock = asyncio.Lock()
         self._client: ModbusClient | None = None
         self._backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
@@ -107,6 +109,16 @@ class ModbusBus:
     @property
     def name(self) -> str:
         return self.settings.name
+
+    @property
+    def state(self) -> LinkState:
+        return self._state
+
+    @state.setter
+    def state(self, state: LinkState) -> None:
+        if state is not self._state:
+            self._state = state
+            self._on_state(self.name, state)
 
     def _trace_packet(self, sending: bool, data: bytes) -> bytes:
         if not sending:
@@ -304,7 +316,7 @@ class MeterPoller:
         self.interval_s = interval_s
         self.on_sample = on_sample
         self.on_error = on_error or (lambda meter, kind: None)
-        self.calm = calm or CalmLog(log)
+        self.calm = calm or CalmLog(log, per_kind=False)
         self.backoff = Backoff(
             min(bus.settings.backoff_initial_s, interval_s), bus.settings.backoff_max_s
         )

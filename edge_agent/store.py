@@ -74,15 +74,27 @@ class AgentStore:
         self.conn.executescript(SCHEMA)
         self.outbox_limit = 100_000
         self.outbox_dropped = 0
+        # (hour, meter) -> [owner, source, import_wh, export_wh] of the open transaction
+        self._pending: dict[tuple[int, str], list[object]] = {}
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error."""
+        """BEGIN IMMEDIATE ... (hourly rows written) COMMIT, or ROLLBACK on any error."""
         self.conn.execute("BEGIN IMMEDIATE")
+        self._pending.clear()
         try:
             yield self.conn
+            if self._pending:
+                self.conn.executemany(
+                    "INSERT INTO hourly_energy VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (hour, meter_id) DO UPDATE SET "
+                    "import_wh = import_wh + excluded.import_wh, "
+                    "export_wh = export_wh + excluded.export_wh",
+                    [(hour, meter, *row) for (hour, meter), row in self._pending.items()],
+                )
         except BaseException:
             self.conn.execute("ROLLBACK")
+            self._pending.clear()
             raise
         self.conn.execute("COMMIT")
 
@@ -98,18 +110,24 @@ class AgentStore:
     ) -> None:
         """Add the energy a meter measured between times t0 and t1 to its hourly rows (Wh).
 
-        Runs inside `transaction()`, beside the guard's admission of the reading.
+        Runs inside `transaction()`, beside the guard's admission of the
+        reading; the rows of one transaction are summed in memory and written
+        once before it commits (a board emptying its spool sends many
+        readings of one hour in one batch).
         """
         assert self.conn.in_transaction, "fold() must run inside transaction()"
-        shares = split_interval(t0, t1, import_delta_wh, export_delta_wh)
-        if shares:
-            self.conn.executemany(
-                "INSERT INTO hourly_energy VALUES (?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (hour, meter_id) DO UPDATE SET "
-                "import_wh = import_wh + excluded.import_wh, "
-                "export_wh = export_wh + excluded.export_wh",
-                [(s.hour, meter_id, owner, source, s.import_wh, s.export_wh) for s in shares],
-            )
+        for share in split_interval(t0, t1, import_delta_wh, export_delta_wh):
+            row = self._pending.get((share.hour, meter_id))
+            if row is None:
+                self._pending[(share.hour, meter_id)] = [
+                    owner,
+                    source,
+                    share.import_wh,
+                    share.export_wh,
+                ]
+            else:
+                row[2] += share.import_wh
+                row[3] += share.export_wh
 
     def add_outbox(self, topic: str, payload: bytes) -> None:
         """Queue a gateway reading for publication (in a transaction); bounded, drops counted."""

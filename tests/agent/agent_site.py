@@ -10,7 +10,6 @@ sees the agent's sd_notify READY=1 like systemd would.
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import socket
 import ssl
@@ -20,6 +19,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +45,7 @@ class BoardMeter:
     owner: str
     source: str
     password: str
+    registered: bool = True
     seq: int = 0
 
     def reading(
@@ -84,8 +85,13 @@ class Site:
     def database(self) -> Path:
         return self.root / "state" / "agent.sqlite"
 
-    def add_board(self, meter_id: str, owner: str = NODE, source: str = "load") -> BoardMeter:
-        board = BoardMeter(meter_id, PrivateKey.generate(), owner, source, f"pw-{meter_id}")
+    def add_board(
+        self, meter_id: str, owner: str = NODE, source: str = "load", *, registered: bool = True
+    ) -> BoardMeter:
+        """A signing meter with broker credentials (`registered=False`: not in the registry)."""
+        board = BoardMeter(
+            meter_id, PrivateKey.generate(), owner, source, f"pw-{meter_id}", registered
+        )
         self.boards[meter_id] = board
         return board
 
@@ -111,6 +117,7 @@ class Site:
         entries = [
             entry_text(make_meter(b.meter_id, b.key.public_key(), b.owner, b.source))
             for b in self.boards.values()
+            if b.registered
         ]
         for m in self.modbus:
             key = gateway_key(self.node_key, MARKET, str(m["id"])).public_key()
@@ -178,7 +185,7 @@ class AgentProcess:
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(self.notify_path)
         self.notify.settimeout(0.2)
-        self.messages: queue.Queue[str] = queue.Queue()
+        self.notes: list[str] = []  # every sd_notify line, in order
         self.log_path = site.root / f"agent-{time.monotonic_ns()}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self._reader = threading.Thread(target=self._read_notify, daemon=True)
@@ -192,8 +199,7 @@ class AgentProcess:
                 continue
             except OSError:
                 return
-            for line in data.decode().splitlines():
-                self.messages.put(line)
+            self.notes.extend(data.decode().splitlines())
 
     def start(self, timeout: float = 20.0) -> AgentProcess:
         # WATCHDOG_USEC without WATCHDOG_PID: the watchdog applies to the child, as
@@ -214,6 +220,8 @@ class AgentProcess:
         )
         self._reader.start()
         self.wait_for("READY=1", timeout)
+        # Readings published before the agent's first subscription are not kept for it.
+        self.wait_for("STATUS=subscribed to readings", timeout)
         return self
 
     def wait_for(self, message: str, timeout: float = 20.0) -> None:
@@ -222,11 +230,9 @@ class AgentProcess:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise AssertionError(f"agent exited {self.process.returncode}:\n{self.log()}")
-            try:
-                if self.messages.get(timeout=0.1) == message:
-                    return
-            except queue.Empty:
-                pass
+            if message in self.notes:
+                return
+            time.sleep(0.05)
         raise AssertionError(f"agent did not send {message} in {timeout}s:\n{self.log()}")
 
     def log(self) -> str:
@@ -256,6 +262,15 @@ class AgentProcess:
 
     def _close(self) -> None:
         self._closing = True
+        if self._reader.is_alive():
+            self._reader.join(2)
+        self.notify.setblocking(False)
+        while True:  # datagrams sent just before exit
+            try:
+                data = self.notify.recv(4096)
+            except OSError:
+                break
+            self.notes.extend(data.decode().splitlines())
         self.notify.close()
         self._log.close()
 
@@ -308,3 +323,45 @@ class Publisher:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+class Collector:
+    """A real paho client that records every message on a topic filter (as the aggregator would)."""
+
+    def __init__(self, broker: MosquittoBroker, user: str, password: str, topic: str) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"collect-{user}", protocol=mqtt.MQTTv311
+        )
+        self.client.username_pw_set(user, password)
+        self.client.tls_set(ca_certs=str(broker.ca_file), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        subscribed = threading.Event()
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        if not subscribed.wait(10):
+            raise AssertionError(f"collector could not subscribe to {topic}")
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, bytes(msg.payload)))
+
+    def payloads(self) -> list[bytes]:
+        with self._lock:
+            return [payload for _, payload in self.messages]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -1,4 +1,4 @@
-"""Every kind of bad configuration stops `meterchain agent run` with status 2 and a clear message."""
+"""Each kind of bad configuration makes `meterchain agent run` exit 2 with a precise message."""
 
 from __future__ import annotations
 

@@ -30,8 +30,9 @@ def setup(tmp_path: Path, board: BoardMeter) -> tuple[Ingest, IngestCounts, Stor
     registry.add(board.meter_id, board.key.public_key(), board.owner, board.source)
     store = AgentStore(tmp_path / "agent.sqlite")
     counts = IngestCounts()
-    ingest = Ingest(store, registry, SequenceGuard(store.conn), observer=counts,
-                    clock=lambda: T0 + 10 * HOUR_S)
+    ingest = Ingest(
+        store, registry, SequenceGuard(store.conn), observer=counts, clock=lambda: T0 + 10 * HOUR_S
+    )
     return ingest, counts, StoreView(tmp_path / "agent.sqlite")
 
 
@@ -41,11 +42,13 @@ def _energy(view: StoreView) -> dict[int, tuple[int, int]]:
 
 def test_energy_is_folded_per_hour_from_register_deltas(setup, board) -> None:
     ingest, counts, view = setup
-    results = ingest.process_batch([
-        board.reading(T0 + 1800, 1000),  # baseline
-        board.reading(T0 + 3600 + 1800, 1600),  # 600 Wh over two half hours
-        board.reading(T0 + 2 * 3600, 1700),
-    ])
+    results = ingest.process_batch(
+        [
+            board.reading(T0 + 1800, 1000),  # baseline
+            board.reading(T0 + 3600 + 1800, 1600),  # 600 Wh over two half hours
+            board.reading(T0 + 2 * 3600, 1700),
+        ]
+    )
     assert [r.outcome for r in results] == [Outcome.ACCEPTED] * 3
     assert _energy(view) == {T0: (300, 0), T0 + HOUR_S: (400, 0)}
     assert counts.accepted_n == 3
@@ -60,15 +63,17 @@ def test_duplicates_change_nothing_and_rejections_are_counted(setup, board) -> N
     forged = bytearray(board.reading(T0 + 120, 170))
     forged[-1] ^= 1
     other_key = BoardMeter("mg1-load", PrivateKey.generate(), "mg1", "load", "")
-    results = ingest.process_batch([
-        second,  # MQTT re-delivery: byte-identical
-        board.reading(T0 + 90, 999, seq=2),  # same seq, other content: a replay
-        bytes(forged),
-        other_key.reading(T0 + 130, 180, seq=9),  # signed by a key not registered
-        BoardMeter("mg9-x", PrivateKey.generate(), "mg9", "load", "").reading(T0, 1),
-        board.reading(T0 + 200, 120),  # counter runs backwards
-        b"\xd2\x84\x43",  # truncated COSE_Sign1
-    ])
+    results = ingest.process_batch(
+        [
+            second,  # MQTT re-delivery: byte-identical
+            board.reading(T0 + 90, 999, seq=2),  # same seq, other content: a replay
+            bytes(forged),
+            other_key.reading(T0 + 130, 180, seq=9),  # signed by a key not registered
+            BoardMeter("mg9-x", PrivateKey.generate(), "mg9", "load", "").reading(T0, 1),
+            board.reading(T0 + 200, 120),  # counter runs backwards
+            b"\xd2\x84\x43",  # truncated COSE_Sign1
+        ]
+    )
     assert [(r.outcome, r.reason) for r in results] == [
         (Outcome.DUPLICATE, "duplicate"),
         (Outcome.REJECTED, "replayed"),
@@ -81,7 +86,10 @@ def test_duplicates_change_nothing_and_rejections_are_counted(setup, board) -> N
     assert _energy(view) == before == {T0: (50, 0)}
     assert counts.duplicate_n == 1
     assert counts.rejected_by_reason == {
-        "replayed": 1, "bad_signature": 2, "unknown_meter": 1, "counter_backwards": 1,
+        "replayed": 1,
+        "bad_signature": 2,
+        "unknown_meter": 1,
+        "counter_backwards": 1,
         "malformed_cbor": 1,
     }
 
@@ -97,8 +105,10 @@ def test_counter_reset_counts_energy_since_the_reset(setup, board) -> None:
 def test_a_failed_commit_leaves_guard_and_energy_untouched(setup, board) -> None:
     ingest, _, view = setup
     ingest.process_batch([board.reading(T0, 0), board.reading(T0 + 60, 10)])
-    ingest.store.conn.execute("CREATE TRIGGER boom BEFORE UPDATE ON hourly_energy "
-                              "BEGIN SELECT RAISE(ABORT, 'disk says no'); END")
+    ingest.store.conn.execute(
+        "CREATE TRIGGER boom BEFORE UPDATE ON hourly_energy "
+        "BEGIN SELECT RAISE(ABORT, 'disk says no'); END"
+    )
     reading = board.reading(T0 + 120, 20)
     with pytest.raises(sqlite3.Error):
         ingest.process_batch([reading])

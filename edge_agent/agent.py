@@ -1,0 +1,184 @@
+"""The edge agent service: wires config, ingest, MQTT, Modbus, metrics and systemd together.
+
+`run_agent(config)` starts every part, tells systemd it is ready, pings the
+watchdog while the ingest writer is alive, and on SIGTERM/SIGINT shuts down
+in order: stop polling meters, let the writer finish the transaction in
+hand (what is still queued stays unacknowledged at the broker), disconnect
+from the broker, close buses and the database, exit 0. If the writer dies
+(the disk failed), the agent stops pinging the watchdog and exits 1, so
+systemd restarts it and the broker re-delivers what was not committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+
+from edge_agent.broker_link import BrokerLink
+from edge_agent.config import AgentConfig
+from edge_agent.ingest import Ingest, Outcome
+from edge_agent.metrics import AgentMetrics
+from edge_agent.modbus import BusSettings, MeterPoller, MeterSample, ModbusBus
+from edge_agent.store import AgentStore, StoreView
+from edge_agent.worker import GatewayIdentity, IngestWorker
+from meterchain import service
+from meterchain.registry import Registry
+from meterchain.sequence import SequenceGuard
+
+log = logging.getLogger("meterchain.agent")
+
+
+class Agent:
+    """One running agent; build with a validated config, then `await run(stop)`."""
+
+    def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.metrics = AgentMetrics(clock=clock)
+        self.registry = Registry.load(config.agent.registry)
+        self.store = AgentStore(config.database)
+        self.guard = SequenceGuard(self.store.conn)
+        self.ingest = Ingest(
+            self.store,
+            self.registry,
+            self.guard,
+            observer=self.metrics,
+            clock=clock,
+            max_clock_ahead_s=config.agent.max_clock_ahead_s,
+        )
+        self.view = StoreView(config.database)
+        assert config.node_key is not None
+        self.worker = IngestWorker(
+            self.ingest,
+            batch_max=config.broker.batch_max,
+            batch_wait_s=config.broker.batch_wait_ms / 1000,
+            gateway=GatewayIdentity(
+                config.node_key,
+                config.agent.market,
+                config.agent.node_id,
+                publish=config.broker.publish_gateway_readings,
+            ),
+            on_batch=self.metrics.batch,
+        )
+        self.link = BrokerLink(
+            url=config.broker.url,
+            client_id=config.broker.client_id,
+            market=config.agent.market,
+            node_id=config.agent.node_id,
+            worker=self.worker,
+            outbox=self.view,
+            username=config.broker.username,
+            password=config.broker_password,
+            ca_file=str(config.broker.ca_file) if config.broker.ca_file else None,
+            keepalive_s=config.broker.keepalive_s,
+            on_connected=lambda up: self.metrics.mqtt_connected.set(1 if up else 0),
+            # From the first subscription on, the broker keeps readings for us while we are down.
+            on_subscribed=lambda: service.notify("STATUS=subscribed to readings"),
+        )
+        self.worker.on_outbox = self.link.pump_outbox
+        self.buses = {
+            b.name: ModbusBus(
+                BusSettings(
+                    name=b.name,
+                    kind=b.kind,
+                    host=b.host,
+                    port=b.port,
+                    serial_port=b.serial_port,
+                    baudrate=b.baudrate,
+                    parity=b.parity,
+                    stopbits=b.stopbits,
+                    timeout_s=b.timeout_s,
+                    backoff_initial_s=b.backoff_initial_s,
+                    backoff_max_s=b.backoff_max_s,
+                ),
+                on_error=self.metrics.modbus_error,
+                on_state=self.metrics.modbus_state,
+            )
+            for b in config.buses
+        }
+        self._sources = {m.id: m.source for m in config.modbus_meters}
+        self.pollers = [
+            MeterPoller(m.id, self.buses[m.bus], m.unit, m.poll_interval_s, self._on_sample)
+            for m in config.modbus_meters
+        ]
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _on_sample(self, meter_id: str, sample: MeterSample) -> None:
+        self.metrics.modbus_reads.labels(meter_id).inc()
+        done = self.worker.submit_sample(
+            meter_id, self._sources[meter_id], int(self.clock()), sample
+        )
+        result = await asyncio.wrap_future(done)
+        if result.outcome is Outcome.REJECTED:
+            log.debug("gateway reading of %s rejected: %s", meter_id, result.detail)
+
+    async def _watchdog(self, interval_s: float) -> None:
+        while not self.worker.stopped.is_set():
+            service.notify("WATCHDOG=1")
+            await asyncio.sleep(interval_s)
+
+    def _spawn(self, name: str, coro: object) -> None:
+        task = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        self._tasks.append(task)  # kept referenced so it is never garbage-collected mid-run
+
+    async def run(self, stop: asyncio.Event) -> int:
+        cfg = self.config
+        if cfg.agent.metrics_port:
+            service.start_metrics_server(
+                cfg.agent.metrics_port, cfg.agent.metrics_host, self.metrics.registry
+            )
+        self.worker.start()
+        self.link.start()
+        for poller in self.pollers:
+            self._spawn(f"poll-{poller.meter_id}", poller.run())
+        interval = service.watchdog_interval()
+        if interval:
+            self._spawn("watchdog", self._watchdog(interval / 2))
+        service.notify("READY=1")
+        log.info(
+            "agent %s started: market %s, %d Modbus meter(s), broker %s",
+            cfg.agent.node_id,
+            cfg.agent.market,
+            len(self.pollers),
+            cfg.broker.url,
+        )
+        writer_died = asyncio.ensure_future(asyncio.to_thread(self.worker.stopped.wait))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({writer_died, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        service.notify("STOPPING=1")
+        log.info("stopping")
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await asyncio.to_thread(self.worker.stop)
+        self.link.stop()
+        for bus in self.buses.values():
+            await bus.close()
+        stopping.cancel()
+        self.view.close()
+        self.store.close()
+        if self.worker.failure is not None:
+            log.critical("exiting after a storage failure: %r", self.worker.failure)
+            return 1
+        log.info("stopped cleanly")
+        return 0
+
+
+def run_agent(config: AgentConfig) -> int:
+    """Run until SIGTERM or SIGINT; the process exit status."""
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await Agent(config).run(stop)
+
+    return asyncio.run(main())
