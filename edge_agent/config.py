@@ -9,7 +9,9 @@ it as `config error: FILE: KEY: PROBLEM` and exits with status 2.
 
 Relative paths in the file are relative to the file's own folder, so a site
 folder (agent.toml, node.key, broker.pass, registry.toml, ...) can move as a
-whole. A minimal file:
+whole; `$VARIABLES` in paths are expanded, so under systemd secrets can come
+from `$CREDENTIALS_DIRECTORY` and state go to `$STATE_DIRECTORY` (see
+deploy/systemd/meterchain-agent.service). A minimal file:
 
     [agent]
     node_id = "mg1"
@@ -227,7 +229,8 @@ class _Checker:
         if hint is Path:
             if not isinstance(raw, str) or not raw:
                 self.fail(key, f"must be a non-empty path string, not {_toml_kind(raw)}")
-            return self.base / os.path.expanduser(raw)
+            # $STATE_DIRECTORY, $CREDENTIALS_DIRECTORY: what systemd hands the service.
+            return self.base / os.path.expanduser(os.path.expandvars(raw))
         raise TypeError(f"no checker for {hint!r}")  # a programming error, not a config one
 
     def require(self, section: Any, where: str, *keys: str) -> None:
