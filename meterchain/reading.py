@@ -392,8 +392,8 @@ def sign_reading(
     import_wh: int,
     export_wh: int,
     power_w: int,
-    flags: int = 0,
-    source: str = "load",
+    flags: int,
+    source: str,
 ) -> bytes:
     """A signed reading exactly as a board makes it (kid = meter id), ready for `verify`.
 
