@@ -42,6 +42,18 @@ class Meter:
     owner: str
     source: str
 
+    def __post_init__(self) -> None:
+        for what, value in (("meter id", self.id), ("owner", self.owner)):
+            if not isinstance(value, str) or not valid_name(value):
+                raise RegistryError(f"{what} {value!r} must be {NAME_RULE}")
+        if self.source not in SOURCES:
+            raise RegistryError(
+                f"meter {self.id!r}: unknown source {self.source!r}; "
+                f"known: {', '.join(sorted(SOURCES))}"
+            )
+        if not isinstance(self.public_key, PublicKey):
+            raise RegistryError(f"meter {self.id!r}: public_key must be a keys.PublicKey")
+
     @property
     def renewable(self) -> bool:
         """True for sources that earn green certificates (M22): pv, wind, hydro, biomass."""
@@ -59,17 +71,10 @@ class Meter:
 def make_meter(
     meter_id: str, public_key: PublicKey | bytes | str, owner: str, source: str
 ) -> Meter:
-    """Build a validated `Meter`; the key may be a PublicKey, a 65-byte point or its hex.
+    """Build a `Meter`; the key may be a PublicKey, a 65-byte point or its hex.
 
-    Raises RegistryError naming the bad value.
+    Raises RegistryError naming the bad value (Meter checks id, owner and source).
     """
-    for what, value in (("meter id", meter_id), ("owner", owner)):
-        if not isinstance(value, str) or not valid_name(value):
-            raise RegistryError(f"{what} {value!r} must be {NAME_RULE}")
-    if source not in SOURCES:
-        raise RegistryError(
-            f"meter {meter_id!r}: unknown source {source!r}; known: {', '.join(sorted(SOURCES))}"
-        )
     if not isinstance(public_key, PublicKey):
         try:
             if isinstance(public_key, str):
@@ -279,7 +284,6 @@ def append_entry(path: str | Path, meter: Meter) -> bool:
     provisioning runs serialize and a crash never leaves half an entry.
     """
     path = Path(path)
-    meter = make_meter(meter.id, meter.public_key, meter.owner, meter.source)
     dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(dir_fd, fcntl.LOCK_EX)

@@ -245,3 +245,13 @@ def test_registered_meters_verify_readings(tmp_path: Path) -> None:
     append_entry(path, make_meter("mg1-pv-01", PV_KEY.public_key(), "mg1", "pv"))
     data = reading.sign_reading(PV_KEY, "mg1-pv-01", 1, 1_760_000_000, 10, 0, 5, 0, "pv")
     assert reading.verify(data, Registry.load(path)).import_wh == 10
+
+
+def test_meters_validate_themselves() -> None:
+    key = PrivateKey.from_secret(96).public_key()
+    with pytest.raises(RegistryError, match="unknown source 'coal'"):
+        Meter("mg1-x", key, "mg1", "coal")
+    with pytest.raises(RegistryError, match="owner 'mg1\\\\n' must be"):
+        Meter("mg1-x", key, "mg1\n", "pv")
+    with pytest.raises(RegistryError, match="must be a keys.PublicKey"):
+        Meter("mg1-x", key.point, "mg1", "pv")  # type: ignore[arg-type]
