@@ -138,6 +138,12 @@ class SequenceGuard:
         self._owns_connection = not isinstance(db, sqlite3.Connection)
         try:
             if isinstance(db, sqlite3.Connection):
+                if db.isolation_level is not None:
+                    # Python's implicit BEGIN would leave the guard's writes in a
+                    # transaction nobody commits.
+                    raise SequenceStateError(
+                        "a shared connection needs isolation_level=None (explicit transactions)"
+                    )
                 self._db = db
                 self.path = Path(db.execute("PRAGMA database_list").fetchone()[2] or ":memory:")
             else:

@@ -303,6 +303,13 @@ def test_transaction_discipline_is_enforced(tmp_path: Path, make: Make) -> None:
     db.close()
 
 
+def test_shared_connection_must_use_explicit_transactions(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "implicit.db")  # default: implicit BEGIN before writes
+    with pytest.raises(SequenceStateError, match="isolation_level=None"):
+        SequenceGuard(db)
+    db.close()
+
+
 def test_unreadable_state_file_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "seq.db"
     path.write_bytes(b"this is not a database" * 100)
