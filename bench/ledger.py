@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from meterchain.ledger.chain import store_lookup, verify_store
+from meterchain.ledger.chain import StoreReadings, verify_store
 from meterchain.ledger.readings import HOUR, LedgerReading
 from meterchain.ledger.review import accept_block
 from meterchain.ledger.sandbox import Chain, Sandbox, reading_batch
@@ -58,7 +58,7 @@ def run(quick: bool) -> dict:
         )
         hourly = _readings(sb, meters, hours, per_hour)
         total = sum(len(b) for b in hourly)
-        lookup = store_lookup(store)
+        source = StoreReadings(store)
 
         # Commit: one block per hour, exactly the aggregator's path after ingest.
         started = time.perf_counter()
@@ -66,7 +66,7 @@ def run(quick: bool) -> dict:
             tx, ordered = reading_batch((T0 // HOUR) + h, batch)
             assert chain.state is not None
             block = sb.seal(chain.build([tx], T0 + (h + 1) * HOUR + 1))
-            chain.state = accept_block(chain.state, block, {0: ordered}, lookup, signatures=False)
+            chain.state = accept_block(chain.state, block, {0: ordered}, source, signatures=False)
             store.append(block, {0: ordered})
         commit_s = time.perf_counter() - started
 

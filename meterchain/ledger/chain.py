@@ -50,17 +50,26 @@ class VerifyReport:
     kinds: dict[str, int] = field(default_factory=dict)
 
 
-def store_lookup(store: LedgerStore) -> Callable[[bytes], tuple[LedgerReading, int, int] | None]:
-    """A reading lookup (digest -> reading, height, tx index) backed by a store."""
+class StoreReadings:
+    """The committed readings of a store, as transactions consult them (a `ReadingSource`)."""
 
-    def lookup(digest: bytes) -> tuple[LedgerReading, int, int] | None:
-        found = store.find_reading(digest)
+    def __init__(self, store: LedgerStore) -> None:
+        self.store = store
+
+    def reading(self, digest: bytes) -> tuple[LedgerReading, int, int] | None:
+        found = self.store.find_reading(digest)
         if found is None:
             return None
         height, idx, _, row = found
         return LedgerReading(*row), height, idx
 
-    return lookup
+    def meter_readings(
+        self, meter_id: str, after_seq: int, upto_seq: int
+    ) -> list[tuple[LedgerReading, int, int]]:
+        return [
+            (LedgerReading(*row), height, idx)
+            for height, idx, row in self.store.meter_rows(meter_id, after_seq, upto_seq)
+        ]
 
 
 def check_block_frame(
@@ -129,7 +138,7 @@ def verify_store(
     state: LedgerState | None = None
     prev_hash = GENESIS_PREV
     expected = 0
-    lookup = store_lookup(store)
+    source = StoreReadings(store)
     for stored in store.stored_blocks():
         if stored.height != expected:
             raise ChainError(expected, f"missing (the next stored block is {stored.height})")
@@ -158,7 +167,7 @@ def verify_store(
         for idx in range(first, len(txs)):
             tx = txs[idx]
             rows = store.batch_rows(height, idx) if tx.kind == "readings" else ()
-            ctx = TxContext(height, idx, header.time, rows, signatures, lookup)
+            ctx = TxContext(height, idx, header.time, rows, signatures, source)
             try:
                 report.signatures_checked += state.apply(tx, ctx)
             except TxError as exc:

@@ -27,7 +27,7 @@ from meterchain.ledger.block import (
     body_root,
 )
 from meterchain.ledger.readings import LedgerReading, ReadingFormatError, parse
-from meterchain.ledger.state import LedgerState, ReadingLookup, TxContext
+from meterchain.ledger.state import LedgerState, ReadingSource, TxContext
 from meterchain.ledger.transactions import Tx, TxError
 from meterchain.quorum import QuorumError
 
@@ -91,7 +91,7 @@ class ReviewContext:
     head: tuple[int, bytes] | None  # height and header hash of its last committed block
     node_id: str
     key: PrivateKey
-    lookup_reading: ReadingLookup
+    readings: ReadingSource
     now: int
 
 
@@ -103,7 +103,7 @@ def apply_block(
     state: LedgerState,
     block: Block,
     readings: Mapping[int, Sequence[LedgerReading]],
-    lookup: ReadingLookup,
+    source: ReadingSource,
     *,
     signatures: bool = True,
 ) -> int:
@@ -126,7 +126,7 @@ def apply_block(
     checked = 0
     for idx, tx in enumerate(block.txs):
         rows = rows_of(readings.get(idx, ())) if tx.kind == "readings" else ()
-        ctx = TxContext(header.height, idx, header.time, rows, signatures, lookup)
+        ctx = TxContext(header.height, idx, header.time, rows, signatures, source)
         try:
             checked += state.apply(tx, ctx)
         except TxError as exc:
@@ -140,7 +140,7 @@ def accept_block(
     state: LedgerState,
     block: Block,
     readings: Mapping[int, Sequence[LedgerReading]],
-    lookup: ReadingLookup,
+    source: ReadingSource,
     *,
     signatures: bool = True,
 ) -> LedgerState:
@@ -159,7 +159,7 @@ def accept_block(
     except QuorumError as exc:
         raise BlockError(f"block {header.height}: quorum certificate: {exc}") from exc
     after = state.copy()
-    apply_block(after, block, readings, lookup, signatures=signatures)
+    apply_block(after, block, readings, source, signatures=signatures)
     return after
 
 
@@ -178,7 +178,7 @@ def review_block(proposal: Proposal, ctx: ReviewContext) -> Vote | Refusal:
     if ctx.state.membership.key_of(ctx.node_id) is None:
         return Refusal(f"{ctx.node_id} is not a consensus member")
     try:
-        apply_block(ctx.state.copy(), block, proposal.readings, ctx.lookup_reading)
+        apply_block(ctx.state.copy(), block, proposal.readings, ctx.readings)
     except (TxError, BlockError) as exc:
         return Refusal(f"block {header.height}: {exc}")
     return Vote(ctx.node_id, ctx.key.sign(block.statement()))

@@ -20,7 +20,7 @@ from meterchain.ledger.block import GENESIS_PREV, Block
 from meterchain.ledger.merkle import root_of_hashes
 from meterchain.ledger.readings import LedgerReading
 from meterchain.ledger.review import accept_block
-from meterchain.ledger.state import LedgerState, ReadingLookup, membership_fields
+from meterchain.ledger.state import LedgerState, ReadingSource, membership_fields
 from meterchain.ledger.store import LedgerStore
 from meterchain.ledger.transactions import Tx, signed, statement
 from meterchain.quorum import Member, Membership, QuorumCertificate
@@ -195,10 +195,10 @@ class Chain:
     state: LedgerState | None = None
     proposer: str = "aggregator"
 
-    def lookup(self) -> ReadingLookup:
-        from meterchain.ledger.chain import store_lookup
+    def source(self) -> ReadingSource:
+        from meterchain.ledger.chain import StoreReadings
 
-        return store_lookup(self.store)
+        return StoreReadings(self.store)
 
     def genesis(self, time: int, txs: Sequence[Tx] = ()) -> Block:
         tx0 = self.sandbox.genesis_tx(time)
@@ -211,7 +211,7 @@ class Chain:
         from meterchain.ledger.state import TxContext
 
         for idx, tx in enumerate(txs, start=1):
-            state.apply(tx, TxContext(0, idx, time, (), True, self.lookup()))
+            state.apply(tx, TxContext(0, idx, time, (), True, self.source()))
         state.end_block()
         sealed = self.sandbox.seal(block)
         self.store.append(sealed)
@@ -248,7 +248,7 @@ class Chain:
         if signers is None:
             signers = self.state.membership.node_ids
         sealed = self.sandbox.seal(self.build(txs, time, readings), signers)
-        state = accept_block(self.state, sealed, readings, self.lookup(), signatures=signatures)
+        state = accept_block(self.state, sealed, readings, self.source(), signatures=signatures)
         self.store.append(sealed, readings)
         self.state = state
         return sealed

@@ -13,18 +13,24 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from meterchain import reading
 from meterchain.errors import MeterChainError, RejectedReading
 from meterchain.keys import PublicKey
 from meterchain.ledger.merkle import root_of_hashes
-from meterchain.ledger.readings import HOUR, LedgerReading, ReadingFormatError, columns
-from meterchain.ledger.transactions import Tx, TxError, cert_id, statement
+from meterchain.ledger.readings import (
+    HOUR,
+    LedgerReading,
+    ReadingFormatError,
+    columns,
+    payload_fields,
+)
+from meterchain.ledger.transactions import Tx, TxError, statement
+from meterchain.market import certificates as certs
 from meterchain.quorum import Member, Membership, QuorumError
 from meterchain.registry import Registry, make_meter
 
-CERTIFICATE_WH = 1_000_000  # one green certificate per MWh (M22)
 # Hours of per-meter register snapshots kept for settlement; older hours are settled.
 SNAPSHOT_WINDOW_HOURS = 72
 SELLER_ROLES = frozenset({"microgrid", "generator"})
@@ -34,8 +40,18 @@ VETOABLE = frozenset(
 )
 
 ReadingRow = tuple[bytes, str, int, int, int, int, bytes]
-# digest -> (reading, height, tx index) of a reading committed before the current transaction
-ReadingLookup = Callable[[bytes], "tuple[LedgerReading, int, int] | None"]
+
+
+class ReadingSource(Protocol):
+    """Committed readings a transaction may consult, each with its (height, tx index)."""
+
+    def reading(self, digest: bytes) -> tuple[LedgerReading, int, int] | None: ...
+
+    def meter_readings(
+        self, meter_id: str, after_seq: int, upto_seq: int
+    ) -> list[tuple[LedgerReading, int, int]]:
+        """A meter's readings with after_seq < seq <= upto_seq, by sequence."""
+        ...
 
 
 class BatchError(TxError):
@@ -79,27 +95,6 @@ class Order:
 
 
 @dataclass(frozen=True)
-class Certificate:
-    id: str
-    meter: str
-    owner: str
-    issue_tx: bytes
-    from_reading: bytes
-    to_reading: bytes
-    retired: bool = False
-
-
-@dataclass(frozen=True)
-class CertProgress:
-    """Where a meter's certificate issuing stands: next serial and the reading it reached."""
-
-    next_serial: int
-    checkpoint: bytes
-    checkpoint_export_wh: int
-    carry_wh: int
-
-
-@dataclass(frozen=True)
 class TxRecord:
     height: int
     idx: int
@@ -127,7 +122,7 @@ class TxContext:
     time: int  # the block's time, Unix seconds
     rows: Sequence[tuple[int, ReadingRow]] = ()  # a reading batch's stored readings
     check_signatures: bool = True
-    lookup_reading: ReadingLookup | None = None
+    readings: ReadingSource | None = None
 
 
 @dataclass
@@ -139,8 +134,8 @@ class LedgerState:
     banned: set[str] = field(default_factory=set)
     meters: dict[str, MeterEntry] = field(default_factory=dict)
     orders: dict[str, Order] = field(default_factory=dict)
-    certificates: dict[str, Certificate] = field(default_factory=dict)
-    cert_progress: dict[str, CertProgress] = field(default_factory=dict)
+    # Green certificates (M22): the market contract's immutable registry, replaced on change.
+    certificates: certs.CertificateRegistry = field(default_factory=certs.CertificateRegistry)
     clearings: dict[int, Clearing] = field(default_factory=dict)
     settlements: dict[int, bytes] = field(default_factory=dict)
     txs: dict[bytes, TxRecord] = field(default_factory=dict)
@@ -182,8 +177,6 @@ class LedgerState:
         other.banned = set(self.banned)
         other.meters = dict(self.meters)
         other.orders = dict(self.orders)
-        other.certificates = dict(self.certificates)
-        other.cert_progress = dict(self.cert_progress)
         other.clearings = dict(self.clearings)
         other.settlements = dict(self.settlements)
         other.txs = dict(self.txs)
@@ -291,6 +284,15 @@ class LedgerState:
                 raise TxError(f"meter {body['id']}: key already registered to meter {other.id}")
         self.meters[body["id"]] = MeterEntry(body["id"], body["owner"], key, body["source"])
         self._registry = None
+        if body["source"] in reading.RENEWABLE_SOURCES:
+            known = self.certificates.meters.get(body["id"])
+            if known is None:
+                self.certificates, _ = certs.register_meter(
+                    self.certificates, body["id"], body["owner"], body["source"]
+                )
+            elif (known.owner, known.source) != (body["owner"], body["source"]):
+                # Certificates already issued name the first owner; a meter id is not reused.
+                raise TxError(f"meter {body['id']} earned certificates for {known.owner} before")
 
     def _apply_meter_exit(self, tx: Tx, ctx: TxContext) -> None:
         self._regulator_signed(tx)
@@ -576,63 +578,34 @@ class LedgerState:
 
     # --- green certificates (M22) -------------------------------------------------------
     def _apply_cert_issue(self, tx: Tx, ctx: TxContext) -> None:
+        """Count a renewable meter's committed readings up to `to_seq`; record what they earn."""
         b = tx.body
         meter = self.meters.get(b["meter"])
         if meter is None or not meter.active:
             raise TxError(f"meter {b['meter']} is not registered")
-        if meter.source not in reading.RENEWABLE_SOURCES:
+        account = self.certificates.accounts.get(meter.id)
+        if account is None:
             raise TxError(f"meter {meter.id} is {meter.source}, not a renewable source")
-        if ctx.lookup_reading is None:
+        if b["to_seq"] <= account.last_seq:
+            raise TxError(f"meter {meter.id}: readings up to seq {account.last_seq} are counted")
+        if ctx.readings is None:
             raise TxError("certificate issue needs the ledger's readings to check its origin")
-        ends = []
-        for name in ("from_reading", "to_reading"):
-            found = ctx.lookup_reading(b[name])
-            if found is None or (found[1], found[2]) >= (ctx.height, ctx.idx):
-                raise TxError(f"{name} {b[name].hex()[:16]} is not a reading on the ledger")
-            if found[0].meter_id != meter.id:
-                raise TxError(f"{name} is a reading of meter {found[0].meter_id}, not {meter.id}")
-            ends.append(found[0])
-        start, end = ends
-        progress = self.cert_progress.get(meter.id)
-        if progress is not None and b["from_reading"] != progress.checkpoint:
+        found = ctx.readings.meter_readings(meter.id, account.last_seq, b["to_seq"])
+        # Only readings of earlier blocks count, so the block former (which sees only
+        # committed blocks) and a later verification count exactly the same readings.
+        counted = [_cert_reading(r) for r, height, _ in found if height < ctx.height]
+        if not counted or counted[-1].seq != b["to_seq"]:
+            raise TxError(f"meter {meter.id}: reading seq {b['to_seq']} is not on the ledger")
+        try:
+            registry, events = certs.issue_from_readings(self.certificates, counted)
+        except certs.CertificateError as exc:
+            raise TxError(str(exc)) from exc
+        issued = [e.certificate.cert_id for e in events if isinstance(e, certs.Issued)]
+        if issued != b["certs"]:
             raise TxError(
-                f"meter {meter.id}: issue must continue from reading "
-                f"{progress.checkpoint.hex()[:16]} where the last issue stopped"
+                f"meter {meter.id}: the readings earn {issued}, the issue says {b['certs']}"
             )
-        if end.seq <= start.seq:
-            raise TxError("to_reading must come after from_reading")
-        carry = progress.carry_wh if progress else 0
-        energy = end.export_wh - start.export_wh + carry
-        count = energy // CERTIFICATE_WH
-        first = progress.next_serial if progress else 0
-        if (b["first"], b["count"]) != (first, count) or count == 0:
-            raise TxError(
-                f"meter {meter.id}: {energy} Wh earn {count} certificate(s) from serial {first},"
-                f" the issue says {b['count']} from {b['first']}"
-            )
-        for serial in range(first, first + count):
-            cid = cert_id(meter.id, serial)
-            self.certificates[cid] = Certificate(
-                cid, meter.id, meter.owner, tx.hash, b["from_reading"], b["to_reading"]
-            )
-        self.cert_progress[meter.id] = CertProgress(
-            first + count, b["to_reading"], end.export_wh, energy - count * CERTIFICATE_WH
-        )
-
-    def _owned_certificates(self, certs: Sequence[str], owner: str) -> list[Certificate]:
-        if len(set(certs)) != len(certs):
-            raise TxError("a certificate is listed twice")
-        found = []
-        for cid in certs:
-            cert = self.certificates.get(cid)
-            if cert is None:
-                raise TxError(f"certificate {cid} does not exist")
-            if cert.retired:
-                raise TxError(f"certificate {cid} is already retired")
-            if cert.owner != owner:
-                raise TxError(f"certificate {cid} belongs to {cert.owner}, not {owner}")
-            found.append(cert)
-        return found
+        self.certificates = registry
 
     def _owner_signed(self, tx: Tx, owner: str) -> None:
         holder = self._active_participant(owner)
@@ -641,29 +614,60 @@ class LedgerState:
 
     def _apply_cert_transfer(self, tx: Tx, ctx: TxContext) -> None:
         b = tx.body
-        certs = self._owned_certificates(b["certs"], b["from"])
         self._active_participant(b["to"])
-        if b["to"] == b["from"]:
-            raise TxError("a transfer must change the owner")
         self._owner_signed(tx, b["from"])
-        for cert in certs:
-            self.certificates[cert.id] = replace(cert, owner=b["to"])
+        registry = self.certificates
+        try:
+            for cert_id in _distinct(b["certs"]):
+                registry, _ = certs.transfer(registry, cert_id, b["from"], b["to"])
+        except certs.CertificateError as exc:
+            raise TxError(str(exc)) from exc
+        self.certificates = registry
 
     def _apply_cert_retire(self, tx: Tx, ctx: TxContext) -> None:
         b = tx.body
-        certs = self._owned_certificates(b["certs"], b["owner"])
         self._owner_signed(tx, b["owner"])
-        for cert in certs:
-            self.certificates[cert.id] = replace(cert, retired=True)
+        registry = self.certificates
+        try:
+            for cert_id in _distinct(b["certs"]):
+                registry, _ = certs.retire(registry, cert_id, b["owner"], b["period"])
+        except certs.CertificateError as exc:
+            raise TxError(str(exc)) from exc
+        self.certificates = registry
 
     # --- queries ---------------------------------------------------------------------
     def certificate_balances(self) -> dict[str, dict[str, int]]:
         """Per owner: certificates held (not retired) and retired."""
         out: dict[str, dict[str, int]] = {}
-        for cert in self.certificates.values():
+        for cert in self.certificates.certificates.values():
             entry = out.setdefault(cert.owner, {"held": 0, "retired": 0})
             entry["retired" if cert.retired else "held"] += 1
         return out
+
+
+@dataclass(frozen=True)
+class _CertReading:
+    """A committed reading as the certificate contract reads it (register, flags, source)."""
+
+    meter_id: str
+    seq: int
+    digest: bytes
+    export_wh: int
+    source: object
+    counter_reset: bool
+
+
+def _cert_reading(r: LedgerReading) -> _CertReading:
+    fields = payload_fields(r.cose)
+    flags = fields.get(7, 0)
+    reset = isinstance(flags, int) and bool(flags & reading.FLAG_COUNTER_RESET)
+    return _CertReading(r.meter_id, r.seq, r.digest, r.export_wh, fields.get(8), reset)
+
+
+def _distinct(items: Sequence[str]) -> Sequence[str]:
+    if len(set(items)) != len(items):
+        raise TxError("a certificate is listed twice")
+    return items
 
 
 def _parties(order: Order) -> tuple[str, str]:
@@ -696,8 +700,3 @@ def membership_fields(membership: Membership) -> dict[str, Any]:
         "members": [[m.node_id, m.public_key.point] for m in membership.members],
         "regulator_sig": membership.regulator_signature,
     }
-
-
-def lookup_in(readings: Mapping[bytes, tuple[LedgerReading, int, int]]) -> ReadingLookup:
-    """A reading lookup over an in-memory map (blocks being formed)."""
-    return readings.get

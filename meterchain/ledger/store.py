@@ -262,6 +262,22 @@ class LedgerStore(abc.ABC):
             (bytes(d), str(m), int(s), int(t), int(imp), int(exp), bytes(c)),
         )
 
+    def meter_rows(
+        self, meter_id: str, after_seq: int, upto_seq: int
+    ) -> list[tuple[int, int, ReadingRow]]:
+        """(height, tx index, row) of a meter's committed readings after_seq < seq <= upto_seq."""
+        rows = self._execute(
+            "SELECT height, idx, digest, meter_id, seq, time, import_wh, export_wh, cose "
+            "FROM readings WHERE meter_id = ? AND seq > ? AND seq <= ? ORDER BY seq",
+            (meter_id, after_seq, upto_seq),
+        )
+        return [(int(r[0]), int(r[1]), tuple(r[2:])) for r in rows]  # type: ignore[misc]
+
+    def meter_last_seq(self, meter_id: str) -> int | None:
+        """The highest committed sequence number of a meter."""
+        rows = self._execute("SELECT MAX(seq) FROM readings WHERE meter_id = ?", (meter_id,))
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
     def meter_reading_ends(self, meter_id: str) -> tuple[bytes, bytes] | None:
         """Digests of a meter's first and last committed readings (by sequence)."""
         first = self._execute(

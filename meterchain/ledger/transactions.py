@@ -75,6 +75,10 @@ def _byte_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, bytes) for x in v)
 
 
+def _cert_ids_or_none(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(c, str) and c for c in v)
+
+
 def _qc(v: Any) -> bool:
     return (
         isinstance(v, list) and len(v) == 2 and isinstance(v[0], bytes) and isinstance(v[1], list)
@@ -187,11 +191,9 @@ SCHEMAS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "regulator_sig": (_SIG, "a 64-byte signature"),
     },
     "cert_issue": {
-        "meter": (_name, "a meter id"),
-        "first": (_uint, "the first certificate serial"),
-        "count": (_uint, "the number of certificates"),
-        "from_reading": (_H32, "the digest of the reading the issue starts from"),
-        "to_reading": (_H32, "the digest of the reading the issue ends at"),
+        "meter": (_name, "a renewable meter id"),
+        "to_seq": (_uint, "the last reading sequence number counted"),
+        "certs": (_cert_ids_or_none, "the list of certificate ids the readings earn"),
     },
     "cert_transfer": {
         "certs": (_cert_ids, "a non-empty list of certificate ids"),
@@ -203,6 +205,7 @@ SCHEMAS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "cert_retire": {
         "certs": (_cert_ids, "a non-empty list of certificate ids"),
         "owner": (_name, "a participant id"),
+        "period": (_uint, "the compliance period it is retired for"),
         "purpose": (_text, "a non-empty purpose"),
         "time": (_uint, "Unix seconds"),
         "owner_sig": (_SIG, "the owner's 64-byte signature"),
@@ -305,8 +308,3 @@ def signed(
     body = dict(terms)
     body[field] = signer.sign(statement(market, kind, terms))
     return Tx.make(kind, body)
-
-
-def cert_id(meter_id: str, serial: int) -> str:
-    """The identity of a green certificate: the issuing meter and its serial number."""
-    return f"{meter_id}#{serial}"

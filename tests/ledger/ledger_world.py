@@ -12,7 +12,7 @@ from meterchain.ledger.readings import HOUR, LedgerReading
 from meterchain.ledger.sandbox import Chain, Sandbox, reading_batch
 from meterchain.ledger.settle import settlement_tx
 from meterchain.ledger.store import LedgerStore
-from meterchain.ledger.transactions import Tx, cert_id
+from meterchain.ledger.transactions import Tx
 from meterchain.market.clearing import ClearingRequest, clear
 from meterchain.market.model import TradeRequest
 from meterchain.market.reference import reference_request
@@ -123,20 +123,23 @@ def build_world(store: LedgerStore) -> World:
     assert state is not None
     t6 = (H0 + 3) * HOUR + 10
     fire = due_actions(state, t6)
-    first, last = store.meter_reading_ends("pv1") or (b"", b"")
-    issue = Tx.make(
-        "cert_issue",
-        {"meter": "pv1", "first": 0, "count": 1, "from_reading": first, "to_reading": last},
-    )
+    # pv1's export register rose 1.1 MWh over its 12 readings: one certificate, 0.1 MWh carried.
+    issue = Tx.make("cert_issue", {"meter": "pv1", "to_seq": 12, "certs": ["pv1-1"]})
     chain.commit([settlement_tx(state, H0 + 1), *fire, issue], t6)
     # block 7: the certificate moves to mg2, which retires it
-    cid = cert_id("pv1", 0)
+    cid = "pv1-1"
     transfer = sb.owner_signed(
         "cert_transfer", {"certs": [cid], "from": "mg1", "to": "mg2", "time": t6 + 60}, "mg1"
     )
     retire = sb.owner_signed(
         "cert_retire",
-        {"certs": [cid], "owner": "mg2", "purpose": "2026 renewable quota", "time": t6 + 61},
+        {
+            "certs": [cid],
+            "owner": "mg2",
+            "period": 2026,
+            "purpose": "2026 renewable quota",
+            "time": t6 + 61,
+        },
         "mg2",
     )
     chain.commit([transfer, retire], t6 + 120)

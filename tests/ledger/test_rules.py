@@ -10,12 +10,12 @@ from ledger_world import H0, T0, World, build_world, hour_readings, order_terms
 
 from meterchain import reading
 from meterchain.ledger.block import Block, BlockError
-from meterchain.ledger.chain import ChainError, store_lookup, verify_store
+from meterchain.ledger.chain import ChainError, StoreReadings, verify_store
 from meterchain.ledger.readings import HOUR
 from meterchain.ledger.review import accept_block
 from meterchain.ledger.state import membership_fields
 from meterchain.ledger.store import LedgerConflict, open_store
-from meterchain.ledger.transactions import Tx, TxError, cert_id, signed
+from meterchain.ledger.transactions import Tx, TxError, signed
 from meterchain.quorum import Member, Membership
 
 T_NEXT = (H0 + 4) * HOUR  # after the world's last block
@@ -43,7 +43,7 @@ def test_a_block_with_too_few_signatures_is_refused(world: World) -> None:
     assert chain.state is not None
     block = sb.seal(chain.build([], T_NEXT), signers=["node1"])
     with pytest.raises(BlockError, match=r"1 signature\(s\) on 'block'; more than n/2 = 2 of 3"):
-        accept_block(chain.state, block, {}, store_lookup(world.store))
+        accept_block(chain.state, block, {}, StoreReadings(world.store))
     # Even if it reached the store behind the aggregator's back, verify names it.
     world.store.append(block)
     with pytest.raises(ChainError, match=r"block 8: quorum certificate: 1 signature\(s\)"):
@@ -58,11 +58,11 @@ def test_signatures_of_outsiders_or_for_another_block_do_not_count(world: World)
     stolen = sb.seal(other).qc
     assert stolen is not None
     with pytest.raises(BlockError, match="certificate certifies"):
-        accept_block(chain.state, block.with_qc(stolen), {}, store_lookup(world.store))
+        accept_block(chain.state, block.with_qc(stolen), {}, StoreReadings(world.store))
     sb.node_ids.append("mallory")
     outsider = sb.seal(block, signers=["node0", "mallory"])
     with pytest.raises(BlockError, match="'mallory' is not a member"):
-        accept_block(chain.state, outsider, {}, store_lookup(world.store))
+        accept_block(chain.state, outsider, {}, StoreReadings(world.store))
 
 
 def test_a_new_membership_certifies_the_blocks_after_it(world: World) -> None:
@@ -73,7 +73,7 @@ def test_a_new_membership_certifies_the_blocks_after_it(world: World) -> None:
     old_style = sb.seal(chain.build([], T_NEXT + 1), signers=["node0", "node1"])
     assert chain.state is not None
     with pytest.raises(BlockError, match="'node0' is not a member"):
-        accept_block(chain.state, old_style, {}, store_lookup(world.store))
+        accept_block(chain.state, old_style, {}, StoreReadings(world.store))
     chain.commit([], T_NEXT + 2, signers=["node2", "node3"])
     verify_store(world.store)
     forged = Membership("m1", 3, members).signed_by(sb.key("mg1"))
@@ -135,86 +135,79 @@ def test_vetoes_must_be_signed_reasoned_and_about_an_open_record(world: World) -
 
 def test_a_certificate_is_retired_once_only(world: World) -> None:
     sb = world.sandbox
-    cid = cert_id("pv1", 0)
     again = sb.owner_signed(
-        "cert_retire", {"certs": [cid], "owner": "mg2", "purpose": "twice", "time": T_NEXT}, "mg2"
+        "cert_retire",
+        {"certs": ["pv1-1"], "owner": "mg2", "period": 2027, "purpose": "twice", "time": T_NEXT},
+        "mg2",
     )
-    _refused(world, [again], "certificate pv1#0 is already retired")
+    _refused(world, [again], "certificate pv1-1 was retired by mg2")
     sell = sb.owner_signed(
-        "cert_transfer", {"certs": [cid], "from": "mg2", "to": "mg1", "time": T_NEXT}, "mg2"
+        "cert_transfer", {"certs": ["pv1-1"], "from": "mg2", "to": "mg1", "time": T_NEXT}, "mg2"
     )
-    _refused(world, [sell], "already retired")
+    _refused(world, [sell], "was retired")
+    state, _ = verify_store(world.store)
+    assert state is not None
+    assert state.certificate_balances() == {"mg2": {"held": 0, "retired": 1}}
 
 
 def test_a_certificate_traces_back_to_signed_readings(world: World) -> None:
     state, _ = verify_store(world.store)
     assert state is not None
-    cert = state.certificates[cert_id("pv1", 0)]
-    lookup = store_lookup(world.store)
+    cert = state.certificates.certificates["pv1-1"]
+    assert (cert.owner, cert.retired_by, cert.retired_for) == ("mg2", "mg2", 2026)
+    source = StoreReadings(world.store)
     registry = state.registry()
-    ends = []
-    for digest in (cert.from_reading, cert.to_reading):
-        found = lookup(digest)
+    total = 0
+    for share in cert.readings:
+        found = source.reading(share.digest)
         assert found is not None
         verified = reading.verify(found[0].cose, registry)  # the meter's own signature
-        assert verified.meter_id == "pv1" and verified.renewable
-        ends.append(verified)
-    assert ends[1].export_wh - ends[0].export_wh >= 1_000_000
-    issue = state.txs[cert.issue_tx]
-    assert (issue.height, issue.kind) == (6, "cert_issue")
+        assert (verified.meter_id, verified.seq, verified.renewable) == ("pv1", share.seq, True)
+        total += share.energy_wh
+    assert total == 1_000_000  # exactly one MWh, every Wh of it from a signed reading
+    # Reading 1 only set the baseline; readings 2..11 carry 100 kWh each.
+    assert [s.seq for s in cert.readings] == list(range(2, 12))
 
 
-def test_certificate_issues_must_be_earned_and_never_twice(world: World) -> None:
-    chain, sb, store = world.chain, world.sandbox, world.store
-    ends = store.meter_reading_ends("pv1")
-    assert ends is not None
-    first, last = ends
-    twice = Tx.make(
-        "cert_issue",
-        {"meter": "pv1", "first": 1, "count": 1, "from_reading": first, "to_reading": last},
-    )
-    _refused(world, [twice], "must continue from reading")
+def test_certificate_issues_must_be_earned_and_counted_once(world: World) -> None:
+    chain, sb = world.chain, world.sandbox
+    twice = Tx.make("cert_issue", {"meter": "pv1", "to_seq": 12, "certs": ["pv1-2"]})
+    _refused(world, [twice], "readings up to seq 12 are counted")
     # 0.4 MWh more plus the 0.1 MWh carried over earn no full certificate yet.
     rs = [
         sb.reading("pv1", 100, (H0 + 4) * HOUR, 0, 1_500_000, "pv"),
         sb.reading("ld1", 100, (H0 + 4) * HOUR, 900_000, 0, "load"),
     ]
     chain.commit_readings(rs, (H0 + 5) * HOUR + 5)
-    new_last = rs[0]
-    short = Tx.make(
-        "cert_issue",
-        {"meter": "pv1", "first": 1, "count": 1, "from_reading": last,
-         "to_reading": new_last.digest},
-    )  # fmt: skip
-    _refused(world, [short], "earn 0 certificate", (H0 + 5) * HOUR + 10)
-    ld = rs[1]
-    not_green = Tx.make(
-        "cert_issue",
-        {"meter": "ld1", "first": 0, "count": 1, "from_reading": ld.digest,
-         "to_reading": ld.digest},
-    )  # fmt: skip
-    _refused(world, [not_green], "not a renewable source", (H0 + 5) * HOUR + 10)
+    t = (H0 + 5) * HOUR + 10
+    greedy = Tx.make("cert_issue", {"meter": "pv1", "to_seq": 100, "certs": ["pv1-2"]})
+    _refused(world, [greedy], r"the readings earn \[\], the issue says \['pv1-2'\]", t)
+    missing = Tx.make("cert_issue", {"meter": "pv1", "to_seq": 99, "certs": []})
+    _refused(world, [missing], "reading seq 99 is not on the ledger", t)
+    not_green = Tx.make("cert_issue", {"meter": "ld1", "to_seq": 100, "certs": []})
+    _refused(world, [not_green], "not a renewable source", t)
+    # Counting without a certificate yet is allowed and moves the carry on.
+    chain.commit([Tx.make("cert_issue", {"meter": "pv1", "to_seq": 100, "certs": []})], t)
+    assert chain.state is not None
+    assert chain.state.certificates.accounts["pv1"].carry_wh == 500_000
 
 
 def test_only_the_owner_moves_a_certificate(world: World) -> None:
     chain, sb = world.chain, world.sandbox
     rs = hour_readings(sb, H0 + 4, 100) + hour_readings(sb, H0 + 5, 200)
     chain.commit_readings(rs, (H0 + 6) * HOUR)
-    ends = world.store.meter_reading_ends("pv1")
-    assert ends is not None and chain.state is not None
-    progress = chain.state.cert_progress["pv1"]
-    issue = Tx.make(
-        "cert_issue",
-        {"meter": "pv1", "first": 1, "count": 2, "from_reading": progress.checkpoint,
-         "to_reading": ends[1]},
-    )  # fmt: skip
+    # Registers rose from 1.1 MWh (seq 12) to 3.5 MWh (seq 205): 2.4 MWh + 0.1 carried.
+    issue = Tx.make("cert_issue", {"meter": "pv1", "to_seq": 205, "certs": ["pv1-2", "pv1-3"]})
     chain.commit([issue], (H0 + 6) * HOUR + 1)
-    cid = cert_id("pv1", 1)
     theft = signed(
-        "m1", "cert_transfer", {"certs": [cid], "from": "mg1", "to": "mg2", "time": T_NEXT},
+        "m1", "cert_transfer", {"certs": ["pv1-2"], "from": "mg1", "to": "mg2", "time": T_NEXT},
         sb.key("mg2"), field="owner_sig",
     )  # fmt: skip
     _refused(world, [theft], "signature of owner mg1", (H0 + 6) * HOUR + 2)
+    not_theirs = sb.owner_signed(
+        "cert_transfer", {"certs": ["pv1-2"], "from": "mg2", "to": "mg1", "time": T_NEXT}, "mg2"
+    )
+    _refused(world, [not_theirs], "'mg2' does not own certificate pv1-2", (H0 + 6) * HOUR + 2)
     verify_store(world.store)
 
 
