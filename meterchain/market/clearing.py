@@ -765,16 +765,16 @@ def _executed_hour(
     # Sellers by the price they receive, buyers by the price they pay (then id): the
     # north-west corner then pairs like with like, so each trade's price stays close to
     # both sides' average prices.
+    index = {mg_id: k for k, mg_id in enumerate(ids)}
     sellers = sorted(
         ((ids[i], dispatch[i].sell_w) for i in range(n) if dispatch[i].sell_w > 0),
-        key=lambda s: (Fraction(-payments[ids.index(s[0])], s[1]), s[0]),
+        key=lambda s: (Fraction(-payments[index[s[0]]], s[1]), s[0]),
     )
     buyers = sorted(
         ((ids[i], dispatch[i].buy_w) for i in range(n) if dispatch[i].buy_w > 0),
-        key=lambda b: (Fraction(payments[ids.index(b[0])], b[1]), b[0]),
+        key=lambda b: (Fraction(payments[index[b[0]]], b[1]), b[0]),
     )
     cells = north_west_corner(sellers, buyers)
-    index = {mg_id: k for k, mg_id in enumerate(ids)}
     money = tree_money(
         cells,
         [-payments[index[s]] for s, _ in sellers],

@@ -58,9 +58,9 @@ class WindowQP:
 
     p_diag: np.ndarray
     c: np.ndarray
-    a_eq: sp.csr_matrix
+    a_eq: sp.csc_matrix
     b_eq: np.ndarray
-    a_in: sp.csr_matrix
+    a_in: sp.csc_matrix
     l_in: np.ndarray
     u_in: np.ndarray
     lb: np.ndarray
@@ -236,7 +236,7 @@ def build(market: Market, microgrids: Sequence[Microgrid], cooperative: bool) ->
         pool_row = n_eq_mg + np.broadcast_to(np.arange(t_len), (n, t_len))
         add(pool_row, "sell", 1.0)
         add(pool_row, "buy", -1.0)
-    a_eq = sp.csr_matrix(
+    a_eq = sp.csc_matrix(
         (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
         shape=(b_eq.shape[0], nv),
     )
@@ -253,7 +253,7 @@ def build(market: Market, microgrids: Sequence[Microgrid], cooperative: bool) ->
         add(row_green, "buy", 1.0)
     l_in = np.zeros(n_in)
     l_in[row_green[short]] = ((green - ren) * KW)[short]
-    a_in = sp.csr_matrix(
+    a_in = sp.csc_matrix(
         (
             np.concatenate(vals) if vals else np.zeros(0),
             (
@@ -281,13 +281,17 @@ def build(market: Market, microgrids: Sequence[Microgrid], cooperative: bool) ->
     )
 
 
-def _block(matrix: sp.csr_matrix, r0: int, r1: int, c0: int, c1: int) -> sp.csc_matrix:
-    """Rows r0:r1 of a block-diagonal CSR matrix whose entries there lie in columns c0:c1."""
-    start, stop = matrix.indptr[r0], matrix.indptr[r1]
-    indptr = matrix.indptr[r0 : r1 + 1] - start
-    return sp.csr_matrix(
-        (matrix.data[start:stop], matrix.indices[start:stop] - c0, indptr), shape=(r1 - r0, c1 - c0)
-    ).tocsc()
+def _block(matrix: sp.csc_matrix, r0: int, r1: int, c0: int, c1: int) -> sp.csc_matrix:
+    """Columns c0:c1 of a block-diagonal CSC matrix whose entries there lie in rows r0:r1."""
+    start, stop = matrix.indptr[c0], matrix.indptr[c1]
+    return sp.csc_matrix(
+        (
+            matrix.data[start:stop],
+            matrix.indices[start:stop] - r0,
+            matrix.indptr[c0 : c1 + 1] - start,
+        ),
+        shape=(r1 - r0, c1 - c0),
+    )
 
 
 def solve_standalone(qp: WindowQP, ids: Sequence[str], solver: str) -> np.ndarray:
@@ -320,6 +324,12 @@ def solve_standalone(qp: WindowQP, ids: Sequence[str], solver: str) -> np.ndarra
     return x
 
 
+def _diagonal(values: np.ndarray) -> sp.csc_matrix:
+    n = values.shape[0]
+    ramp = np.arange(n + 1, dtype=np.int32)
+    return sp.csc_matrix((values, ramp[:n], ramp), shape=(n, n))
+
+
 class _Infeasible(MarketError):
     pass
 
@@ -344,13 +354,12 @@ def _solve_piqp(qp: WindowQP) -> np.ndarray:
     settings.max_iter = 500
     if hasattr(settings, "num_threads"):
         settings.num_threads = 1  # one thread: the same floats on every run
-    p = sp.diags(qp.p_diag, format="csc")
     engine.setup(
-        p,
+        _diagonal(qp.p_diag),
         qp.c,
-        qp.a_eq.tocsc(),
+        qp.a_eq,
         qp.b_eq,
-        qp.a_in.tocsc(),
+        qp.a_in,
         qp.l_in,
         qp.u_in,
         qp.lb,
@@ -375,7 +384,8 @@ def _solve_clarabel(qp: WindowQP) -> np.ndarray:
     hi_f = np.isfinite(qp.ub)
     l_f = np.isfinite(qp.l_in)
     u_f = np.isfinite(qp.u_in)
-    a_cone = sp.vstack([-qp.a_in[l_f], qp.a_in[u_f], -eye[lo_f], eye[hi_f]], format="csr")
+    a_in = qp.a_in.tocsr()
+    a_cone = sp.vstack([-a_in[l_f], a_in[u_f], -eye[lo_f], eye[hi_f]], format="csr")
     b_cone = np.concatenate([-qp.l_in[l_f], qp.u_in[u_f], -qp.lb[lo_f], qp.ub[hi_f]])
     a = sp.vstack([qp.a_eq, a_cone], format="csc")
     b = np.concatenate([qp.b_eq, b_cone])
@@ -386,7 +396,7 @@ def _solve_clarabel(qp: WindowQP) -> np.ndarray:
     settings.tol_gap_rel = 1e-10
     settings.tol_feas = 1e-10
     settings.max_threads = 1
-    engine = clarabel.DefaultSolver(sp.diags(qp.p_diag, format="csc"), qp.c, a, b, cones, settings)
+    engine = clarabel.DefaultSolver(_diagonal(qp.p_diag), qp.c, a, b, cones, settings)
     solution = engine.solve()
     status = str(solution.status)
     if "Infeasible" in status and "Almost" not in status:

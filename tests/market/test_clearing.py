@@ -289,3 +289,16 @@ def test_equal_split_and_individual_rationality(req: ClearingRequest) -> None:
     # and a backup accepts the honest result
     verdict = check(req, result, own=result)
     assert verdict.accepted, verdict.problems
+
+
+def test_pool_reaches_the_all_pairs_bilateral_optimum() -> None:
+    """The pool (sum s = sum b) is the aggregate of bilateral trades with a uniform wheeling
+    fee: cvxpy's all-pairs model (the benchmark anchor) finds the same optimum."""
+    from bench.clear import SEED, anchor_solve
+    from meterchain.market.reference import synthetic_request
+
+    ours = clear(synthetic_request(6, SEED))
+    anchor = anchor_solve(6)
+    assert abs(sum(ours.cooperative_cost) - anchor["objective_minor"]) <= 1e-5 * abs(
+        anchor["objective_minor"]
+    )
