@@ -26,6 +26,9 @@ from meterchain.errors import SignatureError
 CURVE = ec.SECP256R1()
 ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+# RFC 6979 nonces, as on the boards: the same message signed twice gives the same
+# bytes, so a re-signed reading is a duplicate, never a "replay" with new bytes.
+_ECDSA_SHA256_DETERMINISTIC = ec.ECDSA(hashes.SHA256(), deterministic_signing=True)
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ class PrivateKey:
         return PublicKey(point, self._key.public_key())
 
     def sign(self, message: bytes) -> bytes:
-        """64-byte r||s ES256 signature over `message`."""
-        der = self._key.sign(message, _ECDSA_SHA256)
+        """64-byte r||s ES256 signature over `message` (RFC 6979 deterministic nonce)."""
+        der = self._key.sign(message, _ECDSA_SHA256_DETERMINISTIC)
         r, s = decode_dss_signature(der)
         return r.to_bytes(32, "big") + s.to_bytes(32, "big")

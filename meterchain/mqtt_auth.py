@@ -16,12 +16,12 @@ import re
 
 # Mosquitto 2.x password file format: $7$ = PBKDF2-HMAC-SHA512.
 _PBKDF2_ITERATIONS = 101
-_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 def check_name(kind: str, name: str) -> str:
     """Refuse names that could escape a topic level or an ACL line."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise ValueError(f"{kind} {name!r} must be 1-64 characters of A-Z a-z 0-9 _ . : -")
     return name
 
