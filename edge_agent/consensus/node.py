@@ -1,0 +1,1082 @@
+"""The SDBFT state machine of one consensus node: events in, actions out, no I/O and no clock.
+
+`Node.step(event)` takes an `Open` (the application starts a round and
+submits its own request), a `Message` (bytes received, with the current time)
+or a `Tick` (time passed) and returns the actions to carry out, in order:
+`Persist` records first (the transport must make them durable before it
+publishes anything that follows), then `Broadcast`, `Commit` and `Final`.
+`next_deadline()` says when the node next needs a `Tick`. The protocol is
+described in the package docstring (`edge_agent.consensus`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_agent.consensus.contracts import Contract
+from edge_agent.consensus.messages import (
+    Decoder,
+    Envelope,
+    MessageError,
+    Proposal,
+    Request,
+    RoundId,
+    Value,
+    blame_statement,
+    final_statement,
+    parse_qc,
+    seal,
+    statement,
+    vote_statement,
+)
+from edge_agent.consensus.signing import Keyring, Signer
+from meterchain import codec
+from meterchain.errors import CodecError, MeterChainError
+from meterchain.quorum import QuorumCertificate, QuorumError
+
+LOOKAHEAD_ROUNDS = 2  # rounds not yet opened here whose messages are held back
+HOLD_PER_ROUND_FACTOR = 12  # held messages per round: factor x n, then drops are counted
+RETAIN_DECIDED = 512  # decided rounds kept in memory to answer catch-up requests
+
+
+class ConsensusError(MeterChainError):
+    """The application used the state machine wrongly (unknown round kind, bad config)."""
+
+
+# --- events ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Open:
+    """The application starts round `round` here and (if `submit`) submits its own request."""
+
+    now_ms: int
+    round: RoundId
+    deposit: bytes = b"\x00"
+    body: Any = None
+    submit: bool = True
+    catch_up: bool = False  # opened after the fact (missed while down): learn, do not vote
+
+
+@dataclass(frozen=True)
+class Message:
+    """Bytes received; `sender` is the node id the transport saw them come from, if known."""
+
+    now_ms: int
+    data: bytes
+    sender: str | None = None
+
+
+@dataclass(frozen=True)
+class Tick:
+    now_ms: int
+
+
+Event = Open | Message | Tick
+
+
+# --- actions --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Persist:
+    """Durable snapshot of one round's state; write it before any later action goes out."""
+
+    round: RoundId
+    record: bytes
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """Publish `data` to every consensus node (MQTT: on this node's own topic of `kind`)."""
+
+    kind: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Commit:
+    """This node now treats `value` as the final result of `round`.
+
+    `view` and `certificate` (the vote quorum certificate) are set when the
+    node decided by its own 2-delta rule; after a catch-up through a finality
+    certificate `view` is -1 and `certificate` may be None.
+    """
+
+    round: RoundId
+    view: int
+    digest: bytes
+    value: Value
+    certificate: QuorumCertificate | None
+
+
+@dataclass(frozen=True)
+class Final:
+    """More than n/2 members attested that `value` is final: a proof anyone can check."""
+
+    round: RoundId
+    digest: bytes
+    value: Value
+    certificate: QuorumCertificate
+
+
+Action = Persist | Broadcast | Commit | Final
+
+
+# --- per-round state ------------------------------------------------------------------
+
+
+@dataclass
+class _Round:
+    rid: RoundId
+    opened_at: int
+    recovering: bool = False
+    my_request: bytes | None = None
+    requests: dict[str, Request] = field(default_factory=dict)
+    view: int = 0
+    waiting: bool = False  # left view-1 after a change-primary certificate, not entered yet
+    wait_until: int = 0
+    entered_at: int = 0
+    # proposals: view -> signed statement -> envelope (at most two: an equivocation proof)
+    headers: dict[int, dict[bytes, Envelope]] = field(default_factory=dict)
+    bodies: dict[bytes, Proposal] = field(default_factory=dict)
+    verdicts: dict[bytes, str] = field(default_factory=dict)
+    justified: dict[bytes, bool] = field(default_factory=dict)
+    values: dict[bytes, Value] = field(default_factory=dict)
+    proposed: set[int] = field(default_factory=set)
+    voted: dict[int, bytes] = field(default_factory=dict)
+    vote_time: dict[int, int] = field(default_factory=dict)
+    votes: dict[tuple[int, bytes], dict[str, bytes]] = field(default_factory=dict)
+    qcs: dict[tuple[int, bytes], QuorumCertificate] = field(default_factory=dict)
+    qc_time: dict[tuple[int, bytes], int] = field(default_factory=dict)
+    qc_proposal: dict[tuple[int, bytes], bytes] = field(default_factory=dict)
+    lock: tuple[int, bytes] | None = None
+    forwarded: dict[int, int] = field(default_factory=dict)
+    blamed: set[int] = field(default_factory=set)
+    blames: dict[int, dict[str, bytes]] = field(default_factory=dict)
+    blame_first: dict[int, int] = field(default_factory=dict)
+    vcc: dict[int, QuorumCertificate] = field(default_factory=dict)
+    vcc_sent: set[int] = field(default_factory=set)
+    statuses: dict[int, dict[str, bytes]] = field(default_factory=dict)
+    status_locks: dict[int, dict[str, tuple[int, bytes]]] = field(default_factory=dict)
+    committed: tuple[int, bytes] | None = None
+    commit_time: int = 0
+    finals: dict[bytes, dict[str, bytes]] = field(default_factory=dict)
+    fc: tuple[bytes, QuorumCertificate] | None = None
+    final_resent: bool = False
+    next_sync: int = 0
+    sync_after: int = 0  # after blaming: ask for the decision if nothing else helps
+    dirty: bool = False
+
+
+class Node:
+    """One consensus node of one market (see the package docstring for the protocol)."""
+
+    def __init__(
+        self,
+        signer: Signer,
+        keyring: Keyring,
+        contracts: Mapping[str, Contract],
+        *,
+        delta_ms: int,
+        decoder: Decoder | None = None,
+        records: Iterable[bytes] = (),
+    ) -> None:
+        if delta_ms < 2:
+            raise ConsensusError("delta_ms must be at least 2 (timers add 1 ms margins)")
+        self.signer = signer
+        self.node_id = signer.node_id
+        self.keyring = keyring
+        self.membership = keyring.membership
+        if not keyring.is_member(self.node_id):
+            raise ConsensusError(f"{self.node_id!r} is not in the membership")
+        self.market = self.membership.market
+        self.n = self.membership.n
+        self._rotation = self.membership.node_ids
+        self.q = self.membership.quorum
+        self.delta = delta_ms
+        self.contracts = dict(contracts)
+        self.decoder = decoder or Decoder()
+        self.now = 0
+        self.rounds: dict[RoundId, _Round] = {}
+        self.decided: OrderedDict[RoundId, tuple[bytes, Value, QuorumCertificate]] = OrderedDict()
+        self.max_seq = -1
+        self.held: dict[RoundId, list[Envelope]] = {}
+        self.overflowed: set[RoundId] = set()
+        self.sync_answered: dict[RoundId, int] = {}
+        self.stats: Counter[str] = Counter()
+        self.last_error = ""
+        self._restore(records)
+
+    # --- public API ----------------------------------------------------------------
+
+    def step(self, event: Event) -> list[Action]:
+        self.now = max(self.now, event.now_ms)
+        out: list[Action] = []
+        if isinstance(event, Open):
+            self._open(event, out)
+        elif isinstance(event, Message):
+            self._receive(event.data, event.sender, out)
+        else:
+            for rs in list(self.rounds.values()):
+                self._advance(rs, out)
+        return self._ordered(out)
+
+    def next_deadline(self) -> int | None:
+        """Earliest time a Tick can change something, or None when nothing is pending."""
+        times = [t for rs in self.rounds.values() for t in self._deadlines(rs)]
+        return min(times) if times else None
+
+    def primary(self, rid: RoundId, view: int) -> str:
+        """Rotation: k = seq + view, so k advances after every round and every change."""
+        return self._rotation[(rid.seq + view) % self.n]
+
+    def active_rounds(self) -> list[RoundId]:
+        return sorted(self.rounds)
+
+    def view_of(self, rid: RoundId) -> int | None:
+        rs = self.rounds.get(rid)
+        return rs.view if rs is not None else None
+
+    # --- persistence ---------------------------------------------------------------
+
+    def _record(self, rs: _Round) -> bytes:
+        lock = None
+        if rs.lock is not None:
+            lv, lvd = rs.lock
+            lock = [lv, lvd, self._qc_cbor(rs.qcs[rs.lock]), rs.qc_proposal.get(rs.lock)]
+        return codec.encode(
+            {
+                "round": rs.rid.to_cbor(),
+                "request": rs.my_request,
+                "view": rs.view,
+                "votes": [[v, d] for v, d in sorted(rs.voted.items())],
+                "lock": lock,
+                "commit": list(rs.committed) if rs.committed else None,
+            }
+        )
+
+    def _decided_record(
+        self, rid: RoundId, vd: bytes, value: Value, fc: QuorumCertificate
+    ) -> bytes:
+        return codec.encode(
+            {"round": rid.to_cbor(), "final": [vd, value.to_cbor(), self._qc_cbor(fc)]}
+        )
+
+    @staticmethod
+    def _qc_cbor(qc: QuorumCertificate) -> list[Any]:
+        return qc.to_cbor()
+
+    def _restore(self, records: Iterable[bytes]) -> None:
+        latest: dict[RoundId, dict[str, Any]] = {}
+        for data in records:
+            try:
+                doc = codec.decode(data)
+                rid = RoundId.from_cbor(doc["round"])
+            except (CodecError, MessageError, KeyError, TypeError) as exc:
+                raise ConsensusError(f"unreadable consensus record: {exc}") from exc
+            latest[rid] = doc
+        for rid, doc in sorted(latest.items()):
+            self.max_seq = max(self.max_seq, rid.seq)
+            try:
+                if doc.get("final") is not None:
+                    vd, value_cbor, fc_cbor = doc["final"]
+                    value = self.decoder.value(self.market, rid, value_cbor)
+                    self.decided[rid] = (vd, value, parse_qc(fc_cbor))
+                    continue
+                rs = _Round(rid, 0, recovering=True)
+                rs.my_request = doc.get("request")
+                rs.view = int(doc.get("view", 0))
+                for v, d in doc.get("votes", []):
+                    rs.voted[v] = d
+                if doc.get("commit"):
+                    v, d = doc["commit"]
+                    rs.committed = (v, d)
+                lock = doc.get("lock")
+                if lock:
+                    lv, lvd, qc_cbor, prop_raw = lock
+                    rs.qcs[(lv, lvd)] = parse_qc(qc_cbor)
+                    rs.qc_time[(lv, lvd)] = 0
+                    if prop_raw:
+                        rs.qc_proposal[(lv, lvd)] = prop_raw
+                        prop = self.decoder.proposal(prop_raw)
+                        if prop.value is not None:
+                            rs.values[prop.value.digest] = prop.value
+                    rs.lock = (lv, lvd)
+                self.rounds[rid] = rs
+            except (MessageError, ValueError, TypeError, KeyError) as exc:
+                raise ConsensusError(f"consensus record of {rid} is inconsistent: {exc}") from exc
+        while len(self.decided) > RETAIN_DECIDED:
+            self.decided.popitem(last=False)
+
+    def _ordered(self, out: list[Action]) -> list[Action]:
+        persists: list[Action] = []
+        if not out:
+            return out
+        for rs in self.rounds.values():
+            if rs.dirty:
+                rs.dirty = False
+                persists.append(Persist(rs.rid, self._record(rs)))
+        early = [a for a in out if isinstance(a, Persist)]
+        return early + persists + [a for a in out if not isinstance(a, Persist)]
+
+    # --- opening rounds ------------------------------------------------------------
+
+    def _open(self, event: Open, out: list[Action]) -> None:
+        rid = event.round
+        if rid.kind not in self.contracts:
+            raise ConsensusError(f"no contract for round kind {rid.kind!r}")
+        if rid in self.rounds or rid in self.decided:
+            self.stats["reopen"] += 1
+            return
+        same_seq = [r for r in list(self.rounds) + list(self.decided) if r.seq == rid.seq]
+        if same_seq:
+            raise ConsensusError(f"round {rid.seq} is already open as {same_seq[0]}")
+        rs = _Round(rid, self.now, entered_at=self.now)
+        self.rounds[rid] = rs
+        self.max_seq = max(self.max_seq, rid.seq)
+        rs.dirty = True
+        if rid in self.overflowed or event.catch_up:
+            # Messages of this round were missed: the 2-delta rule needs every message
+            # since the vote, so this node finishes through a finality certificate.
+            rs.recovering = True
+        if event.submit and not rs.recovering:
+            stmt = statement("req", self.market, rid, 0, event.deposit, self.node_id, event.body)
+            raw = seal(self.node_id, self.signer.sign(stmt), stmt)
+            req = self.decoder.request(raw)
+            rs.my_request = raw
+            rs.requests[self.node_id] = req
+            out.append(Broadcast("req", raw))
+        for other in [r for r in self.held if r.seq == rid.seq and r != rid]:
+            self.stats["other_round"] += len(self.held.pop(other))
+        for env in self.held.pop(rid, []):
+            self._dispatch(rs, env, out)
+        self._advance(rs, out)
+
+    # --- receiving -----------------------------------------------------------------
+
+    def _verified(self, raw: Any, *, member: bool = True) -> Envelope | None:
+        """Decode and check the signature of an embedded or received message."""
+        try:
+            env = self.decoder.envelope(raw)
+        except MessageError:
+            self.stats["malformed"] += 1
+            return None
+        if env.market != self.market:
+            self.stats["other_market"] += 1
+            return None
+        known = self.keyring.is_member(env.sender) if member else self.keyring.knows(env.sender)
+        if not known:
+            self.stats["not_member"] += 1
+            return None
+        if not self.keyring.verify(env.sender, env.statement, env.signature):
+            self.stats["bad_signature"] += 1
+            return None
+        return env
+
+    def _receive(self, data: bytes, hint: str | None, out: list[Action]) -> None:
+        try:
+            env0 = self.decoder.envelope(data)
+        except MessageError:
+            self.stats["malformed"] += 1
+            return
+        if hint is not None and hint != env0.sender:
+            self.stats["sender_mismatch"] += 1
+            return
+        if env0.sender == self.node_id:
+            return  # our own publish, echoed back by the broker
+        done = self.decided.get(env0.round)
+        if done is not None and env0.tag != "sync":
+            self.stats["late"] += 1  # the round is decided here: nothing left to learn
+            return
+        env = self._verified(data, member=env0.tag != "req")
+        if env is None:
+            return
+        rid = env.round
+        if done is not None:
+            self._answer_sync(rid, done, out)
+            return
+        rs = self.rounds.get(rid)
+        if rs is None:
+            self._hold(env)
+            return
+        self._dispatch(rs, env, out)
+        self._advance(rs, out)
+
+    def _hold(self, env: Envelope) -> None:
+        rid = env.round
+        if any(r.seq == rid.seq for r in list(self.rounds) + list(self.decided)):
+            self.stats["other_round"] += 1  # same sequence number, another kind: a replay
+            return
+        if rid.seq > self.max_seq + LOOKAHEAD_ROUNDS or rid.seq < self.max_seq - LOOKAHEAD_ROUNDS:
+            self.stats["out_of_window"] += 1
+            return
+        held = self.held.setdefault(rid, [])
+        if len(held) >= HOLD_PER_ROUND_FACTOR * self.n:
+            self.stats["held_dropped"] += 1
+            self.overflowed.add(rid)
+            return
+        held.append(env)
+        # forget held messages of rounds that fell behind the window
+        for old in [r for r in self.held if r.seq < self.max_seq - LOOKAHEAD_ROUNDS]:
+            del self.held[old]
+
+    def _dispatch(self, rs: _Round, env: Envelope, out: list[Action]) -> None:
+        if env.view > rs.view + 2 * self.n + 8:
+            self.stats["far_view"] += 1
+            return
+        handler = {
+            "req": self._on_request,
+            "prop": self._on_proposal,
+            "vote": self._on_vote,
+            "blame": self._on_blame,
+            "cert": self._on_cert,
+            "status": self._on_status,
+            "final": self._on_final,
+            "sync": self._on_sync,
+        }[env.tag]
+        try:
+            handler(rs, env)
+        except (MessageError, QuorumError, CodecError) as exc:
+            self.stats["invalid_" + env.tag] += 1
+            self.last_error = str(exc)
+
+    def _on_request(self, rs: _Round, env: Envelope) -> None:
+        req = self.decoder.request(env.raw)
+        if req.submitter not in rs.requests:
+            rs.requests[req.submitter] = req
+
+    def _take_proposal(self, rs: _Round, raw: Any) -> None:
+        """Take in a proposal forwarded inside another message (vote, blame, status, cert)."""
+        env = self._verified(raw)
+        if env is None or env.tag != "prop" or env.round != rs.rid:
+            return
+        try:
+            self._on_proposal(rs, env)
+        except MessageError as exc:
+            self.stats["invalid_prop"] += 1
+            self.last_error = str(exc)
+
+    def _on_proposal(self, rs: _Round, env: Envelope) -> None:
+        if env.sender != self.primary(rs.rid, env.view):
+            self.stats["not_primary"] += 1
+            return
+        if not isinstance(env.ref, bytes) or len(env.ref) != 32:
+            raise MessageError("proposal must name a 32-byte value digest")
+        headers = rs.headers.setdefault(env.view, {})
+        if env.statement not in headers:
+            if len(headers) >= 2:
+                return  # an equivocation proof is already held for this view
+            headers[env.statement] = env
+        if env.statement in rs.bodies:
+            return
+        # A copy whose attachment does not match the signed digests is a relay's
+        # corruption, not the primary's: skip it and wait for a good copy.
+        prop = self.decoder.proposal(env.raw)
+        rs.bodies[env.statement] = prop
+        if prop.value is not None:
+            rs.values.setdefault(prop.digest, prop.value)
+        if (env.view, prop.digest) in rs.qcs:
+            rs.qc_proposal.setdefault((env.view, prop.digest), env.raw)
+            self._add_qc(rs, env.view, prop.digest, rs.qcs[(env.view, prop.digest)])
+        vote_stmt = vote_statement(self.market, rs.rid, env.view, prop.digest)
+        if self.keyring.verify(env.sender, vote_stmt, prop.primary_vote):
+            self._add_vote(rs, env.view, prop.digest, env.sender, prop.primary_vote, env.raw)
+
+    def _on_vote(self, rs: _Round, env: Envelope) -> None:
+        if env.extra or not isinstance(env.ref, bytes) or len(env.ref) != 32:
+            raise MessageError("vote must be [vote, market, round, view, digest]")
+        if env.attachment is not None:
+            self._take_proposal(rs, env.attachment)
+        self._add_vote(rs, env.view, env.ref, env.sender, env.signature, None)
+
+    def _add_vote(
+        self, rs: _Round, view: int, vd: bytes, node: str, sig: bytes, prop_raw: bytes | None
+    ) -> None:
+        key = (view, vd)
+        if prop_raw is not None:
+            rs.qc_proposal.setdefault(key, prop_raw)
+        elif key not in rs.qc_proposal:
+            for stmt, env in rs.headers.get(view, {}).items():
+                if env.ref == vd and stmt in rs.bodies:
+                    rs.qc_proposal[key] = env.raw
+        votes = rs.votes.setdefault(key, {})
+        if node in votes:
+            return
+        votes[node] = sig
+        if len(votes) >= self.q and key not in rs.qcs:
+            qc = QuorumCertificate.collect(
+                vote_statement(self.market, rs.rid, view, vd), votes.items()
+            )
+            self._add_qc(rs, view, vd, qc)
+
+    def _add_qc(self, rs: _Round, view: int, vd: bytes, qc: QuorumCertificate) -> None:
+        key = (view, vd)
+        if key not in rs.qcs:
+            rs.qcs[key] = qc
+            rs.qc_time[key] = self.now
+        if vd in rs.values and key in rs.qc_proposal and (rs.lock is None or view > rs.lock[0]):
+            rs.lock = key
+
+    def _on_blame(self, rs: _Round, env: Envelope) -> None:
+        if env.extra or env.ref != self.primary(rs.rid, env.view):
+            raise MessageError("blame must name the primary of its view")
+        evidence = env.attachment or []
+        if not isinstance(evidence, list) or len(evidence) > 2:
+            raise MessageError("blame evidence must be a list of at most two proposals")
+        for raw in evidence:
+            self._take_proposal(rs, raw)
+        self._add_blame(rs, env.view, env.sender, env.signature)
+
+    def _add_blame(self, rs: _Round, view: int, node: str, sig: bytes) -> None:
+        blames = rs.blames.setdefault(view, {})
+        if node in blames:
+            return
+        blames[node] = sig
+        rs.blame_first.setdefault(view, self.now)
+        if len(blames) >= self.q and view not in rs.vcc:
+            stmt = blame_statement(self.market, rs.rid, view, self.primary(rs.rid, view))
+            rs.vcc[view] = QuorumCertificate.collect(stmt, blames.items())
+
+    def _check_vote_qc(self, rs: _Round, qc: QuorumCertificate) -> tuple[int, bytes]:
+        fields = qc.fields()
+        if len(fields) != 5 or fields[0] != "vote" or fields[2] != rs.rid.to_cbor():
+            raise MessageError("not a vote certificate of this round")
+        view, vd = fields[3], fields[4]
+        if not isinstance(view, int) or not isinstance(vd, bytes):
+            raise MessageError("vote certificate has a malformed statement")
+        qc.verify(self.membership, expect=["vote", self.market, rs.rid.to_cbor(), view, vd])
+        return view, vd
+
+    def _on_cert(self, rs: _Round, env: Envelope) -> None:
+        try:
+            qc_cbor, prop_raw = env.attachment
+        except (TypeError, ValueError) as exc:
+            raise MessageError("certificate attachment must be [qc, proposal]") from exc
+        qc = parse_qc(qc_cbor)
+        fields = qc.fields()
+        if fields[0] == "vote":
+            if prop_raw is not None:
+                self._take_proposal(rs, prop_raw)
+            view, vd = self._check_vote_qc(rs, qc)
+            self._add_qc(rs, view, vd, qc)
+        elif fields[0] == "blame":
+            if len(fields) != 5 or fields[2] != rs.rid.to_cbor() or not isinstance(fields[3], int):
+                raise MessageError("not a change-primary certificate of this round")
+            view = fields[3]
+            expect = blame_statement(self.market, rs.rid, view, self.primary(rs.rid, view))
+            qc.verify(self.membership, expect=codec.decode(expect))
+            rs.vcc.setdefault(view, qc)
+        else:
+            raise MessageError(f"cannot forward a {fields[0]!r} certificate")
+
+    def _on_status(self, rs: _Round, env: Envelope) -> None:
+        if len(env.extra) != 1 or not isinstance(env.extra[0], int):
+            raise MessageError(
+                "status must be [status, market, round, view, lock digest, lock view]"
+            )
+        lock_view, lock_vd = env.extra[0], env.ref
+        if lock_view >= 0:
+            try:
+                qc_cbor, prop_raw = env.attachment
+            except (TypeError, ValueError) as exc:
+                raise MessageError("status with a lock must attach [qc, proposal]") from exc
+            qc = parse_qc(qc_cbor)
+            view, vd = self._check_vote_qc(rs, qc)
+            if (view, vd) != (lock_view, lock_vd) or view >= env.view:
+                raise MessageError("status certificate does not match its claimed lock")
+            self._take_proposal(rs, prop_raw)
+            if vd not in rs.values:
+                raise MessageError("status lock comes without its value")
+            rs.qc_proposal.setdefault((view, vd), prop_raw)
+            self._add_qc(rs, view, vd, qc)
+        elif lock_vd != b"" or lock_view != -1:
+            raise MessageError("status without a lock must claim view -1")
+        stripped = seal(env.sender, env.signature, env.statement)
+        rs.statuses.setdefault(env.view, {}).setdefault(env.sender, stripped)
+        rs.status_locks.setdefault(env.view, {}).setdefault(env.sender, (lock_view, lock_vd))
+
+    def _on_final(self, rs: _Round, env: Envelope) -> None:
+        if env.view != 0 or env.extra or not isinstance(env.ref, bytes):
+            raise MessageError("final must be [final, market, round, 0, digest]")
+        vd = env.ref
+        if env.attachment is not None:
+            try:
+                value_cbor, qc_cbor, fc_cbor = env.attachment
+            except (TypeError, ValueError) as exc:
+                raise MessageError("final attachment must be [value, qc, fc]") from exc
+            value = self.decoder.value(self.market, rs.rid, value_cbor)
+            if value.digest != vd:
+                raise MessageError("final's value does not hash to its digest")
+            rs.values.setdefault(vd, value)
+            if qc_cbor is not None:
+                qc = parse_qc(qc_cbor)
+                view, qvd = self._check_vote_qc(rs, qc)
+                if qvd == vd:
+                    self._add_qc(rs, view, vd, qc)
+            if fc_cbor is not None and rs.fc is None:
+                fc = parse_qc(fc_cbor)
+                fc.verify(
+                    self.membership, expect=codec.decode(final_statement(self.market, rs.rid, vd))
+                )
+                rs.fc = (vd, fc)
+        finals = rs.finals.setdefault(vd, {})
+        finals.setdefault(env.sender, env.signature)
+
+    def _on_sync(self, rs: _Round, env: Envelope) -> None:
+        self.stats["sync_unanswered"] += 1  # not decided here yet; others will answer
+
+    def _answer_sync(
+        self, rid: RoundId, done: tuple[bytes, Value, QuorumCertificate], out: list[Action]
+    ) -> None:
+        last = self.sync_answered.get(rid)
+        if last is not None and self.now - last < self.delta:
+            return
+        self.sync_answered[rid] = self.now
+        vd, value, fc = done
+        stmt = final_statement(self.market, rid, vd)
+        attachment = [value.to_cbor(), None, fc.to_cbor()]
+        out.append(Broadcast("final", seal(self.node_id, self.signer.sign(stmt), stmt, attachment)))
+
+    # --- the protocol's decisions --------------------------------------------------
+
+    def _advance(self, rs: _Round, out: list[Action]) -> None:
+        for _ in range(6):
+            before = len(out)
+            self._advance_once(rs, out)
+            if rs.rid not in self.rounds or len(out) == before:
+                return
+
+    def _advance_once(self, rs: _Round, out: list[Action]) -> None:
+        if self._try_final(rs, out):
+            return
+        if rs.recovering:
+            if rs.committed and not rs.final_resent:
+                rs.final_resent = True
+                self._send_final(rs, rs.committed[1], out)
+            if self.now >= rs.next_sync:
+                self._send_sync(rs, out)
+            return
+        self._check_vcc(rs, out)
+        self._check_jump(rs)
+        if rs.waiting and self.now >= rs.wait_until:
+            self._enter(rs, out)
+        if rs.waiting:
+            return
+        self._primary_duty(rs, out)
+        self._backup_duty(rs, out)
+        self._commit_duty(rs, out)
+        self._timeouts(rs, out)
+        if rs.sync_after and self.now >= rs.sync_after:
+            # We objected long ago and neither a view change nor a decision reached us
+            # (messages lost?): ask the others for the decision.
+            rs.sync_after = self.now + 8 * self.delta
+            self._send_sync(rs, out)
+
+    def _send_sync(self, rs: _Round, out: list[Action]) -> None:
+        rs.next_sync = self.now + 4 * self.delta
+        stmt = statement("sync", self.market, rs.rid, 0, b"")
+        out.append(Broadcast("sync", seal(self.node_id, self.signer.sign(stmt), stmt)))
+
+    def _check_vcc(self, rs: _Round, out: list[Action]) -> None:
+        ready = [v for v in rs.vcc if v >= rs.view]
+        if not ready:
+            return
+        v = max(ready)
+        # Leave view v: stop voting and committing in it, forward the certificate so
+        # every node leaves within one delta, then wait one delta so that every
+        # vote certificate sent before anyone left reaches us before we report our lock.
+        rs.view = v + 1
+        rs.waiting = True
+        rs.wait_until = self.now + self.delta
+        if v not in rs.vcc_sent:
+            rs.vcc_sent.add(v)
+            qc = rs.vcc[v]
+            stmt = statement("cert", self.market, rs.rid, v, codec.digest(qc.statement))
+            attachment = [qc.to_cbor(), None]
+            out.append(
+                Broadcast("cert", seal(self.node_id, self.signer.sign(stmt), stmt, attachment))
+            )
+
+    def _check_jump(self, rs: _Round) -> None:
+        if (
+            not rs.headers
+            or max(rs.headers) < rs.view
+            or (max(rs.headers) == rs.view and not rs.waiting)
+        ):
+            return
+        best = None
+        for view, headers in rs.headers.items():
+            if view == 0 or view < rs.view or (view == rs.view and not rs.waiting):
+                continue
+            for stmt in headers:
+                prop = rs.bodies.get(stmt)
+                if prop is not None and self._is_justified(rs, prop):
+                    best = view if best is None else max(best, view)
+        if best is not None:
+            rs.view = best
+            rs.waiting = False
+            rs.entered_at = self.now
+            rs.sync_after = 0
+
+    def _enter(self, rs: _Round, out: list[Action]) -> None:
+        rs.waiting = False
+        rs.entered_at = self.now
+        rs.sync_after = 0
+        lock_view, lock_vd, attachment = -1, b"", None
+        if rs.lock is not None:
+            lock_view, lock_vd = rs.lock
+            attachment = [rs.qcs[rs.lock].to_cbor(), rs.qc_proposal[rs.lock]]
+        stmt = statement("status", self.market, rs.rid, rs.view, lock_vd, lock_view)
+        sig = self.signer.sign(stmt)
+        rs.statuses.setdefault(rs.view, {})[self.node_id] = seal(self.node_id, sig, stmt)
+        rs.status_locks.setdefault(rs.view, {})[self.node_id] = (lock_view, lock_vd)
+        out.append(Broadcast("status", seal(self.node_id, sig, stmt, attachment)))
+
+    # primary -----------------------------------------------------------------------
+
+    def _primary_duty(self, rs: _Round, out: list[Action]) -> None:
+        v = rs.view
+        if self.primary(rs.rid, v) != self.node_id or v in rs.proposed:
+            return
+        if v == 0:
+            # Correct members open within delta of us and their requests take at most
+            # delta more: strictly after 2 delta every correct member's request is here.
+            have_all = all(m in rs.requests for m in self.membership.node_ids)
+            if not have_all and self.now <= rs.opened_at + 2 * self.delta:
+                return
+            self._propose_fresh(rs, None, out)
+            return
+        statuses = rs.statuses.get(v, {})
+        if len(statuses) < self.q:
+            return
+        locks = rs.status_locks[v]
+        top = max(lv for lv, _ in locks.values())
+        justification_statuses = [statuses[node] for node in sorted(statuses)]
+        if top < 0:
+            self._propose_fresh(rs, [justification_statuses, None], out)
+            return
+        vd = min(d for lv, d in locks.values() if lv == top)
+        if rs.committed is not None and rs.committed[1] != vd:
+            self.stats["conflicting_lock"] += 1
+            return
+        qc = rs.qcs[(top, vd)]
+        self._publish_proposal(rs, rs.values[vd], [justification_statuses, qc.to_cbor()], out)
+
+    def _propose_fresh(self, rs: _Round, justification: Any, out: list[Action]) -> None:
+        requests = tuple(rs.requests[s] for s in sorted(rs.requests))
+        try:
+            result = self.make_result(rs.rid, requests)
+        except (MeterChainError, ValueError, TypeError, ArithmeticError) as exc:
+            self.stats["contract_error"] += 1
+            self.last_error = f"contract {rs.rid.kind}: {exc}"
+            rs.proposed.add(rs.view)
+            return
+        value = self.decoder.value(self.market, rs.rid, [[r.raw for r in requests], result])
+        self._publish_proposal(rs, value, justification, out)
+
+    def make_result(self, rid: RoundId, requests: tuple[Request, ...]) -> Any:
+        """The contract result a primary proposes (a dishonest test primary overrides this)."""
+        return self.contracts[rid.kind].execute(requests)
+
+    def sign_proposal(self, rs: _Round, value: Value, justification: Any) -> tuple[bytes, bytes]:
+        """(proposal message, primary's vote signature) for `value` in the current view."""
+        v = rs.view
+        stmt = statement("prop", self.market, rs.rid, v, value.digest, codec.digest(justification))
+        vote_sig = self.signer.sign(vote_statement(self.market, rs.rid, v, value.digest))
+        attachment = [value.to_cbor(), vote_sig, justification]
+        return seal(self.node_id, self.signer.sign(stmt), stmt, attachment), vote_sig
+
+    def _publish_proposal(
+        self, rs: _Round, value: Value, justification: Any, out: list[Action]
+    ) -> None:
+        raw, _ = self.sign_proposal(rs, value, justification)
+        rs.proposed.add(rs.view)
+        env = self.decoder.envelope(raw)
+        self._on_proposal(rs, env)
+        rs.voted[rs.view] = value.digest
+        rs.vote_time[rs.view] = self.now
+        rs.dirty = True
+        out.append(Broadcast("prop", raw))
+
+    # backup ------------------------------------------------------------------------
+
+    def _is_justified(self, rs: _Round, prop: Proposal) -> bool:
+        """A view > 0 proposal carries more than n/2 signed statuses and the top lock."""
+        key = prop.env.statement
+        known = rs.justified.get(key)
+        if known is not None:
+            return known
+        ok = self._check_justification(rs, prop)
+        rs.justified[key] = ok
+        return ok
+
+    def _check_justification(self, rs: _Round, prop: Proposal) -> bool:
+        view = prop.env.view
+        if view == 0:
+            return prop.statuses is None and prop.justify is None
+        if prop.statuses is None:
+            return False
+        claims: dict[str, tuple[int, bytes]] = {}
+        for env in prop.statuses:
+            if (
+                env.tag != "status"
+                or env.market != self.market
+                or env.round != rs.rid
+                or env.view != view
+                or len(env.extra) != 1
+                or not isinstance(env.extra[0], int)
+                or not self.keyring.is_member(env.sender)
+                or not self.keyring.verify(env.sender, env.statement, env.signature)
+            ):
+                return False
+            claims[env.sender] = (env.extra[0], env.ref)
+        if len(claims) < self.q:
+            return False
+        top = max(lv for lv, _ in claims.values())
+        if top < 0:
+            return prop.justify is None
+        if prop.justify is None or (top, prop.digest) not in claims.values():
+            return False
+        try:
+            prop.justify.verify(
+                self.membership, expect=["vote", self.market, rs.rid.to_cbor(), top, prop.digest]
+            )
+        except QuorumError:
+            return False
+        return True
+
+    def _verdict(self, rs: _Round, prop: Proposal) -> str:
+        """ "ok", "censored" (our own request left out of a fresh proposal) or a defect."""
+        key = prop.env.statement
+        known = rs.verdicts.get(key)
+        if known is None:
+            known = self._judge(rs, prop)
+            rs.verdicts[key] = known
+        return known
+
+    def _judge(self, rs: _Round, prop: Proposal) -> str:
+        if prop.value is None or prop.defect is not None:
+            return prop.defect or "no value"
+        vote_stmt = vote_statement(self.market, rs.rid, prop.env.view, prop.digest)
+        if not self.keyring.verify(prop.env.sender, vote_stmt, prop.primary_vote):
+            return "primary's vote signature does not verify"
+        for req in prop.value.requests:
+            if not self.keyring.knows(req.submitter) or not self.keyring.verify(
+                req.submitter, req.env.statement, req.env.signature
+            ):
+                return f"request of {req.submitter!r} is not validly signed"
+        if not self._is_justified(rs, prop):
+            return "view change not justified"
+        try:
+            ok = self.contracts[rs.rid.kind].check(prop.value.requests, prop.value.result)
+        except (MeterChainError, ValueError, TypeError, ArithmeticError, KeyError):
+            ok = False
+        if not ok:
+            return "contract check failed"
+        fresh = prop.env.view == 0 or prop.justify is None
+        if fresh and rs.my_request is not None:
+            mine = self.decoder.request(rs.my_request).env.statement
+            if all(r.env.statement != mine for r in prop.value.requests):
+                return "censored"
+        return "ok"
+
+    def _backup_duty(self, rs: _Round, out: list[Action]) -> None:
+        v = rs.view
+        if v in rs.voted:
+            return
+        headers = rs.headers.get(v, {})
+        if len(headers) != 1:
+            return  # nothing yet, or an equivocation (handled by _timeouts)
+        stmt = next(iter(headers))
+        prop = rs.bodies.get(stmt)
+        if prop is None:
+            return
+        if rs.committed is not None and rs.committed[1] != prop.digest:
+            return  # never support anything but what we already treat as final
+        verdict = self._verdict(rs, prop)
+        if verdict == "ok" or (verdict == "censored" and (v, prop.digest) in rs.qcs):
+            # A censored backup votes no (blames); once a quorum certified the value
+            # anyway it accepts it, so that it can still reach a final result.
+            self._vote(rs, prop, out)
+        elif v not in rs.blamed:
+            self.stats["rejected_proposal"] += 1
+            self._blame(rs, v, [prop.env.raw], out)
+
+    def _vote(self, rs: _Round, prop: Proposal, out: list[Action]) -> None:
+        v, vd = prop.env.view, prop.digest
+        sig = self.signer.sign(vote_statement(self.market, rs.rid, v, vd))
+        rs.voted[v] = vd
+        rs.vote_time[v] = self.now
+        rs.dirty = True
+        self._add_vote(rs, v, vd, self.node_id, sig, prop.env.raw)
+        stmt = vote_statement(self.market, rs.rid, v, vd)
+        out.append(Broadcast("vote", seal(self.node_id, sig, stmt, prop.env.raw)))
+
+    def _blame(self, rs: _Round, v: int, evidence: list[bytes], out: list[Action]) -> None:
+        if v in rs.blamed:
+            return
+        rs.blamed.add(v)
+        rs.sync_after = self.now + 8 * self.delta
+        stmt = blame_statement(self.market, rs.rid, v, self.primary(rs.rid, v))
+        sig = self.signer.sign(stmt)
+        self._add_blame(rs, v, self.node_id, sig)
+        out.append(Broadcast("blame", seal(self.node_id, sig, stmt, evidence)))
+
+    # finality ----------------------------------------------------------------------
+
+    def _commit_duty(self, rs: _Round, out: list[Action]) -> None:
+        v = rs.view
+        if rs.committed is not None or v not in rs.voted or len(rs.headers.get(v, {})) > 1:
+            return
+        vd = rs.voted[v]
+        tv = rs.vote_time[v]
+        window_end = tv + 2 * self.delta  # the equivocation window: 2 delta after our vote
+        qc_at = rs.qc_time.get((v, vd))
+        if qc_at is None:
+            return
+        blame_at = rs.blame_first.get(v)
+        fast = qc_at <= window_end and (blame_at is None or blame_at > window_end)
+        if fast:
+            if self.now > window_end:
+                self._commit(rs, v, vd, out)
+            return
+        # Someone objected (or the certificate came late): an honest objector may lack
+        # the certificate, so forward it and give it one delta to arrive everywhere.
+        if v not in rs.forwarded and (blame_at is not None or self.now > window_end):
+            rs.forwarded[v] = self.now
+            qc = rs.qcs[(v, vd)]
+            stmt = statement("cert", self.market, rs.rid, v, codec.digest(qc.statement))
+            attachment = [qc.to_cbor(), rs.qc_proposal.get((v, vd))]
+            out.append(
+                Broadcast("cert", seal(self.node_id, self.signer.sign(stmt), stmt, attachment))
+            )
+        sent = rs.forwarded.get(v)
+        if sent is not None and self.now > max(window_end, sent + self.delta):
+            self._commit(rs, v, vd, out)
+
+    def _commit(self, rs: _Round, v: int, vd: bytes, out: list[Action]) -> None:
+        value = rs.values[vd]
+        rs.committed = (v, vd)
+        rs.commit_time = self.now
+        rs.dirty = True
+        out.append(Commit(rs.rid, v, vd, value, rs.qcs.get((v, vd))))
+        self._send_final(rs, vd, out)
+
+    def _send_final(self, rs: _Round, vd: bytes, out: list[Action]) -> None:
+        stmt = final_statement(self.market, rs.rid, vd)
+        sig = self.signer.sign(stmt)
+        attachment = None
+        committed_view = rs.committed[0] if rs.committed else -1
+        if committed_view >= 0 and self.primary(rs.rid, committed_view) == self.node_id:
+            # the primary publishes the result with its vote certificate (step 4)
+            qc = rs.qcs.get((committed_view, vd))
+            attachment = [rs.values[vd].to_cbor(), qc.to_cbor() if qc else None, None]
+        rs.finals.setdefault(vd, {})[self.node_id] = sig
+        out.append(Broadcast("final", seal(self.node_id, sig, stmt, attachment)))
+
+    def _try_final(self, rs: _Round, out: list[Action]) -> bool:
+        if rs.fc is None:
+            for vd, sigs in rs.finals.items():
+                if len(sigs) >= self.q:
+                    stmt = final_statement(self.market, rs.rid, vd)
+                    rs.fc = (vd, QuorumCertificate.collect(stmt, sigs.items()))
+                    break
+        if rs.fc is None:
+            return False
+        vd, fc = rs.fc
+        value = rs.values.get(vd)
+        if value is None:
+            if self.now >= rs.next_sync:
+                self._send_sync(rs, out)
+            return False
+        if rs.committed is None:
+            qc_views = [v for (v, d) in rs.qcs if d == vd]
+            qc = rs.qcs[(max(qc_views), vd)] if qc_views else None
+            out.append(Commit(rs.rid, -1, vd, value, qc))
+        elif rs.committed[1] != vd:
+            self.stats["conflict"] += 1  # cannot happen with fewer than n/2 faulty nodes
+        out.append(Final(rs.rid, vd, value, fc))
+        out.append(Persist(rs.rid, self._decided_record(rs.rid, vd, value, fc)))
+        del self.rounds[rs.rid]
+        self.decided[rs.rid] = (vd, value, fc)
+        while len(self.decided) > RETAIN_DECIDED:
+            self.decided.popitem(last=False)
+        return True
+
+    # timers ------------------------------------------------------------------------
+
+    def _proposal_deadline(self, rs: _Round) -> int:
+        # view 0: open skew (delta) + the primary's request collection (2 delta + 1 ms)
+        # + delivery; later views: entry skew + statuses to the primary + delivery.
+        # Blame strictly after the latest time a correct primary's proposal can arrive.
+        if rs.view == 0:
+            return rs.entered_at + 4 * self.delta + 2
+        return rs.entered_at + 3 * self.delta + 1
+
+    def _after_vote_deadline(self, rs: _Round) -> int:
+        tv = rs.vote_time[rs.view]
+        return tv + (5 * self.delta + 2 if rs.committed else 3 * self.delta + 2)
+
+    def _timeouts(self, rs: _Round, out: list[Action]) -> None:
+        v = rs.view
+        if v in rs.blamed:
+            return
+        headers = rs.headers.get(v, {})
+        if len(headers) >= 2:
+            # two signed proposals of one primary in one view: proof of equivocation
+            self.stats["equivocation"] += 1
+            self._blame(rs, v, [env.raw for env in list(headers.values())[:2]], out)
+            return
+        if v not in rs.voted:
+            if self.now >= self._proposal_deadline(rs):
+                self._blame(rs, v, [], out)
+        elif self.now >= self._after_vote_deadline(rs):
+            self._blame(rs, v, [], out)
+
+    def _deadlines(self, rs: _Round) -> list[int]:
+        times: list[int] = []
+        if rs.recovering or rs.fc is not None:
+            return [rs.next_sync]
+        if rs.sync_after:
+            times.append(rs.sync_after)
+        if rs.waiting:
+            return [t for t in [*times, rs.wait_until] if t > self.now]
+        v = rs.view
+        if v == 0 and self.primary(rs.rid, 0) == self.node_id and 0 not in rs.proposed:
+            times.append(rs.opened_at + 2 * self.delta + 1)
+        if v in rs.voted:
+            if rs.committed is None:
+                window_end = rs.vote_time[v] + 2 * self.delta
+                times.append(window_end + 1)
+                if v in rs.forwarded:
+                    times.append(rs.forwarded[v] + self.delta + 1)
+            if v not in rs.blamed:
+                times.append(self._after_vote_deadline(rs))
+        elif v not in rs.blamed:
+            times.append(self._proposal_deadline(rs))
+        return [t for t in times if t > self.now]
+
+
+def liveness_bound_ms(delta_ms: int, faulty: int) -> int:
+    """Latest commit time after a round's first honest open, with `faulty` < n/2 faulty nodes.
+
+    Derived from the timers above with every delay between correct nodes at
+    most delta and correct nodes opening within delta of each other:
+    with a correct view-0 primary every correct node commits within 7 delta + 2 ms
+    of the round's first open (3 delta + 1 to propose, 1 delta to deliver, the
+    2-delta window, 1 delta more when a certificate must be forwarded); a view
+    led by a faulty primary ends within 11 delta + 3 ms of its first correct
+    entry (view 0: 12 delta + 4, counted from the open); a view led by a correct
+    primary after a change commits within 6 delta + 1 ms of its first correct
+    entry. With f faulty nodes at most f consecutive primaries are faulty, so
+    the bound is 7 delta + 2 for f = 0 and 18 delta + 5 + (f - 1)(11 delta + 3)
+    ms otherwise. The finality certificate follows within one more delta.
+    """
+    d = delta_ms
+    if faulty <= 0:
+        return 7 * d + 2
+    return 12 * d + 4 + (faulty - 1) * (11 * d + 3) + 6 * d + 1

@@ -1,0 +1,294 @@
+"""Builds simulated markets from a seed and checks safety, liveness and catch-up on them.
+
+A `Scenario` lists n, delta, the rounds and who is faulty how; `build` wires
+real `Node`s (or Byzantine subclasses) into a `Simulator`; `check` states the
+three properties: no two different final results for a round anywhere,
+every correct node commits every round within `liveness_bound_ms`, and every
+node that is up at the end has caught up on every round.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_agent.consensus.contracts import DoubleAuction, Tally
+from edge_agent.consensus.messages import Decoder, RoundId, seal, statement
+from edge_agent.consensus.node import Node, liveness_bound_ms
+from edge_agent.consensus.signing import (
+    Keyring,
+    P256Signer,
+    VerificationCache,
+    hash_identities,
+    p256_identities,
+    public_keys,
+)
+from edge_agent.consensus.sim import Instance, Simulator, membership_for, node_names
+from tests.consensus.byzantine import Equivocator, Liar, Tamperer
+
+FAULTS = ("liar", "tamper", "equivocate", "crash", "restart", "lossy", "twins")
+PARTICIPANT = "p0"  # a submit-only microgrid: signs requests, never votes
+_P256_CACHE: dict[tuple[str, ...], dict[str, P256Signer]] = {}
+
+
+@dataclass
+class Scenario:
+    seed: int
+    n: int
+    delta: int = 10
+    rounds: int = 2
+    faults: dict[str, str] = field(default_factory=dict)  # node id -> kind in FAULTS
+    gaps: list[int] = field(default_factory=list)  # ms between round opens
+    replays: int = 0
+    loss: float = 0.0
+    extreme_delays: bool = False  # every delay is 0 or exactly delta: hits timer boundaries
+    real_signatures: bool = False
+
+    @property
+    def faulty(self) -> int:
+        return len(self.faults)
+
+    def describe(self) -> str:
+        return (
+            f"seed={self.seed} n={self.n} delta={self.delta} rounds={self.rounds} "
+            f"faults={self.faults} gaps={self.gaps} replays={self.replays} loss={self.loss} "
+            f"extreme_delays={self.extreme_delays} real_signatures={self.real_signatures}"
+        )
+
+
+def random_scenario(seed: int, *, real_signatures: bool = False) -> Scenario:
+    rng = random.Random(seed)
+    n = rng.choices([3, 4, 5, 7], weights=[3, 3, 3, 2])[0]
+    budget = (n - 1) // 2
+    count = rng.randint(0, budget)
+    ids = node_names(n)
+    faulty_ids = rng.sample(ids, count)
+    faults = {node: rng.choice(FAULTS) for node in faulty_ids}
+    rounds = 2
+    delta = rng.choice([4, 10, 25])
+    gaps = [rng.randint(0, 15 * delta) for _ in range(rounds - 1)]
+    return Scenario(
+        seed=seed,
+        n=n,
+        delta=delta,
+        rounds=rounds,
+        faults=faults,
+        gaps=gaps,
+        replays=rng.choice([0, 0, 5, 20]),
+        loss=rng.choice([0.2, 0.5, 1.0]),
+        extreme_delays=rng.random() < 0.4,
+        real_signatures=real_signatures,
+    )
+
+
+def _identities(ids: list[str], real: bool, seed: int) -> dict[str, Any]:
+    if not real:
+        return hash_identities(ids, seed=seed)
+    key = tuple(ids)
+    if key not in _P256_CACHE:  # P-256 keys are pre-generated once per id list
+        _P256_CACHE[key] = p256_identities(ids, seed=7)
+    return _P256_CACHE[key]
+
+
+def round_id(r: int) -> RoundId:
+    return RoundId(r, "clear" if r % 2 == 0 else "settle")
+
+
+def bid(node_index: int, r: int, rng: random.Random) -> Any:
+    if round_id(r).kind == "settle":
+        return rng.randint(0, 1000)
+    side = "sell" if node_index % 2 == 0 else "buy"
+    return {"side": side, "wh": rng.randint(1, 40) * 100, "price": rng.randint(50, 250)}
+
+
+@dataclass
+class Built:
+    scenario: Scenario
+    sim: Simulator
+    opens: dict[RoundId, int]  # first correct open of each round
+    checked: list[str]  # instances whose decisions must agree
+    correct: list[str]  # instances that must meet the liveness bound
+    caught_up: list[str]  # instances that must know every final result by the end
+    horizon: int
+
+
+def build(sc: Scenario) -> Built:
+    ids = node_names(sc.n)
+    everyone = [*ids, PARTICIPANT]
+    signers = _identities(everyone, sc.real_signatures, sc.seed)
+    keys = public_keys(signers)
+    membership = membership_for("m1", {i: keys[i] for i in ids})
+    cache = VerificationCache()
+    keyring = Keyring(membership, {PARTICIPANT: keys[PARTICIPANT]}, cache=cache)
+    decoder = Decoder()
+    sim = Simulator(sc.delta, sc.seed, decoder=decoder)
+    contracts = {"clear": DoubleAuction(), "settle": Tally()}
+    rng = random.Random(sc.seed * 7919 + 1)
+
+    def factory(node_id: str, kind: str | None) -> Any:
+        cls: Any = {"liar": Liar, "tamper": Tamperer, "equivocate": Equivocator}.get(
+            kind or "", Node
+        )
+        extra = {"seed": sc.seed} if cls is Equivocator else {}
+
+        def make(records: list[bytes]) -> Node:
+            return cls(
+                signers[node_id],
+                keyring,
+                contracts,
+                delta_ms=sc.delta,
+                decoder=decoder,
+                records=records,
+                **extra,
+            )
+
+        return make
+
+    checked, correct = [], []
+    for node_id in ids:
+        kind = sc.faults.get(node_id)
+        make = factory(node_id, kind)
+        sim.add(node_id, make([]), make)
+        if kind is None:
+            correct.append(node_id)
+        if kind in (None, "crash", "restart", "lossy"):
+            # Every node running the honest code must agree, including ones that crashed
+            # and ones that lost messages. Twins are one faulty node run twice with one
+            # key: whatever either copy decides is a faulty node's output.
+            checked.append(node_id)
+        if kind == "twins":
+            sim.add(node_id + "'", make([]), make)
+
+    twins = {node for node, kind in sc.faults.items() if kind == "twins"}
+    byzantine = {
+        node for node, kind in sc.faults.items() if kind in ("liar", "tamper", "equivocate")
+    }
+    lossy = {node for node, kind in sc.faults.items() if kind == "lossy"}
+    partitions: dict[tuple[str, int], set[str]] = {}
+
+    def partition(instance: str, seq: int) -> set[str]:
+        """Which node ids a twin instance talks to in round `seq` (chosen once per round)."""
+        key = (instance, seq)
+        if key not in partitions:
+            local = random.Random(f"{sc.seed}/{instance}/{seq}")
+            others = [i for i in ids if i not in twins]
+            partitions[key] = {i for i in others if local.random() < 0.5}
+        return partitions[key]
+
+    def link(src: Instance, dst: Instance, data: bytes, now: int) -> int | None:
+        if sc.extreme_delays:
+            delay = sc.delta if sim.rng.random() < 0.5 else 0
+        else:
+            delay = sim.rng.randint(0, sc.delta)
+        if src.node_id in byzantine and sim.rng.random() < 0.3:
+            delay = sim.rng.randint(0, 4 * sc.delta)  # a faulty sender picks its own moment
+        if dst.node_id in lossy and sim.rng.random() < sc.loss:
+            return None
+        if twins and (src.node_id in twins or dst.node_id in twins):
+            seq = decoder.envelope(data).round.seq
+            if src.node_id in twins and dst.node_id not in partition(src.name, seq):
+                return None
+            if dst.node_id in twins and src.node_id not in partition(dst.name, seq):
+                return None
+        return delay
+
+    sim.link = link
+
+    # rounds: every node opens within delta of the first; the participant submits too
+    opens: dict[RoundId, int] = {}
+    t = 5
+    for r in range(sc.rounds):
+        rid = round_id(r)
+        opens[rid] = t
+        for index, node_id in enumerate(ids):
+            when = t + rng.randint(0, sc.delta)
+            deposit = bytes([index + 1]) * 8
+            fields = {"round": rid, "deposit": deposit, "body": bid(index, r, rng)}
+            sim.open(when, node_id, fields)
+            if node_id in twins:
+                sim.open(when, node_id + "'", fields)
+        body = bid(sc.n, r, rng)
+        stmt = statement("req", "m1", rid, 0, b"\xee" * 8, PARTICIPANT, body)
+        raw = seal(PARTICIPANT, signers[PARTICIPANT].sign(stmt), stmt)
+        sim.inject(t + rng.randint(0, sc.delta), raw, PARTICIPANT)
+        if r < len(sc.gaps):
+            t += sc.gaps[r]
+
+    last_open = t
+    bound = liveness_bound_ms(sc.delta, sc.faulty)
+    horizon = last_open + bound + 60 * sc.delta
+    for node_id, kind in sc.faults.items():
+        if kind in ("crash", "restart"):
+            down = rng.randint(0, last_open + bound)
+            sim.crash(down, node_id)
+            if kind == "restart":
+                sim.restart(down + rng.randint(1, 20 * sc.delta), node_id)
+    if sc.replays:
+        sim.keep_history = True
+        for _ in range(sc.replays):
+            when = rng.randint(0, horizon - 30 * sc.delta)
+
+            def replay(when: int = when) -> None:
+                if sim.history:
+                    data, sender = sim.history[sim.rng.randrange(len(sim.history))]
+                    target = sim.rng.choice(list(sim.instances))
+                    sim.inject(when + sim.rng.randint(0, sc.delta), data, sender, [target])
+
+            sim.at(when, replay)
+    caught_up = [
+        name
+        for name in checked
+        if sc.faults.get(name.rstrip("'")) in (None, "crash", "restart")
+        or (sc.faults.get(name) == "lossy" and sc.loss < 1.0)
+    ]
+    return Built(sc, sim, opens, checked, correct, caught_up, horizon)
+
+
+class PropertyViolation(AssertionError):
+    """A simulated schedule broke safety, liveness or catch-up; the message has the seed."""
+
+
+def check(built: Built) -> dict[str, Any]:
+    sc, sim = built.scenario, built.sim
+    sim.run(built.horizon)
+    problems: list[str] = []
+    bound = liveness_bound_ms(sc.delta, sc.faulty)
+    for rid, opened in built.opens.items():
+        decided: dict[bytes, list[str]] = {}
+        for name in built.checked:
+            inst = sim.instances[name]
+            for book in (inst.commits, inst.finals):
+                if rid in book:
+                    decided.setdefault(book[rid][1], []).append(name)
+            if inst.conflicts:
+                problems.append(f"{name} decided twice differently: {inst.conflicts}")
+        if len(decided) > 1:
+            seen = ", ".join(f"{d.hex()[:8]}: {sorted(set(v))}" for d, v in decided.items())
+            problems.append(f"SAFETY {rid}: {seen}")
+        for name in built.correct:
+            inst = sim.instances[name]
+            commit = inst.commits.get(rid)
+            if commit is None:
+                problems.append(f"LIVENESS {rid}: correct {name} never committed")
+            elif commit[0] - opened > bound:
+                problems.append(
+                    f"LIVENESS {rid}: {name} committed {commit[0] - opened} ms after open, "
+                    f"bound {bound} ms"
+                )
+        for name in built.caught_up:
+            inst = sim.instances[name]
+            if inst.up and rid not in inst.finals:
+                problems.append(f"CATCH-UP {rid}: {name} (up at the end) has no final result")
+    if problems:
+        raise PropertyViolation(f"{sc.describe()}\n  " + "\n  ".join(problems))
+    latencies = [
+        sim.instances[name].commits[rid][0] - opened
+        for rid, opened in built.opens.items()
+        for name in built.correct
+    ]
+    return {"max_latency": max(latencies, default=0), "publishes": sum(sim.publishes.values())}
+
+
+def run_seed(seed: int, *, real_signatures: bool = False) -> dict[str, Any]:
+    return check(build(random_scenario(seed, real_signatures=real_signatures)))
