@@ -18,14 +18,25 @@ import signal
 import time
 from collections.abc import Callable
 
+from edge_agent.bid import build_market
 from edge_agent.broker_link import BrokerLink
 from edge_agent.config import AgentConfig
+from edge_agent.forecast import (
+    Forecaster,
+    PersistenceForecaster,
+    ProfileForecaster,
+    history_from_energy,
+    load_profile,
+)
 from edge_agent.ingest import Ingest, Outcome
 from edge_agent.metrics import AgentMetrics
 from edge_agent.modbus import BusSettings, MeterPoller, MeterSample, ModbusBus
+from edge_agent.rounds import RoundDriver, RoundOutcome, StandaloneClearing
+from edge_agent.setpoints import SetpointWriter
 from edge_agent.store import AgentStore, StoreView
 from edge_agent.worker import GatewayIdentity, IngestWorker
 from meterchain import service
+from meterchain.errors import ConfigError
 from meterchain.registry import Registry
 from meterchain.sequence import SequenceGuard
 
@@ -38,6 +49,7 @@ class Agent:
     def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.clock = clock
+        forecaster = self._forecaster()
         self.metrics = AgentMetrics(clock=clock)
         self.registry = Registry.load(config.agent.registry)
         self.store = AgentStore(config.database)
@@ -105,7 +117,52 @@ class Agent:
             MeterPoller(m.id, self.buses[m.bus], m.unit, m.poll_interval_s, self._on_sample)
             for m in config.modbus_meters
         ]
+        self.rounds = self._round_driver(forecaster) if forecaster is not None else None
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _forecaster(self) -> Forecaster | None:
+        """The forecaster if the agent bids (raises ConfigError before any state is created)."""
+        cfg = self.config
+        if not cfg.microgrid.retail_price_per_kwh:
+            return None
+        if cfg.consensus.role != "standalone":
+            raise ConfigError(
+                str(cfg.path),
+                "consensus.role",
+                f"{cfg.consensus.role!r} needs the SDBFT transport, which this build does not "
+                'have yet; use "standalone"',
+            )
+        profile = load_profile(cfg.forecast.profile_file) if cfg.forecast.profile_file else None
+        if cfg.forecast.kind == "profile":
+            assert profile is not None  # the config check requires the file for this kind
+            return ProfileForecaster(profile)
+        return PersistenceForecaster(profile)
+
+    def _round_driver(self, forecaster: Forecaster) -> RoundDriver:
+        cfg = self.config
+        owner = cfg.owner
+
+        def on_round(outcome: RoundOutcome) -> None:
+            self.metrics.round_latency.observe(outcome.latency_s)
+            self.metrics.rounds.labels("cleared" if outcome.result else "failed").inc()
+
+        return RoundDriver(
+            microgrid_id=owner,
+            section=cfg.microgrid,
+            forecaster=forecaster,
+            history=lambda now: history_from_energy(self.view.hourly(owner=owner), before=now),
+            clearing=StandaloneClearing(build_market(cfg.market)),
+            writer=SetpointWriter(
+                cfg.setpoints,
+                self.buses,
+                on_written=lambda kind: self.metrics.setpoint_writes.labels(kind).inc(),
+                on_failed=lambda kind: self.metrics.setpoint_failures.labels(kind).inc(),
+            ),
+            store=self.view,
+            bid_lead_s=cfg.consensus.bid_lead_s,
+            clock=self.clock,
+            on_round=on_round,
+        )
 
     async def _on_sample(self, meter_id: str, sample: MeterSample) -> None:
         self.metrics.modbus_reads.labels(meter_id).inc()
@@ -135,6 +192,8 @@ class Agent:
         self.link.start()
         for poller in self.pollers:
             self._spawn(f"poll-{poller.meter_id}", poller.run())
+        if self.rounds is not None:
+            self._spawn("rounds", self.rounds.run())
         interval = service.watchdog_interval()
         if interval:
             self._spawn("watchdog", self._watchdog(interval / 2))

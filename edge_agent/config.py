@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import ssl
 import stat
 import tomllib
 import types
@@ -45,6 +46,7 @@ from meterchain.mqtt_auth import check_name
 from meterchain.reading import SOURCES
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ROLES = ("node", "submitter", "standalone")
 SETPOINT_KINDS = ("storage_charge_w", "storage_discharge_w", "storage_power_w", "gas_turbine_w")
 
 
@@ -123,29 +125,57 @@ class ForecastSection:
 
 
 @dataclass(frozen=True)
-class MicrogridSection:
-    """The microgrid's physical and price parameters for the M1 model (power kW, energy kWh)."""
+class GasSection:
+    """Gas turbine, cost a*P^2 + b*P (meterchain.market.model.GasTurbine units)."""
 
-    gas_turbine_max_kw: float = 0.0
-    gas_turbine_cost_a: float = 0.0  # cost per kW^2 per hour
-    gas_turbine_cost_b: float = 0.0  # cost per kWh
-    storage_charge_max_kw: float = 0.0
-    storage_discharge_max_kw: float = 0.0
-    storage_efficiency: float = 0.95
-    storage_min_kwh: float = 0.0
-    storage_max_kwh: float = 0.0
-    storage_initial_kwh: float = 0.0
-    green_share: float = 0.0  # fraction of the load that must be green (G = share * L)
-    green_loss_coefficient: float = 0.0  # c_i, cost per kWh of green deficit
-    feed_in_tariff: float = 0.0  # gamma, per kWh
-    retail_prices: tuple[float, ...] = ()  # lambda_t per hour of day, 24 values
+    a_per_mw2h: int = 0  # money minor units per MW^2 h
+    b_per_kwh: int = 0  # money minor units per kWh
+    p_max_w: int = 0
+    p_min_w: int = 0
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    """Battery (meterchain.market.model.Storage units); `soc_wh` is the energy at first start."""
+
+    charge_max_w: int = 0
+    discharge_max_w: int = 0
+    efficiency_ppm: int = 950_000  # one-way efficiency
+    e_min_wh: int = 0
+    e_max_wh: int = 0
+    soc_wh: int = 0
+
+
+@dataclass(frozen=True)
+class MicrogridSection:
+    """The microgrid's M1 parameters in the market model's integer units (W, Wh, minor units)."""
+
+    retail_price_per_kwh: tuple[int, ...] = ()  # lambda_t for each hour of the day (24 values)
+    feed_in_tariff_per_kwh: int = 0  # gamma
+    green_loss_per_kwh: int = 0  # c_i of the linear green deficit loss (M1a)
+    green_share_pct: int = 0  # G = L * pct / 100: the share of the load that must be green
+    grid_import_limit_w: int = 0  # 0: no limit
+    deposit: int = 0  # SC1 deposit per trade request, minor units
+    gas: GasSection | None = None
+    storage: StorageSection | None = None
+
+
+@dataclass(frozen=True)
+class MarketSection:
+    """Market-wide rules (meterchain.market.model.Market); the same on every node."""
+
+    wheeling_fee_per_kwh: int = 0
+    flow_wear_per_mw2h: int = 50_000
+    min_deposit: int = 0
 
 
 @dataclass(frozen=True)
 class ConsensusSection:
-    role: str = "submitter"  # "node" (one of the consensus set) or "submitter"
+    # "node": one of the consensus set; "submitter": bids through the consensus
+    # nodes; "standalone": clears its own request alone (no market partners).
+    role: str = "standalone"
     membership: Path | None = None
-    round_interval_s: float = 3600.0
+    bid_lead_s: float = 300.0  # how long before each hour the bid goes out
     delta_s: float = 5.0  # the synchronous bound of SDBFT
 
 
@@ -161,6 +191,7 @@ class AgentConfig:
     setpoints: tuple[SetpointSection, ...] = ()
     forecast: ForecastSection = field(default_factory=ForecastSection)
     microgrid: MicrogridSection = field(default_factory=MicrogridSection)
+    market: MarketSection = field(default_factory=MarketSection)
     consensus: ConsensusSection = field(default_factory=ConsensusSection)
     node_key: PrivateKey | None = field(default=None, repr=False)
     broker_password: str = field(default="", repr=False)
@@ -226,6 +257,8 @@ class _Checker:
             if not isinstance(raw, str):
                 self.fail(key, f"must be a string, not {_toml_kind(raw)}")
             return raw
+        if dataclasses.is_dataclass(hint):
+            return self.table(raw, hint, key)
         if hint is Path:
             if not isinstance(raw, str) or not raw:
                 self.fail(key, f"must be a non-empty path string, not {_toml_kind(raw)}")
@@ -281,7 +314,9 @@ def _toml_kind(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-_SECTIONS = ("agent", "broker", "modbus", "setpoint", "forecast", "microgrid", "consensus")
+_SECTIONS = (
+    "agent", "broker", "modbus", "setpoint", "forecast", "microgrid", "market", "consensus"
+)
 
 
 def load(path: str | Path) -> AgentConfig:
@@ -312,9 +347,9 @@ def load(path: str | Path) -> AgentConfig:
     forecast = _check_forecast(
         check, check.table(doc.get("forecast", {}), ForecastSection, "forecast")
     )
-    microgrid = _check_microgrid(
-        check, check.table(doc.get("microgrid", {}), MicrogridSection, "microgrid")
-    )
+    microgrid = check.table(doc.get("microgrid", {}), MicrogridSection, "microgrid")
+    market = check.table(doc.get("market", {}), MarketSection, "market")
+    _check_market_model(check, microgrid, market, agent)
     consensus = _check_consensus(
         check, check.table(doc.get("consensus", {}), ConsensusSection, "consensus")
     )
@@ -343,6 +378,7 @@ def load(path: str | Path) -> AgentConfig:
         setpoints=setpoints,
         forecast=forecast,
         microgrid=microgrid,
+        market=market,
         consensus=consensus,
         node_key=node_key,
         broker_password=password,
@@ -384,6 +420,10 @@ def _check_broker(check: _Checker, broker: BrokerSection, agent: AgentSection) -
         if broker.ca_file is None:
             check.fail("broker.ca_file", "missing (required for mqtts://)")
         check.readable_file(broker.ca_file, "broker.ca_file")
+        try:
+            ssl.create_default_context(cafile=str(broker.ca_file))
+        except (ssl.SSLError, ValueError) as exc:
+            check.fail("broker.ca_file", f"{broker.ca_file} is not a PEM CA certificate: {exc}")
     if broker.username and broker.password_file is None:
         check.fail("broker.password_file", "missing (a username needs a password file)")
     check.positive(broker.keepalive_s, "broker.keepalive_s")
@@ -499,55 +539,45 @@ def _check_forecast(check: _Checker, forecast: ForecastSection) -> ForecastSecti
     return forecast
 
 
-def _check_microgrid(check: _Checker, mg: MicrogridSection) -> MicrogridSection:
-    for name in (
-        "gas_turbine_max_kw",
-        "gas_turbine_cost_a",
-        "gas_turbine_cost_b",
-        "storage_charge_max_kw",
-        "storage_discharge_max_kw",
-        "storage_min_kwh",
-        "storage_max_kwh",
-        "storage_initial_kwh",
-        "green_loss_coefficient",
-        "feed_in_tariff",
-    ):
-        check.positive(getattr(mg, name), f"microgrid.{name}", allow_zero=True)
-    if not 0 < mg.storage_efficiency <= 1:
-        check.fail(
-            "microgrid.storage_efficiency", f"must be in (0, 1], got {mg.storage_efficiency}"
-        )
-    if not 0 <= mg.green_share <= 1:
-        check.fail("microgrid.green_share", f"must be in [0, 1], got {mg.green_share}")
-    if mg.storage_max_kwh < mg.storage_min_kwh:
-        check.fail("microgrid.storage_max_kwh", "must be >= storage_min_kwh")
-    if (
-        not mg.storage_min_kwh
-        <= mg.storage_initial_kwh
-        <= max(mg.storage_max_kwh, mg.storage_min_kwh)
-    ):
-        check.fail(
-            "microgrid.storage_initial_kwh",
-            f"must lie in [storage_min_kwh, storage_max_kwh] = "
-            f"[{mg.storage_min_kwh}, {mg.storage_max_kwh}]",
-        )
-    if mg.retail_prices and len(mg.retail_prices) != 24:
-        check.fail(
-            "microgrid.retail_prices", f"must have 24 hourly values, got {len(mg.retail_prices)}"
-        )
-    for i, price in enumerate(mg.retail_prices):
-        check.positive(price, f"microgrid.retail_prices[{i}]", allow_zero=True)
-    return mg
+def _check_market_model(
+    check: _Checker, mg: MicrogridSection, market: MarketSection, agent: AgentSection
+) -> None:
+    """Refuse parameters the market model would refuse, naming the config key."""
+    from edge_agent.bid import build_assets, build_market, build_microgrid
+    from edge_agent.forecast import Forecast
+    from meterchain.market.errors import InvalidModel
+
+    if mg.retail_price_per_kwh and len(mg.retail_price_per_kwh) != 24:
+        check.fail("microgrid.retail_price_per_kwh",
+                   f"must have 24 hourly values, got {len(mg.retail_price_per_kwh)}")
+    if not 0 <= mg.green_share_pct <= 100:
+        check.fail("microgrid.green_share_pct", f"must be 0 .. 100, got {mg.green_share_pct}")
+    try:
+        build_market(market)
+    except InvalidModel as exc:
+        check.fail(f"market.{exc.field}", exc.problem)
+    try:
+        build_assets(mg)
+    except InvalidModel as exc:
+        check.fail(f"microgrid.{exc.field}", exc.problem)
+    if not mg.retail_price_per_kwh:
+        return  # no bidding configured: the agent meters only
+    try:
+            # A flat day with zero forecasts exercises every parameter and every price.
+        build_microgrid(agent.microgrid or agent.node_id, mg, Forecast(0, (0,) * 24, (0,) * 24))
+    except InvalidModel as exc:
+        check.fail(f"microgrid.{exc.field}", exc.problem)
 
 
 def _check_consensus(check: _Checker, cons: ConsensusSection) -> ConsensusSection:
-    if cons.role not in ("node", "submitter"):
-        check.fail("consensus.role", f'must be "node" or "submitter", not {cons.role!r}')
+    if cons.role not in ROLES:
+        check.fail("consensus.role", f"must be one of {', '.join(ROLES)}, not {cons.role!r}")
     if cons.membership is not None:
         check.readable_file(cons.membership, "consensus.membership")
     elif cons.role == "node":
         check.fail("consensus.membership", 'missing (required for role = "node")')
-    check.positive(cons.round_interval_s, "consensus.round_interval_s")
+    if not 0 < cons.bid_lead_s < 3600:
+        check.fail("consensus.bid_lead_s", f"must be in (0, 3600), got {cons.bid_lead_s}")
     check.positive(cons.delta_s, "consensus.delta_s")
     return cons
 

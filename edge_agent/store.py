@@ -17,6 +17,7 @@ previous one (the guard's last state), split over hours by
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.energy import split_interval
+from meterchain.market.model import Dispatch
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS hourly_energy (
@@ -35,6 +37,12 @@ CREATE TABLE IF NOT EXISTS hourly_energy (
     export_wh INTEGER NOT NULL,
     PRIMARY KEY (hour, meter_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS schedule (
+    hour          INTEGER PRIMARY KEY,
+    dispatch      TEXT NOT NULL,
+    result_digest BLOB NOT NULL,
+    not_applied   TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     id      INTEGER PRIMARY KEY AUTOINCREMENT,
     topic   TEXT NOT NULL,
@@ -149,7 +157,11 @@ class AgentStore:
 
 
 class StoreView:
-    """Queries and outbox acknowledgements from other threads, each through its own connection."""
+    """Queries, outbox acknowledgements and executed schedules, from threads other than the writer.
+
+    Each thread gets its own connection; SQLite serializes the few writes
+    made here with the writer's transactions.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -178,6 +190,21 @@ class StoreView:
 
     def delete_outbox(self, row_id: int) -> None:
         self._conn().execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+
+    def record_schedule(
+        self, hour: int, dispatch: Dispatch, result_digest: bytes, not_applied: str
+    ) -> None:
+        """Remember what was executed in `hour` (the next window's storage starts from it)."""
+        self._conn().execute(
+            "INSERT OR REPLACE INTO schedule VALUES (?, ?, ?, ?)",
+            (hour, json.dumps(dispatch.to_list()), result_digest, not_applied),
+        )
+
+    def schedule(self, hour: int) -> Dispatch | None:
+        row = self._conn().execute(
+            "SELECT dispatch FROM schedule WHERE hour = ?", (hour,)
+        ).fetchone()
+        return Dispatch.from_list(json.loads(row[0])) if row else None
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

@@ -10,6 +10,7 @@ import pytest
 from agent_site import agent_command
 
 from edge_agent import config as agent_config
+from hil.broker import make_test_pki
 from meterchain.keys import PrivateKey
 from meterchain.registry import entry_text, make_meter
 
@@ -49,7 +50,8 @@ def site(tmp_path: Path) -> Path:
     PrivateKey.generate().save(tmp_path / "node.key")
     (tmp_path / "broker.pass").write_text("secret\n")
     (tmp_path / "broker.pass").chmod(0o600)
-    (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    make_test_pki(tmp_path / "pki")
+    (tmp_path / "ca.crt").write_bytes((tmp_path / "pki" / "ca.crt").read_bytes())
     meter = make_meter("mg1-pv", PrivateKey.generate().public_key(), "mg1", "pv")
     (tmp_path / "registry.toml").write_text(entry_text(meter))
     (tmp_path / "agent.toml").write_text(GOOD)
@@ -179,8 +181,41 @@ CASES: list[tuple[str, Callable[[Path], None], str]] = [
     ),
     (
         "bad-microgrid",
-        _append("[microgrid]\nstorage_efficiency = 1.5\n"),
-        "microgrid.storage_efficiency: must be in (0, 1], got 1.5",
+        _append("[microgrid.storage]\nefficiency_ppm = 1500000\n"),
+        "microgrid.storage.efficiency_ppm: (1500000) > 1000000",
+    ),
+    (
+        "bad-prices",
+        _append("[microgrid]\nretail_price_per_kwh = [5, 6]\n"),
+        "microgrid.retail_price_per_kwh: must have 24 hourly values, got 2",
+    ),
+    (
+        "price-below-feed-in",
+        _append(
+            "[microgrid]\nfeed_in_tariff_per_kwh = 900\nretail_price_per_kwh = "
+            + str([2000] * 23 + [800])
+            + "\n"
+        ),
+        "microgrid.retail_price_per_kwh[23]: (800) <= feed_in_tariff_per_kwh (900)",
+    ),
+    (
+        "ca-file-not-pem",
+        _write("ca.crt", "-----BEGIN CERTIFICATE-----\n", 0o644),
+        "broker.ca_file: {root}/ca.crt is not a PEM CA certificate",
+    ),
+    (
+        "role-without-transport",
+        _append(
+            '[consensus]\nrole = "submitter"\n[microgrid]\nretail_price_per_kwh = '
+            + str([2000] * 24)
+            + "\n"
+        ),
+        "consensus.role: 'submitter' needs the SDBFT transport, which this build does not have",
+    ),
+    (
+        "bad-role",
+        _append('[consensus]\nrole = "leader"\n'),
+        "consensus.role: must be one of node, submitter, standalone, not 'leader'",
     ),
 ]
 
