@@ -379,7 +379,8 @@ def _solve_clarabel(qp: WindowQP) -> np.ndarray:
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise SolverFailure("the clarabel solver is not installed") from exc
     n = qp.size
-    eye = sp.identity(n, format="csr")
+    ramp = np.arange(n)
+    eye = sp.csr_matrix((np.ones(n), (ramp, ramp)), shape=(n, n))
     lo_f = np.isfinite(qp.lb)
     hi_f = np.isfinite(qp.ub)
     l_f = np.isfinite(qp.l_in)
@@ -389,7 +390,8 @@ def _solve_clarabel(qp: WindowQP) -> np.ndarray:
     b_cone = np.concatenate([-qp.l_in[l_f], qp.u_in[u_f], -qp.lb[lo_f], qp.ub[hi_f]])
     a = sp.vstack([qp.a_eq, a_cone], format="csc")
     b = np.concatenate([qp.b_eq, b_cone])
-    cones = [clarabel.ZeroConeT(qp.a_eq.shape[0]), clarabel.NonnegativeConeT(a_cone.shape[0])]
+    n_eq, n_cone = qp.b_eq.shape[0], b_cone.shape[0]
+    cones = [clarabel.ZeroConeT(n_eq), clarabel.NonnegativeConeT(n_cone)]
     settings = clarabel.DefaultSettings()
     settings.verbose = False
     settings.tol_gap_abs = 1e-10

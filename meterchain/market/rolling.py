@@ -284,10 +284,11 @@ def compare_rolling_vs_day_ahead(
     """
     if scenarios < 1:
         raise ValueError("scenarios must be at least 1")
-    totals = dict.fromkeys(
-        ("rolling_penalty", "day_ahead_penalty", "rolling_short_wh", "day_ahead_short_wh"), 0
-    )
-    totals.update(rolling_traded_wh=0, day_ahead_traded_wh=0)
+    totals: dict[str, int] = {
+        f"{mode}_{what}": 0
+        for mode in ("rolling", "day_ahead")
+        for what in ("penalty", "short_wh", "traded_wh")
+    }
     days = []
     for k in range(scenarios):
         day_case = replace(case, forecast=replace(case.forecast, seed=case.forecast.seed + k))

@@ -286,8 +286,10 @@ def test_equal_split_and_individual_rationality(req: ClearingRequest) -> None:
             assert gains[i] == 0 and hour.dispatch[i] == hour.standalone[i]
     # the cooperative optimum is never worse than everyone alone (within rounding)
     assert sum(result.cooperative_cost) <= sum(result.standalone_cost) + 2 * n * req.periods
-    # and a backup accepts the honest result
+    # a backup accepts the honest result, also when it was solved by another solver
     verdict = check(req, result, own=result)
+    assert verdict.accepted, verdict.problems
+    verdict = check(req, clear(req, solver="clarabel"), own=result)
     assert verdict.accepted, verdict.problems
 
 
