@@ -125,3 +125,83 @@ class Tally:
 
     def check(self, requests: Sequence[Request], result: Any) -> bool:
         return result == self.execute(requests)
+
+
+class ClearingContract:
+    """SC1 clearing (Nash bargaining, `meterchain.market.clearing`) as a consensus contract.
+
+    Each request body is a `TradeRequest.to_dict()` of the submitting
+    microgrid (its id must be the submitter's node id). Bodies that do not
+    parse, name another microgrid or fall short of the market's minimum
+    deposit are left out and listed as rejected, deterministically, so one bad
+    request cannot block a round. The result is
+    {"result": ClearingResult.to_dict() or None, "rejected": [ids]}. A backup
+    checks a proposal with `meterchain.market.verify.check` (optimisation
+    results are compared within tolerance, everything derived exactly) instead
+    of requiring its own solve to match bit for bit.
+    """
+
+    def __init__(self, market: Any, first_period: int, *, solver: str | None = None) -> None:
+        self.market = market
+        self.first_period = first_period
+        self.solver = solver
+        self._own: dict[bytes, Any] = {}
+
+    def clearing_request(self, requests: Sequence[Request]) -> tuple[Any, list[str]]:
+        from meterchain.errors import MeterChainError
+        from meterchain.market.clearing import ClearingRequest
+        from meterchain.market.model import TradeRequest
+
+        accepted = []
+        rejected = []
+        for req in requests:
+            try:
+                trade = TradeRequest.from_dict(req.body)
+            except (MeterChainError, TypeError, ValueError, KeyError):
+                rejected.append(req.submitter)
+                continue
+            if trade.microgrid.id != req.submitter or trade.deposit < self.market.min_deposit:
+                rejected.append(req.submitter)
+                continue
+            accepted.append(trade)
+        if not accepted:
+            return None, rejected
+        try:
+            return ClearingRequest(self.market, self.first_period, tuple(accepted)), rejected
+        except MeterChainError:
+            # models that cannot be cleared together (e.g. different window lengths)
+            return None, sorted(rejected + [t.microgrid.id for t in accepted])
+
+    def _solve(self, sc1: Any) -> Any:
+        from meterchain.market.clearing import clear
+
+        own = self._own.get(sc1.digest)
+        if own is None:
+            own = clear(sc1) if self.solver is None else clear(sc1, solver=self.solver)
+            self._own = {sc1.digest: own}  # only the latest window is worth keeping
+        return own
+
+    def execute(self, requests: Sequence[Request]) -> Any:
+        sc1, rejected = self.clearing_request(requests)
+        result = None if sc1 is None else self._solve(sc1).to_dict()
+        return {"result": result, "rejected": sorted(rejected)}
+
+    def check(self, requests: Sequence[Request], result: Any) -> bool:
+        from meterchain.errors import MeterChainError
+        from meterchain.market import verify
+        from meterchain.market.clearing import ClearingResult
+
+        sc1, rejected = self.clearing_request(requests)
+        if not isinstance(result, dict) or set(result) != {"result", "rejected"}:
+            return False
+        if result["rejected"] != sorted(rejected):
+            return False
+        if sc1 is None:
+            return result["result"] is None
+        try:
+            proposed = ClearingResult.from_dict(result["result"])
+        except MeterChainError:
+            return False
+        if proposed.to_dict() != result["result"]:
+            return False  # not in canonical form: the digest would not be reproducible
+        return verify.check(sc1, proposed, own=self._solve(sc1)).accepted

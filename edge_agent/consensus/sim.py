@@ -69,6 +69,7 @@ class Instance:
     commits: dict[RoundId, tuple[int, bytes]] = field(default_factory=dict)
     finals: dict[RoundId, tuple[int, bytes]] = field(default_factory=dict)
     conflicts: list[tuple[RoundId, bytes, bytes]] = field(default_factory=list)
+    actions: list[Commit | Final] = field(default_factory=list)
     missed_opens: list[Open] = field(default_factory=list)
     restarts: int = 0
 
@@ -203,8 +204,10 @@ class Simulator:
             elif isinstance(action, Targeted):
                 self._route(inst, action.kind, action.data, set(action.to))
             elif isinstance(action, Commit):
+                inst.actions.append(action)
                 self._decide(inst, inst.commits, action.round, action.digest)
             elif isinstance(action, Final):
+                inst.actions.append(action)
                 self._decide(inst, inst.finals, action.round, action.digest)
         self._schedule_tick(inst)
 

@@ -124,3 +124,45 @@ class Equivocator(Liar):
             requests = value.requests
             result = corrupt_result(rs.rid, value.result, self.node_id, requests)
         return self.decoder.value(self.market, rs.rid, [[r.raw for r in requests], result])
+
+
+class Censor(Node):
+    """A primary that leaves the requests of `victims` out of its fresh proposals."""
+
+    def __init__(self, *args: Any, victims: frozenset[str] = frozenset(), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.victims = victims
+
+    def _propose_fresh(self, rs: _Round, justification: Any, out: list[Any]) -> None:
+        kept = {s: r for s, r in rs.requests.items() if s not in self.victims}
+        everyone, rs.requests = rs.requests, kept
+        try:
+            super()._propose_fresh(rs, justification, out)
+        finally:
+            rs.requests = everyone
+
+
+def tamper_clearing(result: Any, beneficiary: str, victim: str, amount: int) -> Any:
+    """Raise what `beneficiary` earns on its trades by `amount` minor units and lower what seller
+    `victim` earns by as much; payments are adjusted so they still sum to zero and the buyers'
+    books still balance, i.e. the forgery is consistent on its face."""
+    value = dict(result)
+    res = dict(value["result"])
+    hour = dict(res["executed"][0])
+    ids = res["microgrids"]
+    payments = list(hour["payments"])
+    trades = []
+    done = {beneficiary: False, victim: False}
+    for seller, buyer, wh, money, _price in hour["trades"]:
+        if seller in done and not done[seller] and wh > 0:
+            delta = amount if seller == beneficiary else -amount
+            done[seller] = True
+            money += delta
+            payments[ids.index(seller)] -= delta  # positive payment = pays
+            payments[ids.index(buyer)] += delta
+        trades.append([seller, buyer, wh, money, money * 1000 // wh if wh else 0])
+    hour["trades"] = trades
+    hour["payments"] = payments
+    res["executed"] = [hour, *res["executed"][1:]]
+    value["result"] = res
+    return value

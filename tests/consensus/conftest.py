@@ -83,8 +83,9 @@ def market() -> Callable[..., Market]:
         delta: int = 10,
         delay: int | Callable[..., int | None] = 1,
         seed: int = 1,
+        node_ids: list[str] | None = None,
     ) -> Market:
-        ids = node_names(n)
+        ids = node_ids or node_names(n)
         signers = p256_identities([*ids, "p0"], seed=3)
         keys = public_keys(signers)
         membership = membership_for("m1", {i: keys[i] for i in ids})
