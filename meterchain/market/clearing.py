@@ -46,7 +46,14 @@ How a window is cleared:
 6. Prices: the money on each trade is the unique flow on the trade tree that
    makes every trader's receipts equal its payment; the trade's price is that
    amount per kWh (rounded; the amount is authoritative). A zero-volume tree
-   cell that carries money becomes a `Transfer`.
+   cell that carries money becomes a `Transfer`. Because every member's cost
+   falls by the same amount, a member that gains little by itself is paid by
+   those that gain much: a buyer with a small own gain can receive money, so
+   a trade price can be below the feed-in tariff or even negative.
+
+Costs (C_i, C_non_i) are exact integers computed from the rounded schedules
+(`model.period_cost_e12`) and include the small flow wear term of `Market`, so
+a microgrid's settled money differs from its bargained cost by that term.
 
 ``executed_periods`` > 1 executes several leading periods of one clearing (the
 day-ahead comparison of M5): every microgrid then follows the cooperative plan

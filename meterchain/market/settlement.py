@@ -7,7 +7,9 @@ of ``request``; ``period`` picks the executed hour (default: the first).
 
 Rules, in the order the ledger lists them:
 
-1. Deposits (SC1): every requesting microgrid's deposit moves to the reserve.
+1. Deposits (SC1): every requesting microgrid's deposit moves to the reserve
+   (each settled hour holds and refunds its clearing's deposits, so a
+   day-ahead clearing settled hour by hour does so 24 times).
 2. Deliveries (M5): a seller's actual green generation serves its own green
    demand first; what is left goes to its buyers, pro rata to the cleared
    volumes (integer Wh, largest remainder, ties to the earlier trade); the rest

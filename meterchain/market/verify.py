@@ -315,7 +315,20 @@ def check(
     tolerance: Tolerance | None = None,
 ) -> Verdict:
     """Check ``proposed`` against ``request`` (see module doc); never raises on a bad proposal."""
-    tol = tolerance or Tolerance()
+    try:
+        return _check(request, proposed, own, solver, tolerance or Tolerance())
+    except (IndexError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        # a result built by hand (not decoded) can be inconsistent in ways decoding refuses
+        return Verdict(False, (f"malformed result: {type(exc).__name__}: {exc}",))
+
+
+def _check(
+    request: ClearingRequest,
+    proposed: ClearingResult,
+    own: ClearingResult | None,
+    solver: str,
+    tol: Tolerance,
+) -> Verdict:
     problems: list[str] = []
     if proposed.request_digest != request.digest:
         problems.append("result is for a different request (request digest mismatch)")
@@ -346,7 +359,7 @@ def check(
             standalone_cost=proposed.standalone_cost,
             solver=proposed.solver,
         )
-    except (MarketError, ValueError) as exc:
+    except (MarketError, ValueError, ZeroDivisionError) as exc:
         problems.append(f"cannot re-derive the result from its schedules: {exc}")
         return Verdict(False, tuple(problems))
     if proposed.window_trades != expected.window_trades:

@@ -183,3 +183,11 @@ def test_derived_flags_are_rechecked(
     wrong = (not value) if isinstance(value, bool) else value + 1
     tampered = _with_hour(reference_result, dataclasses.replace(hour, **{field: wrong}))
     assert not check(reference_request, tampered, own=reference_result).accepted
+
+
+def test_structurally_broken_result_gets_a_verdict_not_an_exception(
+    reference_request: ClearingRequest, reference_result: ClearingResult
+) -> None:
+    short_plan = dataclasses.replace(reference_result, plan=reference_result.plan[:2])
+    verdict = check(reference_request, short_plan, own=reference_result)
+    assert not verdict.accepted and "malformed result" in verdict.problems[0]
