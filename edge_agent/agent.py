@@ -75,6 +75,7 @@ class Agent:
                 publish=config.broker.publish_gateway_readings,
             ),
             on_batch=self.metrics.batch,
+            on_outbox_dropped=self.metrics.outbox_dropped.inc,
         )
         self.link = BrokerLink(
             url=config.broker.url,
@@ -92,6 +93,7 @@ class Agent:
             on_subscribed=lambda: service.notify("STATUS=subscribed to readings"),
         )
         self.worker.on_outbox = self.link.pump_outbox
+        self.metrics.outbox_pending.set_function(self.view.outbox_pending)
         self.buses = {
             b.name: ModbusBus(
                 BusSettings(

@@ -113,6 +113,11 @@ class AgentMetrics:
             "1 while connected to the broker",
             registry=r,
         )
+        self.outbox_pending = Gauge(
+            "meterchain_agent_outbox_pending",
+            "Gateway readings committed but not yet acknowledged by the broker",
+            registry=r,
+        )
         self.outbox_dropped = Counter(
             "meterchain_agent_outbox_dropped",
             "Gateway readings dropped from a full outbox (still counted locally)",

@@ -188,6 +188,10 @@ class StoreView:
             .fetchall()
         )
 
+    def outbox_pending(self) -> int:
+        (count,) = self._conn().execute("SELECT count(*) FROM outbox").fetchone()
+        return int(count)
+
     def delete_outbox(self, row_id: int) -> None:
         self._conn().execute("DELETE FROM outbox WHERE id = ?", (row_id,))
 
@@ -201,9 +205,9 @@ class StoreView:
         )
 
     def schedule(self, hour: int) -> Dispatch | None:
-        row = self._conn().execute(
-            "SELECT dispatch FROM schedule WHERE hour = ?", (hour,)
-        ).fetchone()
+        row = (
+            self._conn().execute("SELECT dispatch FROM schedule WHERE hour = ?", (hour,)).fetchone()
+        )
         return Dispatch.from_list(json.loads(row[0])) if row else None
 
     def close(self) -> None:

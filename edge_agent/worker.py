@@ -73,6 +73,7 @@ class IngestWorker(threading.Thread):
         batch_wait_s: float = 0.02,
         gateway: GatewayIdentity | None = None,
         on_outbox: Callable[[], None] | None = None,
+        on_outbox_dropped: Callable[[int], None] | None = None,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         super().__init__(name="ingest-writer", daemon=True)
@@ -81,6 +82,7 @@ class IngestWorker(threading.Thread):
         self.batch_wait_s = batch_wait_s
         self.gateway = gateway
         self.on_outbox = on_outbox or (lambda: None)
+        self.on_outbox_dropped = on_outbox_dropped or (lambda n: None)
         self.on_batch = on_batch or (lambda size, seconds: None)
         # Bounded: when the disk is slow, the MQTT thread blocks here and the
         # broker holds the rest (in-flight window), instead of memory growing.
@@ -189,6 +191,7 @@ class IngestWorker(threading.Thread):
             if publish and results[0].outcome is Outcome.ACCEPTED:
                 self.ingest.store.add_outbox(topic, signed)
 
+        dropped_before = self.ingest.store.outbox_dropped
         try:
             (result,) = self.ingest.process_batch(
                 [signed], queue_for_publication, senders=[item.meter_id]
@@ -197,5 +200,7 @@ class IngestWorker(threading.Thread):
             item.done.set_exception(exc)
             raise
         item.done.set_result(result)
+        if self.ingest.store.outbox_dropped > dropped_before:
+            self.on_outbox_dropped(self.ingest.store.outbox_dropped - dropped_before)
         if publish and result.outcome is Outcome.ACCEPTED:
             self.on_outbox()

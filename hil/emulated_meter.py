@@ -85,10 +85,10 @@ class MeterState:
     export_wh: float = 0.0
     power_factor: float = 0.97
     seed: int = 1
-    _step: int = field(init=False, default=0)
+    _t: float = field(init=False, default=0.0)  # time integrated up to (s)
 
     def __post_init__(self) -> None:
-        self._step = math.floor(self.start_time / self.step_s)
+        self._t = self.start_time
 
     def _step_power(self, step: int) -> float:
         return self.profile.power_w(step * self.step_s)
@@ -100,13 +100,21 @@ class MeterState:
             self.export_wh += -power_w * seconds / 3600.0
 
     def values_at(self, t: float) -> dict[str, float]:
-        """Every SDM630 value at simulated time `t` (never earlier than already seen)."""
-        target = math.floor(t / self.step_s)
-        while self._step < target:
-            self._add(self._step_power(self._step), self.step_s)
-            self._step += 1
-        power = self._step_power(self._step)
-        partial = max(0.0, t - self._step * self.step_s)
+        """Every SDM630 value at simulated time `t` (never earlier than already seen).
+
+        Energy is committed up to the last step boundary before `t` (so the
+        result does not depend on how often the meter was read) and the part
+        of the current step is added on top.
+        """
+        while True:
+            step = math.floor(self._t / self.step_s)
+            boundary = (step + 1) * self.step_s
+            if boundary > t:
+                break
+            self._add(self._step_power(step), boundary - self._t)
+            self._t = boundary
+        power = self._step_power(math.floor(self._t / self.step_s))
+        partial = max(0.0, t - self._t)
         imp, exp = self.import_wh, self.export_wh
         if power >= 0:
             imp += power * partial / 3600.0

@@ -142,6 +142,8 @@ def test_energy_rejections_metrics_and_clean_shutdown(make_site, agents) -> None
         assert abs(age - (time.time() - (start + 18 * STEP_S))) < 60
         assert 0 <= metric_value(metrics, "meterchain_agent_last_reading_age_seconds",
                                  meter="mg1-sdm-01") < 10
+        wait_until(lambda: scraped("meterchain_agent_outbox_pending") == 0, 10,
+                   "the gateway outbox to drain")
         assert "meterchain_agent_round_latency_seconds_count" in metrics
         assert "meterchain_agent_primary_changes_total" in metrics
         # One ERROR line per (meter, reason), never one per reading.

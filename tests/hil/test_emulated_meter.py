@@ -44,6 +44,10 @@ def test_same_seed_same_registers_and_energy_is_the_integral_of_power() -> None:
     assert b.export_wh == pytest.approx(exported, rel=1e-12)
     assert b.import_wh == 0.0
     assert 3000 < exported < 8000  # a PV array of 8 kW peak around noon, with clouds
+    # Starting between two steps: the registers start exactly at their initial values.
+    odd = MeterState(LoadProfile(seed=2), NOON + 3.7, import_wh=5000.0)
+    assert odd.values_at(NOON + 3.7)["import_kwh"] == 5.0
+    assert odd.values_at(NOON + 13.7)["import_kwh"] > 5.0
     other = MeterState(PvProfile(seed=8), NOON)
     assert other.values_at(NOON + 3600)["export_kwh"] != b.values_at(NOON + 3600)["export_kwh"]
 
