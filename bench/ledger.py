@@ -22,9 +22,10 @@ from pathlib import Path
 from meterchain.ledger.chain import StoreReadings, verify_store
 from meterchain.ledger.readings import HOUR, LedgerReading
 from meterchain.ledger.review import accept_block
-from meterchain.ledger.sandbox import Chain, Sandbox, reading_batch
+from meterchain.ledger.sandbox import Chain, Sandbox
 from meterchain.ledger.sqlite_store import SCHEMA
 from meterchain.ledger.store import open_store
+from meterchain.ledger.transactions import reading_batch
 
 T0 = 1_767_225_600  # 2026-01-01T00:00Z
 TARGET_COMMIT = 20_000

@@ -17,12 +17,11 @@ from typing import Any
 from meterchain import reading
 from meterchain.keys import ORDER, PrivateKey
 from meterchain.ledger.block import GENESIS_PREV, Block
-from meterchain.ledger.merkle import root_of_hashes
 from meterchain.ledger.readings import LedgerReading
 from meterchain.ledger.review import accept_block
 from meterchain.ledger.state import LedgerState, ReadingSource, membership_fields
 from meterchain.ledger.store import LedgerStore
-from meterchain.ledger.transactions import Tx, signed, statement
+from meterchain.ledger.transactions import Tx, reading_batch, signed, statement
 from meterchain.quorum import Member, Membership, QuorumCertificate
 
 
@@ -30,16 +29,6 @@ def named_key(name: str) -> PrivateKey:
     """A deterministic P-256 key derived from a name (never use outside tests and demos)."""
     secret = int.from_bytes(hashlib.sha256(b"meterchain-sandbox:" + name.encode()).digest(), "big")
     return PrivateKey.from_secret(secret % (ORDER - 1) + 1)
-
-
-def reading_batch(
-    hour: int, readings: Iterable[LedgerReading]
-) -> tuple[Tx, tuple[LedgerReading, ...]]:
-    """A reading batch transaction over `readings` and the readings sorted by (meter, seq)."""
-    ordered = tuple(sorted(readings, key=lambda r: (r.meter_id, r.seq)))
-    sha256 = hashlib.sha256
-    root = root_of_hashes([sha256(b"\x00" + r.digest).digest() for r in ordered])
-    return Tx.make("readings", {"hour": hour, "count": len(ordered), "root": root}), ordered
 
 
 @dataclass
@@ -201,19 +190,13 @@ class Chain:
         return StoreReadings(self.store)
 
     def genesis(self, time: int, txs: Sequence[Tx] = ()) -> Block:
-        tx0 = self.sandbox.genesis_tx(time)
+        """Found the market: block 0 with the genesis transaction and `txs`, all members signing."""
         block = Block.build(
             market=self.sandbox.market, height=0, prev=GENESIS_PREV, time=time, round=0,
-            proposer=self.proposer, txs=[tx0, *txs],
+            proposer=self.proposer, txs=[self.sandbox.genesis_tx(time), *txs],
         )  # fmt: skip
-        state = LedgerState.from_genesis(tx0, self.sandbox.market)
-        state.begin_block(0, time)
-        from meterchain.ledger.state import TxContext
-
-        for idx, tx in enumerate(txs, start=1):
-            state.apply(tx, TxContext(0, idx, time, (), True, self.source()))
-        state.end_block()
         sealed = self.sandbox.seal(block)
+        state = accept_block(None, sealed, {}, self.source())
         self.store.append(sealed)
         self.state = state
         return sealed

@@ -577,33 +577,49 @@ class LedgerState:
         due.pop(0)
 
     # --- green certificates (M22) -------------------------------------------------------
-    def _apply_cert_issue(self, tx: Tx, ctx: TxContext) -> None:
-        """Count a renewable meter's committed readings up to `to_seq`; record what they earn."""
-        b = tx.body
-        meter = self.meters.get(b["meter"])
+    def _count_readings(
+        self, meter_id: str, to_seq: int, source: ReadingSource | None, height: int
+    ) -> tuple[certs.CertificateRegistry, list[str]]:
+        """The certificate registry after counting a meter's readings up to `to_seq`, and
+        the ids of the certificates they earn."""
+        meter = self.meters.get(meter_id)
         if meter is None or not meter.active:
-            raise TxError(f"meter {b['meter']} is not registered")
+            raise TxError(f"meter {meter_id} is not registered")
         account = self.certificates.accounts.get(meter.id)
         if account is None:
             raise TxError(f"meter {meter.id} is {meter.source}, not a renewable source")
-        if b["to_seq"] <= account.last_seq:
+        if to_seq <= account.last_seq:
             raise TxError(f"meter {meter.id}: readings up to seq {account.last_seq} are counted")
-        if ctx.readings is None:
+        if source is None:
             raise TxError("certificate issue needs the ledger's readings to check its origin")
-        found = ctx.readings.meter_readings(meter.id, account.last_seq, b["to_seq"])
+        found = source.meter_readings(meter.id, account.last_seq, to_seq)
         # Only readings of earlier blocks count, so the block former (which sees only
         # committed blocks) and a later verification count exactly the same readings.
-        counted = [_cert_reading(r) for r, height, _ in found if height < ctx.height]
-        if not counted or counted[-1].seq != b["to_seq"]:
-            raise TxError(f"meter {meter.id}: reading seq {b['to_seq']} is not on the ledger")
+        counted = [_cert_reading(r) for r, h, _ in found if h < height]
+        if not counted or counted[-1].seq != to_seq:
+            raise TxError(f"meter {meter.id}: reading seq {to_seq} is not on the ledger")
         try:
             registry, events = certs.issue_from_readings(self.certificates, counted)
         except certs.CertificateError as exc:
             raise TxError(str(exc)) from exc
-        issued = [e.certificate.cert_id for e in events if isinstance(e, certs.Issued)]
+        return registry, [e.certificate.cert_id for e in events if isinstance(e, certs.Issued)]
+
+    def earnable_certificates(
+        self, meter_id: str, to_seq: int, source: ReadingSource, height: int
+    ) -> list[str]:
+        """Certificate ids an issue up to `to_seq` in block `height` would create (none: [])."""
+        try:
+            return self._count_readings(meter_id, to_seq, source, height)[1]
+        except TxError:
+            return []
+
+    def _apply_cert_issue(self, tx: Tx, ctx: TxContext) -> None:
+        """Count a renewable meter's committed readings up to `to_seq`; record what they earn."""
+        b = tx.body
+        registry, issued = self._count_readings(b["meter"], b["to_seq"], ctx.readings, ctx.height)
         if issued != b["certs"]:
             raise TxError(
-                f"meter {meter.id}: the readings earn {issued}, the issue says {b['certs']}"
+                f"meter {b['meter']}: the readings earn {issued}, the issue says {b['certs']}"
             )
         self.certificates = registry
 

@@ -10,15 +10,17 @@ cannot be moved to another market, kind or set of terms.
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from meterchain import codec, reading
 from meterchain.errors import CodecError, MeterChainError
 from meterchain.keys import PrivateKey
-from meterchain.ledger.merkle import leaf_hash
+from meterchain.ledger.merkle import leaf_hash, root_of_hashes
+from meterchain.ledger.readings import LedgerReading
 
 
 class TxError(MeterChainError):
@@ -308,3 +310,13 @@ def signed(
     body = dict(terms)
     body[field] = signer.sign(statement(market, kind, terms))
     return Tx.make(kind, body)
+
+
+def reading_batch(
+    hour: int, readings: Iterable[LedgerReading]
+) -> tuple[Tx, tuple[LedgerReading, ...]]:
+    """A reading batch transaction over `readings` and the readings sorted by (meter, seq)."""
+    ordered = tuple(sorted(readings, key=lambda r: (r.meter_id, r.seq)))
+    sha256 = hashlib.sha256
+    root = root_of_hashes([sha256(b"\x00" + r.digest).digest() for r in ordered])
+    return Tx.make("readings", {"hour": hour, "count": len(ordered), "root": root}), ordered

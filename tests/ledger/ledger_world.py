@@ -9,7 +9,7 @@ from typing import Any
 
 from meterchain.ledger.contracts import due_actions
 from meterchain.ledger.readings import HOUR, LedgerReading
-from meterchain.ledger.sandbox import Chain, Sandbox, reading_batch
+from meterchain.ledger.sandbox import Chain, Sandbox
 from meterchain.ledger.settle import settlement_tx
 from meterchain.ledger.store import LedgerStore
 from meterchain.ledger.transactions import Tx
@@ -144,7 +144,3 @@ def build_world(store: LedgerStore) -> World:
     )
     chain.commit([transfer, retire], t6 + 120)
     return world
-
-
-def batch_for(readings: list[LedgerReading]) -> tuple[Tx, tuple[LedgerReading, ...]]:
-    return reading_batch(readings[0].hour, readings)
