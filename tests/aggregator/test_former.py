@@ -1,4 +1,4 @@
-"""Block formation with reviewing consensus nodes: each node re-executes and keeps its own ledger."""
+"""Block formation with reviewing consensus nodes: each re-executes and keeps its own ledger."""
 
 from __future__ import annotations
 
