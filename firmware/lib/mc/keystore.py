@@ -55,3 +55,11 @@ def public_hex(secret: int) -> str:
 def provision(board) -> None:
     """Make sure the board has a key and print its public key (and nothing secret)."""
     print("MC-PUBKEY " + public_hex(ensure(board.flash, board.urandom)))
+
+
+def show(board) -> None:
+    """Print the public key if the board has a key ("MC-PUBKEY none" otherwise); never makes one."""
+    if board.flash.read(KEY_FILE) is None:
+        print("MC-PUBKEY none")
+    else:
+        print("MC-PUBKEY " + public_hex(load(board.flash)))
