@@ -209,6 +209,16 @@ class Node:
         self.sync_answered: dict[RoundId, int] = {}
         self.stats: Counter[str] = Counter()
         self.last_error = ""
+        self._handlers = {
+            "req": self._on_request,
+            "prop": self._on_proposal,
+            "vote": self._on_vote,
+            "blame": self._on_blame,
+            "cert": self._on_cert,
+            "status": self._on_status,
+            "final": self._on_final,
+            "sync": self._on_sync,
+        }
         self._restore(records)
 
     # --- public API ----------------------------------------------------------------
@@ -428,16 +438,7 @@ class Node:
         if env.view > rs.view + 2 * self.n + 8:
             self.stats["far_view"] += 1
             return
-        handler = {
-            "req": self._on_request,
-            "prop": self._on_proposal,
-            "vote": self._on_vote,
-            "blame": self._on_blame,
-            "cert": self._on_cert,
-            "status": self._on_status,
-            "final": self._on_final,
-            "sync": self._on_sync,
-        }[env.tag]
+        handler = self._handlers[env.tag]
         try:
             handler(rs, env)
         except (MessageError, QuorumError, CodecError) as exc:
@@ -682,6 +683,8 @@ class Node:
         out.append(Broadcast("sync", seal(self.node_id, self.signer.sign(stmt), stmt)))
 
     def _check_vcc(self, rs: _Round, out: list[Action]) -> None:
+        if not rs.vcc:
+            return
         ready = [v for v in rs.vcc if v >= rs.view]
         if not ready:
             return
@@ -979,7 +982,7 @@ class Node:
         out.append(Broadcast("final", seal(self.node_id, sig, stmt, attachment)))
 
     def _try_final(self, rs: _Round, out: list[Action]) -> bool:
-        if rs.fc is None:
+        if rs.fc is None and rs.finals:
             for vd, sigs in rs.finals.items():
                 if len(sigs) >= self.q:
                     stmt = final_statement(self.market, rs.rid, vd)

@@ -151,7 +151,7 @@ class HashKey(PublicKey):
 
 
 def _hash_sign(secret: bytes, message: bytes) -> bytes:
-    tag = hmac.new(secret, message, hashlib.sha256).digest()
+    tag = hmac.digest(secret, message, "sha256")
     return tag + tag[::-1]  # 64 bytes, the size of a real r||s signature
 
 

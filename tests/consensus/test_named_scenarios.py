@@ -119,6 +119,7 @@ def test_tampering_primary_is_detected_replaced_and_the_honest_result_is_final(m
     forged_result = ClearingResult.from_dict(forged["result"])
     verdict = verify.check(sc1, forged_result)
     assert not verdict.accepted and verdict.problems
+
     # the forgery really raised the primary's trade money and lowered the other seller's
     def earned(res: ClearingResult) -> dict[str, int]:
         out: dict[str, int] = {}

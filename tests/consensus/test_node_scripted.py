@@ -1,0 +1,215 @@
+"""The state machine driven by hand, message by message (etcd-raft style): exact actions out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from edge_agent.consensus.contracts import DoubleAuction, Tally
+from edge_agent.consensus.messages import (
+    Decoder,
+    MessageError,
+    RoundId,
+    seal,
+    statement,
+    vote_statement,
+)
+from edge_agent.consensus.node import (
+    Broadcast,
+    Commit,
+    ConsensusError,
+    Final,
+    Message,
+    Node,
+    Open,
+    Persist,
+    Tick,
+)
+from edge_agent.consensus.signing import Keyring, VerificationCache, p256_identities, public_keys
+from edge_agent.consensus.sim import membership_for
+from meterchain import codec
+from meterchain.keys import PrivateKey
+
+D = 10
+R0 = RoundId(0, "clear")
+
+
+@pytest.fixture
+def trio() -> tuple[dict[str, Node], dict[str, Any]]:
+    signers = p256_identities(["a", "b", "c", "outsider"], seed=11)
+    keys = public_keys(signers)
+    membership = membership_for("m1", {i: keys[i] for i in ("a", "b", "c")})
+    keyring = Keyring(membership, cache=VerificationCache())
+    contracts = {"clear": DoubleAuction(), "settle": Tally()}
+    nodes = {
+        i: Node(signers[i], keyring, contracts, delta_ms=D, decoder=Decoder())
+        for i in ("a", "b", "c")
+    }
+    return nodes, signers
+
+
+def kinds(actions: list[Any]) -> list[str]:
+    out = []
+    for a in actions:
+        if isinstance(a, Broadcast):
+            out.append(a.kind)
+        else:
+            out.append(type(a).__name__)
+    return out
+
+
+def sent(actions: list[Any], kind: str) -> bytes:
+    (data,) = [a.data for a in actions if isinstance(a, Broadcast) and a.kind == kind]
+    return data
+
+
+BIDS = {
+    "a": {"side": "sell", "wh": 1000, "price": 100},
+    "b": {"side": "buy", "wh": 600, "price": 200},
+    "c": {"side": "buy", "wh": 600, "price": 150},
+}
+
+
+def test_a_fault_free_round_step_by_step(trio) -> None:
+    nodes, _ = trio
+    a, b, c = nodes["a"], nodes["b"], nodes["c"]
+    assert a.primary(R0, 0) == "a" and a.primary(RoundId(1, "settle"), 0) == "b"
+
+    reqs = {}
+    for name, node in nodes.items():
+        actions = node.step(Open(0, R0, b"dep-" + name.encode(), BIDS[name]))
+        assert kinds(actions) == ["Persist", "req"], "the open round is on disk before its request"
+        reqs[name] = sent(actions, "req")
+    # the primary waits for every member's request (or 2 delta + 1), then proposes
+    assert a.step(Message(1, reqs["b"], "b")) == []
+    assert a.next_deadline() == 2 * D + 1
+    actions = a.step(Message(2, reqs["c"], "c"))
+    assert kinds(actions) == ["Persist", "prop"]
+    prop = sent(actions, "prop")
+    vd = Decoder().proposal(prop).digest
+
+    # a backup persists its vote before the vote goes out; the vote forwards the proposal
+    b.step(Message(2, reqs["a"], "a"))
+    b.step(Message(2, reqs["c"], "c"))
+    actions = b.step(Message(3, prop, "a"))
+    assert kinds(actions) == ["Persist", "vote"]
+    record = codec.decode(actions[0].record)  # type: ignore[union-attr]
+    assert record["votes"] == [[0, vd]] and record["round"] == [0, "clear"]
+    vote_b = sent(actions, "vote")
+    vote_env = Decoder().envelope(vote_b)
+    assert vote_env.statement == vote_statement("m1", R0, 0, vd)
+    assert vote_env.attachment == prop
+    # final only after 2 delta from its own vote, with a certificate in hand
+    assert b.next_deadline() == 3 + 2 * D + 1
+    assert b.step(Tick(3 + 2 * D)) == []
+    actions = b.step(Tick(3 + 2 * D + 1))
+    assert kinds(actions) == ["Persist", "Commit", "final"]
+    commit = actions[1]
+    assert isinstance(commit, Commit) and commit.view == 0 and commit.digest == vd
+    assert commit.value.result == DoubleAuction().execute(commit.value.requests)
+    assert commit.certificate is not None and set(commit.certificate.signers) == {"a", "b"}
+
+    # c learns the proposal only from b's vote (the primary's copy never arrived)
+    c.step(Message(3, reqs["a"], "a"))
+    c.step(Message(3, reqs["b"], "b"))
+    actions = c.step(Message(4, vote_b, "b"))
+    assert kinds(actions) == ["Persist", "vote"]
+
+    # the primary commits on its own clock, then two finals make a finality certificate
+    actions = a.step(Message(4, vote_b, "b"))
+    assert actions == []
+    actions = a.step(Tick(2 + 2 * D + 1))
+    assert kinds(actions) == ["Persist", "Commit", "final"]
+    final_a = sent(actions, "final")
+    att = Decoder().envelope(final_a).attachment
+    assert att is not None and att[1] is not None, "the primary's final carries value and QC"
+    assert c.step(Message(24, final_a, "a")) == []
+    # c's own window ends at 4 + 2 delta: it commits, attests, and with a's attestation
+    # holds a finality certificate at once
+    actions = c.step(Tick(4 + 2 * D + 1))
+    assert kinds(actions) == ["Persist", "Commit", "final", "Final"]
+    b_final = [x for x in b.step(Message(26, final_a, "a")) if isinstance(x, Final)]
+    assert b_final and b_final[0].certificate.signers == ("a", "b")
+    assert R0 not in b.rounds and R0 in b.decided
+
+
+def test_bad_input_is_dropped_and_counted(trio) -> None:
+    nodes, signers = trio
+    b = nodes["b"]
+    b.step(Open(0, R0, b"dep", BIDS["b"]))
+    stmt = statement("req", "m1", R0, 0, b"dep", "a", BIDS["a"])
+    good = seal("a", signers["a"].sign(stmt), stmt)
+    outer = codec.decode(good)
+    forged = codec.encode([outer[0], "a", bytes(64), None])
+    assert b.step(Message(1, forged, "a")) == []
+    assert b.stats["bad_signature"] == 1
+    outsider_stmt = statement("req", "m1", R0, 0, b"dep", "outsider", {"x": 1})
+    outsider = seal("outsider", signers["outsider"].sign(outsider_stmt), outsider_stmt)
+    b.step(Message(1, outsider, "outsider"))
+    assert b.stats["not_member"] == 1
+    b.step(Message(1, b"\xff\x00garbage", "a"))
+    assert b.stats["malformed"] == 1
+    other = statement("req", "m2", R0, 0, b"dep", "a", BIDS["a"])
+    b.step(Message(1, seal("a", signers["a"].sign(other), other), "a"))
+    assert b.stats["other_market"] == 1
+    # published under another node's topic: the transport's sender disagrees with the signer
+    b.step(Message(1, good, "c"))
+    assert b.stats["sender_mismatch"] == 1
+    # a replay from another round kind with the same sequence number is ignored
+    settle = statement("req", "m1", RoundId(0, "settle"), 0, b"dep", "a", 5)
+    b.step(Message(1, seal("a", signers["a"].sign(settle), settle), "a"))
+    assert b.stats["other_round"] == 1
+    # a vote whose view field is not an integer never reaches the state machine
+    with pytest.raises(MessageError):
+        Decoder().envelope(
+            codec.encode([codec.encode(["vote", "m1", [0, "clear"], "x", b""]), "a", b"", None])
+        )
+
+
+def test_non_canonical_cbor_is_refused() -> None:
+    stmt = statement("sync", "m1", R0, 0, b"")
+    wire = seal("a", b"\x01" * 64, stmt)
+    assert wire[0] == 0x84
+    long_form = b"\x98\x04" + wire[1:]  # the same array with a non-shortest length
+    with pytest.raises(MessageError, match="canonical"):
+        Decoder().envelope(long_form)
+
+
+def test_restart_from_persisted_records_recovers_and_asks_for_the_decision(trio) -> None:
+    nodes, signers = trio
+    a = nodes["a"]
+    disk: dict[RoundId, bytes] = {}
+    for action in a.step(Open(0, R0, b"dep", BIDS["a"])):
+        if isinstance(action, Persist):
+            disk[action.round] = action.record
+    again = Node(signers["a"], a.keyring, a.contracts, delta_ms=D, records=list(disk.values()))
+    assert again.rounds[R0].recovering
+    actions = again.step(Tick(5))
+    assert kinds(actions) == ["sync"], "a recovering node does not vote: it asks for the result"
+    with pytest.raises(ConsensusError, match="unreadable consensus record"):
+        Node(signers["a"], a.keyring, a.contracts, delta_ms=D, records=[b"\x00not cbor"])
+
+
+def test_misuse_is_a_specific_error(trio) -> None:
+    nodes, signers = trio
+    with pytest.raises(ConsensusError, match="no contract for round kind 'auction'"):
+        nodes["a"].step(Open(0, RoundId(0, "auction")))
+    with pytest.raises(ConsensusError, match="not in the membership"):
+        Node(signers["outsider"], nodes["a"].keyring, {}, delta_ms=D)
+    with pytest.raises(ConsensusError, match="delta_ms"):
+        Node(signers["a"], nodes["a"].keyring, {}, delta_ms=1)
+    nodes["a"].step(Open(0, R0))
+    with pytest.raises(ConsensusError, match="already open"):
+        nodes["a"].step(Open(0, RoundId(0, "settle")))
+
+
+def test_keyring_caches_p256_checks() -> None:
+    key = PrivateKey.from_secret(12345)
+    membership = membership_for("m1", {"a": key.public_key()})
+    keyring = Keyring(membership)
+    sig = key.sign(b"msg")
+    assert keyring.verify("a", b"msg", sig) and keyring.verify("a", b"msg", sig)
+    assert not keyring.verify("a", b"other", sig)
+    assert not keyring.verify("nobody", b"msg", sig)
+    assert keyring.cache.hits >= 1
