@@ -24,7 +24,8 @@ units, energy in kWh):
     pool       sum_i s_i,t = sum_i b_i,t   (one row per period)
 
 Sales are capped at the green surplus R - G, so green generation serves the
-seller's own green demand first, as settlement (M5) assumes.
+seller's own green demand first, as settlement (M5) assumes. Stored energy is
+not tracked by colour: battery discharge does not count as green supply.
 
 Solvers: PIQP (proximal interior point, native variable bounds; default) and
 Clarabel (interior point, bounds as cone rows). HiGHS was measured first: its QP
