@@ -522,9 +522,10 @@ class FakeBoard:
     """
 
     def __init__(self, flash=None, broker=None, clock=None, ntp_ok: bool = True,
-                 echo: bool = True, meter_power_w: int = 1500) -> None:
+                 echo: bool = True, meter_power_w: int = 1500, meter_import_wh: int = 1234500,
+                 unix_start: int = 1767225600) -> None:
         self.flash = flash if flash is not None else Flash("")
-        self.clock = clock if clock is not None else VirtualClock()
+        self.clock = clock if clock is not None else VirtualClock(unix_start)
         self.broker = broker
         self.ntp_ok = ntp_ok
         self.wifi_up = True
@@ -533,6 +534,7 @@ class FakeBoard:
         self.meter = None
         self.meter_uart = None
         self._meter_power_w = meter_power_w
+        self._meter_import_wh = meter_import_wh
         self.atm = FakeAtm90e32Spi()
         self.s0 = None
         self.pins = {}
@@ -594,7 +596,8 @@ class FakeBoard:
     # meter hardware
     def _sdm_uart(self, unit: int):
         if self.meter_uart is None:
-            self.meter = SimulatedSdm(self, unit=unit, power_w=self._meter_power_w)
+            self.meter = SimulatedSdm(self, unit=unit, power_w=self._meter_power_w,
+                                      import_wh=self._meter_import_wh)
             self.meter_uart = SdmUart(self.meter, self)
         return self.meter_uart
 
@@ -621,6 +624,6 @@ def write_config(flash, cfg: dict, secrets=None) -> None:
     """Write config.json (and secrets.json) into a flash, as provisioning does."""
     import json
 
-    flash.write_atomic("config.json", json.dumps(cfg))
+    flash.write_atomic("config.json", json.dumps(cfg).encode())
     if secrets is not None:
-        flash.write_atomic("secrets.json", json.dumps(secrets))
+        flash.write_atomic("secrets.json", json.dumps(secrets).encode())

@@ -12,6 +12,7 @@ elsewhere); nothing here imports `machine`.
 """
 
 import gc
+import sys
 from binascii import hexlify
 
 from . import cose, reading
@@ -32,6 +33,9 @@ except ImportError:  # CPython: constants are plain module globals
 
 
 VERSION = "0.1.0"
+# A small MicroPython heap wants a collection after each reading (less fragmentation);
+# CPython (the emulated board) collects by itself, and a full collection there is costly.
+_COLLECT = sys.implementation.name == "micropython"
 _SLICE_MS = const(1000)  # longest wait between watchdog feeds and housekeeping
 _POLL_MS = const(5000)  # meter poll cadence between samples
 _DRAIN_MS = const(10000)  # how long a finite run waits for the last PUBACKs
@@ -174,7 +178,8 @@ class App:
                 if board.ticks_diff(next_sample, now) < 0:
                     next_sample = board.ticks_add(now, interval)  # fell behind: no burst
                 next_poll = board.ticks_add(now, _POLL_MS)
-                gc.collect()
+                if _COLLECT:
+                    gc.collect()
             elif board.ticks_diff(now, next_poll) >= 0:
                 try:
                     self.meter.poll()
@@ -230,6 +235,7 @@ def main(board, cycles=None, interval_ms=None) -> int:
     except ConfigError as exc:
         safe_mode(board, exc)
         return 2
-    gc.collect()
+    if _COLLECT:
+        gc.collect()
     app.run(cycles)
     return 0

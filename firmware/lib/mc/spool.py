@@ -122,9 +122,15 @@ class Spool:
             while True:
                 total = self._read_record(f, end, size)
                 if total <= 0:
-                    break
-                self._apply(end, total)
+                    total = self._corrupt_length(f, end, size)
+                    if total <= 0:
+                        break  # the torn tail of an interrupted write
+                    self.corrupt += 1  # damaged in place: skip it, keep what follows
+                    self._dead += total
+                else:
+                    self._apply(end, total)
                 end += total
+                f.seek(end)
         self._end = end
         if end < size:
             self.repaired = size - end
@@ -149,6 +155,22 @@ class Spool:
         if struct.unpack_from(">I", self._buf, end)[0] != crc32(mv[1:end]) & 0xFFFFFFFF:
             return 0
         return total
+
+    def _corrupt_length(self, f, off: int, size: int) -> int:
+        """Length of a record at `off` that fails its CRC but is followed by a valid one.
+
+        A power cut can only tear the last record; a bad record with a good one after it
+        was damaged in place (bit rot), so only it is dropped.  0 when that is not the case.
+        """
+        f.seek(off)
+        if f.readinto(self._mv[:_HDR_LEN]) != _HDR_LEN:
+            return 0
+        magic, _, length, _ = struct.unpack_from(_HDR, self._buf, 0)
+        total = _HDR_LEN + length + _CRC_LEN
+        if magic != _MAGIC or length > self._record_max or off + total >= size:
+            return 0
+        f.seek(off + total)
+        return total if self._read_record(f, off + total, size) > 0 else 0
 
     def _apply(self, off: int, total: int) -> None:
         _, kind, length, seq = struct.unpack_from(_HDR, self._buf, 0)
