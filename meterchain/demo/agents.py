@@ -47,22 +47,44 @@ class BrokerAddress:
     ca_file: str | None = None
 
 
-def mqtt_client(client_id: str, broker: BrokerAddress) -> mqtt.Client:
-    """A connected paho client with its network loop running (raises AgentError if refused)."""
+def mqtt_client(
+    client_id: str,
+    broker: BrokerAddress,
+    subscriptions: Sequence[str] = (),
+    on_message: Any = None,
+) -> mqtt.Client:
+    """A connected paho client with its network loop running (raises AgentError if refused).
+
+    `subscriptions` are (re)subscribed at QoS 1 on every connect, so the client
+    keeps receiving after a broker restart; the first connect waits for SUBACK.
+    """
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
     if broker.username:
         client.username_pw_set(broker.username, broker.password)
     if broker.ca_file:
         client.tls_set(ca_certs=broker.ca_file)
     connected = threading.Event()
-    client.on_connect = lambda c, u, f, rc, p=None: connected.set()  # type: ignore[assignment]
+    subscribed = threading.Event()
+
+    def on_connect(c: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        if getattr(rc, "is_failure", False):
+            return
+        for topic in subscriptions:
+            c.subscribe(topic, qos=1)
+        connected.set()
+
+    client.on_connect = on_connect  # type: ignore[assignment]
+    if on_message is not None:
+        client.on_message = on_message
+    client.on_subscribe = lambda *args: subscribed.set()  # type: ignore[assignment]
+    client.reconnect_delay_set(0.05, 1)
     try:
         client.connect(broker.host, broker.port, keepalive=30)
     except OSError as exc:
         raise AgentError(f"{client_id}: cannot reach the broker {broker.host}:{broker.port}: "
                          f"{exc}") from exc  # fmt: skip
     client.loop_start()
-    if not connected.wait(10):
+    if not connected.wait(10) or (subscriptions and not subscribed.wait(10)):
         client.loop_stop()
         raise AgentError(f"{client_id}: broker {broker.host}:{broker.port} did not accept us")
     return client
@@ -137,9 +159,9 @@ class ConsensusAgent:
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._t0 = time.monotonic()
         self._stop = threading.Event()
-        self.client = mqtt_client(f"agent-{node_id}", broker)
-        self.client.on_message = self._on_message  # type: ignore[assignment]
-        subscribe(self.client, f"mc/{self.market_name}/c/+/+")
+        self.client = mqtt_client(
+            f"agent-{node_id}", broker, [f"mc/{self.market_name}/c/+/+"], self._on_message
+        )
         self._thread = threading.Thread(target=self._loop, name=f"sdbft-{node_id}", daemon=True)
         self._thread.start()
 
@@ -248,15 +270,6 @@ class SubmitOnlyAgent:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
-
-
-def subscribe(client: mqtt.Client, topic: str, timeout: float = 10.0) -> None:
-    """Subscribe at QoS 1 and wait for the broker's SUBACK (messages after it are ours)."""
-    done = threading.Event()
-    client.on_subscribe = lambda *args: done.set()  # type: ignore[assignment]
-    client.subscribe(topic, qos=1)
-    if not done.wait(timeout):
-        raise AgentError(f"the broker did not acknowledge the subscription to {topic}")
 
 
 def keyring_for(membership: Any, participants: dict[str, PublicKey]) -> Keyring:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from meterchain import reading
-from meterchain.demo.agents import BrokerAddress, mqtt_client, subscribe
+from meterchain.demo.agents import BrokerAddress, mqtt_client
 from meterchain.errors import MeterChainError, RejectedReading
 from meterchain.ledger.block import GENESIS_PREV, Block
 from meterchain.ledger.chain import StoreReadings
@@ -62,9 +62,9 @@ class ReadingCollector:
         self.accepted = 0
         self.rejected: list[str] = []
         self._cond = threading.Condition()
-        self.client = mqtt_client(f"aggregator-{market}", broker)
-        self.client.on_message = self._on_message  # type: ignore[assignment]
-        subscribe(self.client, f"mc/{market}/r/+")
+        self.client = mqtt_client(
+            f"aggregator-{market}", broker, [f"mc/{market}/r/+"], self._on_message
+        )
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         data = bytes(msg.payload)
