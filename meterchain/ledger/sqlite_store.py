@@ -64,14 +64,19 @@ class SQLiteStore(LedgerStore):
         self.url = str(path)
         try:
             # Autocommit mode: transactions are opened and closed explicitly below.
-            self._db = sqlite3.connect(str(path), isolation_level=None, timeout=30.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            # One thread at a time uses a store, but not always the one that opened it
+            # (services open it, then hand it to their worker thread).
+            self._db = sqlite3.connect(
+                str(path), isolation_level=None, timeout=30.0, check_same_thread=False
+            )
             # FULL: a committed block survives power loss, not only a process crash.
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(SCHEMA)
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            row = self._schema_version()
             if row is None:
+                # A new ledger: only then take the write lock (a reader opening a live
+                # ledger must not contend with the writer).
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.executescript(SCHEMA)
                 self._db.execute(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
                     (SCHEMA_VERSION,),
@@ -82,6 +87,14 @@ class SQLiteStore(LedgerStore):
                 )
         except sqlite3.Error as exc:
             raise StoreError(f"{path}: cannot open SQLite ledger: {exc}") from exc
+
+    def _schema_version(self) -> tuple[str] | None:
+        try:
+            return self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return None
+            raise
 
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         try:

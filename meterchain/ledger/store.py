@@ -360,6 +360,9 @@ class LedgerStore(abc.ABC):
             for d, m, s, t, i, e, c in rows
         ]
 
+    def inbox_count(self) -> int:
+        return int(self._execute("SELECT COUNT(*) FROM inbox")[0][0])
+
     def submit_tx(self, tx: Tx, received: int) -> bool:
         """Keep a pending transaction until a block includes it; True when it was new."""
         if self._execute("SELECT 1 FROM txs WHERE hash = ?", (tx.hash,)):

@@ -1,0 +1,266 @@
+"""The aggregator's configuration: defaults in dataclasses, a per-site TOML file, checked early.
+
+`load(path)` checks every key (unknown keys, wrong types, ranges, names, the
+ledger target, the broker URL, files that must exist) and loads what the file
+points to: the regulator-signed consensus membership (checked against the
+pinned regulator key) and the broker password. Anything wrong raises
+`ConfigError(file, key, problem)`; `meterchain aggregator run` prints it as
+`config error: FILE: KEY: PROBLEM` and exits with status 2. Relative paths are
+relative to the file's folder; `$VARIABLES` in paths are expanded (systemd's
+`$STATE_DIRECTORY`, `$CREDENTIALS_DIRECTORY`). A minimal file:
+
+    [aggregator]
+    market = "m1"
+    ledger = "$STATE_DIRECTORY/ledger.db"   # or postgresql://user@host/db
+    membership = "membership.toml"
+    regulator_key = "04..."                 # the regulator's P-256 point, hex
+
+    [broker]
+    url = "mqtts://broker.example:8883"
+    ca_file = "ca.crt"
+    password_file = "$CREDENTIALS_DIRECTORY/broker.pass"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from meterchain.errors import ConfigError, MeterChainError
+from meterchain.keys import PublicKey
+from meterchain.mqtt_auth import check_name
+from meterchain.quorum import Membership, QuorumError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class AggregatorSection:
+    market: str = ""
+    node_id: str = "aggregator"  # broker user, topic level and block proposer name
+    ledger: str = ""  # SQLite file or postgresql:// URL
+    membership: Path = Path()
+    regulator_key: str = ""
+    block_interval_s: float = 60.0
+    vote_timeout_s: float = 10.0
+    settle_grace_s: int = 300
+    max_readings_per_block: int = 50_000
+    max_clock_ahead_s: int = 300
+    log_level: str = "info"
+    metrics_port: int = 0  # 0: no /metrics endpoint
+    metrics_host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class BrokerSection:
+    url: str = ""
+    ca_file: Path | None = None
+    username: str = ""  # defaults to node_id
+    password_file: Path | None = None
+    client_id: str = ""  # defaults to "aggregator-<node_id>"
+    keepalive_s: int = 30
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    path: Path
+    aggregator: AggregatorSection
+    broker: BrokerSection
+    membership: Membership
+    regulator: PublicKey
+    password: str = field(default="", repr=False)
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.broker.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.broker.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.broker.url).scheme == "mqtts"
+
+
+def _kind(value: Any) -> str:
+    return {
+        bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+        list: "an array", dict: "a table",
+    }.get(type(value), type(value).__name__)  # fmt: skip
+
+
+class _Checker:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, key: str | None, problem: str) -> typing.NoReturn:
+        raise ConfigError(str(self.path), key, problem)
+
+    def table(self, raw: Any, cls: type, where: str) -> Any:
+        if not isinstance(raw, dict):
+            self.fail(where, f"must be a table, not {_kind(raw)}")
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in raw:
+            if key not in names:
+                self.fail(f"{where}.{key}", f"unknown key (known: {', '.join(sorted(names))})")
+        values = {k: self.value(v, hints[k], f"{where}.{k}") for k, v in raw.items()}
+        return cls(**values)
+
+    def value(self, raw: Any, hint: Any, key: str) -> Any:
+        if hint in (Path, Path | None):
+            if not isinstance(raw, str) or not raw:
+                self.fail(key, f"must be a non-empty path string, not {_kind(raw)}")
+            expanded = os.path.expandvars(raw)
+            if "$" in expanded:
+                self.fail(key, f"{raw!r} names an environment variable that is not set")
+            path = Path(expanded)
+            return path if path.is_absolute() else self.path.parent / path
+        if hint is float:
+            if isinstance(raw, bool) or not isinstance(raw, int | float):
+                self.fail(key, f"must be a number, not {_kind(raw)}")
+            return float(raw)
+        if hint is int:
+            if isinstance(raw, bool) or not isinstance(raw, int):
+                self.fail(key, f"must be an integer, not {_kind(raw)}")
+            return raw
+        if hint is str:
+            if not isinstance(raw, str):
+                self.fail(key, f"must be a string, not {_kind(raw)}")
+            return raw
+        raise AssertionError(f"no checker for {hint}")  # pragma: no cover
+
+    def positive(self, value: float, key: str, *, allow_zero: bool = False) -> None:
+        if value < 0 or (value == 0 and not allow_zero):
+            self.fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+    def readable(self, path: Path, key: str) -> None:
+        if not path.is_file():
+            self.fail(key, f"file {path} does not exist")
+        if not os.access(path, os.R_OK):
+            self.fail(key, f"file {path} is not readable")
+
+
+def load(path: str | Path) -> AggregatorConfig:
+    """Read and check an aggregator configuration file (see the module doc)."""
+    path = Path(path)
+    check = _Checker(path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        check.fail(None, "configuration file does not exist")
+    except (OSError, UnicodeDecodeError) as exc:
+        check.fail(None, f"cannot read: {exc}")
+    except tomllib.TOMLDecodeError as exc:
+        check.fail(None, f"not valid TOML: {exc}")
+    for key in doc:
+        if key not in ("aggregator", "broker"):
+            check.fail(key, "unknown section (known: aggregator, broker)")
+    for key in ("aggregator", "broker"):
+        if key not in doc:
+            check.fail(key, "missing section")
+    agg: AggregatorSection = check.table(doc["aggregator"], AggregatorSection, "aggregator")
+    broker: BrokerSection = check.table(doc["broker"], BrokerSection, "broker")
+    _check_aggregator(check, agg, "membership" in doc["aggregator"])
+    regulator = _regulator(check, agg.regulator_key)
+    membership = _membership(check, agg, regulator)
+    password = _check_broker(check, broker)
+    return AggregatorConfig(path, agg, broker, membership, regulator, password)
+
+
+def _check_aggregator(check: _Checker, agg: AggregatorSection, has_membership: bool) -> None:
+    for key in ("market", "ledger", "regulator_key"):
+        if not getattr(agg, key):
+            check.fail(f"aggregator.{key}", "missing")
+    if not has_membership:
+        check.fail("aggregator.membership", "missing")
+    for key, value in (("market", agg.market), ("node_id", agg.node_id)):
+        try:
+            check_name(key, value)
+        except ValueError as exc:
+            check.fail(f"aggregator.{key}", str(exc))
+    if agg.ledger.startswith(("postgresql://", "postgres://")):
+        parts = urlsplit(agg.ledger)
+        if not parts.path.strip("/") and "dbname=" not in parts.query:
+            check.fail("aggregator.ledger", "PostgreSQL URL names no database")
+    elif "://" in agg.ledger:
+        check.fail("aggregator.ledger", "must be a SQLite file path or a postgresql:// URL")
+    else:
+        ledger = Path(os.path.expandvars(agg.ledger))
+        if "$" in str(ledger):
+            check.fail("aggregator.ledger", f"{agg.ledger!r} names an unset environment variable")
+        folder = (ledger if ledger.is_absolute() else check.path.parent / ledger).parent
+        if not folder.is_dir():
+            check.fail("aggregator.ledger", f"folder {folder} does not exist")
+    for key in ("block_interval_s", "vote_timeout_s"):
+        check.positive(getattr(agg, key), f"aggregator.{key}")
+    if agg.vote_timeout_s >= agg.block_interval_s:
+        check.fail("aggregator.vote_timeout_s", "must be shorter than block_interval_s")
+    for key in ("settle_grace_s", "max_clock_ahead_s"):
+        check.positive(getattr(agg, key), f"aggregator.{key}", allow_zero=True)
+    check.positive(agg.max_readings_per_block, "aggregator.max_readings_per_block")
+    if agg.log_level not in LOG_LEVELS:
+        check.fail("aggregator.log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+    if not 0 <= agg.metrics_port <= 65535:
+        check.fail("aggregator.metrics_port", "must be 0 (off) or a TCP port 1-65535")
+
+
+def ledger_target(cfg: AggregatorConfig) -> str:
+    """The ledger as `open_store` takes it: a URL, or the file path resolved like other paths."""
+    target = cfg.aggregator.ledger
+    if target.startswith(("postgresql://", "postgres://")):
+        return target
+    path = Path(os.path.expandvars(target))
+    return str(path if path.is_absolute() else cfg.path.parent / path)
+
+
+def _regulator(check: _Checker, text: str) -> PublicKey:
+    try:
+        return PublicKey.from_hex(text)
+    except MeterChainError as exc:
+        check.fail("aggregator.regulator_key", str(exc))
+
+
+def _membership(check: _Checker, agg: AggregatorSection, regulator: PublicKey) -> Membership:
+    check.readable(agg.membership, "aggregator.membership")
+    membership = Membership.load(agg.membership)  # raises ConfigError naming that file
+    if membership.market != agg.market:
+        check.fail(
+            "aggregator.membership",
+            f"{agg.membership} is for market {membership.market!r}, not {agg.market!r}",
+        )
+    try:
+        membership.verify(regulator)
+    except QuorumError as exc:
+        check.fail("aggregator.membership", f"{agg.membership}: {exc}")
+    return membership
+
+
+def _check_broker(check: _Checker, broker: BrokerSection) -> str:
+    if not broker.url:
+        check.fail("broker.url", "missing")
+    parts = urlsplit(broker.url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        check.fail("broker.url", f"{broker.url!r} must look like mqtts://host:port")
+    try:
+        _ = parts.port  # urlsplit parses the port lazily and raises here
+    except ValueError:
+        check.fail("broker.url", f"{broker.url!r} has a bad port")
+    if parts.scheme == "mqtts" and broker.ca_file is not None:
+        check.readable(broker.ca_file, "broker.ca_file")
+    check.positive(broker.keepalive_s, "broker.keepalive_s")
+    if broker.password_file is None:
+        return ""
+    check.readable(broker.password_file, "broker.password_file")
+    password = broker.password_file.read_text(encoding="utf-8").strip()
+    if not password:
+        check.fail("broker.password_file", f"{broker.password_file} is empty")
+    return password
