@@ -1,4 +1,4 @@
-"""The aggregator service against a real Mosquitto (TLS, ACLs) with three reviewing consensus nodes."""
+"""The aggregator service on a real Mosquitto (TLS, ACLs) with three reviewing consensus nodes."""
 
 from __future__ import annotations
 
