@@ -247,6 +247,10 @@ class Node:
     def active_rounds(self) -> list[RoundId]:
         return sorted(self.rounds)
 
+    def knows_round(self, rid: RoundId) -> bool:
+        """True when the round is open or decided here (after a restart: on disk)."""
+        return rid in self.rounds or rid in self.decided
+
     def view_of(self, rid: RoundId) -> int | None:
         rs = self.rounds.get(rid)
         return rs.view if rs is not None else None
@@ -348,7 +352,9 @@ class Node:
         rs = _Round(rid, self.now, entered_at=self.now)
         self.rounds[rid] = rs
         self.max_seq = max(self.max_seq, rid.seq)
-        rs.dirty = True
+        # Not persisted yet: a request is not an acknowledgement, and signatures are
+        # deterministic (RFC 6979), so after a crash the same request is re-signed
+        # byte for byte. The round reaches the disk with our first vote or proposal.
         if rid in self.overflowed or event.catch_up:
             # Messages of this round were missed: the 2-delta rule needs every message
             # since the vote, so this node finishes through a finality certificate.
@@ -1012,17 +1018,30 @@ class Node:
 
     # timers ------------------------------------------------------------------------
 
+    def _backoff(self, view: int) -> int:
+        """Timeout multiplier: 1 for the first n views, then doubling (capped at 64).
+
+        With fewer than n/2 faulty nodes and delta respected a round ends by view
+        (n-1)/2, so the bound is unaffected; when delta was set too small for the
+        real network, longer timeouts let views succeed again (eventual liveness).
+        The 2-delta finality window and the 1-delta view-change wait never grow:
+        they are what safety rests on.
+        """
+        return 1 if view < self.n else 2 ** min(view - self.n + 1, 6)
+
     def _proposal_deadline(self, rs: _Round) -> int:
         # view 0: open skew (delta) + the primary's request collection (2 delta + 1 ms)
         # + delivery; later views: entry skew + statuses to the primary + delivery.
         # Blame strictly after the latest time a correct primary's proposal can arrive.
+        k = self._backoff(rs.view)
         if rs.view == 0:
             return rs.entered_at + 4 * self.delta + 2
-        return rs.entered_at + 3 * self.delta + 1
+        return rs.entered_at + k * 3 * self.delta + 1
 
     def _after_vote_deadline(self, rs: _Round) -> int:
         tv = rs.vote_time[rs.view]
-        return tv + (5 * self.delta + 2 if rs.committed else 3 * self.delta + 2)
+        span = 5 * self.delta + 2 if rs.committed else 3 * self.delta + 2
+        return tv + self._backoff(rs.view) * span
 
     def _timeouts(self, rs: _Round, out: list[Action]) -> None:
         v = rs.view

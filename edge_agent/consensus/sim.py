@@ -70,7 +70,7 @@ class Instance:
     finals: dict[RoundId, tuple[int, bytes]] = field(default_factory=dict)
     conflicts: list[tuple[RoundId, bytes, bytes]] = field(default_factory=list)
     actions: list[Commit | Final] = field(default_factory=list)
-    missed_opens: list[Open] = field(default_factory=list)
+    scheduled: list[RoundId] = field(default_factory=list)  # rounds the application opened
     restarts: int = 0
 
     @property
@@ -158,10 +158,9 @@ class Simulator:
                 name, fields = payload
                 inst = self.instances[name]
                 event = Open(when, **fields)
+                inst.scheduled.append(event.round)
                 if inst.up:
                     self._step(inst, event)
-                else:
-                    inst.missed_opens.append(event)
             elif kind == "crash":
                 inst = self.instances[payload]
                 inst.up = False
@@ -186,9 +185,12 @@ class Simulator:
         inst.node = inst.rebuild(list(inst.disk.values()))
         inst.up = True
         inst.restarts += 1
-        missed, inst.missed_opens = inst.missed_opens, []
-        for event in missed:
-            self._step(inst, Open(self.now, event.round, submit=False, catch_up=True))
+        # like the application after a restart: every round it opened (or should have
+        # opened while down) that the node's disk does not know is opened to catch up
+        known = getattr(inst.node, "knows_round", None)
+        for rid in inst.scheduled:
+            if known is not None and not known(rid):
+                self._step(inst, Open(self.now, rid, submit=False, catch_up=True))
         self._step(inst, Tick(self.now))
 
     def _step(self, inst: Instance, event: Event) -> None:

@@ -72,7 +72,7 @@ class RoundLog:
             return
         try:
             os.write(self._fd, frames)
-            os.fsync(self._fd)
+            os.fdatasync(self._fd)  # the data and the file size; timestamps may lag
         except OSError as exc:
             raise StoreError(f"{self.path}: write failed: {exc.strerror}") from exc
         self.writes += 1
