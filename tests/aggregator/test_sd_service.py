@@ -70,3 +70,17 @@ def test_metrics_server_serves_a_registry() -> None:
         assert "meterchain_test_things_total 3.0" in body
     finally:
         server.shutdown()
+
+
+def test_the_aggregator_unit_is_a_watched_notify_service_for_an_unprivileged_user() -> None:
+    unit = (
+        Path(__file__).resolve().parents[2] / "deploy/systemd/meterchain-aggregator.service"
+    ).read_text()
+    lines = {ln.split("=", 1)[0]: ln.split("=", 1)[1] for ln in unit.splitlines() if "=" in ln
+             and not ln.startswith("#")}  # fmt: skip
+    assert lines["Type"] == "notify" and lines["Restart"] == "on-failure"
+    assert int(lines["WatchdogSec"]) > 0 and lines["DynamicUser"] == "yes"
+    assert lines["RestartPreventExitStatus"] == "2"  # a config error is not retried
+    assert lines["ExecStart"].endswith(
+        "meterchain aggregator run --config /etc/meterchain/aggregator.toml"
+    )
