@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import sys
+import time
 from collections.abc import Callable
 
 Handler = Callable[[argparse.Namespace], int]
@@ -86,10 +88,50 @@ def _add_emulate_meter(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_emulate_meter)
 
 
+def _run_rig(ns: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from hil.rig import junit_xml, load_rig, run_rig, summary
+    from meterchain.errors import ConfigError
+
+    try:
+        rig = load_rig(ns.rig)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if ns.only:
+        rig = dataclasses.replace(rig, only=tuple(ns.only))
+    junit = ns.junit or rig.junit or Path(f"hil-{rig.name}.xml")
+    with tempfile.TemporaryDirectory(prefix="meterchain-hil-") as tmp:
+        started = time.monotonic()
+        results = run_rig(rig, Path(tmp), out=None if ns.quiet else print)
+        seconds = time.monotonic() - started
+    Path(junit).write_text(junit_xml(rig, results))
+    print(summary(rig, results, seconds))
+    print(f"JUnit XML: {junit}")
+    return 1 if any(r.status in ("failed", "error") for r in results) else 0
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run the conformance suite and fault scenarios on a rig (JUnit XML + summary)",
+        description="Load RIG.toml (boards, meters, broker), run every conformance check and "
+        "fault scenario, write JUnit XML and print a one-screen summary. Exit 1 if any failed.",
+    )
+    p.add_argument("rig", help="rig file, e.g. hil/rigs/emulated.toml")
+    p.add_argument("--junit", help="JUnit XML output (default: the rig's junit or hil-NAME.xml)")
+    p.add_argument("--only", action="append", metavar="CHECK", help="run only this check")
+    p.add_argument("--quiet", action="store_true", help="only the summary")
+    p.set_defaults(func=_run_rig)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meterchain hil", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_emulate_meter(sub)
+    _add_run(sub)
     return parser
 
 

@@ -29,7 +29,7 @@ the reason, never silently left out.
     id = "rig-pv-01"        # the meter id it signs as
     kind = "emulated"       # "emulated" | "serial"
     meter = "pv"
-    # port = "/dev/ttyUSB0" for kind = "serial"
+    # port = "/dev/ttyUSB0" and key = "04ab..." (its public key) for kind = "serial"
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ class BoardDef:
     meter: str
     port: str = ""
     owner: str = "rig"
+    key: bytes | None = None  # real boards: the public key `board provision` printed
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,13 @@ def load_rig(path: str | Path) -> Rig:
         meter = _take(b, file, p, "meter", str, None)
         port = _take(b, file, p, "port", str, "")
         owner = _name(_take(b, file, p, "owner", str, "rig"), file, f"{p}owner")
+        key_hex = _take(b, file, p, "key", str, "")
+        try:
+            key = bytes.fromhex(key_hex) if key_hex else None
+        except ValueError as exc:
+            raise ConfigError(file, f"{p}key", "must be the public key in hex") from exc
+        if key is not None and (len(key) != 65 or key[0] != 4):
+            raise ConfigError(file, f"{p}key", "must be a 65-byte uncompressed P-256 point")
         _no_extra(b, file, p)
         if meter not in meters:
             raise ConfigError(file, f"{p}meter", f"names no [[meters]] entry: {meter!r}")
@@ -207,7 +215,7 @@ def load_rig(path: str | Path) -> Rig:
             raise ConfigError(file, f"{p}meter", "an emulated board reads an emulated meter")
         if any(x.id == bid for x in boards):
             raise ConfigError(file, f"{p}id", f"board {bid!r} is defined twice")
-        boards.append(BoardDef(bid, bkind, meter, port, owner))
+        boards.append(BoardDef(bid, bkind, meter, port, owner, key))
     if doc:
         raise ConfigError(file, sorted(doc)[0], "unknown section")
     return Rig(
@@ -288,13 +296,26 @@ def run_rig(rig: Rig, workdir: Path, out: Any = None) -> list[CheckResult]:
     from hil import scenarios
 
     results: list[CheckResult] = []
+    session = scenarios.Session(rig, workdir)
+    try:
+        session.start()
+        _run_checks(session, results, out)
+    finally:
+        session.close()
+    return results
+
+
+def _run_checks(session: Any, results: list[CheckResult], out: Any) -> None:
+    from hil import scenarios
+
+    rig = session.rig
     for check in scenarios.CHECKS:
         if rig.only and check.name not in rig.only:
             continue
         result = CheckResult(check.name, check.group)
         started = time.monotonic()
         try:
-            check.run(rig, workdir / check.name, result)
+            check.run(session, result)
         except scenarios.Skip as exc:
             result.status, result.message = "skipped", str(exc)
         except AssertionError as exc:
@@ -306,4 +327,3 @@ def run_rig(rig: Rig, workdir: Path, out: Any = None) -> list[CheckResult]:
         if out is not None:
             out(f"{result.status.upper():<7} {check.group}/{check.name} "
                 f"({result.seconds:.1f} s) {result.message}")  # fmt: skip
-    return results

@@ -52,13 +52,19 @@ def mqtt_client(
     broker: BrokerAddress,
     subscriptions: Sequence[str] = (),
     on_message: Any = None,
+    *,
+    persistent: bool = False,
 ) -> mqtt.Client:
     """A connected paho client with its network loop running (raises AgentError if refused).
 
     `subscriptions` are (re)subscribed at QoS 1 on every connect, so the client
     keeps receiving after a broker restart; the first connect waits for SUBACK.
+    `persistent` asks the broker to keep the session (and queue QoS 1 messages)
+    while the client is away. `client.mc_subscribed` is set while subscribed.
     """
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not persistent
+    )
     if broker.username:
         client.username_pw_set(broker.username, broker.password)
     if broker.ca_file:
@@ -77,6 +83,8 @@ def mqtt_client(
     if on_message is not None:
         client.on_message = on_message
     client.on_subscribe = lambda *args: subscribed.set()  # type: ignore[assignment]
+    client.on_disconnect = lambda *args: subscribed.clear()  # type: ignore[assignment]
+    client.mc_subscribed = subscribed  # type: ignore[attr-defined]
     client.reconnect_delay_set(0.05, 1)
     try:
         client.connect(broker.host, broker.port, keepalive=30)

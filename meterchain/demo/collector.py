@@ -62,9 +62,11 @@ class ReadingCollector:
         self.accepted = 0
         self.rejected: list[str] = []
         self._cond = threading.Condition()
+        # A persistent session: QoS 1 readings wait at the broker while we are away.
         self.client = mqtt_client(
-            f"aggregator-{market}", broker, [f"mc/{market}/r/+"], self._on_message
-        )
+            f"aggregator-{market}", broker, [f"mc/{market}/r/+"], self._on_message,
+            persistent=True,
+        )  # fmt: skip
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         data = bytes(msg.payload)
@@ -85,6 +87,10 @@ class ReadingCollector:
         """Wait until `count` readings arrived (accepted or refused)."""
         with self._cond:
             return self._cond.wait_for(lambda: self.received >= count, timeout)
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        """Wait until the collector is connected and subscribed (again, after a restart)."""
+        return bool(self.client.mc_subscribed.wait(timeout))
 
     def take(self, hour: int) -> list[LedgerReading]:
         with self._cond:

@@ -53,6 +53,7 @@ class HourlyPower:
     """A `hil.profiles.PowerProfile`: constant power per simulated hour, W (+ import, - export)."""
 
     watts: dict[int, int] = field(default_factory=dict)
+    default_w: int = 0  # hours not in `watts`
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def set(self, hour: int, power_w: int) -> None:
@@ -61,7 +62,7 @@ class HourlyPower:
 
     def power_w(self, t: float) -> float:
         with self.lock:
-            return float(self.watts.get(int(t // HOUR), 0))
+            return float(self.watts.get(int(t // HOUR), self.default_w))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,522 @@
+"""The HIL conformance suite and fault scenarios that `meterchain hil run` runs on a rig.
+
+Conformance (against the rig's boards and meters):
+* signatures_verify -- every reading a board publishes verifies against the registry;
+* sequence_gap_free -- each board's sequence numbers arrive strictly increasing, no gap;
+* broker_outage -- readings taken while the broker is down reach it after it returns,
+  each exactly once (store-and-forward in the board's flash spool);
+* modbus_faults_flagged -- a cut RS-485 line gives readings flagged "meter read
+  error" that repeat the last good registers; corrupted frames never yield wrong values.
+
+Fault scenarios (SDBFT agents and the ledger, on the rig's broker):
+* byzantine_primary -- the primary raises its own payment and lowers another's: the
+  backups refuse, change primary, and the round commits the honest result;
+* crashed_agent -- a backup is down: the round still commits (2 of 3);
+* broker_restart -- the broker restarts between rounds: boards and agents reconnect,
+  readings and the next round go through;
+* aggregator_kill9 -- the block former is killed with SIGKILL mid-run: the ledger
+  verifies, and a restarted former completes it with every batch exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hil.rig import CheckResult, Rig
+
+DELTA_MS = 150
+
+
+class Skip(Exception):
+    """This check cannot run on this rig; the message says why (reported, never hidden)."""
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    group: str
+    run: Callable[[Session, CheckResult], None]
+
+
+# --- the rig session: broker, meters, boards, aggregator -------------------------------
+
+
+@dataclass
+class Session:
+    """What a rig run starts once and every check shares."""
+
+    rig: Rig
+    workdir: Path
+    broker: Any = None  # MosquittoBroker | EmbeddedBroker | None (url)
+    passwords: dict[str, str] = field(default_factory=dict)
+    meters: dict[str, Any] = field(default_factory=dict)  # board id -> MeterLink
+    boards: dict[str, Any] = field(default_factory=dict)  # board id -> Board (emulated)
+    collector: Any = None
+    clock: Any = None
+    _closers: list[Callable[[], None]] = field(default_factory=list)
+
+    AGENTS = ("rig-node-a", "rig-node-b", "rig-node-c")
+
+    def address(self, user: str) -> Any:
+        from meterchain.demo.agents import BrokerAddress
+
+        b = self.rig.broker
+        if b.kind == "mosquitto":
+            return BrokerAddress("localhost", self.broker.port, user, self.passwords[user],
+                                 str(self.broker.ca_file))  # fmt: skip
+        if b.kind == "embedded":
+            return BrokerAddress(self.broker.host, self.broker.port)
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(b.url)
+        password = b.password_file.read_text().strip() if b.password_file else ""
+        return BrokerAddress(
+            parts.hostname or "localhost",
+            parts.port or (8883 if parts.scheme == "mqtts" else 1883),
+            b.username,
+            password,
+            str(b.ca_file) if b.ca_file else None,
+        )
+
+    def start(self) -> Session:
+        from meterchain.demo.site import (
+            Board,
+            MeterLink,
+            MeterSpec,
+            VirtualClock,
+            write_board_config,
+        )
+
+        rig = self.rig
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        users = [b.id for b in rig.boards] + list(self.AGENTS) + ["rig-aggregator"]
+        self.passwords = {u: secrets.token_hex(12) for u in users}
+        if rig.broker.kind == "mosquitto":
+            from hil.broker import MosquittoBroker
+            from meterchain.mqtt_auth import meter_acl, node_acl, observer_acl
+
+            acl = "".join(meter_acl(rig.market, b.id) + "\n" for b in rig.boards)
+            acl += "".join(node_acl(rig.market, a) + "\n" for a in self.AGENTS)
+            acl += observer_acl(rig.market, "rig-aggregator")
+            self.broker = MosquittoBroker(self.workdir / "broker", users=self.passwords, acl=acl)
+            self.broker.start()
+            self._closers.append(self.broker.stop)
+        elif rig.broker.kind == "embedded":
+            from hil.embedded_broker import EmbeddedBroker
+
+            self.broker = EmbeddedBroker().start()
+            self._closers.append(self.broker.stop)
+        self.clock = VirtualClock(time.time())
+        for k, b in enumerate(rig.boards):
+            if b.kind != "emulated":
+                continue
+            meter = rig.meters[b.meter]
+            spec = MeterSpec(b.id, b.owner, meter.source)
+            link = MeterLink(spec, self.clock, seed=k + 1)
+            self._closers.append(link.close)
+            link.profile.default_w = meter.power_w
+            self.meters[b.id] = link
+            addr = self.address(b.id)
+            ca = Path(addr.ca_file).read_bytes() if addr.ca_file else None
+            write_board_config(
+                self.workdir / "boards" / b.id, spec, rig.market, addr.host, addr.port,
+                link.port, username=addr.username, password=addr.password,
+                tls=ca is not None, ca_pem=ca,
+            )  # fmt: skip
+            board = Board(self.workdir / "boards" / b.id, self.clock)
+            self._closers.append(board.close)
+            self.boards[b.id] = board
+        return self
+
+    def registry(self, keys: dict[str, bytes] | None = None) -> Any:
+        from meterchain.keys import PublicKey
+        from meterchain.registry import Registry, make_meter
+
+        entries = []
+        for b in self.rig.boards:
+            point = keys.get(b.id) if keys else b.key
+            if point is None and b.id in self.boards:
+                point = self.boards[b.id].public_point
+            if point is None:
+                raise Skip(f"board {b.id}: its public key is not known to the rig")
+            entries.append(make_meter(b.id, PublicKey.from_point(point),
+                                      b.owner, self.rig.meters[b.meter].source))  # fmt: skip
+        return Registry(entries)
+
+    def ensure_collector(self) -> Any:
+        if self.collector is None:
+            from meterchain.demo.collector import ReadingCollector
+
+            self.collector = ReadingCollector(
+                self.rig.market, self.registry(), self.workdir / "guard.db",
+                self.address("rig-aggregator"), self.clock.now,
+            )  # fmt: skip
+            self._closers.append(self.collector.close)
+        return self.collector
+
+    def sample(self, n: int, publish: bool = True) -> None:
+        """n readings from every emulated board, one simulated minute apart."""
+        for _ in range(n):
+            self.clock.set(self.clock.now() + 60)
+            for board in self.boards.values():
+                board.sample()
+            if publish:
+                self.publish()
+
+    def publish(self, timeout_s: float = 20.0) -> None:
+        for board in self.boards.values():
+            assert board.publish(timeout_s), (
+                f"board {board.meter_id}: {board.pending} reading(s) not acknowledged: "
+                f"{board.app.uplink.last_error}"
+            )
+
+    def wait_all(self, timeout_s: float = 20.0) -> None:
+        total = sum(b.acked for b in self.boards.values())
+        assert self.collector.wait_for(total, timeout_s), (
+            f"aggregator received {self.collector.received} of {total} published readings"
+        )
+
+    def close(self) -> None:
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                closer()
+            except Exception:  # noqa: BLE001 - keep stopping the rest
+                pass
+
+
+def _need_emulated(s: Session) -> None:
+    if not s.boards:
+        raise Skip("needs emulated boards the rig can drive (real boards sample on their own)")
+
+
+def _readings_by_meter(s: Session) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for batch in s.collector.by_hour.values():
+        for r in batch:
+            out.setdefault(r.meter_id, []).append(r)
+    return out
+
+
+# --- conformance ------------------------------------------------------------------------
+
+
+def signatures_verify(s: Session, result: CheckResult) -> None:
+    collector = s.ensure_collector()
+    if s.boards:
+        s.sample(s.rig.readings)
+        s.wait_all()
+    else:
+        deadline = time.monotonic() + s.rig.listen_s
+        need = s.rig.readings * len(s.rig.boards)
+        while collector.received < need and time.monotonic() < deadline:
+            time.sleep(0.5)
+    assert not collector.rejected, f"refused: {collector.rejected[:3]}"
+    assert collector.accepted >= s.rig.readings * len(s.rig.boards), (
+        f"only {collector.accepted} verified readings"
+    )
+    result.details.append(f"{collector.accepted} readings verified, none refused")
+
+
+def sequence_gap_free(s: Session, result: CheckResult) -> None:
+    s.ensure_collector()
+    if s.boards and not s.collector.accepted:
+        s.sample(s.rig.readings)
+        s.wait_all()
+    by_meter = _readings_by_meter(s)
+    for b in s.rig.boards:
+        seqs = sorted(r.seq for r in by_meter.get(b.id, []))
+        assert seqs, f"board {b.id}: no readings"
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"board {b.id}: gaps in {seqs}"
+        result.details.append(f"{b.id}: seq {seqs[0]}..{seqs[-1]} without gaps")
+
+
+def broker_outage(s: Session, result: CheckResult) -> None:
+    _need_emulated(s)
+    if s.rig.broker.kind != "mosquitto":
+        raise Skip("needs the rig's own Mosquitto (broker.kind = \"mosquitto\") to cut it; the "
+                   "embedded broker keeps no sessions and a URL broker is not ours to stop")
+    collector = s.ensure_collector()
+    before = collector.accepted
+    s.broker.kill()
+    s.sample(s.rig.readings, publish=False)
+    for board in s.boards.values():
+        board.publish(0.3)  # tries and fails: the readings stay in the spool
+    spooled = {b.meter_id: b.pending for b in s.boards.values()}
+    assert all(n >= s.rig.readings for n in spooled.values()), f"spooled only {spooled}"
+    s.broker.start()
+    assert collector.wait_subscribed(20), "the aggregator did not reconnect to the broker"
+    s.publish(30)
+    s.wait_all(30)
+    got = collector.accepted - before
+    expected = s.rig.readings * len(s.boards)
+    assert got == expected, f"{got} readings arrived after the outage, {expected} were taken"
+    sequence_gap_free(s, result)
+    result.details.append(f"{expected} readings spooled during the outage, all delivered once")
+
+
+def modbus_faults_flagged(s: Session, result: CheckResult) -> None:
+    _need_emulated(s)
+    from meterchain import reading
+
+    board_id, board = next(iter(s.boards.items()))
+    link = s.meters[board_id]
+    collector = s.ensure_collector()
+    s.sample(1)
+    s.wait_all()
+    link.modem.cut()
+    try:
+        s.sample(1)
+    finally:
+        link.modem.mend()
+    s.wait_all()
+    link.modem.corrupt(3)
+    s.sample(1)
+    s.wait_all()
+    ours = sorted(_readings_by_meter(s)[board_id], key=lambda r: r.seq)
+    good, cut, corrupted = ours[-3], ours[-2], ours[-1]
+    flags = {r.seq: reading.verify(r.cose, collector.registry).flags for r in ours[-3:]}
+    assert not flags[good.seq] & reading.FLAG_METER_READ_ERROR, "a good read was flagged"
+    assert flags[cut.seq] & reading.FLAG_METER_READ_ERROR, "the cut line was not flagged"
+    assert (cut.import_wh, cut.export_wh) == (good.import_wh, good.export_wh), (
+        "a failed read must repeat the last good registers"
+    )
+    assert corrupted.import_wh >= good.import_wh and corrupted.export_wh >= good.export_wh
+    result.details.append(
+        f"cut line: seq {cut.seq} flagged, registers held; corrupted frames: seq "
+        f"{corrupted.seq} {'flagged' if flags[corrupted.seq] & 2 else 'read after a retry'}"
+    )
+
+
+# --- fault scenarios: SDBFT agents on the rig's broker -----------------------------------
+
+
+def _agents(s: Session, node_factory: dict[str, Any] | None = None) -> tuple[Any, list[Any]]:
+    from meterchain.demo.agents import ConsensusAgent, keyring_for
+    from meterchain.ledger.sandbox import named_key
+    from meterchain.market.reference import reference_case
+    from meterchain.quorum import Member, Membership
+
+    case = reference_case()
+    market_name = s.rig.market
+    keys = {a: named_key(f"{market_name}/{a}") for a in s.AGENTS}
+    regulator = named_key(f"{market_name}/regulator")
+    membership = Membership(
+        market_name, 1, tuple(Member(a, keys[a].public_key()) for a in s.AGENTS)
+    ).signed_by(regulator)
+    keyring = keyring_for(membership, {a: k.public_key() for a, k in keys.items()})
+    agents = []
+    for a in s.AGENTS:
+        extra = {"node_factory": node_factory[a]} if node_factory and a in node_factory else {}
+        agents.append(ConsensusAgent(a, keys[a], keyring, case.market, s.address(a),
+                                     s.workdir / "agents" / f"{a}-{time.monotonic_ns()}",
+                                     delta_ms=DELTA_MS, **extra))  # fmt: skip
+    return case, agents
+
+
+def _trade_requests(case: Any, hour: int, ids: tuple[str, ...]) -> dict[str, Any]:
+    """The reference day's requests for `hour`, renamed to the rig's agents."""
+    import dataclasses
+
+    from meterchain.market.model import TradeRequest
+
+    sc1 = case.request(hour, None)
+    return {
+        node: TradeRequest(dataclasses.replace(r.microgrid, id=node), r.deposit)
+        for node, r in zip(ids, sc1.requests[: len(ids)], strict=True)
+    }
+
+
+def _round(agents: list[Any], case: Any, seq: int, timeout: float = 60) -> dict[str, Any]:
+    from edge_agent.consensus.messages import RoundId
+
+    rid = RoundId(seq, "clear")
+    trades = _trade_requests(case, seq % 24, tuple(a.node_id for a in agents))
+    for agent in agents:
+        agent.open(rid, trades[agent.node_id])
+    out = {}
+    for agent in agents:
+        got = agent.wait_commit(rid, timeout)
+        assert got is not None, f"round {rid} did not commit at {agent.node_id}"
+        out[agent.node_id] = got
+    assert len({c.value.digest for c in out.values()}) == 1, "agents committed different values"
+    return out
+
+
+def _close(agents: list[Any]) -> None:
+    for a in agents:
+        a.close()
+
+
+def byzantine_primary(s: Session, result: CheckResult) -> None:
+    from edge_agent.consensus.node import Node
+
+    liar_id = s.AGENTS[0]  # primary of round 0 in view 0 (rotation k = seq + view)
+
+    class TamperingNode(Node):
+        """Raises its own payment and lowers another microgrid's in every result it proposes."""
+
+        def make_result(self, rid: Any, requests: Any) -> Any:
+            honest = super().make_result(rid, requests)
+            res = honest["result"]
+            hour = res["executed"][0]
+            ids = res["microgrids"]
+            me, victim = ids.index(self.node_id), (ids.index(self.node_id) + 1) % len(ids)
+            payments = list(hour["payments"])
+            payments[me] -= 50_000  # pays 5 less ...
+            payments[victim] += 50_000  # ... and makes another pay 5 more
+            return {**honest, "result": {**res, "executed": [{**hour, "payments": payments}]}}
+
+    case, agents = _agents(s, {liar_id: TamperingNode})
+    try:
+        commits = _round(agents, case, 0)
+        honest = [c for a, c in commits.items() if a != liar_id]
+        view = honest[0].view
+        assert view >= 1, f"committed in view {view}: the tampered proposal was accepted"
+        contract = agents[1].contract.contract(0)
+        value = honest[0].value
+        assert contract.check(value.requests, value.result), "committed result is not honest"
+        new_primary = agents[1].node.primary(honest[0].round, view)
+        assert new_primary != liar_id
+        result.details.append(f"tampering primary {liar_id} replaced; {new_primary} committed "
+                              f"the honest result in view {view}")  # fmt: skip
+    finally:
+        _close(agents)
+
+
+def crashed_agent(s: Session, result: CheckResult) -> None:
+    case, agents = _agents(s)
+    try:
+        crashed = agents[2]
+        crashed.close()
+        live = agents[:2]
+        from edge_agent.consensus.messages import RoundId
+
+        rid = RoundId(0, "clear")
+        trades = _trade_requests(case, 0, tuple(a.node_id for a in agents))
+        for agent in live:
+            agent.open(rid, trades[agent.node_id])
+        for agent in live:
+            got = agent.wait_commit(rid, 60)
+            assert got is not None, f"no commit at {agent.node_id} with {crashed.node_id} down"
+            assert got.certificate is None or len(got.certificate.signers) >= 2
+        result.details.append(f"{crashed.node_id} down: {live[0].node_id} and {live[1].node_id} "
+                              "committed")  # fmt: skip
+    finally:
+        _close(agents[:2])
+
+
+def broker_restart(s: Session, result: CheckResult) -> None:
+    if s.rig.broker.kind != "mosquitto":
+        raise Skip("needs the rig's own Mosquitto to restart (broker.kind = \"mosquitto\")")
+    case, agents = _agents(s)
+    try:
+        _round(agents, case, 0)
+        before = s.ensure_collector().accepted
+        s.broker.restart()
+        assert s.collector.wait_subscribed(20), "the aggregator did not reconnect"
+        if s.boards:
+            s.sample(2)
+            s.wait_all(30)
+            assert s.collector.accepted - before == 2 * len(s.boards)
+        time.sleep(0.5)  # let the agents' clients reconnect and resubscribe
+        commits = _round(agents, case, 1)
+        result.details.append(f"after the restart: {2 * len(s.boards)} readings and round 1 "
+                              f"committed (view {next(iter(commits.values())).view})")  # fmt: skip
+    finally:
+        _close(agents)
+
+
+# --- aggregator kill -9: the block former's ledger survives a SIGKILL -------------------
+
+CHILD_BATCHES = 40
+CHILD_METERS = ("k1", "k2", "k3")
+T0 = 1_718_064_000
+
+
+def _child(ledger: str, batches: int) -> int:
+    """Block former for `aggregator_kill9`: one block of readings per hour until `batches`."""
+    from meterchain.ledger.chain import verify_store
+    from meterchain.ledger.sandbox import Chain, Sandbox
+    from meterchain.ledger.store import open_store
+
+    sb = Sandbox(market="kill9", members=3)
+    store = open_store(ledger)
+    state = None
+    if store.head() is not None:
+        state, _ = verify_store(store, signatures=False)
+    chain = Chain(sb, store, state)
+    if store.head() is None:
+        t = T0 - 3600
+        owner = sb.participant("owner", "microgrid", t)
+        chain.genesis(t, [owner, *(sb.meter(m, "owner", "load", t) for m in CHILD_METERS)])
+    done = store.head()[0]  # type: ignore[index]
+    for k in range(done, batches):
+        hour = T0 // 3600 + k
+        rs = [sb.reading(m, k + 1, hour * 3600 + 60, 1000 * (k + 1), 0, "load")
+              for m in CHILD_METERS]  # fmt: skip
+        chain.commit_readings(rs, hour * 3600 + 120)
+        print(f"block {k + 1}", flush=True)
+    store.close()
+    return 0
+
+
+def aggregator_kill9(s: Session, result: CheckResult) -> None:
+    from meterchain.ledger.chain import verify_store
+    from meterchain.ledger.store import open_store
+
+    s.workdir.mkdir(parents=True, exist_ok=True)
+    ledger = str(s.workdir / f"kill9-{time.monotonic_ns()}.db")
+    cmd = [sys.executable, "-m", "hil.scenarios", "aggregator-child", ledger, str(CHILD_BATCHES)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    assert child.stdout is not None
+    for line in child.stdout:
+        if line.startswith("block 8"):
+            break
+    child.send_signal(signal.SIGKILL)
+    child.wait(10)
+    with open_store(ledger) as store:
+        _, report = verify_store(store)
+        killed_at = report.blocks
+    assert killed_at < CHILD_BATCHES + 1, "the former finished before it was killed"
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert rerun.returncode == 0, f"restarted former failed: {rerun.stderr[-500:]}"
+    with open_store(ledger) as store:
+        _, report = verify_store(store)
+        expected = CHILD_BATCHES * len(CHILD_METERS)
+        assert report.readings == expected == store.reading_count(), (
+            f"{report.readings} readings on the ledger, {expected} expected"
+        )
+    result.details.append(
+        f"killed with {killed_at} blocks stored (verified); the restarted former completed "
+        f"{report.blocks} blocks, {expected} readings once"
+    )
+
+
+CHECKS: tuple[Check, ...] = (
+    Check("signatures_verify", "conformance", signatures_verify),
+    Check("sequence_gap_free", "conformance", sequence_gap_free),
+    Check("broker_outage", "conformance", broker_outage),
+    Check("modbus_faults_flagged", "conformance", modbus_faults_flagged),
+    Check("byzantine_primary", "fault", byzantine_primary),
+    Check("crashed_agent", "fault", crashed_agent),
+    Check("broker_restart", "fault", broker_restart),
+    Check("aggregator_kill9", "fault", aggregator_kill9),
+)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "aggregator-child":
+        sys.exit(_child(sys.argv[2], int(sys.argv[3])))
+    print("usage: python -m hil.scenarios aggregator-child LEDGER BATCHES", file=sys.stderr)
+    sys.exit(2)
