@@ -1,0 +1,93 @@
+"""Settlement statements and the HTML market report, read from a verified ledger."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ledger"))
+
+from ledger_world import H0, build_world  # noqa: E402
+
+from aggregator.report import REASONS  # noqa: E402
+from aggregator.report import main as report_main
+from meterchain import codec  # noqa: E402
+from meterchain.ledger.store import open_store  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ledger(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("report") / "ledger.db"
+    build_world(open_store(str(path))).store.close()
+    return path
+
+
+def _settlement(ledger: Path) -> dict:
+    with sqlite3.connect(ledger) as conn:
+        (body,) = conn.execute("SELECT body FROM txs WHERE kind = 'settlement'").fetchone()
+    return codec.decode(codec.decode(body)[1]["result"])
+
+
+def test_statements_add_up_to_the_settlement_and_conserve_money(ledger: Path, capsys) -> None:
+    assert report_main(["settlement", str(ledger)]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert {r["hour"] for r in rows} == {str(H0 + 1)}
+    by_party = {r["party"]: r for r in rows}
+    settled = _settlement(ledger)
+    for reason in ("energy", "wheeling", "retail", "deposit", "deposit-refund"):
+        for party, row in by_party.items():
+            expected = sum(a for _, payee, a, why in settled["entries"]
+                           if why == reason and payee == party) - sum(
+                a for payer, _, a, why in settled["entries"] if why == reason and payer == party
+            )  # fmt: skip
+            assert int(row[reason]) == expected, (party, reason)
+    # Every reason, and so every hour, sums to zero over the parties: money is conserved.
+    for reason in (*REASONS, "net"):
+        assert sum(int(r[reason]) for r in rows) == 0, reason
+    # mg1 sold the cleared 165 kWh in full, and 450 kWh through its order with mg2.
+    assert int(by_party["mg1"]["sold_wh"]) == 165_087 + 450_000
+    assert int(by_party["mg2"]["bought_wh"]) == 165_087 + 450_000
+    assert int(by_party["mg1"]["order-payment"]) == 360_000
+    assert int(by_party["mg1"]["order-forfeit"]) == -285
+
+
+def test_json_statements_and_a_party_filter(ledger: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mg2.json"
+    assert report_main(["settlement", str(ledger), "--format", "json", "--party", "mg2",
+                        "--out", str(out)]) == 0  # fmt: skip
+    doc = json.loads(out.read_text())
+    assert doc["market"] == "m1" and list(doc["totals"]) == ["mg2"]
+    assert doc["totals"]["mg2"]["net"] == sum(s["net"] for s in doc["statements"])
+
+
+def test_html_report_has_the_four_charts(ledger: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report.html"
+    assert report_main(["plot", str(ledger), "--out", str(out)]) == 0
+    html = out.read_text()
+    assert html.count("<svg") == 4
+    for title in (
+        "Energy traded between microgrids per hour",
+        "Prices",
+        "Cost over the period, with and without trading",
+        "Green certificates",
+    ):
+        assert f"<title>{title}</title>" in html
+    assert "mg1 → mg2: 165.1" in html  # delivered kWh in the executed hour
+    assert "mg2 retired: 1.0" in html
+
+
+def test_a_ledger_that_does_not_verify_is_not_reported(ledger: Path, tmp_path: Path,
+                                                       capsys) -> None:  # fmt: skip
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(ledger.read_bytes())
+    with sqlite3.connect(bad) as conn:
+        conn.execute("UPDATE readings SET export_wh = export_wh + 1 WHERE pos = 0")
+    assert report_main(["settlement", str(bad)]) == 1
+    assert "the ledger does not verify: block 3: reading batch 0" in capsys.readouterr().err
+    assert report_main(["plot", str(tmp_path / "none.db"), "--out", "x.html"]) == 2
