@@ -126,8 +126,12 @@ def _name(value: str, file: str, key: str) -> str:
         raise ConfigError(file, key, str(exc)) from exc
 
 
-def load_rig(path: str | Path) -> Rig:
-    """Read and validate a rig file; ConfigError(file, key, problem) on the first problem."""
+def load_rig(path: str | Path, *, check_files: bool = True) -> Rig:
+    """Read and validate a rig file; ConfigError(file, key, problem) on the first problem.
+
+    `check_files=False` validates a rig for another machine (its CA and password
+    files need not exist here).
+    """
     path = Path(path)
     file = str(path)
     try:
@@ -161,7 +165,7 @@ def load_rig(path: str | Path) -> Rig:
     pw = _take(b_t, file, "broker.", "password_file", str, "")
     _no_extra(b_t, file, "broker.")
     for key, rel in (("broker.ca_file", ca), ("broker.password_file", pw)):
-        if rel and not (base / rel).is_file():
+        if rel and check_files and not (base / rel).is_file():
             raise ConfigError(file, key, f"{base / rel}: no such file")
     broker = BrokerDef(kind, url, base / ca if ca else None, user, base / pw if pw else None)
 
