@@ -117,8 +117,10 @@ class Sandbox:
         round: int = 1,
         view: int = 0,
         signers: Sequence[str] | None = None,
+        final: bool = False,
     ) -> Tx:
-        """A committed clearing as the consensus agents certify it (SDBFT vote statement).
+        """A committed clearing as the consensus agents certify it (SDBFT vote statement,
+        or with `final` the view-independent finality statement and view -1).
 
         `request`/`result` are `meterchain.market.clearing` objects; each microgrid's
         consensus request is signed with its participant key.
@@ -137,7 +139,11 @@ class Sandbox:
             requests.append(codec.encode([stmt, who, self.key(who).sign(stmt), None]))
         value = result.to_dict()
         digest = value_digest(self.market, round_id, requests, value)
-        stmt = codec.encode(["vote", self.market, round_id, view, digest])
+        if final:
+            view = -1
+            stmt = codec.encode(["final", self.market, round_id, 0, digest])
+        else:
+            stmt = codec.encode(["vote", self.market, round_id, view, digest])
         names = self.node_ids if signers is None else signers
         qc = QuorumCertificate.collect(stmt, [(n, self.key(n).sign(stmt)) for n in names])
         return Tx.make(

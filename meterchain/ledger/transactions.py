@@ -39,6 +39,10 @@ def _uint(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
 
 
+def _view(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and -1 <= v < 2**63
+
+
 def _name(v: Any) -> bool:
     return isinstance(v, str) and bool(_NAME.match(v))
 
@@ -146,7 +150,7 @@ SCHEMAS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "clearing": {
         "round": (_uint, "the consensus round's sequence number"),
         "round_kind": (_name, "the consensus round's kind"),
-        "view": (_uint, "the view the round committed in"),
+        "view": (_view, "the view the round committed in (-1: by a finality certificate)"),
         "hour": (_uint, "the delivery hour index it executes"),
         "requests": (_byte_list, "the list of signed request messages of the round"),
         "value": (_bytes, "canonical CBOR of the value the round agreed"),

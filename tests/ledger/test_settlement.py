@@ -113,9 +113,15 @@ def test_clearing_needs_a_quorum_over_exactly_its_value(world: World) -> None:
     other_round = Tx.make("clearing", {**genuine.body, "round": 2})
     with pytest.raises(TxError, match="clearing QC is for round"):
         chain.commit([other_round], t)
+    other_view = Tx.make("clearing", {**genuine.body, "view": 3})
+    with pytest.raises(TxError, match="clearing QC is for view 0, not 3"):
+        chain.commit([other_view], t)
     with pytest.raises(TxError, match="its clearing comes too late"):
         chain.commit([genuine], (H0 + 6) * HOUR)
     chain.commit([genuine], t)
+    # A node that caught up through a finality certificate records it with view -1.
+    final_request, final_result = two_microgrid_clearing((H0 + 6) % 24)
+    chain.commit([sb.clearing(H0 + 6, final_request, final_result, round=8, final=True)], t)
     with pytest.raises(TxError, match="already has a committed clearing"):
         chain.commit([sb.clearing(H0 + 5, request, result, round=3)], t + 1)
     verify_store(world.store)
