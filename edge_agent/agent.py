@@ -187,9 +187,17 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> int:
         cfg = self.config
         if cfg.agent.metrics_port:
-            service.start_metrics_server(
-                cfg.agent.metrics_port, cfg.agent.metrics_host, self.metrics.registry
-            )
+            try:
+                service.start_metrics_server(
+                    cfg.agent.metrics_port, cfg.agent.metrics_host, self.metrics.registry
+                )
+            except OSError as exc:
+                raise ConfigError(
+                    str(cfg.path),
+                    "agent.metrics_port",
+                    f"cannot serve /metrics on {cfg.agent.metrics_host}:{cfg.agent.metrics_port}: "
+                    f"{exc.strerror}",
+                ) from exc
         self.worker.start()
         self.link.start()
         for poller in self.pollers:

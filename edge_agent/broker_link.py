@@ -151,7 +151,9 @@ class BrokerLink:
             ack()
             return
         sender = message.topic.rsplit("/", 1)[-1]
-        self.worker.submit(Delivery(bytes(message.payload), sender, ack))
+        # Verified here, in paho's thread: the writer thread only guards and commits.
+        checked = self.worker.ingest.check(bytes(message.payload))
+        self.worker.submit(Delivery(checked, sender, ack))
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, rc: Any, props: Any

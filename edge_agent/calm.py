@@ -35,3 +35,7 @@ class CalmLog:
 
     def failing(self, subject: str) -> bool:
         return subject in self._failing
+
+    @property
+    def any_failing(self) -> bool:
+        return bool(self._failing)

@@ -73,9 +73,11 @@ class BrokerSection:
     client_id: str = ""  # defaults to "agent-<node_id>"
     keepalive_s: int = 30
     # Group commit: up to `batch_max` readings share one SQLite transaction and
-    # their PUBACKs wait for it; `batch_wait_ms` bounds the added latency.
+    # their PUBACKs wait for it; `batch_wait_ms` is how long a batch waits for
+    # company. The broker sends at most its max_inflight_messages unacknowledged
+    # readings, so set that to at least batch_max for full batches.
     batch_max: int = 64
-    batch_wait_ms: int = 20
+    batch_wait_ms: int = 2
     publish_gateway_readings: bool = True
 
 

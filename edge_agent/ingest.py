@@ -1,10 +1,11 @@
 """The one ingest path: signed reading bytes in, verified energy in SQLite out, exactly once.
 
-`Ingest.process_batch` is what the MQTT subscriber, the Modbus gateway and
-the benchmark all call: decode and verify each reading (`reading.verify`
-against the registry), then, in one SQLite transaction, pass it through the
-sequence guard (replay, out-of-order, counters running backwards, and
-byte-identical duplicates) and fold it into hourly energy. Only after the
+The MQTT subscriber, the Modbus gateway and the benchmark all go through the
+same two steps: `Ingest.check` decodes and verifies a reading
+(`reading.verify` against the registry); `Ingest.commit` then, in one SQLite
+transaction for a whole batch, passes each verified reading through the
+sequence guard (replay, out-of-order, counters running backwards,
+byte-identical duplicates) and folds it into hourly energy. Only after the
 commit are the results returned, so callers acknowledge nothing that is not
 on disk. A byte-identical copy of an accepted reading (an MQTT redelivery
 after a crash, a board resending from its spool) is a `duplicate`: it is
@@ -116,6 +117,22 @@ class Ingest:
     def process(self, payload: bytes) -> Result:
         return self.process_batch([payload])[0]
 
+    def check(self, payload: bytes, now: int | None = None) -> Reading | Result:
+        """Decode and verify one reading: the Reading, or the rejection Result.
+
+        Pure and thread-safe: the MQTT thread runs it on each message as it
+        arrives, so signature checks overlap the writer's disk syncs.
+        """
+        try:
+            return verify(
+                payload,
+                self.registry,
+                now=int(self.clock()) if now is None else now,
+                max_clock_ahead_s=self.max_clock_ahead_s,
+            )
+        except RejectedReading as exc:
+            return Result(Outcome.REJECTED, None, exc.reason, str(exc))
+
     def process_batch(
         self,
         payloads: Sequence[bytes],
@@ -123,7 +140,18 @@ class Ingest:
         *,
         senders: Sequence[str] | None = None,
     ) -> list[Result]:
-        """Ingest `payloads` in one transaction; results in input order, after the commit.
+        """`check` each payload, then `commit` them all in one transaction."""
+        now = int(self.clock())
+        return self.commit([self.check(p, now) for p in payloads], before_commit, senders=senders)
+
+    def commit(
+        self,
+        checked: Sequence[Reading | Result],
+        before_commit: Callable[[list[Result]], None] | None = None,
+        *,
+        senders: Sequence[str] | None = None,
+    ) -> list[Result]:
+        """Guard and fold checked readings in one transaction; results in order, after COMMIT.
 
         `before_commit(results)` runs inside the transaction once every
         reading is folded (the gateway uses it to queue what it publishes).
@@ -132,33 +160,20 @@ class Ingest:
         Raises MeterChainError or sqlite3.Error only if the store fails, in
         which case nothing was committed and nothing may be acknowledged.
         """
-        now = int(self.clock())
-        results: list[Result | None] = [None] * len(payloads)
-        verified: list[tuple[int, Reading]] = []
-        # Signature checks run outside the write transaction: they are the
-        # expensive part and need no database.
-        for i, payload in enumerate(payloads):
-            try:
-                reading = verify(
-                    payload, self.registry, now=now, max_clock_ahead_s=self.max_clock_ahead_s
-                )
-            except RejectedReading as exc:
-                results[i] = Result(Outcome.REJECTED, None, exc.reason, str(exc))
-                continue
-            verified.append((i, reading))
-        if verified:
+        results: list[Result] = [c for c in checked if isinstance(c, Result)]
+        if len(results) != len(checked):
+            results = []
             try:
                 with self.store.transaction():
-                    for i, reading in verified:
-                        results[i] = self._admit(reading)
+                    for item in checked:
+                        results.append(item if isinstance(item, Result) else self._admit(item))
                     if before_commit is not None:
-                        before_commit([r for r in results if r is not None])
+                        before_commit(results)
             except BaseException:
                 self._last_time.clear()
                 raise
-        final = [r for r in results if r is not None]
-        self._report(final, senders)
-        return final
+        self._report(results, senders)
+        return results
 
     def _previous_time(self, meter_id: str) -> int | None:
         if meter_id in self._last_time:
@@ -203,7 +218,8 @@ class Ingest:
             if result.outcome is Outcome.ACCEPTED:
                 assert reading is not None
                 self.observer.accepted(reading, result.owner)
-                self.calm.success(f"meter {reading.meter_id}")
+                if self.calm.any_failing:  # the common case builds no subject string
+                    self.calm.success(f"meter {reading.meter_id}")
             elif result.outcome is Outcome.DUPLICATE:
                 assert reading is not None
                 self.observer.duplicate(reading)
