@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from aggregator.former import BlockFormer
 from edge_agent.consensus.messages import RoundId
 from meterchain import codec
 from meterchain.demo.agents import (
@@ -40,14 +41,13 @@ from meterchain.demo.agents import (
     SubmitOnlyAgent,
     keyring_for,
 )
-from meterchain.demo.collector import BlockFormer, ReadingCollector
+from meterchain.demo.collector import ReadingCollector
 from meterchain.demo.site import HOUR, Board, MeterLink, MeterSpec, VirtualClock, write_board_config
 from meterchain.errors import MeterChainError
 from meterchain.keys import PublicKey
 from meterchain.ledger.chain import verify_store
-from meterchain.ledger.review import BlockReviewer
+from meterchain.ledger.review import BlockReviewer, Proposal, encode_committed, parse_reply
 from meterchain.ledger.sandbox import Sandbox
-from meterchain.ledger.settle import settlement_tx
 from meterchain.ledger.store import open_store
 from meterchain.ledger.transactions import Tx, signed
 from meterchain.market.clearing import ClearingResult
@@ -60,6 +60,7 @@ MARKET = "demo"
 DAY_START = 1_718_064_000  # 2024-06-11T00:00:00Z: a UTC midnight, so hour index = hour of day
 CONSENSUS_MEMBERS = 3  # n = K + 1 pre-elected consensus microgrids; the rest only submit
 PENALTY_SCENARIOS = 8  # seeded forecast-error days pooled in the rolling/day-ahead comparison
+SETTLE_GRACE_S = 20  # settle an hour this long after it ended (the readings are in by then)
 
 
 class DemoError(MeterChainError):
@@ -343,18 +344,41 @@ def _run(
     submit_only = {mg: SubmitOnlyAgent(mg, sb.key(mg), MARKET, broker) for mg in submitters}
     for agent_so in submit_only.values():
         stack.push(agent_so.close)
-    former = BlockFormer(store, reviewers, sb.membership.quorum, regulator)
+    former = BlockFormer(store, None, proposer="aggregator", settle_grace_s=SETTLE_GRACE_S)
+
+    def certify(proposal: Proposal, now: int) -> None:
+        """Consensus agents re-execute and sign; more than n/2 votes seal the block."""
+        votes, refusals = [], []
+        for reviewer in reviewers:
+            reply = parse_reply(reviewer.review(proposal.encode(), now))
+            if reply.kind == "block-vote" and reply.header_hash == proposal.block.hash:
+                votes.append((reply.node_id, reply.signature))
+            else:
+                refusals.append(f"{reply.node_id}: {reply.reason}")
+        report.block_refusals.extend(refusals)
+        if len(votes) < sb.membership.quorum:
+            raise DemoError(f"block {proposal.block.height} refused: {'; '.join(refusals)}")
+        block = former.commit(proposal, votes)
+        for reviewer in reviewers:
+            reviewer.committed(encode_committed(block))
+
+    def form_block(now: int) -> None:
+        formation = former.propose(now)
+        if formation.dropped:
+            raise DemoError(f"the block former dropped {formation.dropped[0][0].kind}: "
+                            f"{formation.dropped[0][1]}")  # fmt: skip
+        if formation.proposal is not None:
+            certify(formation.proposal, now)
 
     # --- genesis: market, membership, participants, meters -----------------------------
     t = DAY_START - HOUR + 60
     clock.set(t)
-    genesis_txs: list[Tx] = [sb.genesis_tx(t)]
-    genesis_txs += [sb.participant(mg, "microgrid", t) for mg in ids]
+    genesis_txs: list[Tx] = [sb.participant(mg, "microgrid", t) for mg in ids]
     for s in specs:
         terms = {"id": s.meter_id, "owner": s.owner, "key": boards[s.meter_id].public_point,
                  "source": s.source, "time": t}  # fmt: skip
         genesis_txs.append(signed(MARKET, "meter", terms, sb.regulator))
-    former.commit(MARKET, genesis_txs, t)
+    certify(former.propose_genesis(sb.genesis_tx(t), genesis_txs, t), t)
 
     # --- a first reading of every meter before the day: the registers the day starts from
     published = 0
@@ -374,7 +398,8 @@ def _run(
                             "published readings")  # fmt: skip
 
     sample_all(DAY_START - 600)
-    former.commit_readings(MARKET, collector.take(h0 - 1), DAY_START - 590)
+    store.ingest_readings(collector.take(h0 - 1))
+    form_block(DAY_START - 590)
 
     soc: dict[str, int] | None = None
     cleared: dict[int, tuple[RoundId, Any, ClearingResult]] = {}
@@ -421,7 +446,8 @@ def _run(
                 "result": result.to_cbor(), "qc": committed.certificate.to_cbor(),
             },
         )  # fmt: skip
-        former.commit(MARKET, [clearing_tx], hour_start - 240, round=rid.seq)
+        store.submit_tx(clearing_tx, hour_start - 240)
+        form_block(hour_start - 240)
         # The plant follows the executed dispatch; the grid takes every deviation.
         executed = result.executed[0]
         by_id = {mg.id: mg for mg in case.microgrids}
@@ -454,34 +480,17 @@ def _run(
                 clear_hour(h + 1)  # bids for the next hour go in before this one ends
             sample_all(at)
         note(h, options.hours, f"hour {h:02d}: settling")
-        former.commit_readings(MARKET, collector.take(h0 + h), hour_start + HOUR + 10)
-        assert former.state is not None
-        settle = settlement_tx(former.state, h0 + h)
-        former.commit(MARKET, [settle], hour_start + HOUR + 20)
-        settlement = codec.decode(settle.body["result"])
-        rid, committed, result = cleared[h]
-        executed = result.executed[0]
-        report.hours.append(
-            HourLine(
-                hour=h,
-                primary=agents[members[0]].node.primary(rid, committed.view),
-                view=committed.view,
-                coalition=executed.coalition,
-                trades=tuple(
-                    TradeLine(t.seller, t.buyer, t.energy_wh, t.amount, t.price_per_kwh)
-                    for t in executed.trades
-                ),
-                saving=executed.saving,
-                penalty=sum(e[2] for e in settlement["entries"] if e[3] == "shortfall"),
-                short_wh=sum(d[2] - d[3] for d in settlement["deliveries"]),
-            )
-        )
+        # The readings of the hour, then (same block) its settlement re-executed from them.
+        store.ingest_readings(collector.take(h0 + h))
+        form_block(hour_start + HOUR + SETTLE_GRACE_S)
+        if h0 + h not in (former.state.settlements if former.state else {}):
+            raise DemoError(f"hour {h} was not settled")
         note(h + 1, options.hours, f"hour {h:02d}: done")
 
     report.readings_published = published
     report.readings_refused = list(collector.rejected)
-    report.block_refusals = list(former.refusals)
     report.microgrids = _microgrid_totals(store, ids, members)
+    report.hours = _hour_lines(store, h0, agents[members[0]].node.primary, cleared)
     report.readings_on_ledger = store.reading_count()
     head = store.head()
     report.ledger_blocks = 0 if head is None else head[0] + 1
@@ -492,6 +501,48 @@ def _run(
         report.ledger_valid = True
     except MeterChainError:
         report.ledger_valid = False
+
+
+def _hour_lines(
+    store: Any,
+    h0: int,
+    primary: Callable[[RoundId, int], str],
+    cleared: dict[int, tuple[RoundId, Any, Any]],
+) -> list[HourLine]:
+    """Each hour's committed clearing and its settlement, read back from the ledger."""
+    results: dict[int, tuple[int, ClearingResult]] = {}
+    settlements: dict[int, dict[str, Any]] = {}
+    for stored in store.stored_blocks():
+        for kind, _, raw in stored.txs:
+            if kind == "clearing":
+                body = Tx.decode(raw).body
+                results[body["hour"] - h0] = (body["view"],
+                                              ClearingResult.from_cbor(body["result"]))  # fmt: skip
+            elif kind == "settlement":
+                body = Tx.decode(raw).body
+                settlements[body["hour"] - h0] = codec.decode(body["result"])
+    lines = []
+    for h in sorted(settlements):
+        view, result = results[h]
+        executed = result.executed[0]
+        settlement = settlements[h]
+        rid = cleared[h][0]
+        lines.append(
+            HourLine(
+                hour=h,
+                primary=primary(rid, view),
+                view=view,
+                coalition=executed.coalition,
+                trades=tuple(
+                    TradeLine(t.seller, t.buyer, t.energy_wh, t.amount, t.price_per_kwh)
+                    for t in executed.trades
+                ),
+                saving=executed.saving,
+                penalty=sum(e[2] for e in settlement["entries"] if e[3] == "shortfall"),
+                short_wh=sum(d[2] - d[3] for d in settlement["deliveries"]),
+            )
+        )
+    return lines
 
 
 def _microgrid_totals(store: Any, ids: list[str], members: list[str]) -> list[MicrogridLine]:
