@@ -89,8 +89,7 @@ class Agent:
             ca_file=str(config.broker.ca_file) if config.broker.ca_file else None,
             keepalive_s=config.broker.keepalive_s,
             on_connected=lambda up: self.metrics.mqtt_connected.set(1 if up else 0),
-            # From the first subscription on, the broker keeps readings for us while we are down.
-            on_subscribed=lambda: service.notify("STATUS=subscribed to readings"),
+            on_subscribed=self._subscribed,
         )
         self.worker.on_outbox = self.link.pump_outbox
         self.metrics.outbox_pending.set_function(self.view.outbox_pending)
@@ -165,6 +164,10 @@ class Agent:
             clock=self.clock,
             on_round=on_round,
         )
+
+    def _subscribed(self) -> None:
+        # From the first subscription on, the broker keeps readings for us while we are down.
+        service.notify("STATUS=subscribed to readings")
 
     async def _on_sample(self, meter_id: str, sample: MeterSample) -> None:
         self.metrics.modbus_reads.labels(meter_id).inc()

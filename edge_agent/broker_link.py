@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.gateway import gateway_subscription
 from edge_agent.store import StoreView
@@ -69,7 +70,7 @@ class BrokerLink:
         self._lock = threading.Lock()
         self._in_flight: dict[int, int] = {}  # mid -> outbox row id
         self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=client_id,
             clean_session=False,
             protocol=mqtt.MQTTv311,

@@ -259,7 +259,7 @@ class _Checker:
             if not isinstance(raw, str):
                 self.fail(key, f"must be a string, not {_toml_kind(raw)}")
             return raw
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             return self.table(raw, hint, key)
         if hint is Path:
             if not isinstance(raw, str) or not raw:

@@ -43,6 +43,7 @@ class Guard(Protocol):
 
     def admit(self, reading: Reading) -> Admission:
         """Record `reading` in the open transaction or raise the RejectedReading saying why not."""
+        ...
 
 
 class Outcome(enum.Enum):

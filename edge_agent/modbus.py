@@ -28,7 +28,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeAlias
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
@@ -40,7 +40,7 @@ from edge_agent.errors import ModbusLinkError
 
 log = logging.getLogger("meterchain.agent.modbus")
 
-ModbusClient = AsyncModbusTcpClient | AsyncModbusSerialClient
+ModbusClient: TypeAlias = AsyncModbusTcpClient | AsyncModbusSerialClient
 
 
 class LinkState(enum.Enum):

@@ -82,8 +82,8 @@ class AgentStore:
         self.conn.executescript(SCHEMA)
         self.outbox_limit = 100_000
         self.outbox_dropped = 0
-        # (hour, meter) -> [owner, source, import_wh, export_wh] of the open transaction
-        self._pending: dict[tuple[int, str], list[object]] = {}
+        # (hour, meter) -> (owner, source, import_wh, export_wh) of the open transaction
+        self._pending: dict[tuple[int, str], tuple[str, str, int, int]] = {}
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -125,17 +125,14 @@ class AgentStore:
         """
         assert self.conn.in_transaction, "fold() must run inside transaction()"
         for share in split_interval(t0, t1, import_delta_wh, export_delta_wh):
-            row = self._pending.get((share.hour, meter_id))
-            if row is None:
-                self._pending[(share.hour, meter_id)] = [
-                    owner,
-                    source,
-                    share.import_wh,
-                    share.export_wh,
-                ]
-            else:
-                row[2] += share.import_wh
-                row[3] += share.export_wh
+            key = (share.hour, meter_id)
+            _, _, imported, exported = self._pending.get(key, (owner, source, 0, 0))
+            self._pending[key] = (
+                owner,
+                source,
+                imported + share.import_wh,
+                exported + share.export_wh,
+            )
 
     def add_outbox(self, topic: str, payload: bytes) -> None:
         """Queue a gateway reading for publication (in a transaction); bounded, drops counted."""

@@ -72,7 +72,7 @@ class IngestWorker(threading.Thread):
         ingest: Ingest,
         *,
         batch_max: int = 64,
-        batch_wait_s: float = 0.02,
+        batch_wait_s: float = 0.002,
         gateway: GatewayIdentity | None = None,
         on_outbox: Callable[[], None] | None = None,
         on_outbox_dropped: Callable[[int], None] | None = None,
