@@ -429,7 +429,12 @@ def _run(
             commits[mg] = got
         if len({c.value.digest for c in commits.values()}) != 1:
             raise DemoError(f"hour {h}: agents committed different values")
-        committed = next(c for c in commits.values() if c.certificate is not None)
+        # A node that decided by its own 2-delta rule holds the vote certificate of its view;
+        # one that caught up through a finality certificate reports view -1.
+        decided = [c for c in commits.values() if c.view >= 0 and c.certificate is not None]
+        if not decided:
+            raise DemoError(f"hour {h}: no agent holds the vote certificate of the round")
+        committed = decided[0]
         value = committed.value
         if value.result.get("result") is None:
             raise DemoError(f"hour {h}: the clearing rejected every request: "
