@@ -17,6 +17,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from edge_agent.bid import build_market
 from edge_agent.broker_link import BrokerLink
@@ -31,12 +32,15 @@ from edge_agent.forecast import (
 from edge_agent.ingest import Ingest, Outcome
 from edge_agent.metrics import AgentMetrics
 from edge_agent.modbus import BusSettings, MeterPoller, MeterSample, ModbusBus
-from edge_agent.rounds import RoundDriver, RoundOutcome, StandaloneClearing
+from edge_agent.rounds import Clearing, RoundDriver, RoundOutcome, StandaloneClearing
 from edge_agent.setpoints import SetpointWriter
 from edge_agent.store import AgentStore, StoreView
 from edge_agent.worker import GatewayIdentity, IngestWorker
 from meterchain import service
 from meterchain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from edge_agent.consensus_clearing import ConsensusClearing
 from meterchain.registry import Registry
 from meterchain.sequence import SequenceGuard
 
@@ -118,6 +122,7 @@ class Agent:
             MeterPoller(m.id, self.buses[m.bus], m.unit, m.poll_interval_s, self._on_sample)
             for m in config.modbus_meters
         ]
+        self.consensus: ConsensusClearing | None = None
         self.rounds = self._round_driver(forecaster) if forecaster is not None else None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -126,18 +131,29 @@ class Agent:
         cfg = self.config
         if not cfg.microgrid.retail_price_per_kwh:
             return None
-        if cfg.consensus.role != "standalone":
+        if cfg.consensus.role == "submitter":
             raise ConfigError(
                 str(cfg.path),
                 "consensus.role",
-                f"{cfg.consensus.role!r} needs the SDBFT transport, which this build does not "
-                'have yet; use "standalone"',
+                "'submitter' (bidding through other agents' consensus) is not in this build "
+                'yet; use "node" or "standalone"',
             )
         profile = load_profile(cfg.forecast.profile_file) if cfg.forecast.profile_file else None
         if cfg.forecast.kind == "profile":
             assert profile is not None  # the config check requires the file for this kind
             return ProfileForecaster(profile)
         return PersistenceForecaster(profile)
+
+    def _clearing(self) -> Clearing:
+        market = build_market(self.config.market)
+        if self.config.consensus.role == "node":
+            from edge_agent.consensus_clearing import start_consensus
+
+            self.consensus = start_consensus(
+                self.config, market, on_primary_change=self.metrics.primary_changes.inc
+            )
+            return self.consensus
+        return StandaloneClearing(market)
 
     def _round_driver(self, forecaster: Forecaster) -> RoundDriver:
         cfg = self.config
@@ -152,7 +168,7 @@ class Agent:
             section=cfg.microgrid,
             forecaster=forecaster,
             history=lambda now: history_from_energy(self.view.hourly(owner=owner), before=now),
-            clearing=StandaloneClearing(build_market(cfg.market)),
+            clearing=self._clearing(),
             writer=SetpointWriter(
                 cfg.setpoints,
                 self.buses,
@@ -230,6 +246,8 @@ class Agent:
                 await task
         await asyncio.to_thread(self.worker.stop)
         self.link.stop()
+        if self.consensus is not None:
+            self.consensus.runner.stop()
         for bus in self.buses.values():
             await bus.close()
         stopping.cancel()

@@ -204,13 +204,14 @@ CASES: list[tuple[str, Callable[[Path], None], str]] = [
         "broker.ca_file: {root}/ca.crt is not a PEM CA certificate",
     ),
     (
-        "role-without-transport",
+        "submitter-not-in-build",
         _append(
             '[consensus]\nrole = "submitter"\n[microgrid]\nretail_price_per_kwh = '
             + str([2000] * 24)
             + "\n"
         ),
-        "consensus.role: 'submitter' needs the SDBFT transport, which this build does not have",
+        "consensus.role: 'submitter' (bidding through other agents' consensus) is not in this "
+        "build yet",
     ),
     (
         "bad-role",
