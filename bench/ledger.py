@@ -47,52 +47,68 @@ def _readings(sb: Sandbox, meters: int, hours: int, per_hour: int) -> list[list[
     return out
 
 
+def _commit(path: Path, sb: Sandbox, meters: int, hourly: list[list[LedgerReading]]) -> float:
+    """Seconds to commit `hourly` (one block per hour) into a fresh ledger at `path`."""
+    store = open_store(str(path))
+    chain = Chain(sb, store)
+    chain.genesis(T0 - HOUR, [sb.participant("mg1", "microgrid", T0 - HOUR)])
+    chain.commit([sb.meter(f"pv{m:04d}", "mg1", "pv", T0 - HOUR) for m in range(meters)], T0 - HOUR)
+    source = StoreReadings(store)
+    # Exactly the aggregator's path after ingest: batch, re-apply with every check, seal, commit.
+    started = time.perf_counter()
+    for h, batch in enumerate(hourly):
+        tx, ordered = reading_batch((T0 // HOUR) + h, batch)
+        assert chain.state is not None
+        block = sb.seal(chain.build([tx], T0 + (h + 1) * HOUR + 1))
+        chain.state = accept_block(chain.state, block, {0: ordered}, source, signatures=False)
+        store.append(block, {0: ordered})
+    seconds = time.perf_counter() - started
+    store.close()
+    return seconds
+
+
+def _raw_insert(path: Path, hourly: list[list[LedgerReading]]) -> float:
+    """Seconds for the bare executemany of the same rows into the same table, one transaction."""
+    db = sqlite3.connect(str(path), isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.executescript(SCHEMA)
+    rows = [
+        (h + 2, 0, pos, *r.row())
+        for h, batch in enumerate(hourly)
+        for pos, r in enumerate(sorted(batch, key=lambda r: (r.meter_id, r.seq)))
+    ]
+    started = time.perf_counter()
+    db.execute("BEGIN")
+    db.executemany(
+        "INSERT INTO readings (height, idx, pos, digest, meter_id, seq, time, import_wh, "
+        "export_wh, cose) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+    db.execute("COMMIT")
+    seconds = time.perf_counter() - started
+    db.close()
+    return seconds
+
+
 def run(quick: bool) -> dict:
     meters, hours, per_hour = (50, 2, 60) if quick else (100, 4, 120)
+    # Best of a few runs: the figures are for the code, not for a neighbour's burst of CPU.
+    repeats = 2 if quick else 3
     sb = Sandbox(market="bench", members=3)
+    hourly = _readings(sb, meters, hours, per_hour)  # signing is setup, not timed
+    total = sum(len(b) for b in hourly)
     with tempfile.TemporaryDirectory(prefix="mc-bench-ledger-") as tmp:
-        store = open_store(str(Path(tmp) / "ledger.db"))
-        chain = Chain(sb, store)
-        chain.genesis(T0 - HOUR, [sb.participant("mg1", "microgrid", T0 - HOUR)])
-        chain.commit(
-            [sb.meter(f"pv{m:04d}", "mg1", "pv", T0 - HOUR) for m in range(meters)], T0 - HOUR
+        folder = Path(tmp)
+        commit_s = min(
+            _commit(folder / f"ledger{i}.db", sb, meters, hourly) for i in range(repeats)
         )
-        hourly = _readings(sb, meters, hours, per_hour)
-        total = sum(len(b) for b in hourly)
-        source = StoreReadings(store)
-
-        # Commit: one block per hour, exactly the aggregator's path after ingest.
-        started = time.perf_counter()
-        for h, batch in enumerate(hourly):
-            tx, ordered = reading_batch((T0 // HOUR) + h, batch)
-            assert chain.state is not None
-            block = sb.seal(chain.build([tx], T0 + (h + 1) * HOUR + 1))
-            chain.state = accept_block(chain.state, block, {0: ordered}, source, signatures=False)
-            store.append(block, {0: ordered})
-        commit_s = time.perf_counter() - started
-
-        # Anchor: the same rows, bare executemany into the same table, one transaction.
-        raw_db = sqlite3.connect(str(Path(tmp) / "raw.db"), isolation_level=None)
-        raw_db.execute("PRAGMA journal_mode=WAL")
-        raw_db.execute("PRAGMA synchronous=FULL")
-        raw_db.executescript(SCHEMA)
-        rows = [
-            (h + 2, 0, pos, *r.row())
-            for h, batch in enumerate(hourly)
-            for pos, r in enumerate(sorted(batch, key=lambda r: (r.meter_id, r.seq)))
-        ]
-        started = time.perf_counter()
-        raw_db.execute("BEGIN")
-        raw_db.executemany(
-            "INSERT INTO readings (height, idx, pos, digest, meter_id, seq, time, import_wh, "
-            "export_wh, cose) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
+        raw_s = min(_raw_insert(folder / f"raw{i}.db", hourly) for i in range(repeats))
+        store = open_store(str(folder / "ledger0.db"))
+        hashes = min(
+            (verify_store(store, signatures=False)[1] for _ in range(repeats)),
+            key=lambda r: r.seconds,
         )
-        raw_db.execute("COMMIT")
-        raw_s = time.perf_counter() - started
-        raw_db.close()
-
-        _, hashes = verify_store(store, signatures=False)
         _, full = verify_store(store, signatures=True)
         assert hashes.readings == total and full.signatures_checked == total
         store.close()
@@ -104,6 +120,7 @@ def run(quick: bool) -> dict:
         "readings": total,
         "blocks": hours,
         "readings_per_block": total // hours,
+        "repeats": repeats,
         "commit_readings_per_second": round(commit_rate),
         "raw_insert_per_second": round(raw_rate),
         "ratio": round(commit_rate / raw_rate, 3),

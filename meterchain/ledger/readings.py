@@ -101,6 +101,21 @@ def parse(cose: bytes) -> LedgerReading:
 
 
 _loads = cbor2.loads
+# The canonical COSE_Sign1 of a reading starts 18([h'a10126', {4: kid}, ...]) (reading.verify
+# accepts no other form), so its payload can be found without decoding the envelope.
+_PREFIX = b"\xd2\x84\x43\xa1\x01\x26\xa1\x04"
+
+
+def _bstr(data: bytes, pos: int) -> tuple[int, int]:
+    """(length, start) of the byte string whose CBOR head is at `pos`."""
+    head = data[pos]
+    if 0x40 <= head <= 0x57:
+        return head - 0x40, pos + 1
+    if head == 0x58:
+        return data[pos + 1], pos + 2
+    if head == 0x59:
+        return int.from_bytes(data[pos + 1 : pos + 3], "big"), pos + 3
+    raise ValueError("not a short byte string")
 
 
 def columns(cose: bytes) -> tuple[Any, ...]:
@@ -112,7 +127,12 @@ def columns(cose: bytes) -> tuple[Any, ...]:
     `meterchain.reading.verify` when signatures are checked).
     """
     try:
-        payload = _loads(_loads(cose).value[2])
+        if cose.startswith(_PREFIX):
+            kid_len, start = _bstr(cose, len(_PREFIX))
+            pay_len, start = _bstr(cose, start + kid_len)
+            payload = _loads(cose[start : start + pay_len])
+        else:
+            payload = _loads(_loads(cose).value[2])
         return (payload[1], payload[2], payload[3], payload[4], payload[5])
     except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError) as exc:
         raise ReadingFormatError(f"malformed reading: {exc}") from exc

@@ -334,6 +334,9 @@ class LedgerState:
         meters = self.meters
         prev: tuple[str, int] = ("", -1)
         checked = 0
+        # Per meter: first and last (seq, import, export) in this batch, for the hour snapshot.
+        runs: list[list[Any]] = []
+        run: list[Any] = []
         # The hot loop of `ledger verify`: keep it to hashing, one decode and comparisons.
         for i, (pos, row) in enumerate(rows):
             digest, meter_id, seq, time, imp, exp, cose = row
@@ -364,10 +367,17 @@ class LedgerState:
                 raise BatchError(f"reading {i} ({meter_id}:{seq}) is not in hour {hour}")
             if (meter_id, seq) <= prev:
                 raise BatchError(f"reading {i} ({meter_id}:{seq}) is out of (meter, seq) order")
+            if meter_id != prev[0]:
+                # A new meter's run of readings (the batch is sorted by meter, then seq).
+                meter = meters.get(meter_id)
+                if meter is None or not meter.active:
+                    raise BatchError(f"reading {i}: meter {meter_id} is not registered")
+                if run:
+                    runs.append(run)
+                run = [meter_id, seq, imp, exp, seq, imp, exp]
+            else:
+                run[4:7] = seq, imp, exp
             prev = (meter_id, seq)
-            meter = meters.get(meter_id)
-            if meter is None or not meter.active:
-                raise BatchError(f"reading {i}: meter {meter_id} is not registered")
             if registry is not None:
                 try:
                     reading.verify(cose, registry)
@@ -375,21 +385,27 @@ class LedgerState:
                     raise BatchError(f"reading {i} ({meter_id}:{seq}): {exc}") from exc
                 checked += 1
             leaves.append(sha256(b"\x00" + digest).digest())
-            self._snapshot(meter_id, hour, seq, imp, exp)
+        if run:
+            runs.append(run)
         if root_of_hashes(leaves) != body["root"]:
             raise BatchError("Merkle root mismatch")
+        for meter_id, *ends in runs:
+            self._snapshot(meter_id, hour, *ends)
         self.latest_hour = max(self.latest_hour, hour)
         return checked
 
-    def _snapshot(self, meter_id: str, hour: int, seq: int, imp: int, exp: int) -> None:
+    def _snapshot(
+        self, meter_id: str, hour: int, s0: int, i0: int, e0: int, s1: int, i1: int, e1: int
+    ) -> None:
+        """Merge a meter's first and last readings of a batch into its hour snapshot."""
         hours = self.snapshots.setdefault(meter_id, {})
         cur = hours.get(hour)
         if cur is None:
-            hours[hour] = (seq, imp, exp, seq, imp, exp)
-        elif seq < cur[0]:
-            hours[hour] = (seq, imp, exp, cur[3], cur[4], cur[5])
-        elif seq > cur[3]:
-            hours[hour] = (cur[0], cur[1], cur[2], seq, imp, exp)
+            hours[hour] = (s0, i0, e0, s1, i1, e1)
+            return
+        first = (s0, i0, e0) if s0 < cur[0] else cur[:3]
+        last = (s1, i1, e1) if s1 > cur[3] else cur[3:]
+        hours[hour] = (*first, *last)
 
     def meter_energy(self, meter_id: str, hour: int) -> tuple[int, int]:
         """Imported and exported Wh of one meter in `hour`, from its cumulative registers."""

@@ -163,9 +163,13 @@ class LedgerStore(abc.ABC):
                     [(block.height, idx, pos, *r.row()) for pos, r in enumerate(batch)],
                 )
                 self._step("readings")
-            digests = [(r.digest,) for batch in readings.values() for r in batch]
-            if digests:
-                self._executemany("DELETE FROM inbox WHERE digest = ?", digests)
+            if readings:
+                # One statement, not one per reading: the committed readings leave the inbox.
+                self._execute(
+                    "DELETE FROM inbox WHERE digest IN (SELECT digest FROM readings "
+                    "WHERE height = ?)",
+                    (block.height,),
+                )
             tx_hashes = [(tx.hash,) for tx in block.txs]
             self._executemany("DELETE FROM tx_inbox WHERE hash = ?", tx_hashes)
             self._step("inbox")
