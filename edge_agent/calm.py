@@ -33,9 +33,6 @@ class CalmLog:
         if self._failing.pop(subject, None) is not None:
             self._log.info("%s: recovered", subject)
 
-    def failing(self, subject: str) -> bool:
-        return subject in self._failing
-
     @property
     def any_failing(self) -> bool:
         return bool(self._failing)

@@ -93,7 +93,6 @@ class ModbusBus:
         *,
         on_error: Callable[[str, str], None] | None = None,
         on_state: Callable[[str, LinkState], None] | None = None,
-        calm: CalmLog | None = None,
     ) -> None:
         self.settings = settings
         self._on_state = on_state or (lambda bus, state: None)
@@ -104,7 +103,6 @@ class ModbusBus:
         self._retry_at = 0.0
         self._rx_bytes = 0
         self._on_error = on_error or (lambda bus, kind: None)
-        self._calm = calm or CalmLog(log)
 
     @property
     def name(self) -> str:
@@ -215,6 +213,8 @@ class ModbusBus:
             except OSError as exc:
                 self._drop_client()
                 self._fail("disconnected", f"link error: {exc}")
+            except ModbusLinkError as exc:  # the device's answer made no sense
+                self._fail(exc.kind, str(exc))
             if getattr(result, "isError", lambda: False)():
                 self._fail("exception", f"device answered with an exception: {result}")
             self._backoff.reset()
@@ -234,7 +234,6 @@ class MeterSample:
     import_wh: int
     export_wh: int
     power_w: int
-    values: dict[str, float]
 
 
 async def read_sdm630(client: ModbusClient, unit: int) -> MeterSample:
@@ -259,7 +258,7 @@ async def read_sdm630(client: ModbusClient, unit: int) -> MeterSample:
         raise ModbusLinkError("decode", f"unit {unit}: {exc}") from None
     if import_wh < 0 or export_wh < 0:
         raise ModbusLinkError("decode", f"unit {unit}: negative energy register")
-    return MeterSample(import_wh, export_wh, power_w, values)
+    return MeterSample(import_wh, export_wh, power_w)
 
 
 def setpoint_registers(value_w: int, scale: float, words: int, signed: bool) -> list[int]:

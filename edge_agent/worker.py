@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from edge_agent.gateway import gateway_key, gateway_topic, sign_gateway_reading
 from edge_agent.ingest import Ingest, Outcome, Result
 from edge_agent.modbus import MeterSample
+from meterchain.errors import RejectedReading
 from meterchain.keys import PrivateKey
 from meterchain.reading import FLAG_COUNTER_RESET, Reading
 
@@ -179,17 +180,24 @@ class IngestWorker(threading.Thread):
             item.sample.import_wh < last.import_wh or item.sample.export_wh < last.export_wh
         ):
             flags |= FLAG_COUNTER_RESET
-        signed = sign_gateway_reading(
-            self._key(item.meter_id),
-            item.meter_id,
-            seq,
-            item.time,
-            item.sample.import_wh,
-            item.sample.export_wh,
-            item.sample.power_w,
-            item.source,
-            flags,
-        )
+        try:
+            signed = sign_gateway_reading(
+                self._key(item.meter_id),
+                item.meter_id,
+                seq,
+                item.time,
+                item.sample.import_wh,
+                item.sample.export_wh,
+                item.sample.power_w,
+                item.source,
+                flags,
+            )
+        except RejectedReading as exc:
+            # A register no honest reading can hold (beyond the wire format's
+            # bounds): refused and counted like any bad reading, never signed.
+            refused = Result(Outcome.REJECTED, None, exc.reason, str(exc))
+            item.done.set_result(self.ingest.commit([refused], senders=[item.meter_id])[0])
+            return
         topic = gateway_topic(self.gateway.market, self.gateway.node_id, item.meter_id)
         publish = self.gateway.publish
 

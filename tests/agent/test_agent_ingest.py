@@ -117,3 +117,48 @@ def test_a_failed_commit_leaves_guard_and_energy_untouched(setup, board) -> None
     # The guard did not record it either: the re-delivery is accepted, not a duplicate.
     assert ingest.process(reading).outcome is Outcome.ACCEPTED
     assert _energy(view) == {T0: (20, 0)}
+
+
+def test_gateway_signs_modbus_samples_and_refuses_impossible_ones(tmp_path: Path) -> None:
+    from edge_agent.gateway import gateway_key
+    from edge_agent.modbus import MeterSample
+    from edge_agent.worker import GatewayIdentity, IngestWorker
+    from meterchain.reading import FLAG_GATEWAY_ATTESTED, verify
+
+    node_key = PrivateKey.generate()
+    registry = Registry()
+    registry.add("mg1-sdm", gateway_key(node_key, "m1", "mg1-sdm").public_key(), "mg1", "load")
+    store = AgentStore(tmp_path / "agent.sqlite")
+    counts = IngestCounts()
+    ingest = Ingest(
+        store, registry, SequenceGuard(store.conn), observer=counts, clock=lambda: T0 + HOUR_S
+    )
+    worker = IngestWorker(ingest, gateway=GatewayIdentity(node_key, "m1", "mg1", publish=True))
+    worker.start()
+    try:
+        first = worker.submit_sample("mg1-sdm", "load", T0, MeterSample(5000, 0, 900)).result(10)
+        glitch = worker.submit_sample(
+            "mg1-sdm", "load", T0 + 10, MeterSample(5001, 0, 20_000_000)
+        ).result(10)
+        second = worker.submit_sample("mg1-sdm", "load", T0 + 20, MeterSample(5010, 0, 800)).result(
+            10
+        )
+        swapped = worker.submit_sample("mg1-sdm", "load", T0 + 30, MeterSample(7, 0, 800)).result(
+            10
+        )
+    finally:
+        worker.stop()
+    assert first.outcome is Outcome.ACCEPTED and second.outcome is Outcome.ACCEPTED
+    assert (glitch.outcome, glitch.reason) == (Outcome.REJECTED, "field_out_of_range")
+    assert worker.failure is None, "a meter glitch must not stop the writer"
+    assert second.reading is not None and second.reading.seq == 2
+    assert second.reading.flags & FLAG_GATEWAY_ATTESTED
+    # A meter replaced by a fresh one: registers restart, attested as a counter reset.
+    assert swapped.outcome is Outcome.ACCEPTED and swapped.reading is not None
+    assert swapped.reading.counter_reset
+    view = StoreView(tmp_path / "agent.sqlite")
+    assert _energy(view) == {T0: (10 + 7, 0)}
+    outbox = view.outbox()
+    assert [verify(payload, registry).seq for _, _, payload in outbox] == [1, 2, 3]
+    assert {topic for _, topic, _ in outbox} == {"mc/m1/c/mg1/gw/mg1-sdm"}
+    assert counts.rejected_by_reason == {"field_out_of_range": 1}

@@ -149,3 +149,33 @@ def test_poller_backs_off_logs_once_and_hands_on_samples_after_recovery(caplog) 
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "sdm-3" in errors[0].getMessage()
     assert any("recovered" in r.getMessage() for r in caplog.records)
+
+
+def test_a_register_that_is_not_a_number_is_a_decode_error() -> None:
+    async def scenario() -> None:
+        port = free_port()
+        meter = EmulatedSdm630(port=port, unit=1)
+        await meter.plug()
+        bus = ModbusBus(
+            BusSettings(
+                "lan",
+                "tcp",
+                host="127.0.0.1",
+                port=port,
+                timeout_s=0.5,
+                backoff_initial_s=0.01,
+                backoff_max_s=0.02,
+            )
+        )
+        try:
+            meter.inject(import_kwh=float("nan"))
+            with pytest.raises(ModbusLinkError, match="not a finite number") as failure:
+                await bus.request(lambda c: read_sdm630(c, 1))
+            assert failure.value.kind == "decode"
+            meter.clear_injections()
+            assert (await bus.request(lambda c: read_sdm630(c, 1))).import_wh == 1_234_500
+        finally:
+            await bus.close()
+            await meter.unplug()
+
+    asyncio.run(scenario())
