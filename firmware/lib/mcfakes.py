@@ -338,7 +338,7 @@ class FakeBroker:
     passwords (None accepts anyone); `acl` maps usernames to the one topic each may
     publish to (a denied publish is acknowledged and dropped, as Mosquitto does with
     MQTT 3.1.1).  `up = False` refuses connects and breaks open links;
-    `swallow_acks = n` drops the next n PUBACKs.
+    `swallow_acks = n` drops the next n PUBACKs; `silent` stops all answers.
     """
 
     def __init__(self, users=None, acl=None) -> None:
@@ -346,6 +346,7 @@ class FakeBroker:
         self.acl = acl
         self.messages = []
         self.up = True
+        self.silent = False  # accepts and reads everything, answers nothing
         self.swallow_acks = 0
         self.connects = 0
         self.refused = 0
@@ -432,6 +433,8 @@ class FakeLink:
     def _handle(self, head: int, body: bytes) -> None:
         broker = self._broker
         kind = head & 0xF0
+        if broker.silent:
+            return
         if kind == 0x10:
             flags = body[7]
             pos = 10

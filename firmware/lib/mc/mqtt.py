@@ -116,10 +116,8 @@ class Protocol:
             pos = _put_str(buf, pos, self._password)
         self._write(self._txv[:pos])
         deadline = ticks.ticks_add(ticks.ticks_ms(), timeout_ms)
+        left = timeout_ms
         while True:
-            left = ticks.ticks_diff(deadline, ticks.ticks_ms())
-            if left < 0:
-                raise MQTTError("no CONNACK within %d ms" % timeout_ms)
             kind, value = self._next(left)
             if kind == _CONNACK:
                 if value:
@@ -128,6 +126,9 @@ class Protocol:
                 return
             if kind:
                 raise MQTTError("expected CONNACK, got packet type 0x%02x" % kind)
+            left = ticks.ticks_diff(deadline, ticks.ticks_ms())
+            if left <= 0:
+                raise MQTTError("no CONNACK within %d ms" % timeout_ms)
 
     def publish(self, topic: bytes, payload, pid: int, dup: bool = False) -> None:
         """Send one QoS 1 PUBLISH; the PUBACK comes back through poll()."""

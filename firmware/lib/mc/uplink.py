@@ -20,6 +20,7 @@ except ImportError:  # CPython: constants are plain module globals
 
 
 _CONNECT_TIMEOUT_MS = const(10000)
+_ACK_TIMEOUT_MS = const(30000)  # a PUBACK this late means a broken session: reconnect, resend
 _WIFI_TIMEOUT_MS = const(20000)
 
 STATE_DOWN = "down"
@@ -43,6 +44,7 @@ class Uplink:
         self._proto = None
         self._link = None
         self._inflight = {}  # packet id -> sequence number
+        self._oldest_at = None  # ticks when the oldest unacknowledged publish went out
         self._cursor = 0  # highest sequence number published on this connection
         self._pid = 0
         self._failures = 0
@@ -89,6 +91,7 @@ class Uplink:
         self._link = link
         self._proto = proto
         self._inflight = {}
+        self._oldest_at = None
         self._cursor = 0
         self._failures = 0
         self._last_tx = board.ticks_ms()
@@ -125,6 +128,7 @@ class Uplink:
         self._link = None
         self._proto = None
         self._inflight = {}
+        self._oldest_at = None
         self._cursor = 0
         self.state = STATE_DOWN
         self._failed(why)
@@ -168,6 +172,8 @@ class Uplink:
             proto.publish(self.topic, data, pid)
             self._inflight[pid] = seq
             self._last_tx = self._board.ticks_ms()
+            if self._oldest_at is None:
+                self._oldest_at = self._last_tx
             self.published += 1
 
     def inflight(self) -> int:
@@ -196,6 +202,8 @@ class Uplink:
                     if seq is not None:
                         self._spool.ack(seq)
                         self.acked += 1
+                        # Restart the PUBACK clock: the broker is answering.
+                        self._oldest_at = board.ticks_ms() if self._inflight else None
                     self._fill()
                 elif event == PINGRESP:
                     self._ping_at = None
@@ -208,6 +216,8 @@ class Uplink:
     def _keepalive(self) -> None:
         board = self._board
         now = board.ticks_ms()
+        if self._oldest_at is not None and board.ticks_diff(now, self._oldest_at) > _ACK_TIMEOUT_MS:
+            raise MQTTError("no PUBACK within %d ms" % _ACK_TIMEOUT_MS)
         if self._ping_at is not None:
             if board.ticks_diff(now, self._ping_at) > self._keepalive_ms // 2:
                 raise MQTTError("no PINGRESP within %d ms" % (self._keepalive_ms // 2))
