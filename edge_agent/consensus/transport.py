@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge_agent.consensus.messages import RoundId
 from edge_agent.consensus.node import (
@@ -79,8 +82,7 @@ class MqttLink:
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=settings.client_id or f"mc-{settings.username}",
-            clean_session=False,
-            protocol=mqtt.MQTTv311,
+            protocol=mqtt.MQTTv5,
         )
         self.client.username_pw_set(settings.username, settings.password)
         if settings.ca_file:
@@ -106,7 +108,17 @@ class MqttLink:
         )
 
     def start(self) -> None:
-        self.client.connect_async(self.settings.host, self.settings.port, self.settings.keepalive_s)
+        # a persistent session: the broker keeps our subscription and queues QoS 1
+        # messages for us while we are disconnected (for up to an hour)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client.connect_async(
+            self.settings.host,
+            self.settings.port,
+            self.settings.keepalive_s,
+            clean_start=False,
+            properties=props,
+        )
         self.client.loop_start()
 
     def _on_connect(
@@ -124,7 +136,8 @@ class MqttLink:
         if self.connects > 1:
             log.info("reconnected to the broker")
         for topic in self.subscriptions:
-            client.subscribe(topic, qos=1)
+            # no_local: the broker does not echo our own publishes back to us
+            client.subscribe(topic, options=SubscribeOptions(qos=1, noLocal=True))
         self.connected.set()
 
     def _on_disconnect(self, client: mqtt.Client, *args: Any) -> None:
@@ -258,7 +271,9 @@ class NodeRunner:
             if isinstance(action, Persist):
                 pending.append(action.record)
                 continue
-            if pending:  # durable before anything that follows is published
+            if pending and isinstance(action, Broadcast):
+                # durable before anything that follows is published; telling our own
+                # application about a commit is not an acknowledgement and need not wait
                 self.store.append(pending)
                 pending = []
             if isinstance(action, Broadcast):

@@ -18,7 +18,6 @@ from edge_agent.consensus.messages import Decoder, RoundId, seal, statement
 from edge_agent.consensus.node import Node, liveness_bound_ms
 from edge_agent.consensus.signing import (
     Keyring,
-    P256Signer,
     VerificationCache,
     hash_identities,
     p256_identities,
@@ -29,7 +28,7 @@ from tests.consensus.byzantine import Equivocator, Liar, Tamperer
 
 FAULTS = ("liar", "tamper", "equivocate", "crash", "restart", "lossy", "twins")
 PARTICIPANT = "p0"  # a submit-only microgrid: signs requests, never votes
-_P256_CACHE: dict[tuple[str, ...], dict[str, P256Signer]] = {}
+_MARKETS: dict[tuple[tuple[str, ...], bool], tuple[dict[str, Any], Keyring]] = {}
 
 
 @dataclass
@@ -82,13 +81,24 @@ def random_scenario(seed: int, *, real_signatures: bool = False) -> Scenario:
     )
 
 
-def _identities(ids: list[str], real: bool, seed: int) -> dict[str, Any]:
-    if not real:
-        return hash_identities(ids, seed=seed)
-    key = tuple(ids)
-    if key not in _P256_CACHE:  # P-256 keys are pre-generated once per id list
-        _P256_CACHE[key] = p256_identities(ids, seed=7)
-    return _P256_CACHE[key]
+def _market(ids: list[str], real: bool) -> tuple[dict[str, Any], Keyring]:
+    """Identities and keyring for n nodes, built once per size and scheme and reused.
+
+    Keys (P-256 ones especially) are pre-generated; the keyring's verification
+    cache is a memo of a pure function, so sharing it between schedules cannot
+    change an outcome.
+    """
+    key = (tuple(ids), real)
+    if key not in _MARKETS:
+        everyone = [*ids, PARTICIPANT]
+        signers: dict[str, Any] = (
+            p256_identities(everyone, seed=7) if real else hash_identities(everyone, seed=7)
+        )
+        keys = public_keys(signers)
+        membership = membership_for("m1", {i: keys[i] for i in ids})
+        keyring = Keyring(membership, {PARTICIPANT: keys[PARTICIPANT]}, cache=VerificationCache())
+        _MARKETS[key] = (signers, keyring)
+    return _MARKETS[key]
 
 
 def round_id(r: int) -> RoundId:
@@ -115,12 +125,7 @@ class Built:
 
 def build(sc: Scenario) -> Built:
     ids = node_names(sc.n)
-    everyone = [*ids, PARTICIPANT]
-    signers = _identities(everyone, sc.real_signatures, sc.seed)
-    keys = public_keys(signers)
-    membership = membership_for("m1", {i: keys[i] for i in ids})
-    cache = VerificationCache()
-    keyring = Keyring(membership, {PARTICIPANT: keys[PARTICIPANT]}, cache=cache)
+    signers, keyring = _market(ids, sc.real_signatures)
     decoder = Decoder()
     sim = Simulator(sc.delta, sc.seed, decoder=decoder)
     contracts = {"clear": DoubleAuction(), "settle": Tally()}
