@@ -143,6 +143,7 @@ class _Round:
     # proposals: view -> signed statement -> envelope (at most two: an equivocation proof)
     headers: dict[int, dict[bytes, Envelope]] = field(default_factory=dict)
     bodies: dict[bytes, Proposal] = field(default_factory=dict)
+    seen_proposals: set[bytes] = field(default_factory=set)
     verdicts: dict[bytes, str] = field(default_factory=dict)
     justified: dict[bytes, bool] = field(default_factory=dict)
     values: dict[bytes, Value] = field(default_factory=dict)
@@ -381,6 +382,9 @@ class Node:
         except MessageError:
             self.stats["malformed"] += 1
             return None
+        return self._checked(env, member=member)
+
+    def _checked(self, env: Envelope, *, member: bool = True) -> Envelope | None:
         if env.market != self.market:
             self.stats["other_market"] += 1
             return None
@@ -408,7 +412,7 @@ class Node:
         if done is not None and env0.tag != "sync":
             self.stats["late"] += 1  # the round is decided here: nothing left to learn
             return
-        env = self._verified(data, member=env0.tag != "req")
+        env = self._checked(env0, member=env0.tag != "req")
         if env is None:
             return
         rid = env.round
@@ -458,6 +462,8 @@ class Node:
 
     def _take_proposal(self, rs: _Round, raw: Any) -> None:
         """Take in a proposal forwarded inside another message (vote, blame, status, cert)."""
+        if raw in rs.seen_proposals:
+            return  # the same bytes again (every vote forwards the proposal)
         env = self._verified(raw)
         if env is None or env.tag != "prop" or env.round != rs.rid:
             return
@@ -480,6 +486,7 @@ class Node:
             headers[env.statement] = env
         if env.statement in rs.bodies:
             return
+        rs.seen_proposals.add(env.raw)
         # A copy whose attachment does not match the signed digests is a relay's
         # corruption, not the primary's: skip it and wait for a good copy.
         prop = self.decoder.proposal(env.raw)
