@@ -11,7 +11,7 @@ import pytest
 
 from edge_agent.consensus.contracts import ClearingContract, DoubleAuction, Tally
 from edge_agent.consensus.messages import Decoder, Request, RoundId, seal, statement
-from edge_agent.consensus.node import Commit, Node
+from edge_agent.consensus.node import Broadcast, Commit, Node, Persist
 from edge_agent.consensus.signing import Keyring, p256_identities, public_keys
 from edge_agent.consensus.sim import membership_for
 from edge_agent.consensus.store import RoundLog
@@ -152,3 +152,32 @@ def test_nodes_reconnect_after_a_broker_restart_and_keep_their_place(
     finally:
         for r in runners:
             r.stop()
+
+
+def test_runner_makes_records_durable_before_publishing(tmp_path: Path) -> None:
+    """The transport honours the action order: fsync, then publish; a commit is told at once."""
+    signers = p256_identities(["a"], seed=2)
+    membership = membership_for("m1", public_keys(signers))
+    node = Node(signers["a"], Keyring(membership), {"settle": Tally()}, delta_ms=10)
+    events: list[str] = []
+
+    class RecordingLog(RoundLog):
+        def append(self, records: Any) -> None:
+            events.append(f"fsync {len(list(records))}")
+
+    settings = MqttSettings("127.0.0.1", 1, "a", "pw")
+    runner = NodeRunner(
+        node, RecordingLog(tmp_path), settings, on_commit=lambda c: events.append("commit")
+    )
+    runner.link.publish = lambda topic, payload: events.append(f"publish {topic}")  # type: ignore[method-assign]
+    fake_commit = Commit(RoundId(0, "settle"), 0, b"d" * 32, None, None)  # type: ignore[arg-type]
+    runner._execute(
+        [
+            Persist(RoundId(0, "settle"), b"r1"),
+            Persist(RoundId(1, "settle"), b"r2"),
+            fake_commit,
+            Broadcast("final", b"x"),
+            Broadcast("vote", b"y"),
+        ]
+    )
+    assert events == ["commit", "fsync 2", "publish mc/m1/c/a/final", "publish mc/m1/c/a/vote"]

@@ -240,3 +240,13 @@ def test_liveness_bound_with_three_consecutive_crashed_primaries_n7(market) -> N
     assert commit.view == 3
     latest = max(mk.inst(i).commits[CLEAR][0] for i in correct) - 1
     assert latest <= liveness_bound_ms(mk.delta, 3)
+
+
+def test_twins_of_the_primary_cannot_split_the_correct_nodes() -> None:
+    """Twins: two copies of the view-0 primary share its key, each talking to a random half of
+    the others in each round, so they propose (and vote) differently; correct nodes agree."""
+    from tests.consensus.scenarios import Scenario, build, check
+
+    for seed in range(60):
+        check(build(Scenario(seed=seed, n=4, faults={"n0": "twins"}, gaps=[40])))
+        check(build(Scenario(seed=seed, n=5, faults={"n0": "twins", "n1": "liar"}, gaps=[0])))
