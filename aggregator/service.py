@@ -36,7 +36,7 @@ from meterchain.ledger.block import BlockError
 from meterchain.ledger.chain import StoreReadings, verify_store
 from meterchain.ledger.readings import LedgerReading
 from meterchain.ledger.review import Proposal, ProposalError, encode_committed, parse_reply
-from meterchain.ledger.state import TxContext, membership_fields
+from meterchain.ledger.state import LedgerState, TxContext, membership_fields
 from meterchain.ledger.store import LedgerStore, open_store
 from meterchain.ledger.transactions import Tx, TxError
 from meterchain.mqtt_auth import consensus_topic
@@ -97,6 +97,7 @@ class Aggregator:
         self.connected = threading.Event()
         self._last_refusal_log: str | None = None
         self._stopping = False
+        self._pending: LedgerState | None = None  # state + pending txs, for dry runs
         self.store: LedgerStore | None = None
         self.former: BlockFormer | None = None
         self.client = self._client()
@@ -266,23 +267,44 @@ class Aggregator:
             if tx.kind in ("genesis", "readings", "settlement", "cert_issue", "contract_fire",
                            "deposit_forfeit"):  # fmt: skip
                 raise TxError(f"a {tx.kind} transaction is formed by the aggregator, not sent")
-            state = self.former.state
-            if state is None:
-                raise TxError("the ledger has no genesis block yet")
-            # A dry run against the ledger as it stands; it is checked again in its block.
-            trial = state.copy()
-            head = self.store.head()
-            height = head[0] + 1 if head else 0
-            trial.begin_block(height, max(int(self.clock()), state.time))
-            trial.apply(tx, TxContext(height, 0, trial.time, (), False, StoreReadings(self.store)))
+            # A dry run against the ledger plus what is already pending (a meter may follow
+            # its owner's admission before a block holds either); checked again in its block.
+            trial = self._pending_state().copy()
+            trial.apply(
+                tx, TxContext(trial.height, 0, trial.time, (), False, StoreReadings(self.store))
+            )
         except (TxError, MeterChainError) as exc:
             kind = tx.kind if "tx" in locals() else "malformed"
             self.metrics.txs_rejected.labels(kind).inc()
             log.warning("transaction from %s refused: %s", sender, exc)
             return
         if self.store.submit_tx(tx, int(self.clock())):
+            self._pending = trial
             self.metrics.txs.inc()
             log.info("transaction pending", extra={"kind": tx.kind, "sender": sender})
+
+    def _pending_state(self) -> LedgerState:
+        """The ledger state with the pending transactions applied, as the next block begins."""
+        assert self.store is not None and self.former is not None
+        if self._pending is None:
+            state = self.former.state
+            if state is None:
+                raise TxError("the ledger has no genesis block yet")
+            head = self.store.head()
+            trial = state.copy()
+            trial.begin_block(head[0] + 1 if head else 0, max(int(self.clock()), state.time))
+            source = StoreReadings(self.store)
+            for pending in self.store.pending_txs():
+                attempt = trial.copy()
+                try:
+                    attempt.apply(
+                        pending, TxContext(trial.height, 0, trial.time, (), False, source)
+                    )
+                except TxError:
+                    continue  # the block former drops it with its reason
+                trial = attempt
+            self._pending = trial
+        return self._pending
 
     def _reply(self, sender: str, payload: bytes) -> None:
         current = self.round
@@ -334,6 +356,7 @@ class Aggregator:
             membership = self.cfg.membership
         else:
             formation = self.former.propose(int(now))
+            self._pending = None  # the former may have dropped what no longer passes
             for tx, why in formation.dropped:
                 log.warning("pending %s dropped: %s", tx.kind, why)
             if formation.proposal is None:
@@ -352,6 +375,7 @@ class Aggregator:
     def _commit(self, r: Round) -> None:
         assert self.former is not None
         self.round = None
+        self._pending = None
         try:
             block = self.former.commit(r.proposal, r.votes.items())
         except (BlockError, TxError, MeterChainError) as exc:

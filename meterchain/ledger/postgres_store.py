@@ -49,7 +49,8 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS tx_inbox (
         hash BYTEA PRIMARY KEY,
         body BYTEA NOT NULL,
-        received BIGINT NOT NULL)""",
+        received BIGINT NOT NULL,
+        arrival BIGINT NOT NULL)""",
 ]
 
 

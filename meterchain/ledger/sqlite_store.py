@@ -52,7 +52,8 @@ CREATE TABLE IF NOT EXISTS inbox (
 CREATE TABLE IF NOT EXISTS tx_inbox (
     hash BLOB PRIMARY KEY,
     body BLOB NOT NULL,
-    received INTEGER NOT NULL
+    received INTEGER NOT NULL,
+    arrival INTEGER NOT NULL
 );
 """
 

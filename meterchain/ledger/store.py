@@ -374,9 +374,12 @@ class LedgerStore(abc.ABC):
         self._begin()
         try:
             before = self._execute("SELECT 1 FROM tx_inbox WHERE hash = ?", (tx.hash,))
+            # Arrival order, so a transaction never goes into a block before one it builds on
+            # (writers are serialised, so MAX + 1 is unique).
+            arrival = int(self._execute("SELECT COALESCE(MAX(arrival), 0) FROM tx_inbox")[0][0])
             self._execute(
-                self._ignore_insert("tx_inbox", ("hash", "body", "received")),
-                (tx.hash, tx.raw, received),
+                self._ignore_insert("tx_inbox", ("hash", "body", "received", "arrival")),
+                (tx.hash, tx.raw, received, arrival + 1),
             )
             self._commit()
         except Exception:
@@ -385,7 +388,7 @@ class LedgerStore(abc.ABC):
         return not before
 
     def pending_txs(self) -> list[Tx]:
-        rows = self._execute("SELECT body FROM tx_inbox ORDER BY received, hash")
+        rows = self._execute("SELECT body FROM tx_inbox ORDER BY arrival")
         return [Tx.decode(bytes(r[0])) for r in rows]
 
     def drop_pending_tx(self, tx_hash: bytes) -> None:
