@@ -11,10 +11,10 @@ minor units and energy in Wh.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from edge_agent.consensus.messages import Request
+from edge_agent.consensus.messages import Request, RoundId
 
 
 class Contract(Protocol):
@@ -141,7 +141,15 @@ class ClearingContract:
     of requiring its own solve to match bit for bit.
     """
 
-    def __init__(self, market: Any, first_period: int, *, solver: str | None = None) -> None:
+    def __init__(
+        self,
+        market: Any,
+        first_period: int | Callable[[RoundId], int],
+        *,
+        solver: str | None = None,
+    ) -> None:
+        """`first_period`: the window's first hour (0-23), or a function of the round
+        (e.g. the hour a clearing round's sequence number stands for)."""
         self.market = market
         self.first_period = first_period
         self.solver = solver
@@ -166,8 +174,11 @@ class ClearingContract:
             accepted.append(trade)
         if not accepted:
             return None, rejected
+        period = self.first_period
+        if callable(period):
+            period = period(requests[0].env.round)
         try:
-            return ClearingRequest(self.market, self.first_period, tuple(accepted)), rejected
+            return ClearingRequest(self.market, period, tuple(accepted)), rejected
         except MeterChainError:
             # models that cannot be cleared together (e.g. different window lengths)
             return None, sorted(rejected + [t.microgrid.id for t in accepted])
