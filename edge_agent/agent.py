@@ -31,7 +31,7 @@ from edge_agent.forecast import (
 )
 from edge_agent.ingest import Ingest, Outcome
 from edge_agent.metrics import AgentMetrics
-from edge_agent.modbus import BusSettings, MeterPoller, MeterSample, ModbusBus
+from edge_agent.modbus import MeterPoller, MeterSample, ModbusBus
 from edge_agent.rounds import Clearing, RoundDriver, RoundOutcome, StandaloneClearing
 from edge_agent.setpoints import SetpointWriter
 from edge_agent.store import AgentStore, StoreView
@@ -99,19 +99,7 @@ class Agent:
         self.metrics.outbox_pending.set_function(self.view.outbox_pending)
         self.buses = {
             b.name: ModbusBus(
-                BusSettings(
-                    name=b.name,
-                    kind=b.kind,
-                    host=b.host,
-                    port=b.port,
-                    serial_port=b.serial_port,
-                    baudrate=b.baudrate,
-                    parity=b.parity,
-                    stopbits=b.stopbits,
-                    timeout_s=b.timeout_s,
-                    backoff_initial_s=b.backoff_initial_s,
-                    backoff_max_s=b.backoff_max_s,
-                ),
+                b,
                 on_error=self.metrics.modbus_error,
                 on_state=self.metrics.modbus_state,
             )

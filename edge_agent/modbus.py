@@ -36,6 +36,7 @@ from pymodbus.framer import FramerType
 
 from edge_agent import sdm630
 from edge_agent.calm import CalmLog
+from edge_agent.config import ModbusBusSection
 from edge_agent.errors import ModbusLinkError
 
 log = logging.getLogger("meterchain.agent.modbus")
@@ -69,27 +70,12 @@ class Backoff:
         self._next = self.initial_s
 
 
-@dataclass(frozen=True)
-class BusSettings:
-    name: str
-    kind: str  # "tcp" or "rtu"
-    host: str = ""
-    port: int = 502
-    serial_port: str = ""
-    baudrate: int = 9600
-    parity: str = "N"
-    stopbits: int = 1
-    timeout_s: float = 1.0
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 30.0
-
-
 class ModbusBus:
     """One physical Modbus link shared by every device on it."""
 
     def __init__(
         self,
-        settings: BusSettings,
+        settings: ModbusBusSection,
         *,
         on_error: Callable[[str, str], None] | None = None,
         on_state: Callable[[str, LinkState], None] | None = None,

@@ -14,6 +14,7 @@ from edge_agent.config import (
     GasSection,
     MarketSection,
     MicrogridSection,
+    ModbusBusSection,
     SetpointSection,
     StorageSection,
 )
@@ -25,7 +26,7 @@ from edge_agent.forecast import (
     ProfileForecaster,
     history_from_energy,
 )
-from edge_agent.modbus import BusSettings, ModbusBus, setpoint_registers
+from edge_agent.modbus import ModbusBus, setpoint_registers
 from edge_agent.rounds import RoundDriver, StandaloneClearing
 from edge_agent.setpoints import SetpointWriter
 from edge_agent.store import AgentStore, HourlyEnergy, StoreView
@@ -127,7 +128,7 @@ def test_round_bids_clears_and_writes_setpoints(tmp_path: Path, caplog) -> None:
 
     async def scenario(rig: MeterThread) -> None:
         bus = ModbusBus(
-            BusSettings(
+            ModbusBusSection(
                 "lan",
                 "tcp",
                 host="127.0.0.1",
