@@ -55,7 +55,7 @@ def _veto(ns: argparse.Namespace) -> int:
     from meterchain.ledger.transactions import TxError, signed
 
     key = PrivateKey.load(ns.key)
-    with open_store(ns.ledger) as store:
+    with open_store(ns.ledger, create=False) as store:
         state, _ = verify_store(store, signatures=False)
         if state is None:
             print("meterchain aggregator veto: the ledger is empty", file=sys.stderr)

@@ -385,7 +385,7 @@ def main(argv: list[str]) -> int:
         print(f"meterchain report: {target}: no such ledger file", file=sys.stderr)
         return 2
     try:
-        with open_store(target) as store:
+        with open_store(target, create=False) as store:
             report = build(store, signatures=ns.signatures)
     except ChainError as exc:
         print(f"meterchain report: the ledger does not verify: {exc}", file=sys.stderr)

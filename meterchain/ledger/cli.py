@@ -28,7 +28,7 @@ from meterchain.quorum import Membership, QuorumCertificate, QuorumError
 def _open(target: str) -> LedgerStore:
     if not target.startswith(("postgresql://", "postgres://")) and not Path(target).exists():
         raise StoreError(f"{target}: no such ledger file")
-    return open_store(target)
+    return open_store(target, create=False)
 
 
 def _cmd_verify(ns: argparse.Namespace) -> int:

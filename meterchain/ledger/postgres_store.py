@@ -62,10 +62,14 @@ def _pg(sql: str) -> str:
 class PostgresStore(LedgerStore):
     """A ledger in a PostgreSQL database given by a postgresql:// URL."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, create: bool = True) -> None:
         self.url = url
         try:
             self._db = psycopg.connect(url, autocommit=True)
+            exists = self._db.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()
+            if not create and not (exists and exists[0]):
+                self._db.close()
+                raise StoreError(f"{self._safe_url()}: not a MeterChain ledger (no ledger tables)")
             with self._db.transaction():
                 # Serialise schema creation between processes opening a fresh database.
                 self._db.execute("SELECT pg_advisory_xact_lock(727274)")

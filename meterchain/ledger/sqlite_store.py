@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS tx_inbox (
 class SQLiteStore(LedgerStore):
     """A ledger in one SQLite file (WAL journal, full fsync on commit)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, create: bool = True) -> None:
         self.url = str(path)
         try:
             # Autocommit mode: transactions are opened and closed explicitly below.
@@ -73,6 +73,9 @@ class SQLiteStore(LedgerStore):
             # FULL: a committed block survives power loss, not only a process crash.
             self._db.execute("PRAGMA synchronous=FULL")
             row = self._schema_version()
+            if row is None and not create:
+                self._db.close()
+                raise StoreError(f"{path}: not a MeterChain ledger (no ledger tables)")
             if row is None:
                 # A new ledger: only then take the write lock (a reader opening a live
                 # ledger must not contend with the writer).

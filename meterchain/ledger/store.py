@@ -402,12 +402,16 @@ class LedgerStore(abc.ABC):
             raise
 
 
-def open_store(target: str) -> LedgerStore:
-    """Open (creating if needed) a ledger: a SQLite file path or a postgresql:// URL."""
+def open_store(target: str, *, create: bool = True) -> LedgerStore:
+    """Open a ledger: a SQLite file path or a postgresql:// URL.
+
+    With `create` (the default) a missing ledger is created; without, opening
+    anything that is not already a ledger raises StoreError (read-only tools).
+    """
     if target.startswith(("postgresql://", "postgres://")):
         from meterchain.ledger.postgres_store import PostgresStore
 
-        return PostgresStore(target)
+        return PostgresStore(target, create=create)
     from meterchain.ledger.sqlite_store import SQLiteStore
 
-    return SQLiteStore(target)
+    return SQLiteStore(target, create=create)

@@ -126,6 +126,23 @@ def test_pending_transactions_wait_once(ledger_url: str) -> None:
     store.close()
 
 
+def test_read_only_tools_never_turn_a_database_into_a_ledger(ledger_url: str, capsys) -> None:
+    from meterchain.ledger.cli import main as ledger_main
+
+    with pytest.raises(StoreError, match="not a MeterChain ledger"):
+        open_store(ledger_url, create=False)
+    if "://" not in ledger_url:
+        import sqlite3
+
+        sqlite3.connect(ledger_url).close()  # an empty file that exists
+        assert ledger_main(["verify", ledger_url]) == 2
+        assert "not a MeterChain ledger" in capsys.readouterr().err
+    with open_store(ledger_url) as store:  # creating is explicit
+        assert store.head() is None
+    with open_store(ledger_url, create=False) as store:
+        assert store.head() is None
+
+
 def test_unopenable_ledgers_say_why(tmp_path) -> None:
     with pytest.raises(StoreError, match="cannot open SQLite ledger"):
         open_store(str(tmp_path / "missing-dir" / "ledger.db"))
