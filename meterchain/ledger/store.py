@@ -245,10 +245,6 @@ class LedgerStore(abc.ABC):
         )
         return [(int(h), int(i), int(p)) for h, i, p in rows]
 
-    def locate_reading(self, digest: bytes) -> tuple[int, int, int] | None:
-        rows = self._execute("SELECT height, idx, pos FROM readings WHERE digest = ?", (digest,))
-        return (int(rows[0][0]), int(rows[0][1]), int(rows[0][2])) if rows else None
-
     def find_reading(self, digest: bytes) -> tuple[int, int, int, ReadingRow] | None:
         """(height, tx index, position, row) of a committed reading."""
         rows = self._execute(
@@ -281,18 +277,6 @@ class LedgerStore(abc.ABC):
         """The highest committed sequence number of a meter."""
         rows = self._execute("SELECT MAX(seq) FROM readings WHERE meter_id = ?", (meter_id,))
         return int(rows[0][0]) if rows and rows[0][0] is not None else None
-
-    def meter_reading_ends(self, meter_id: str) -> tuple[bytes, bytes] | None:
-        """Digests of a meter's first and last committed readings (by sequence)."""
-        first = self._execute(
-            "SELECT digest FROM readings WHERE meter_id = ? ORDER BY seq LIMIT 1", (meter_id,)
-        )
-        if not first:
-            return None
-        last = self._execute(
-            "SELECT digest FROM readings WHERE meter_id = ? ORDER BY seq DESC LIMIT 1", (meter_id,)
-        )
-        return bytes(first[0][0]), bytes(last[0][0])
 
     def digest_of(self, meter_id: str, seq: int) -> bytes | None:
         rows = self._execute(
