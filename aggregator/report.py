@@ -231,7 +231,7 @@ def _legend(names: Sequence[str], colours: Sequence[str]) -> list[str]:
     parts = []
     for i, (name, colour) in enumerate(zip(names, colours, strict=True)):
         x = PAD + 10 + (i % 4) * 170
-        y = H - 14 - (i // 4) * 0
+        y = H - 4 - (i // 4) * 13
         parts.append(f'<rect x="{x}" y="{y - 9}" width="10" height="10" fill="{colour}"/>')
         parts.append(f'<text x="{x + 14}" y="{y}">{escape(name)}</text>')
     return parts
