@@ -341,9 +341,11 @@ class FakeBroker:
     `swallow_acks = n` drops the next n PUBACKs; `silent` stops all answers.
     """
 
-    def __init__(self, users=None, acl=None) -> None:
+    def __init__(self, users=None, acl=None, keep: bool = True) -> None:
         self.users = users
         self.acl = acl
+        self.keep = keep  # False: count messages without keeping them (heap measurements)
+        self.received = 0
         self.messages = []
         self.up = True
         self.silent = False  # accepts and reads everything, answers nothing
@@ -460,7 +462,9 @@ class FakeLink:
             payload = body[pos + 2 :]
             allowed = broker.acl is None or broker.acl.get(self.user) == topic.decode()
             if allowed:
-                broker.messages.append((topic.decode(), payload))
+                broker.received += 1
+                if broker.keep:
+                    broker.messages.append((topic.decode(), payload))
             else:
                 broker.denied += 1
             if broker.swallow_acks:
@@ -533,6 +537,7 @@ class FakeBoard:
         self.ntp_ok = ntp_ok
         self.wifi_up = True
         self.echo = echo
+        self.keep_console = True  # False: drop console lines (heap measurements)
         self.console_lines = []
         self.meter = None
         self.meter_uart = None
@@ -568,7 +573,8 @@ class FakeBoard:
         return host_random(n)
 
     def console(self, line: str) -> None:
-        self.console_lines.append(line)
+        if self.keep_console:
+            self.console_lines.append(line)
         if self.echo:
             print(line)
 

@@ -15,6 +15,8 @@ in safe mode.  Unknown keys are refused too: a typo must not silently become a d
 
 import json
 
+from .errors import ConfigError  # noqa: F401  (re-exported: config.ConfigError)
+
 CONFIG_FILE = "config.json"
 SECRETS_FILE = "secrets.json"
 
@@ -25,16 +27,6 @@ _MODBUS = ("sdm120", "sdm630")
 _ALL = METER_TYPES
 _REQUIRED = "required"
 _NAME_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-"
-
-
-class ConfigError(Exception):
-    """A missing or invalid setting; `key` names it ("section.key"), `file` says where."""
-
-    def __init__(self, file: str, key, problem: str) -> None:
-        self.file = file
-        self.key = key
-        self.problem = problem
-        super().__init__("%s: %s: %s" % (file, key, problem) if key else "%s: %s" % (file, problem))
 
 
 # (key, type, default, rule, meter types the key applies to or None for all)

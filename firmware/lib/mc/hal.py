@@ -20,7 +20,7 @@ import machine
 import network
 import ntptime
 
-from .config import ConfigError
+from .errors import ConfigError
 from .flash import Flash
 
 # ESP32 ports before MicroPython 1.22-ish count from 2000-01-01; readings need Unix time.

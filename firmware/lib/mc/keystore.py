@@ -11,7 +11,7 @@ import struct
 from binascii import crc32, hexlify
 
 from . import p256
-from .config import ConfigError
+from .errors import ConfigError
 
 KEY_FILE = "key.bin"
 _MAGIC = b"MCK1"

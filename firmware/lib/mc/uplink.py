@@ -43,7 +43,11 @@ class Uplink:
         self._ca = None
         self._proto = None
         self._link = None
-        self._inflight = {}  # packet id -> sequence number
+        # In-flight window as fixed slots (packet id, 0 = free -> sequence number),
+        # allocated once: publishing and matching PUBACKs allocate nothing.
+        self._slot_pid = [0] * self._window
+        self._slot_seq = [0] * self._window
+        self._used = 0
         self._oldest_at = None  # ticks when the oldest unacknowledged publish went out
         self._cursor = 0  # highest sequence number published on this connection
         self._pid = 0
@@ -90,7 +94,7 @@ class Uplink:
             return
         self._link = link
         self._proto = proto
-        self._inflight = {}
+        self._clear_slots()
         self._oldest_at = None
         self._cursor = 0
         self._failures = 0
@@ -127,7 +131,7 @@ class Uplink:
             self._close_link(self._link)
         self._link = None
         self._proto = None
-        self._inflight = {}
+        self._clear_slots()
         self._oldest_at = None
         self._cursor = 0
         self.state = STATE_DOWN
@@ -151,16 +155,30 @@ class Uplink:
 
     # -- publishing ----------------------------------------------------------
 
+    def _clear_slots(self) -> None:
+        for i in range(self._window):
+            self._slot_pid[i] = 0
+        self._used = 0
+
+    def _take(self, pid: int) -> int:
+        """Free the slot of packet id `pid`; its sequence number, or -1 if not in flight."""
+        for i in range(self._window):
+            if self._slot_pid[i] == pid:
+                self._slot_pid[i] = 0
+                self._used -= 1
+                return self._slot_seq[i]
+        return -1
+
     def _next_pid(self) -> int:
         while True:
             self._pid = self._pid + 1 if self._pid < 0xFFFF else 1
-            if self._pid not in self._inflight:
+            if self._pid not in self._slot_pid:
                 return self._pid
 
     def _fill(self) -> None:
         proto = self._proto
         spool = self._spool
-        while proto is not None and len(self._inflight) < self._window:
+        while proto is not None and self._used < self._window:
             seq = spool.next_unsent(self._cursor)
             if seq < 0:
                 return
@@ -170,14 +188,17 @@ class Uplink:
                 continue  # failed its CRC on re-read and was dropped
             pid = self._next_pid()
             proto.publish(self.topic, data, pid)
-            self._inflight[pid] = seq
+            i = self._slot_pid.index(0)
+            self._slot_pid[i] = pid
+            self._slot_seq[i] = seq
+            self._used += 1
             self._last_tx = self._board.ticks_ms()
             if self._oldest_at is None:
                 self._oldest_at = self._last_tx
             self.published += 1
 
     def inflight(self) -> int:
-        return len(self._inflight)
+        return self._used
 
     def service(self, wait_ms: int) -> None:
         """Connect if due, publish what the window allows, and read PUBACKs for `wait_ms`."""
@@ -198,12 +219,12 @@ class Uplink:
                 left = board.ticks_diff(deadline, board.ticks_ms())
                 event = proto.poll(left if left > 0 else 0)
                 if event > 0:
-                    seq = self._inflight.pop(event, None)
-                    if seq is not None:
+                    seq = self._take(event)
+                    if seq >= 0:
                         self._spool.ack(seq)
                         self.acked += 1
                         # Restart the PUBACK clock: the broker is answering.
-                        self._oldest_at = board.ticks_ms() if self._inflight else None
+                        self._oldest_at = board.ticks_ms() if self._used else None
                     self._fill()
                 elif event == PINGRESP:
                     self._ping_at = None
