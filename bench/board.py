@@ -25,8 +25,11 @@ What is measured, all in one run:
   (tracemalloc) over one cycle of the same code on CPython, whose objects are larger
   than MicroPython's.
 The issue's target is a steady-state heap of at most 48 KB for the whole app:
-`target_bytes`, checked against `data_bytes` (frozen firmware) and reported next to
-`steady_with_mpy_bytes` (firmware loaded from .mpy files).
+`target_bytes`, checked against `data_bytes` (frozen firmware: the bytecode stays in
+flash) and against `firmware_mpy_bytes` (bytecode loaded from .mpy files into RAM, plus
+the data); the fakes' and the runtime's own bytes are left out of both.
+`sign_share_of_loop` is the fraction of the pipeline's wall time spent inside
+`cose.sign1`, timed within the same loop.
 """
 
 from __future__ import annotations
@@ -245,23 +248,43 @@ def measure_pipeline(readings: int) -> dict[str, Any]:
                 app = App(board, load(flash), secret, interval_ms=0)
                 app.clock.service()
                 app.run(cycles=20)  # warm-up: connect, first signatures
-                acked0, flash_writes0 = app.uplink.acked, _spool_bytes(folder)
-                start = time.perf_counter()
-                app.run(cycles=readings)
-                elapsed = time.perf_counter() - start
+                acked0 = app.uplink.acked
+                # Time spent inside the signature, measured within the same loop.
+                real_sign1 = cose.sign1
+                spent = [0.0]
+
+                def timed_sign1(payload: bytes, secret: int, kid: bytes) -> bytes:
+                    t = time.perf_counter()
+                    try:
+                        return real_sign1(payload, secret, kid)
+                    finally:
+                        spent[0] += time.perf_counter() - t
+
+                cose.sign1 = timed_sign1
+                try:
+                    start = time.perf_counter()
+                    app.run(cycles=readings)
+                    elapsed = time.perf_counter() - start
+                finally:
+                    cose.sign1 = real_sign1
                 acked = app.uplink.acked - acked0
                 leftover = len(app.spool)
+                spool_bytes = _spool_bytes(folder)
             finally:
                 board.close()
-            # Anchor: the bare signature, same process, same reading shape.
+            # Anchor: the bare signature, same process, same reading shape; best of
+            # three rounds (the machine is shared: other load only adds time).
             payloads = [
                 reading.encode(METER, i + 1, 1767225600 + i, 1234500 + i, 0, 1500, 0, "load")
-                for i in range(min(readings, 500))
+                for i in range(min(readings, 300))
             ]
-            sign_start = time.perf_counter()
-            for payload in payloads:
-                cose.sign1(payload, secret, METER.encode())
-            sign_elapsed = time.perf_counter() - sign_start
+            rounds = []
+            for _ in range(3):
+                sign_start = time.perf_counter()
+                for payload in payloads:
+                    cose.sign1(payload, secret, METER.encode())
+                rounds.append(time.perf_counter() - sign_start)
+            sign_elapsed = min(rounds)
         finally:
             broker.stop()
     readings_per_s = acked / elapsed
@@ -270,11 +293,12 @@ def measure_pipeline(readings: int) -> dict[str, Any]:
         "readings": readings,
         "acked": acked,
         "left_in_spool": leftover,
+        "spool_file_bytes_at_end": spool_bytes,
         "elapsed_s": round(elapsed, 3),
         "readings_per_s": round(readings_per_s, 1),
         "sign_per_s": round(sign_per_s, 1),
         "pipeline_vs_sign": round(readings_per_s / sign_per_s, 3),
-        "spool_file_bytes_after_warmup": flash_writes0,
+        "sign_share_of_loop": round(spent[0] / elapsed, 3),
     }
 
 
@@ -293,6 +317,7 @@ def run(quick: bool) -> dict[str, Any]:
         make_board(folder, board_config())
         cpython_peak = _cpython_cycle_peak(folder)
     data = statistics.mean([heap_src["data_bytes"], heap_mpy["data_bytes"]])
+    firmware_mpy = heap_mpy["code_bytes"] + heap_mpy["data_bytes"]
     return {
         "pipeline": pipeline,
         "heap": {
@@ -301,8 +326,9 @@ def run(quick: bool) -> dict[str, Any]:
             "live_cycle_peak_bytes_cpython": cpython_peak,
             "target_bytes": TARGET_BYTES,
             "data_bytes": round(data),
-            "steady_with_mpy_bytes": heap_mpy["steady_bytes"],
+            "firmware_mpy_bytes": firmware_mpy,
+            "firmware_source_bytes": heap_src["code_bytes"] + heap_src["data_bytes"],
             "data_within_target": data <= TARGET_BYTES,
-            "mpy_steady_within_target": heap_mpy["steady_bytes"] <= TARGET_BYTES,
+            "firmware_mpy_within_target": firmware_mpy <= TARGET_BYTES,
         },
     }

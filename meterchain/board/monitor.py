@@ -88,7 +88,14 @@ def _console_lines(port: str, from_start: bool, deadline: float) -> Iterator[str
         return
     import serial
 
-    with serial.Serial(port, 115200, timeout=0.5) as link:
+    link = serial.Serial()
+    link.port, link.baudrate, link.timeout = port, 115200, 0.5
+    # ESP32 dev boards wire DTR/RTS to EN/GPIO0: keep both released, or opening the
+    # port would reset the board (or hold it in its ROM bootloader).
+    link.dtr = False
+    link.rts = False
+    link.open()
+    with link:
         while time.monotonic() < deadline:
             raw = link.readline()
             if raw:

@@ -277,6 +277,14 @@ def provision(
         raise ConfigError(str(req.broker_ca), None, "broker CA certificate file not found")
     existing = _load_json(driver, "config.json")
     cfg = _config_for(req, existing, driver)
+    broker = cfg["broker"]
+    if broker.get("tls", True) and req.broker_ca is None:
+        if driver.read_file(broker.get("ca", CA_FILE)) is None:
+            raise ConfigError(
+                "--broker-ca",
+                None,
+                "required for a TLS broker: the board verifies the broker's certificate with it",
+            )
     image = firmware.build(driver.kind)
     if is_current(driver, image):
         step("firmware", f"firmware up to date (image {image.digest[:12]})", changes=False)

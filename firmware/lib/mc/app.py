@@ -51,6 +51,11 @@ class App:
         self.seq = Sequencer(flash, cfg["seq_block"], floor=self.spool.max_seq + 1)
         self.meter = make_meter(board, cfg, flash)
         self.clock = Clock(board, cfg["ntp.host"], cfg["ntp.resync_s"], self.log)
+        if cfg["broker.tls"] and not flash.exists(cfg["broker.ca"]):
+            raise ConfigError(
+                "config.json", "broker.ca", "%s not found in flash: the board cannot verify "
+                "the broker (provision with --broker-ca)" % cfg["broker.ca"]
+            )
         self.uplink = Uplink(board, cfg, self.spool, self.log)
         self._last = SlotStore(flash, "last")  # last good (import Wh, export Wh)
         self._good = self._last.values
@@ -165,7 +170,8 @@ class App:
         if wdt is None and self.cfg["wdt_s"]:
             wdt = board.watchdog(self.cfg["wdt_s"] * 1000)
         interval = self.interval_ms
-        self.clock.service()  # try NTP before the first reading, not after it
+        self.uplink.service(0)  # join WiFi (and the broker) first, so NTP can answer
+        self.clock.service()  # before the first reading, not after it
         next_sample = board.ticks_ms()
         next_poll = board.ticks_add(next_sample, _POLL_MS)
         done = 0
@@ -205,7 +211,8 @@ class App:
         while len(self.spool) and board.ticks_diff(deadline, board.ticks_ms()) > 0:
             if wdt is not None:
                 wdt.feed()
-            self.uplink.service(min(_SLICE_MS, max(board.ticks_diff(deadline, board.ticks_ms()), 0)))
+            # Short waits: return as soon as the last PUBACK is in.
+            self.uplink.service(min(50, max(board.ticks_diff(deadline, board.ticks_ms()), 0)))
             self.housekeeping()
 
     def shutdown(self) -> None:

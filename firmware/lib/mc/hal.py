@@ -140,8 +140,8 @@ class Board:
         return int(time.time()) + _EPOCH_OFFSET
 
     def ntp_sync(self, host: str) -> bool:
-        if not self.wifi_ok():
-            return False
+        if self._wlan is not None and not self._wlan.isconnected():
+            return False  # WiFi configured but down: do not wait for a DNS timeout
         ntptime.host = host
         try:
             ntptime.settime()
