@@ -118,12 +118,16 @@ Messages per round and what O(n) means
     signatures each.
 
 Persistence and recovery
-    `Persist` records (votes, lock, commit, decision) come first in the
-    action list and the transport fsyncs them before publishing anything
-    after them. A restarted node rebuilds from its log; rounds it was in
+    `Persist` records (the round with our votes and lock, written before a
+    proposal or vote goes out; later the decision with its certificate) come
+    first in the action list, and the transport fsyncs them before
+    publishing anything after them. A request is not an acknowledgement and
+    is re-signed byte for byte after a crash (RFC 6979), so opening a round
+    writes nothing. A restarted node rebuilds from its log; rounds it was in
     are "recovering": it neither votes nor uses the 2-delta rule (it may have
     missed messages) but asks (`sync`) and decides on a finality
-    certificate. A round whose messages overflowed the pre-open buffer is
+    certificate -- which is also why a `final` attestation need not wait for
+    the disk. A round whose messages overflowed the pre-open buffer is
     treated the same way.
 
 Simulation

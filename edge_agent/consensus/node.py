@@ -978,7 +978,10 @@ class Node:
         value = rs.values[vd]
         rs.committed = (v, vd)
         rs.commit_time = self.now
-        rs.dirty = True
+        # No disk write before the `final` attestation: a node restarted from its log is
+        # passive in rounds it was in and attests again only from a finality certificate,
+        # so a lost commit record can never lead to a different attestation. The commit
+        # reaches the disk with the decision (or the round's next write).
         out.append(Commit(rs.rid, v, vd, value, rs.qcs.get((v, vd))))
         self._send_final(rs, vd, out)
 
