@@ -157,6 +157,7 @@ BAD_CONFIGS = [
     ({"meter.pin": 4}, "config.json: meter.pin: not used by meter type sdm630"),
     ({"brokr": {"host": "x"}}, "config.json: brokr.host: unknown key"),
     ({"wdt_s": 5}, "config.json: wdt_s: must be 0 (off) or at least 30"),
+    ({"broker.tls": True}, "config.json: broker.ca: ca.pem not found in flash"),
 ]
 
 
@@ -190,3 +191,34 @@ def test_safe_mode_under_micropython(mpy, make_board_dir, tmp_path: Path) -> Non
     blank = run_app(mpy, empty, cycles=1)
     assert blank["status"] == 2
     assert blank["console"][1].startswith("MC SAFE MODE: config.json: missing")
+
+
+def test_long_outage_thins_the_spool_and_flags_the_overflow(make_board_dir) -> None:
+    import mcfakes
+    from mc.app import App
+    from mc.config import load
+    from mc.flash import Flash
+    from mc.keystore import load as load_key
+
+    from meterchain.reading import FLAG_SPOOL_OVERFLOW
+
+    cfg = board_config(**{"spool.max_records": 16, "spool.batch": 4})
+    folder = make_board_dir(cfg=cfg)
+    flash = Flash(str(folder))
+    broker = mcfakes.FakeBroker()
+    broker.up = False
+    board = mcfakes.FakeBoard(flash=flash, broker=broker, echo=False)
+    application = App(board, load(flash), load_key(flash))
+    application.run(cycles=40)
+    assert application.spool.dropped > 0 and len(application.spool) <= 16
+    broker.start()
+    application.drain(120_000)
+    registry = registry_for(folder, cfg)
+    readings = [verify(p, registry) for _, p in broker.messages]
+    assert len(readings) + application.spool.dropped == 40
+    assert sum(1 for r in readings if r.flags & FLAG_SPOOL_OVERFLOW) >= 1
+    # Thinning loses resolution, not energy: the newest reading carries the full register.
+    assert readings[-1].seq == 40
+    elapsed_s = readings[-1].time - 1767225600  # 39 intervals of 15 s since the first
+    assert readings[-1].import_wh == 1234500 + round(1500 * elapsed_s / 3600)
+    assert any("spool full" in line for line in board.console_lines)

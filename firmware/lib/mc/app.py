@@ -107,6 +107,7 @@ class App:
             flags |= reading.FLAG_TAMPER  # enclosure switch open (pulled high)
         if self.spool.take_overflow():
             flags |= reading.FLAG_SPOOL_OVERFLOW
+            self.log.error("spool full: oldest readings thinned, %d dropped so far" % self.spool.dropped)
         seq = self.seq.next()
         payload = reading.encode(
             self._meter_id, seq, self.clock.now(), import_wh, export_wh, power_w, flags,
