@@ -68,7 +68,8 @@ Timers (delta units; "+1" = 1 ms margins for equal timestamps)
                                 node that is final but has no FC yet)
     view-change wait            1 delta between leaving a view and entering
                                 the next (sending the status)
-    From view n on, the blame timeouts double per view (capped at 64x): a
+    After view (n-1)//2 -- which a round never passes with f < n/2 and delays
+    within delta -- the blame timeouts double per view (capped at 64x), so a
     too-small delta still recovers; the 2-delta window and the 1-delta wait
     never grow.
 

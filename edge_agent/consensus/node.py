@@ -1029,15 +1029,17 @@ class Node:
     # timers ------------------------------------------------------------------------
 
     def _backoff(self, view: int) -> int:
-        """Timeout multiplier: 1 for the first n views, then doubling (capped at 64).
+        """Timeout multiplier: 1 up to view (n-1)//2, then doubling per view (capped at 64).
 
-        With fewer than n/2 faulty nodes and delta respected a round ends by view
-        (n-1)/2, so the bound is unaffected; when delta was set too small for the
-        real network, longer timeouts let views succeed again (eventual liveness).
-        The 2-delta finality window and the 1-delta view-change wait never grow:
-        they are what safety rests on.
+        With fewer than n/2 faulty nodes and delta respected, a round ends by view
+        (n-1)//2 (at most that many faulty primaries in a row), so the liveness bound
+        is unaffected; a later view means delta was too small for the real network,
+        and longer timeouts let views succeed again (eventual liveness). The 2-delta
+        finality window and the 1-delta view-change wait never grow: safety rests
+        on them.
         """
-        return 1 if view < self.n else 2 ** min(view - self.n + 1, 6)
+        f_max = (self.n - 1) // 2
+        return 1 if view <= f_max else 2 ** min(view - f_max, 6)
 
     def _proposal_deadline(self, rs: _Round) -> int:
         # view 0: open skew (delta) + the primary's request collection (2 delta + 1 ms)
