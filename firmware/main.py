@@ -1,4 +1,3 @@
-# pyright: reportMissingImports=false
 # (mc lives in lib/, which is on the board's sys.path)
 """Board entry point: run the meter app; an interrupt (Ctrl-C, mpremote) opens a maintenance window.
 
