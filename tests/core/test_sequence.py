@@ -153,7 +153,8 @@ def test_full_uint64_range(guard: SequenceGuard, make: Make) -> None:
     guard.check_and_accept(make(top - 1, import_wh=top - 5, export_wh=top, time=T0))
     admitted = guard.check_and_accept(make(top, import_wh=top, export_wh=top, time=T0))
     assert (admitted.gap, admitted.import_delta_wh) == (0, 5)
-    again = make(top - 1, import_wh=top - 5, export_wh=top, time=T0)
+    # Same sequence number, other bytes (signatures are deterministic, so change a field).
+    again = make(top - 1, import_wh=top - 5, export_wh=top, time=T0 + 1)
     _refused(guard, again, errors.ReplayedReading)
     _refused(guard, make(2**63, import_wh=top, export_wh=top, time=T0), errors.OutOfOrder)
     assert guard.state(PV_METER).seq == top  # type: ignore[union-attr]
@@ -199,8 +200,10 @@ def test_state_survives_a_restart_and_replays_stay_refused(tmp_path: Path, make:
         with pytest.raises(errors.DuplicateReading):
             reopened.check_and_accept(r5)
         _refused(reopened, r4, errors.DuplicateReading)
-        # The same fields signed again (a fresh ECDSA nonce) are other bytes: a replay.
-        _refused(reopened, make(4, import_wh=1900), errors.ReplayedReading)
+        # The same fields signed again give the same bytes (RFC 6979): a duplicate.
+        _refused(reopened, make(4, import_wh=1900), errors.DuplicateReading)
+        # An old sequence number with other content is a replay.
+        _refused(reopened, make(4, import_wh=1901), errors.ReplayedReading)
         _refused(reopened, make(6, import_wh=1), errors.CounterBackwards)
         assert reopened.check_and_accept(make(6, import_wh=2100)).import_delta_wh == 100
 
