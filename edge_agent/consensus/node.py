@@ -245,9 +245,6 @@ class Node:
         """Rotation: k = seq + view, so k advances after every round and every change."""
         return self._rotation[(rid.seq + view) % self.n]
 
-    def active_rounds(self) -> list[RoundId]:
-        return sorted(self.rounds)
-
     def knows_round(self, rid: RoundId) -> bool:
         """True when the round is open or decided here (after a restart: on disk)."""
         return rid in self.rounds or rid in self.decided

@@ -1,17 +1,18 @@
 """MQTT transport for one SDBFT node: paho-mqtt over TLS, QoS 1, the node's own topics only.
 
 Two layers (STYLE rule 1). `MqttLink` owns the connection: TLS, username and
-password, a persistent session (clean_session false, fixed client id) so the
-broker keeps QoS 1 messages for us while we are away, a subscription to
-`mc/<market>/c/#`, and reconnection with capped exponential backoff plus
-jitter; `reconnect` is safe to call any number of times. `NodeRunner` speaks
-the protocol: one driver thread feeds the state machine (received messages,
-application `open` calls, ticks at `next_deadline`) and carries out its
-actions in order -- `Persist` records are appended to the `RoundLog` and
-fsynced before anything after them is published. A node publishes only on
-`mc/<market>/c/<node_id>/<kind>`, which the broker ACL
-(`meterchain.mqtt_auth.node_acl`) enforces as well; the sender of a received
-message is read from its topic and must match the signer.
+password, an MQTT v5 persistent session (clean start false, fixed client id,
+one hour expiry) so the broker keeps QoS 1 messages for us while we are
+away, a no-local subscription to `mc/<market>/c/#`, TCP_NODELAY, and
+reconnection by paho's network thread with capped exponential backoff whose
+first wait is jittered. `NodeRunner` speaks the protocol: one driver thread
+feeds the state machine (received messages, application `open` calls, ticks
+at `next_deadline`) and carries out its actions in order -- `Persist`
+records are appended to the `RoundLog` and fsynced before anything after
+them is published. A node publishes only on `mc/<market>/c/<node_id>/<kind>`,
+which the broker ACL (`meterchain.mqtt_auth.node_acl`) enforces as well; the
+sender of a received message is read from its topic and must match the
+signer.
 """
 
 from __future__ import annotations
@@ -145,13 +146,6 @@ class MqttLink:
             log.warning("connection to the broker lost; reconnecting")
         self.connected.clear()
         self._jitter_backoff()
-
-    def reconnect(self) -> None:
-        """Drop the connection; paho's thread reconnects (safe to call repeatedly)."""
-        try:
-            self.client.reconnect()
-        except (OSError, ValueError, ssl.SSLError) as exc:
-            log.debug("reconnect attempt failed (the network thread retries): %s", exc)
 
     def publish(self, topic: str, payload: bytes) -> None:
         # QoS 1: paho keeps the message until PUBACK, queues it while disconnected and

@@ -25,9 +25,7 @@ from edge_agent.consensus.node import Broadcast, Node, _Round
 from edge_agent.consensus.sim import Targeted
 
 
-def corrupt_result(
-    rid: RoundId, result: Any, beneficiary: str, requests: tuple[Request, ...]
-) -> Any:
+def corrupt_result(result: Any, beneficiary: str) -> Any:
     """Raise the beneficiary's payment and lower another seller's (auction), else skew the tally."""
     if isinstance(result, dict) and "fills" in result:
         sellers = [s for s, wh, _ in result["fills"] if wh > 0 and s != beneficiary]
@@ -78,7 +76,7 @@ class Tamperer(Node):
 
     def make_result(self, rid: RoundId, requests: tuple[Request, ...]) -> Any:
         honest = super().make_result(rid, requests)
-        return corrupt_result(rid, honest, self.node_id, requests)
+        return corrupt_result(honest, self.node_id)
 
 
 class Equivocator(Liar):
@@ -122,7 +120,7 @@ class Equivocator(Liar):
             result = self.contracts[rs.rid.kind].execute(requests)
         else:
             requests = value.requests
-            result = corrupt_result(rs.rid, value.result, self.node_id, requests)
+            result = corrupt_result(value.result, self.node_id)
         return self.decoder.value(self.market, rs.rid, [[r.raw for r in requests], result])
 
 

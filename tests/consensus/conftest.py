@@ -52,11 +52,6 @@ class Market:
                 {"round": rid, "deposit": b"dep-" + node_id.encode(), "body": bodies[node_id]},
             )
 
-    def commits(self, rid: RoundId, names: list[str]) -> dict[str, tuple[int, bytes]]:
-        return {
-            name: self.inst(name).commits[rid] for name in names if rid in self.inst(name).commits
-        }
-
 
 def auction_bids(ids: list[str]) -> dict[str, Any]:
     """Even-indexed nodes sell, odd ones buy, at distinct prices (so trades happen)."""
@@ -122,12 +117,6 @@ def market() -> Callable[..., Market]:
         return mk
 
     return build
-
-
-def decisions(
-    inst: Instance,
-) -> tuple[dict[RoundId, tuple[int, bytes]], dict[RoundId, tuple[int, bytes]]]:
-    return inst.commits, inst.finals
 
 
 __all__ = ["CLEAR", "SETTLE", "Commit", "Final", "Market", "auction_bids"]
