@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,8 +41,12 @@ class Guard(Protocol):
 
     def state(self, meter_id: str) -> MeterState | None: ...
 
-    def admit(self, reading: Reading) -> Admission:
-        """Record `reading` in the open transaction or raise the RejectedReading saying why not."""
+    def admit_many(self, readings: Iterable[Reading]) -> list[Admission | RejectedReading]:
+        """Record each reading in the open transaction, or say which RejectedReading it is."""
+        ...
+
+    def committed(self) -> None:
+        """The transaction holding the last `admit_many` committed."""
         ...
 
 
@@ -111,9 +115,6 @@ class Ingest:
         self.clock = clock
         self.max_clock_ahead_s = max_clock_ahead_s
         self.calm = CalmLog(log)
-        # Time of each meter's last accepted reading (the guard's state, cached
-        # to save a query per reading); forgotten whenever a transaction fails.
-        self._last_time: dict[str, int] = {}
 
     def process(self, payload: bytes) -> Result:
         return self.process_batch([payload])[0]
@@ -161,40 +162,32 @@ class Ingest:
         Raises MeterChainError or sqlite3.Error only if the store fails, in
         which case nothing was committed and nothing may be acknowledged.
         """
-        results: list[Result] = [c for c in checked if isinstance(c, Result)]
-        if len(results) != len(checked):
-            results = []
-            try:
-                with self.store.transaction():
-                    for item in checked:
-                        results.append(item if isinstance(item, Result) else self._admit(item))
-                    if before_commit is not None:
-                        before_commit(results)
-            except BaseException:
-                self._last_time.clear()
-                raise
+        readings = [c for c in checked if not isinstance(c, Result)]
+        if not readings:
+            results = list(checked)  # type: ignore[arg-type]  # all Results
+        else:
+            with self.store.transaction():
+                outcomes = iter(self.guard.admit_many(readings))
+                results = [
+                    item if isinstance(item, Result) else self._fold(item, next(outcomes))
+                    for item in checked
+                ]
+                if before_commit is not None:
+                    before_commit(results)
+            self.guard.committed()
         self._report(results, senders)
         return results
 
-    def _previous_time(self, meter_id: str) -> int | None:
-        if meter_id in self._last_time:
-            return self._last_time[meter_id]
-        state = self.guard.state(meter_id)
-        return state.time if state is not None else None
-
-    def _admit(self, reading: Reading) -> Result:
-        previous_time = self._previous_time(reading.meter_id)
-        try:
-            admission = self.guard.admit(reading)
-        except DuplicateReading as exc:
-            return Result(Outcome.DUPLICATE, reading, exc.reason, str(exc))
-        except RejectedReading as exc:
-            return Result(Outcome.REJECTED, reading, exc.reason, str(exc))
+    def _fold(self, reading: Reading, admission: Admission | RejectedReading) -> Result:
+        """The reading's Result; an admitted one's energy is added to its hourly rows."""
+        if isinstance(admission, DuplicateReading):
+            return Result(Outcome.DUPLICATE, reading, admission.reason, str(admission))
+        if isinstance(admission, RejectedReading):
+            return Result(Outcome.REJECTED, reading, admission.reason, str(admission))
         meter = self.registry.get(reading.meter_id)
         if meter is None:  # verify() looked it up a moment ago; a registry swap raced us
             raise MeterChainError(f"meter {reading.meter_id!r} vanished from the registry")
-        self._last_time[reading.meter_id] = reading.time
-        if previous_time is not None:
+        if admission.previous_time is not None:
             if admission.counter_reset:
                 # The registers restarted: what they hold now was measured since the reset.
                 d_import, d_export = reading.import_wh, reading.export_wh
@@ -206,7 +199,7 @@ class Ingest:
                 reading.meter_id,
                 meter.owner,
                 reading.source,
-                previous_time,
+                admission.previous_time,
                 reading.time,
                 d_import,
                 d_export,

@@ -28,6 +28,14 @@ Thread-safe: one connection behind one lock. Several processes may share a
 file; SQLite's write lock (taken at BEGIN IMMEDIATE) serializes them. With a
 shared connection the caller's transaction discipline applies.
 
+Per-meter state is cached in memory, but the database stays the source of
+truth: a state enters the cache only after the transaction that wrote or read
+it committed (`committed()`; the guard's own transactions call it), the
+cache is dropped whenever another connection committed in between (SQLite's
+`data_version`, read inside the write transaction), and a write transaction
+checks that before using it. One guard per connection: two guards writing
+through one connection would not see each other's changes in their caches.
+
 Unsigned 64-bit values are stored as 20-digit zero-padded decimal text:
 SQLite integers are signed 64-bit, and padded text keeps the numeric order
 (used to prune the window) while staying readable in the sqlite3 shell.
@@ -42,6 +50,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import NoReturn
 
 from meterchain.errors import (
     CounterBackwards,
@@ -111,6 +120,7 @@ class Admission:
     import_delta_wh: int | None
     export_delta_wh: int | None
     time_backwards: bool
+    previous_time: int | None = None  # the last accepted reading's time (None for the first)
 
 
 def _u64(value: int) -> str:
@@ -135,6 +145,12 @@ class SequenceGuard:
             raise ValueError("window must be at least 1 sequence number")
         self.window = window
         self._lock = threading.Lock()
+        # States known committed, valid while the connection's data_version is
+        # `_cache_version`; `_pending` holds what the open transaction wrote or
+        # read, promoted by `committed()` and discarded otherwise.
+        self._cache: dict[str, MeterState] = {}
+        self._cache_version: int | None = None
+        self._pending: dict[str, MeterState] = {}
         self._owns_connection = not isinstance(db, sqlite3.Connection)
         try:
             if isinstance(db, sqlite3.Connection):
@@ -197,7 +213,7 @@ class SequenceGuard:
         # A read transaction, so both lookups see one snapshot even while
         # another process writes.
         with self._lock, self._transaction("DEFERRED"):
-            return self._admit(reading)
+            return self._admit(reading, self._state(reading.meter_id), {}, {})
 
     # --- recording -----------------------------------------------------------------
 
@@ -207,10 +223,13 @@ class SequenceGuard:
         Raises a RejectedReading subclass (and records nothing) if the reading
         is a replay, out of order, or has registers running backwards.
         """
-        with self._lock, self._transaction():
-            admission = self._admit(reading)
-            self._record(reading)
-            return admission
+        with self._lock:
+            with self._transaction():
+                (outcome,) = self._admit_many((reading,))
+            self._promote()
+        if isinstance(outcome, RejectedReading):
+            raise outcome
+        return outcome
 
     def admit(self, reading: Reading) -> Admission:
         """Check and record `reading` inside the caller's open transaction.
@@ -219,6 +238,19 @@ class SequenceGuard:
         the admission durable together with its own rows; a rejection raises
         before anything is written, so the transaction stays clean.
         """
+        (outcome,) = self.admit_many((reading,))
+        if isinstance(outcome, RejectedReading):
+            raise outcome
+        return outcome
+
+    def admit_many(self, readings: Iterable[Reading]) -> list[Admission | RejectedReading]:
+        """`admit` each reading in the caller's open transaction; each outcome in input order.
+
+        Later readings are checked against earlier ones of the same batch, and
+        the rows are written with one statement per table. The caller should
+        hold the write lock (BEGIN IMMEDIATE) and call `committed()` after its
+        COMMIT succeeds, which lets the next batch use the states from memory.
+        """
         with self._lock:
             if not self._db.in_transaction:
                 raise SequenceStateError(
@@ -226,11 +258,14 @@ class SequenceGuard:
                     "use check_and_accept() to let the guard commit"
                 )
             try:
-                admission = self._admit(reading)
-                self._record(reading)
+                return self._admit_many(readings)
             except sqlite3.Error as exc:
                 raise self._store_error("access", exc) from exc
-            return admission
+
+    def committed(self) -> None:
+        """Tell the guard the caller's transaction holding its last `admit`s committed."""
+        with self._lock:
+            self._promote()
 
     # `check` then `accept` is safe: accept re-checks inside its own transaction,
     # so a reading that became stale in between is refused, never stored.
@@ -244,16 +279,10 @@ class SequenceGuard:
         Later readings are checked against earlier ones of the same batch, so a
         batch behaves exactly like the same calls to `check_and_accept` in order.
         """
-        outcomes: list[Admission | RejectedReading] = []
-        with self._lock, self._transaction():
-            for reading in readings:
-                try:
-                    admission = self._admit(reading)
-                except RejectedReading as exc:
-                    outcomes.append(exc)
-                    continue
-                self._record(reading)
-                outcomes.append(admission)
+        with self._lock:
+            with self._transaction():
+                outcomes = self._admit_many(readings)
+            self._promote()
         return outcomes
 
     def close(self) -> None:
@@ -311,6 +340,7 @@ class SequenceGuard:
             raise self._store_error("commit", exc) from exc
 
     def _rollback(self) -> None:
+        self._pending.clear()
         if self._db.in_transaction:
             self._db.execute("ROLLBACK")
 
@@ -327,22 +357,76 @@ class SequenceGuard:
         seq, time, import_wh, export_wh, digest = row
         return MeterState(meter_id, int(seq), int(time), int(import_wh), int(export_wh), digest)
 
-    def _admit(self, reading: Reading) -> Admission:
-        last = self._state(reading.meter_id)
+    def _promote(self) -> None:
+        self._cache.update(self._pending)
+        self._pending.clear()
+
+    def _admit_many(self, readings: Iterable[Reading]) -> list[Admission | RejectedReading]:
+        """Check and record a batch in the open transaction (caller holds the lock)."""
+        # States pending from a call whose commit nobody confirmed may have been
+        # rolled back: forget them, the database knows.
+        self._pending.clear()
+        # A real read first pins this transaction's snapshot, so the version read
+        # next describes the data the batch writes over (and a later write fails
+        # rather than builds on a stale snapshot).
+        self._db.execute("SELECT version FROM sequence_guard_schema").fetchone()
+        (version,) = self._db.execute("PRAGMA data_version").fetchone()
+        if version != self._cache_version:  # another connection committed
+            self._cache.clear()
+            self._cache_version = version
+        pending = self._pending
+        digests: dict[tuple[str, int], bytes] = {}  # accepted in this batch
+        pruned: dict[str, int] = {}  # per meter: seqs at or below are deleted by this batch
+        outcomes: list[Admission | RejectedReading] = []
+        for reading in readings:
+            meter_id = reading.meter_id
+            last = pending.get(meter_id) or self._cache.get(meter_id) or self._state(meter_id)
+            try:
+                admission = self._admit(reading, last, digests, pruned)
+            except RejectedReading as exc:
+                if last is not None:
+                    pending[meter_id] = last
+                outcomes.append(exc)
+                continue
+            pending[meter_id] = MeterState(
+                meter_id,
+                reading.seq,
+                reading.time,
+                reading.import_wh,
+                reading.export_wh,
+                reading.digest,
+            )
+            digests[(meter_id, reading.seq)] = reading.digest
+            if reading.seq >= self.window:
+                pruned[meter_id] = reading.seq - self.window
+            outcomes.append(admission)
+        if digests:
+            self._record(digests, pruned)
+        return outcomes
+
+    def _admit(
+        self,
+        reading: Reading,
+        last: MeterState | None,
+        digests: dict[tuple[str, int], bytes],
+        pruned: dict[str, int],
+    ) -> Admission:
         reset_flag = bool(reading.flags & FLAG_COUNTER_RESET)
         if last is None:
             return Admission(reading.meter_id, reading.seq, True, 0, reset_flag, None, None, False)
         if reading.seq <= last.seq:
-            self._refuse_old_seq(reading, last)
-        backwards = [
-            f"{name} {new} < {old}"
-            for name, new, old in (
-                ("import_wh", reading.import_wh, last.import_wh),
-                ("export_wh", reading.export_wh, last.export_wh),
-            )
-            if new < old
-        ]
-        if backwards and not reset_flag:
+            self._refuse_old_seq(reading, last, digests, pruned)
+        if (reading.import_wh < last.import_wh or reading.export_wh < last.export_wh) and (
+            not reset_flag
+        ):
+            backwards = [
+                f"{name} {new} < {old}"
+                for name, new, old in (
+                    ("import_wh", reading.import_wh, last.import_wh),
+                    ("export_wh", reading.export_wh, last.export_wh),
+                )
+                if new < old
+            ]
             raise CounterBackwards(
                 f"meter {reading.meter_id!r} seq {reading.seq}: {', '.join(backwards)} "
                 f"(last accepted seq {last.seq}) without the counter-reset flag"
@@ -357,20 +441,39 @@ class SequenceGuard:
             reading.import_wh - last.import_wh if deltas_known else None,
             reading.export_wh - last.export_wh if deltas_known else None,
             reading.time < last.time,
+            last.time,
         )
 
-    def _refuse_old_seq(self, reading: Reading, last: MeterState) -> None:
+    def _accepted_digest(
+        self, reading: Reading, digests: dict[tuple[str, int], bytes], pruned: dict[str, int]
+    ) -> bytes | None:
+        """The digest accepted for the reading's seq, counting this batch's unwritten rows."""
+        if reading.seq <= pruned.get(reading.meter_id, -1):
+            return None  # this batch's pruning deletes that row
+        digest = digests.get((reading.meter_id, reading.seq))
+        if digest is not None:
+            return digest
         row = self._db.execute(
             "SELECT digest FROM accepted WHERE meter_id = ? AND seq = ?",
             (reading.meter_id, _u64(reading.seq)),
         ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def _refuse_old_seq(
+        self,
+        reading: Reading,
+        last: MeterState,
+        digests: dict[tuple[str, int], bytes],
+        pruned: dict[str, int],
+    ) -> NoReturn:
+        accepted = self._accepted_digest(reading, digests, pruned)
         where = f"meter {reading.meter_id!r} seq {reading.seq}"
-        if row is not None:
-            if row[0] == reading.digest:
+        if accepted is not None:
+            if accepted == reading.digest:
                 raise DuplicateReading(f"{where}: already accepted (byte-identical copy)")
             raise ReplayedReading(
                 f"{where}: already accepted with different content "
-                f"(digest {row[0].hex()[:16]}, this one {reading.digest.hex()[:16]})"
+                f"(digest {accepted.hex()[:16]}, this one {reading.digest.hex()[:16]})"
             )
         if reading.seq <= last.seq - self.window:
             raise OutOfOrder(
@@ -379,28 +482,32 @@ class SequenceGuard:
             )
         raise OutOfOrder(f"{where}: below the last accepted seq {last.seq} and never accepted")
 
-    def _record(self, reading: Reading) -> None:
-        seq = _u64(reading.seq)
-        self._db.execute(
+    def _record(self, digests: dict[tuple[str, int], bytes], pruned: dict[str, int]) -> None:
+        """Write a batch's admissions: one statement per table, not three per reading."""
+        pending = self._pending
+        self._db.executemany(
             "INSERT INTO meter_state (meter_id, seq, time, import_wh, export_wh, digest) "
             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (meter_id) DO UPDATE SET "
             "seq = excluded.seq, time = excluded.time, import_wh = excluded.import_wh, "
             "export_wh = excluded.export_wh, digest = excluded.digest",
-            (
-                reading.meter_id,
-                seq,
-                _u64(reading.time),
-                _u64(reading.import_wh),
-                _u64(reading.export_wh),
-                reading.digest,
-            ),
+            [
+                (
+                    state.meter_id,
+                    _u64(state.seq),
+                    _u64(state.time),
+                    _u64(state.import_wh),
+                    _u64(state.export_wh),
+                    state.digest,
+                )
+                for state in (pending[m] for m in {m for m, _ in digests})
+            ],
         )
-        self._db.execute(
+        self._db.executemany(
             "INSERT INTO accepted (meter_id, seq, digest) VALUES (?, ?, ?)",
-            (reading.meter_id, seq, reading.digest),
+            [(meter_id, _u64(seq), digest) for (meter_id, seq), digest in digests.items()],
         )
-        if reading.seq >= self.window:
-            self._db.execute(
+        if pruned:
+            self._db.executemany(
                 "DELETE FROM accepted WHERE meter_id = ? AND seq <= ?",
-                (reading.meter_id, _u64(reading.seq - self.window)),
+                [(meter_id, _u64(below)) for meter_id, below in pruned.items()],
             )

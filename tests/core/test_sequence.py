@@ -320,3 +320,55 @@ def test_unreadable_state_file_is_a_clear_error(tmp_path: Path) -> None:
         SequenceGuard(path)
     with pytest.raises(ValueError, match="window"):
         SequenceGuard(tmp_path / "ok.db", window=0)
+
+
+# --- the in-memory state cache never outvotes the database --------------------------------
+
+
+def test_another_connection_committing_invalidates_the_cache(tmp_path: Path, make: Make) -> None:
+    path = tmp_path / "seq.db"
+    with SequenceGuard(path) as first, SequenceGuard(path) as second:
+        first.check_and_accept(make(1))  # first now caches seq 1
+        second.check_and_accept(make(2, import_wh=DEFAULTS["import_wh"] + 5))
+        # first must see seq 2 in the file, not its cached seq 1.
+        _refused(first, make(2, import_wh=DEFAULTS["import_wh"] + 9), errors.ReplayedReading)
+        _refused(first, make(3, import_wh=DEFAULTS["import_wh"] + 1), errors.CounterBackwards)
+        assert first.check_and_accept(make(3, import_wh=DEFAULTS["import_wh"] + 8)).gap == 0
+
+
+def test_rolled_back_batch_is_not_remembered(tmp_path: Path, make: Make) -> None:
+    db = _shared(tmp_path)
+    guard = SequenceGuard(db)
+    db.execute("BEGIN IMMEDIATE")
+    guard.admit_many([make(1)])
+    db.execute("COMMIT")
+    guard.committed()
+    db.execute("BEGIN IMMEDIATE")
+    outcomes = guard.admit_many([make(2), make(3)])
+    assert all(isinstance(o, Admission) for o in outcomes)
+    db.execute("ROLLBACK")  # nobody calls committed(): seq 2 and 3 never happened
+    db.execute("BEGIN IMMEDIATE")
+    (again,) = guard.admit_many([make(2)])
+    db.execute("COMMIT")
+    guard.committed()
+    assert isinstance(again, Admission) and again.gap == 0 and again.previous_time == T0 + 60
+    db.close()
+
+
+def test_batch_pruning_matches_one_reading_at_a_time(tmp_path: Path, make: Make) -> None:
+    # With a 4-seq window, accepting 7 forgets 1 and 2, and 8 forgets 4: within one
+    # batch those are out of order, exactly as in separate transactions.
+    batch = [make(1), make(2), make(7), make(2), make(3), make(1), make(8), make(4), make(7)]
+
+    def kinds(outcomes: list[Admission | errors.RejectedReading]) -> list[str]:
+        return [o.reason if isinstance(o, errors.RejectedReading) else "ok" for o in outcomes]
+
+    with SequenceGuard(tmp_path / "a.db", window=4) as batched:
+        together = kinds(batched.check_and_accept_many(batch))
+        rows_batched = _tables(tmp_path / "a.db")
+    with SequenceGuard(tmp_path / "b.db", window=4) as single:
+        apart = kinds([single.check_and_accept_many([r])[0] for r in batch])
+        rows_single = _tables(tmp_path / "b.db")
+    expected = ["ok"] * 3 + ["out_of_order"] * 3 + ["ok", "out_of_order", "duplicate"]
+    assert together == apart == expected
+    assert rows_batched == rows_single
