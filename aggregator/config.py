@@ -6,8 +6,11 @@ points to: the regulator-signed consensus membership (checked against the
 pinned regulator key) and the broker password. Anything wrong raises
 `ConfigError(file, key, problem)`; `meterchain aggregator run` prints it as
 `config error: FILE: KEY: PROBLEM` and exits with status 2. Relative paths are
-relative to the file's folder; `$VARIABLES` in paths are expanded (systemd's
-`$STATE_DIRECTORY`, `$CREDENTIALS_DIRECTORY`). A minimal file:
+relative to the file's folder; `$VARIABLES` in paths are expanded and must be
+set (systemd's `$STATE_DIRECTORY`, `$CREDENTIALS_DIRECTORY`). With mqtts:// a
+PEM `ca_file` is required; the password file must be owner-only (mode 0600).
+The file checks are shared with the edge agent (meterchain.config_files).
+A minimal file:
 
     [aggregator]
     market = "m1"
@@ -24,14 +27,13 @@ relative to the file's folder; `$VARIABLES` in paths are expanded (systemd's
 from __future__ import annotations
 
 import dataclasses
-import os
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from meterchain import config_files
 from meterchain.errors import ConfigError, MeterChainError
 from meterchain.keys import PublicKey
 from meterchain.mqtt_auth import check_name
@@ -119,11 +121,7 @@ class _Checker:
         if hint in (Path, Path | None):
             if not isinstance(raw, str) or not raw:
                 self.fail(key, f"must be a non-empty path string, not {_kind(raw)}")
-            expanded = os.path.expandvars(raw)
-            if "$" in expanded:
-                self.fail(key, f"{raw!r} names an environment variable that is not set")
-            path = Path(expanded)
-            return path if path.is_absolute() else self.path.parent / path
+            return config_files.expand_path(raw, self.path, key)
         if hint is float:
             if isinstance(raw, bool) or not isinstance(raw, int | float):
                 self.fail(key, f"must be a number, not {_kind(raw)}")
@@ -143,24 +141,14 @@ class _Checker:
             self.fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
     def readable(self, path: Path, key: str) -> None:
-        if not path.is_file():
-            self.fail(key, f"file {path} does not exist")
-        if not os.access(path, os.R_OK):
-            self.fail(key, f"file {path} is not readable")
+        config_files.readable_file(path, self.path, key)
 
 
 def load(path: str | Path) -> AggregatorConfig:
     """Read and check an aggregator configuration file (see the module doc)."""
     path = Path(path)
     check = _Checker(path)
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        check.fail(None, "configuration file does not exist")
-    except (OSError, UnicodeDecodeError) as exc:
-        check.fail(None, f"cannot read: {exc}")
-    except tomllib.TOMLDecodeError as exc:
-        check.fail(None, f"not valid TOML: {exc}")
+    doc = config_files.load_toml(path)
     for key in doc:
         if key not in ("aggregator", "broker"):
             check.fail(key, "unknown section (known: aggregator, broker)")
@@ -194,10 +182,7 @@ def _check_aggregator(check: _Checker, agg: AggregatorSection, has_membership: b
     elif "://" in agg.ledger:
         check.fail("aggregator.ledger", "must be a SQLite file path or a postgresql:// URL")
     else:
-        ledger = Path(os.path.expandvars(agg.ledger))
-        if "$" in str(ledger):
-            check.fail("aggregator.ledger", f"{agg.ledger!r} names an unset environment variable")
-        folder = (ledger if ledger.is_absolute() else check.path.parent / ledger).parent
+        folder = config_files.expand_path(agg.ledger, check.path, "aggregator.ledger").parent
         if not folder.is_dir():
             check.fail("aggregator.ledger", f"folder {folder} does not exist")
     for key in ("block_interval_s", "vote_timeout_s"):
@@ -218,8 +203,7 @@ def ledger_target(cfg: AggregatorConfig) -> str:
     target = cfg.aggregator.ledger
     if target.startswith(("postgresql://", "postgres://")):
         return target
-    path = Path(os.path.expandvars(target))
-    return str(path if path.is_absolute() else cfg.path.parent / path)
+    return str(config_files.expand_path(target, cfg.path, "aggregator.ledger"))
 
 
 def _regulator(check: _Checker, text: str) -> PublicKey:
@@ -254,13 +238,9 @@ def _check_broker(check: _Checker, broker: BrokerSection) -> str:
         _ = parts.port  # urlsplit parses the port lazily and raises here
     except ValueError:
         check.fail("broker.url", f"{broker.url!r} has a bad port")
-    if parts.scheme == "mqtts" and broker.ca_file is not None:
-        check.readable(broker.ca_file, "broker.ca_file")
+    if parts.scheme == "mqtts":
+        config_files.require_ca_file(broker.ca_file, check.path, "broker.ca_file")
     check.positive(broker.keepalive_s, "broker.keepalive_s")
     if broker.password_file is None:
         return ""
-    check.readable(broker.password_file, "broker.password_file")
-    password = broker.password_file.read_text(encoding="utf-8").strip()
-    if not password:
-        check.fail("broker.password_file", f"{broker.password_file} is empty")
-    return password
+    return config_files.read_secret_file(broker.password_file, check.path, "broker.password_file")

@@ -9,9 +9,10 @@ it as `config error: FILE: KEY: PROBLEM` and exits with status 2.
 
 Relative paths in the file are relative to the file's own folder, so a site
 folder (agent.toml, node.key, broker.pass, registry.toml, ...) can move as a
-whole; `$VARIABLES` in paths are expanded, so under systemd secrets can come
-from `$CREDENTIALS_DIRECTORY` and state go to `$STATE_DIRECTORY` (see
-deploy/systemd/meterchain-agent.service). A minimal file:
+whole; `$VARIABLES` in paths are expanded and must be set, so under systemd
+secrets can come from `$CREDENTIALS_DIRECTORY` and state go to
+`$STATE_DIRECTORY` (see deploy/systemd/meterchain-agent.service). The file
+checks are shared with the aggregator (meterchain.config_files). A minimal file:
 
     [agent]
     node_id = "mg1"
@@ -29,10 +30,6 @@ deploy/systemd/meterchain-agent.service). A minimal file:
 from __future__ import annotations
 
 import dataclasses
-import os
-import ssl
-import stat
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,9 +37,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from meterchain import config_files
 from meterchain.errors import ConfigError, MeterChainError
-from meterchain.keys import PrivateKey
+from meterchain.keys import PrivateKey, PublicKey
 from meterchain.mqtt_auth import check_name
+from meterchain.quorum import Membership, QuorumError
 from meterchain.reading import SOURCES
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -179,6 +178,8 @@ class ConsensusSection:
     membership: Path | None = None
     bid_lead_s: float = 300.0  # how long before each hour the bid goes out
     delta_s: float = 5.0  # the synchronous bound of SDBFT
+    # The regulator's P-256 point (hex); when set, the membership must carry its signature.
+    regulator_public_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,6 @@ class AgentConfig:
 class _Checker:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.base = path.parent
 
     def fail(self, key: str | None, problem: str) -> typing.NoReturn:
         raise ConfigError(str(self.path), key, problem)
@@ -265,7 +265,7 @@ class _Checker:
             if not isinstance(raw, str) or not raw:
                 self.fail(key, f"must be a non-empty path string, not {_toml_kind(raw)}")
             # $STATE_DIRECTORY, $CREDENTIALS_DIRECTORY: what systemd hands the service.
-            return self.base / os.path.expanduser(os.path.expandvars(raw))
+            return config_files.expand_path(raw, self.path, key)
         raise TypeError(f"no checker for {hint!r}")  # a programming error, not a config one
 
     def require(self, section: Any, where: str, *keys: str) -> None:
@@ -285,24 +285,7 @@ class _Checker:
             self.fail(key, str(exc))
 
     def readable_file(self, path: Path, key: str) -> None:
-        try:
-            info = path.stat()
-        except OSError as exc:
-            self.fail(key, f"cannot read {path}: {exc.strerror}")
-        if not stat.S_ISREG(info.st_mode):
-            self.fail(key, f"{path} is not a regular file")
-        if not os.access(path, os.R_OK):
-            self.fail(key, f"cannot read {path}: permission denied")
-
-    def secret_file(self, path: Path, key: str) -> bytes:
-        """Read a secret, refusing one that other users could read (as ssh does)."""
-        self.readable_file(path, key)
-        mode = path.stat().st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            self.fail(
-                key, f"{path} is accessible by group/others (mode {mode & 0o777:o}); chmod 600 it"
-            )
-        return path.read_bytes()
+        config_files.readable_file(path, self.path, key)
 
 
 def _toml_kind(value: Any) -> str:
@@ -325,16 +308,7 @@ def load(path: str | Path) -> AgentConfig:
     """Read, check and return the configuration at `path` (raises ConfigError)."""
     path = Path(path)
     check = _Checker(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        check.fail(None, "file does not exist")
-    except (OSError, UnicodeDecodeError) as exc:
-        check.fail(None, f"cannot read: {exc}")
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        check.fail(None, f"not valid TOML: {exc}")
+    doc = config_files.load_toml(path)
     for key in doc:
         if key not in _SECTIONS:
             check.fail(key, f"unknown section (known: {', '.join(_SECTIONS)})")
@@ -357,20 +331,18 @@ def load(path: str | Path) -> AgentConfig:
     )
 
     # Checked as a secret (regular file, owner-only) before the PEM is parsed.
-    check.secret_file(agent.key_file, "agent.key_file")
+    config_files.secret_bytes(agent.key_file, path, "agent.key_file")
     try:
         node_key = PrivateKey.load(agent.key_file)
     except MeterChainError as exc:
         check.fail("agent.key_file", str(exc))
+    if consensus.role == "node":
+        _check_membership(check, consensus, agent, node_key)
     password = ""
     if broker.password_file is not None:
-        raw = check.secret_file(broker.password_file, "broker.password_file")
-        try:
-            password = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            check.fail("broker.password_file", f"{broker.password_file} is not UTF-8 text")
-        if not password:
-            check.fail("broker.password_file", f"{broker.password_file} is empty")
+        password = config_files.read_secret_file(
+            broker.password_file, path, "broker.password_file"
+        )
     return AgentConfig(
         path=path,
         agent=agent,
@@ -419,13 +391,7 @@ def _check_broker(check: _Checker, broker: BrokerSection, agent: AgentSection) -
     except ValueError as exc:
         check.fail("broker.url", f"bad port: {exc}")
     if url.scheme == "mqtts":
-        if broker.ca_file is None:
-            check.fail("broker.ca_file", "missing (required for mqtts://)")
-        check.readable_file(broker.ca_file, "broker.ca_file")
-        try:
-            ssl.create_default_context(cafile=str(broker.ca_file))
-        except (ssl.SSLError, ValueError) as exc:
-            check.fail("broker.ca_file", f"{broker.ca_file} is not a PEM CA certificate: {exc}")
+        config_files.require_ca_file(broker.ca_file, check.path, "broker.ca_file")
     if broker.username and broker.password_file is None:
         check.fail("broker.password_file", "missing (a username needs a password file)")
     check.positive(broker.keepalive_s, "broker.keepalive_s")
@@ -581,7 +547,42 @@ def _check_consensus(check: _Checker, cons: ConsensusSection) -> ConsensusSectio
     if not 0 < cons.bid_lead_s < 3600:
         check.fail("consensus.bid_lead_s", f"must be in (0, 3600), got {cons.bid_lead_s}")
     check.positive(cons.delta_s, "consensus.delta_s")
+    if cons.regulator_public_key:
+        _regulator(check, cons.regulator_public_key)
     return cons
+
+
+def _regulator(check: _Checker, text: str) -> PublicKey:
+    try:
+        return PublicKey.from_hex(text)
+    except MeterChainError as exc:
+        check.fail("consensus.regulator_public_key", str(exc))
+
+
+def _check_membership(
+    check: _Checker, cons: ConsensusSection, agent: AgentSection, node_key: PrivateKey
+) -> None:
+    """A consensus node's membership: our market, lists us with our key, signed if pinned."""
+    assert cons.membership is not None  # _check_consensus requires it for role = "node"
+    where = "consensus.membership"
+    membership = Membership.load(cons.membership)  # raises ConfigError naming that file
+    if membership.market != agent.market:
+        check.fail(
+            where, f"{cons.membership} is for market {membership.market!r}, not {agent.market!r}"
+        )
+    own = membership.key_of(agent.node_id)
+    if own is None:
+        check.fail(where, f"{cons.membership} does not list node {agent.node_id!r}")
+    if own.point != node_key.public_key().point:
+        check.fail(
+            "agent.key_file",
+            f"{agent.key_file} is not the key {cons.membership} lists for {agent.node_id!r}",
+        )
+    if cons.regulator_public_key:
+        try:
+            membership.verify(_regulator(check, cons.regulator_public_key))
+        except QuorumError as exc:
+            check.fail(where, f"{cons.membership}: {exc}")
 
 
 def _array(check: _Checker, raw: Any, where: str) -> list[Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from aggregator.cli import main as aggregator_main
 from aggregator.config import ledger_target, load
+from hil.broker import make_test_pki
 from meterchain.ledger.sandbox import Sandbox
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,8 +20,10 @@ REPO = Path(__file__).resolve().parents[2]
 def _site(tmp_path: Path, aggregator: str = "", broker: str = "", extra: str = "") -> Path:
     sb = Sandbox(market="m1")
     (tmp_path / "membership.toml").write_text(sb.membership.to_toml())
-    (tmp_path / "ca.crt").write_text("not checked here\n")
+    pki = make_test_pki(tmp_path / "pki")
+    (tmp_path / "ca.crt").write_bytes(pki["ca"].read_bytes())
     (tmp_path / "broker.pass").write_text("s3cret\n")
+    (tmp_path / "broker.pass").chmod(0o600)
     regulator = sb.regulator.public_key().point.hex()
     text = (
         "[aggregator]\n"
@@ -106,9 +110,10 @@ def test_broken_references_are_named(tmp_path: Path, capsys) -> None:
         ('ledger = "ledger.db"', 'ledger = "postgresql://u@host"',
          "aggregator.ledger: PostgreSQL URL names no database"),
         ('password_file = "broker.pass"', 'password_file = "gone.pass"',
-         f"broker.password_file: file {tmp_path / 'gone.pass'} does not exist"),
+         f"broker.password_file: cannot read {tmp_path / 'gone.pass'}: No such file or directory"),
         ('membership = "membership.toml"', 'membership = "$NOT_SET_ANYWHERE/m.toml"',
-         "aggregator.membership: '$NOT_SET_ANYWHERE/m.toml' names an environment variable"),
+         "aggregator.membership: '$NOT_SET_ANYWHERE/m.toml' uses environment variable "
+         "$NOT_SET_ANYWHERE, which is not set"),
         ('regulator_key = "', 'regulator_key = "04',
          "aggregator.regulator_key: public key must be a 65-byte uncompressed P-256 point"),
     ]  # fmt: skip
@@ -141,7 +146,7 @@ def test_missing_and_unreadable_files(tmp_path: Path, capsys) -> None:
     missing = tmp_path / "nowhere.toml"
     assert aggregator_main(["check-config", "--config", str(missing)]) == 2
     assert capsys.readouterr().err == (
-        f"config error: {missing}: configuration file does not exist\n"
+        f"config error: {missing}: file does not exist\n"
     )
     bad = tmp_path / "bad.toml"
     bad.write_text("[aggregator\n")
@@ -160,3 +165,83 @@ def test_run_with_a_bad_config_exits_2_before_touching_anything(tmp_path: Path) 
         f"config error: {path}: aggregator.settle_grace_s: must be >= 0, got -5\n"
     )
     assert not (tmp_path / "ledger.db").exists()
+
+
+def _check_config(
+    path: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a child process, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "meterchain.cli", "aggregator", "check-config", "--config",
+         str(path)],
+        capture_output=True, text=True, cwd=REPO, timeout=60, env=env,
+    )  # fmt: skip
+
+
+def test_an_unset_variable_in_a_path_names_the_key_and_the_variable(tmp_path: Path) -> None:
+    path = _site(tmp_path)
+    _replace(path, 'ledger = "ledger.db"', 'ledger = "$STATE_DIRECTORY/ledger.db"')
+    env = {k: v for k, v in os.environ.items() if k != "STATE_DIRECTORY"}
+    proc = _check_config(path, env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr == (
+        f"config error: {path}: aggregator.ledger: '$STATE_DIRECTORY/ledger.db' uses "
+        "environment variable $STATE_DIRECTORY, which is not set\n"
+    )
+    # Set, the same file is good and the ledger lands in that folder.
+    state = tmp_path / "state"
+    state.mkdir()
+    proc = _check_config(path, dict(env, STATE_DIRECTORY=str(state)))
+    assert proc.returncode == 0, proc.stderr
+    assert f"ledger {state}/ledger.db)" in proc.stdout
+
+
+def test_mqtts_without_a_ca_file_is_refused(tmp_path: Path) -> None:
+    path = _site(tmp_path)
+    _replace(path, 'ca_file = "ca.crt"\n', "")
+    proc = _check_config(path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr == (
+        f"config error: {path}: broker.ca_file: missing (required for mqtts://)\n"
+    )
+    # Plain mqtt:// (a broker on the loopback) needs no CA.
+    _replace(path, "mqtts://", "mqtt://")
+    assert _check_config(path).returncode == 0
+
+
+@pytest.mark.parametrize("content", ["", "not a certificate\n", "-----BEGIN CERTIFICATE-----\n"])
+def test_a_ca_file_that_is_not_a_pem_certificate_is_refused(tmp_path: Path, content: str) -> None:
+    path = _site(tmp_path)
+    (tmp_path / "ca.crt").write_text(content)
+    proc = _check_config(path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith(
+        f"config error: {path}: broker.ca_file: {tmp_path / 'ca.crt'} is not a PEM CA certificate"
+    ), proc.stderr
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660])
+def test_a_password_file_others_can_read_is_refused(tmp_path: Path, mode: int) -> None:
+    path = _site(tmp_path)
+    (tmp_path / "broker.pass").chmod(mode)
+    proc = _check_config(path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr == (
+        f"config error: {path}: broker.password_file: {tmp_path / 'broker.pass'} is accessible "
+        f"by group/others (mode {mode:o}); chmod 600 it\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"), [(b"\xff\xfe secret\n", "is not UTF-8 text"), (b" \n", "is empty")]
+)
+def test_a_password_file_that_is_not_utf8_text_or_is_empty_is_refused(
+    tmp_path: Path, content: bytes, problem: str
+) -> None:
+    path = _site(tmp_path)
+    (tmp_path / "broker.pass").write_bytes(content)
+    proc = _check_config(path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr == (
+        f"config error: {path}: broker.password_file: {tmp_path / 'broker.pass'} {problem}\n"
+    )
