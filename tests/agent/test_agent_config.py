@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from agent_site import agent_command
@@ -12,6 +14,7 @@ from agent_site import agent_command
 from edge_agent import config as agent_config
 from hil.broker import make_test_pki
 from meterchain.keys import PrivateKey
+from meterchain.quorum import Member, Membership
 from meterchain.registry import entry_text, make_meter
 
 GOOD = """\
@@ -282,3 +285,107 @@ def test_good_config_loads_with_defaults_and_resolved_paths(site: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "OK (1 Modbus meter(s), 1 registered meter(s))" in proc.stdout
+
+
+def _check_config(
+    config: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        agent_command("check-config", "--config", str(config)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+def test_an_unset_variable_in_a_path_is_refused_naming_key_and_variable(site: Path) -> None:
+    _replace('state_dir = "state"', 'state_dir = "$STATE_DIRECTORY"')(site)
+    env = {k: v for k, v in os.environ.items() if k != "STATE_DIRECTORY"}
+    config = site / "agent.toml"
+    proc = _check_config(config, env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr == (
+        f"config error: {config}: agent.state_dir: '$STATE_DIRECTORY' uses environment "
+        "variable $STATE_DIRECTORY, which is not set\n"
+    )
+    assert not (site / "$STATE_DIRECTORY").exists()
+    proc = _check_config(config, dict(env, STATE_DIRECTORY=str(site / "var")))
+    assert proc.returncode == 0, proc.stderr
+
+
+def _node_site(
+    site: Path,
+    *,
+    market: str = "m1",
+    node_id: str = "mg1",
+    node_key: PrivateKey | None = None,
+    signer: PrivateKey | None = None,
+    pinned: PrivateKey | None = None,
+) -> Path:
+    """`site` as a consensus node: a membership of three, signed by `signer`, pinning `pinned`."""
+    key = node_key or PrivateKey.load(site / "node.key")
+    members = [Member(node_id, key.public_key())]
+    members += [Member(f"peer{i}", PrivateKey.generate().public_key()) for i in (2, 3)]
+    regulator = signer or PrivateKey.generate()
+    membership = Membership(market, 1, tuple(members)).signed_by(regulator)
+    (site / "membership.toml").write_text(membership.to_toml())
+    pin = pinned or regulator
+    _append(
+        '[consensus]\nrole = "node"\nmembership = "membership.toml"\n'
+        f'regulator_public_key = "{pin.public_key().point.hex()}"\n'
+    )(site)
+    return site / "agent.toml"
+
+
+def test_a_node_with_a_good_regulator_signed_membership_passes(site: Path) -> None:
+    config = _node_site(site)
+    proc = _check_config(config)
+    assert proc.returncode == 0, proc.stderr
+    assert agent_config.load(config).consensus.regulator_public_key
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        (
+            {"market": "m2"},
+            "consensus.membership: {root}/membership.toml is for market 'm2', not 'm1'\n",
+        ),
+        (
+            {"node_id": "mg9"},
+            "consensus.membership: {root}/membership.toml does not list node 'mg1'\n",
+        ),
+        (
+            {"node_key": PrivateKey.generate()},
+            "agent.key_file: {root}/node.key is not the key {root}/membership.toml lists for "
+            "'mg1'\n",
+        ),
+        (
+            {"pinned": PrivateKey.generate()},
+            "consensus.membership: {root}/membership.toml: membership of market 'm1' epoch 1: "
+            "regulator signature does not verify\n",
+        ),
+    ],
+    ids=["other-market", "not-listed", "other-key", "not-the-regulator"],
+)
+def test_a_node_membership_that_does_not_fit_is_refused(
+    site: Path, kwargs: dict[str, Any], expected: str
+) -> None:
+    config = _node_site(site, **kwargs)
+    proc = _check_config(config)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr == f"config error: {config}: " + expected.format(root=site)
+
+
+def test_a_bad_regulator_public_key_is_refused(site: Path) -> None:
+    config = _node_site(site)
+    text = config.read_text()
+    start = text.index('regulator_public_key = "') + len('regulator_public_key = "')
+    config.write_text(text[:start] + "04abcd" + text[start + 130 :])
+    proc = _check_config(config)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr == (
+        f"config error: {config}: consensus.regulator_public_key: public key must be a 65-byte "
+        "uncompressed P-256 point\n"
+    )
