@@ -96,8 +96,17 @@ def _check_config(service: str, config: Path, install: Install) -> subprocess.Co
     )
 
 
+def _with_regulator(text: str, key: str, install: Install) -> str:
+    """`text` with the regulator's real key in place of the example's placeholder for `key`."""
+    regulator = install.regulator.public_key().point.hex()
+    text, count = re.subn(rf'^{key} = "[0-9a-f]+"', f'{key} = "{regulator}"', text, flags=re.M)
+    assert count == 1
+    return text
+
+
 def _install_agent(install: Install) -> tuple[str, dict[str, object]]:
-    text = AGENT_EXAMPLE.read_text()
+    """The agent example with the regulator's real key, and every file it names created."""
+    text = _with_regulator(AGENT_EXAMPLE.read_text(), "regulator_public_key", install)
     doc = tomllib.loads(text)
     agent = doc["agent"]
     market, node_id, owner = agent["market"], agent["node_id"], agent["microgrid"]
@@ -128,6 +137,37 @@ def test_the_agent_example_passes_check_config(install: Install) -> None:
     assert proc.stdout.strip() == f"{config}: OK (2 Modbus meter(s), 3 registered meter(s))"
 
 
+def test_the_agent_example_refuses_a_membership_the_regulator_did_not_sign(
+    install: Install,
+) -> None:
+    # The placeholder regulator key left in place: nobody holds its private key.
+    _install_agent(install)
+    config = _installed(AGENT_EXAMPLE, install)
+    proc = _check_config("agent", config, install)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr == (
+        f"config error: {config}: consensus.membership: {install.etc}/membership.toml: "
+        "membership of market 'm1' epoch 1: regulator signature does not verify\n"
+    )
+
+
+def test_the_agent_example_without_systemd_variables_names_the_unset_one(
+    install: Install,
+) -> None:
+    text, _ = _install_agent(install)
+    config = _installed(AGENT_EXAMPLE, install, text)
+    env = {k: v for k, v in install.env.items() if k != "CREDENTIALS_DIRECTORY"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "meterchain.cli", "agent", "check-config", "--config", str(config)],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr == (
+        f"config error: {config}: agent.key_file: '$CREDENTIALS_DIRECTORY/node.key' uses "
+        "environment variable $CREDENTIALS_DIRECTORY, which is not set\n"
+    )
+
+
 def test_a_misspelled_agent_key_exits_2_naming_file_and_key(install: Install) -> None:
     text, _ = _install_agent(install)
     bad = text.replace("\nmetrics_port = ", "\nmetrics_prot = ", 1)
@@ -145,12 +185,7 @@ def _install_aggregator(install: Install) -> str:
     assert agg["ledger"].startswith("$STATE_DIRECTORY/")
     _membership(install, agg["market"], "node1")
     _secret(install.credentials / "broker.pass", b"aggregator-secret\n")
-    regulator = install.regulator.public_key().point.hex()
-    text, count = re.subn(
-        r'^regulator_key = "[0-9a-f]+"', f'regulator_key = "{regulator}"', text, flags=re.M
-    )
-    assert count == 1
-    return text
+    return _with_regulator(text, "regulator_key", install)
 
 
 def test_the_aggregator_example_passes_check_config(install: Install) -> None:
