@@ -64,7 +64,7 @@ Timers (delta units; "+1" = 1 ms margins for equal timestamps)
                                    view v > 0: 3 delta + 1 after entering
     finality window             more than 2 delta after own vote
     objection forwarding        +1 delta after forwarding the QC (below)
-    blame when not final        3 delta + 2 after own vote (5 delta + 2 for a
+    blame when not final        3 delta + 2 after own vote (10 delta + 2 for a
                                 node that is final but has no FC yet)
     view-change wait            1 delta between leaving a view and entering
                                 the next (sending the status)
@@ -104,10 +104,11 @@ Why the amendment is safe (sketch)
 
 Liveness bound (`node.liveness_bound_ms`)
     Every correct node commits within 7 delta + 2 ms of the round's first
-    open with no faulty node, and within 18 delta + 5 + (f - 1)(11 delta +
+    open with no faulty node, and within 23 delta + 5 + (f - 1)(16 delta +
     3) ms with f >= 1 faulty nodes (at most f consecutive faulty primaries;
-    each costs at most 11 delta + 3, view 0 12 delta + 4); the FC follows
-    within one more delta. The simulator checks this on every schedule.
+    each costs at most 16 delta + 3, view 0 17 delta + 4, then 6 delta + 1
+    under the correct one); the FC follows within one more delta. The
+    simulator checks this on every schedule.
 
 Messages per round and what O(n) means
     Fault-free: n requests + 1 proposal + n-1 votes + at most n finals = at

@@ -1049,7 +1049,10 @@ class Node:
 
     def _after_vote_deadline(self, rs: _Round) -> int:
         tv = rs.vote_time[rs.view]
-        span = 5 * self.delta + 2 if rs.committed else 3 * self.delta + 2
+        # A node that is already final only blames as a safety net (others might need
+        # a view change it has to join), so it waits long enough that jitter in the
+        # finality attestations never makes it do so needlessly.
+        span = 10 * self.delta + 2 if rs.committed else 3 * self.delta + 2
         return tv + self._backoff(rs.view) * span
 
     def _timeouts(self, rs: _Round, out: list[Action]) -> None:
@@ -1099,15 +1102,20 @@ def liveness_bound_ms(delta_ms: int, faulty: int) -> int:
     most delta and correct nodes opening within delta of each other:
     with a correct view-0 primary every correct node commits within 7 delta + 2 ms
     of the round's first open (3 delta + 1 to propose, 1 delta to deliver, the
-    2-delta window, 1 delta more when a certificate must be forwarded); a view
-    led by a faulty primary ends within 11 delta + 3 ms of its first correct
-    entry (view 0: 12 delta + 4, counted from the open); a view led by a correct
-    primary after a change commits within 6 delta + 1 ms of its first correct
-    entry. With f faulty nodes at most f consecutive primaries are faulty, so
-    the bound is 7 delta + 2 for f = 0 and 18 delta + 5 + (f - 1)(11 delta + 3)
-    ms otherwise. The finality certificate follows within one more delta.
+    2-delta window, 1 delta more when a certificate must be forwarded). In a
+    view led by a faulty primary every correct node has blamed within
+    P + 11 delta + 2 ms of the view's first correct entry (entries spread over
+    1 delta; P, the proposal deadline, is 4 delta + 2 in view 0 and 3 delta + 1
+    later; a vote just before P, then 10 delta + 2 for a node that is final
+    without a certificate), one more delta brings the change certificate and
+    one more the next entry: view 0 costs at most 17 delta + 4 from the open,
+    a later view 16 delta + 3. A view led by a correct primary after a change
+    commits within 6 delta + 1 ms of its first correct entry. With f faulty
+    nodes at most f consecutive primaries are faulty, so the bound is
+    7 delta + 2 for f = 0 and 23 delta + 5 + (f - 1)(16 delta + 3) ms
+    otherwise. The finality certificate follows within one more delta.
     """
     d = delta_ms
     if faulty <= 0:
         return 7 * d + 2
-    return 12 * d + 4 + (faulty - 1) * (11 * d + 3) + 6 * d + 1
+    return 17 * d + 4 + (faulty - 1) * (16 * d + 3) + 6 * d + 1
