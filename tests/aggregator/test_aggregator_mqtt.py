@@ -64,6 +64,7 @@ def _client(broker, user: str, role: str = "link") -> mqtt.Client:
 def _write_config(tmp_path: Path, sb: Sandbox, broker, **extra: object) -> Path:
     (tmp_path / "membership.toml").write_text(sb.membership.to_toml())
     (tmp_path / "broker.pass").write_text("pw-aggregator\n")
+    (tmp_path / "broker.pass").chmod(0o600)  # the loader refuses a secret others can read
     lines = [
         "[aggregator]", 'market = "m1"', 'ledger = "ledger.db"', 'membership = "membership.toml"',
         f'regulator_key = "{sb.regulator.public_key().point.hex()}"',
