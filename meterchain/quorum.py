@@ -116,7 +116,9 @@ class Membership:
         """Read a membership file: market, epoch, regulator_signature, [[node]] id/public_key."""
         path = Path(path)
         try:
-            doc = tomllib.loads(path.read_text())
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(str(path), None, f"not UTF-8 text: {exc.reason}") from exc
         except OSError as exc:
             raise ConfigError(str(path), None, f"cannot read: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:

@@ -126,6 +126,13 @@ def test_bad_membership_files_name_the_key(tmp_path: Path, text: str, message: s
         Membership.load(path)
 
 
+def test_non_utf8_membership_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "membership.toml"
+    path.write_bytes(b'market = "m\xff"\n')
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        Membership.load(path)
+
+
 def test_duplicate_member_is_refused() -> None:
     key = PrivateKey.from_secret(5).public_key()
     with pytest.raises(QuorumError, match="twice"):
