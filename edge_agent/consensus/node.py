@@ -1053,7 +1053,13 @@ class Node:
         # a view change it has to join), so it waits long enough that jitter in the
         # finality attestations never makes it do so needlessly.
         span = 10 * self.delta + 2 if rs.committed else 3 * self.delta + 2
-        return tv + self._backoff(rs.view) * span
+        deadline = tv + self._backoff(rs.view) * span
+        sent = rs.forwarded.get(rs.view)
+        if sent is not None and not rs.committed:
+            # the certificate is out and the commit due one delta later: do not object
+            # first (with delays within delta `sent` is at most tv + 2 delta anyway)
+            deadline = max(deadline, sent + self.delta + 2)
+        return deadline
 
     def _timeouts(self, rs: _Round, out: list[Action]) -> None:
         v = rs.view
