@@ -164,7 +164,7 @@ class Ingest:
         """
         readings = [c for c in checked if not isinstance(c, Result)]
         if not readings:
-            results = list(checked)  # type: ignore[arg-type]  # all Results
+            results = [c for c in checked if isinstance(c, Result)]
         else:
             with self.store.transaction():
                 outcomes = iter(self.guard.admit_many(readings))

@@ -134,11 +134,7 @@ class IngestWorker(threading.Thread):
             if self.queue.qsize() < self.batch_max - 1:
                 time.sleep(self.batch_wait_s)
             stop_after = False
-            while len(batch) < self.batch_max:
-                try:
-                    nxt = self.queue.get_nowait()
-                except queue.Empty:
-                    break
+            for nxt in self._take(self.batch_max - 1):
                 if nxt is _STOP:
                     stop_after = True
                     break
@@ -153,6 +149,20 @@ class IngestWorker(threading.Thread):
                 self._commit(batch)
             if stop_after:
                 return
+
+    def _take(self, limit: int) -> list[object]:
+        """Up to `limit` queued items, in order, under one lock acquisition.
+
+        `get_nowait` per item costs a lock round trip each, paid on the same
+        GIL as the MQTT thread's signature checks.
+        """
+        pending = self.queue
+        with pending.mutex:
+            n = min(limit, len(pending.queue))
+            items = [pending.queue.popleft() for _ in range(n)]
+            if n:
+                pending.not_full.notify(n)
+        return items
 
     def _commit(self, batch: list[Delivery]) -> None:
         started = time.perf_counter()
