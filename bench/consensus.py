@@ -1,20 +1,22 @@
 """`meterchain bench consensus`: SDBFT rounds over a real Mosquitto on loopback, PBFT as anchor.
 
-Ours: n consensus nodes (n in 3, 7, 15, 31; ``--quick``: 3 and 7) run in one
-process, each with its own paho client (TLS, its own credentials and ACL),
-its own key, keyring and fsynced round log, on a real Mosquitto on
-127.0.0.1. Every round all nodes open at once, submit a request and agree on
-a trivial contract (`Tally`); the round's latency is the time from the open
-until every node has committed (treats the result as final: 2 delta after
-its vote with no conflicting proposal seen). Reported per n:
+Ours: n consensus nodes (n in 3, 7, 15, 31; ``--quick``: 3 and 7), each an
+OS process of its own (as each agent is a service on its own controller)
+with its own paho client (TLS, its own credentials and ACL), key, keyring
+and fsynced round log, on a real Mosquitto on 127.0.0.1 that sets
+TCP_NODELAY; all of them share this machine's cores. Every round all nodes
+open at once, submit a request and agree on a trivial contract (`Tally`);
+the round's latency is the time from the open until every node has
+committed (treats the result as final: 2 delta after its vote with no
+conflicting proposal seen). Reported per n:
 `messages_per_round` (MQTT publishes by the consensus nodes, averaged over
 the fault-free rounds -- no blame, no late certificate -- n requests + 1
 proposal + n-1 votes + up to n finality attestations, so at most 3n),
 `deliveries_per_round` (messages the nodes received from each other, same
 rounds), `p50_ms`/`p99_ms` over all rounds, the delta used (10 ms on
-loopback up to n = 7; larger n need a larger delta because one Python
-process then does the work of n machines: every node checks every signature
-itself) and `view_changes`, the rounds where a delay exceeded delta on this
+loopback up to n = 7; larger n need a larger delta because the machine's two
+cores then do the work of n controllers: every node checks every signature
+and parses every message itself) and `view_changes`, the rounds where a delay exceeded delta on this
 machine and a change of primary was needed (their latency is in p99);
 `fault_free_rounds` counts the rounds that took the fault-free path.
 
@@ -29,7 +31,7 @@ O(n^2) like PBFT (one all-to-all phase plus finality attestations instead of
 two all-to-all phases); a change of primary adds O(n) publishes
 (blames, certificate forwards, statuses).
 
-Change of primary: one extra round per n with the view-0 primary stopped;
+Change of primary: one extra round per n with the view-0 primary killed (-9);
 `primary_crash_recovery_ms` is the time from the backups' view-0 deadline
 (4 delta + 2 ms after the open, when they detect the crash) until every live
 node has committed under the next primary; the target is 2 delta + one
@@ -49,99 +51,171 @@ N_FULL = (3, 7, 15, 31)
 N_QUICK = (3, 7)
 DELTA_MS = {3: 10, 7: 10, 15: 300, 31: 1500}
 TARGET_P50_MS = {7: 50.0}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _worker(argv: list[str]) -> int:
+    """One benchmark node in its own process: commands on stdin, JSON events on stdout.
+
+    Commands: `open SEQ`, `counts`, `stop`. Events carry `time.monotonic()`,
+    which on Linux is one clock for every process of the machine.
+    """
+    import json
+    import sys
+
+    from edge_agent.consensus.contracts import Tally
+    from edge_agent.consensus.messages import Decoder, RoundId
+    from edge_agent.consensus.node import Node
+    from edge_agent.consensus.signing import Keyring, p256_identities, public_keys
+    from edge_agent.consensus.sim import membership_for
+    from edge_agent.consensus.transport import MqttSettings, NodeRunner, open_store
+
+    market, n_text, index_text, delta_text, host, port, ca_file, state_dir = argv
+    n, index, delta = int(n_text), int(index_text), int(delta_text)
+    ids = [f"{market}-n{i}" for i in range(n)]
+    node_id = ids[index]
+    signers = p256_identities(ids, seed=n)
+    membership = membership_for(market, public_keys(signers))
+    lock = threading.Lock()
+
+    def emit(**event: Any) -> None:
+        with lock:
+            sys.stdout.write(json.dumps(event) + "\n")
+            sys.stdout.flush()
+
+    store, records = open_store(state_dir)
+    node = Node(
+        signers[node_id], Keyring(membership), {"settle": Tally()},
+        delta_ms=delta, decoder=Decoder(), records=records,
+    )  # fmt: skip
+    settings = MqttSettings(
+        host, int(port), node_id, f"pw-{node_id}", ca_file, client_id=f"bench-{node_id}"
+    )
+    runner = NodeRunner(
+        node, store, settings,
+        on_commit=lambda c: emit(ev="commit", seq=c.round.seq, view=c.view, t=time.monotonic()),
+        on_final=lambda f: emit(ev="final", seq=f.round.seq, t=time.monotonic()),
+    )  # fmt: skip
+    runner.start()
+    emit(ev="ready")
+    for line in sys.stdin:
+        command = line.split()
+        if command[0] == "open":
+            seq = int(command[1])
+            runner.open_round(RoundId(seq, "settle"), deposit=b"dep", body=seq + index)
+        elif command[0] == "counts":
+            emit(ev="counts", **dict(runner.counts))
+        elif command[0] == "stop":
+            break
+    runner.stop()
+    emit(ev="stopped", errors=runner.errors)
+    return 0
 
 
 class _Cluster:
-    """n NodeRunners of one market on one broker."""
+    """n node processes of one market on one broker (each agent is its own process, as on
+    n machines; the machine's cores are still shared by all of them)."""
 
     def __init__(self, broker: Any, market: str, n: int, delta: int, workdir: Path) -> None:
-        from edge_agent.consensus.contracts import Tally
-        from edge_agent.consensus.messages import Decoder
-        from edge_agent.consensus.node import Node
-        from edge_agent.consensus.signing import Keyring, p256_identities, public_keys
-        from edge_agent.consensus.sim import membership_for
-        from edge_agent.consensus.transport import MqttSettings, NodeRunner, open_store
+        import json
+        import queue
+        import subprocess
+        import sys
 
-        self.ids = [f"{market}-n{i}" for i in range(n)]
-        signers = p256_identities(self.ids, seed=n)
-        membership = membership_for(market, public_keys(signers))
-        self.commits: dict[tuple[str, int], float] = {}
-        self.finals: dict[tuple[str, int], float] = {}
+        self.n = n
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.commits: dict[tuple[int, int], float] = {}
+        self.finals: dict[tuple[int, int], float] = {}
         self.views: dict[int, set[int]] = {}
+        self.counts: dict[int, dict[str, int]] = {}
         self._cond = threading.Condition()
-        self.runners = []
-        for node_id in self.ids:
-            store, records = open_store(workdir / node_id)
-            node = Node(
-                signers[node_id], Keyring(membership), {"settle": Tally()},
-                delta_ms=delta, decoder=Decoder(), records=records,
-            )  # fmt: skip
-            settings = MqttSettings(
-                broker.host, broker.port, node_id, f"pw-{node_id}", str(broker.ca_file),
-                client_id=f"bench-{node_id}",
-            )  # fmt: skip
-            runner = NodeRunner(
-                node, store, settings,
-                on_commit=lambda c, me=node_id: self._mark(self.commits, me, c.round.seq, c.view),
-                on_final=lambda f, me=node_id: self._mark(self.finals, me, f.round.seq, None),
-            )  # fmt: skip
-            self.runners.append(runner)
-        for runner in self.runners:
-            runner.start()
+        self.procs = []
+        for i in range(n):
+            argv = [
+                sys.executable, "-m", "bench.consensus", "--worker", market, str(n), str(i),
+                str(delta), broker.host, str(broker.port), str(broker.ca_file),
+                str(workdir / f"{market}-n{i}"),
+            ]  # fmt: skip
+            proc = subprocess.Popen(
+                argv, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
+            self.procs.append(proc)
+
+            def read(proc: Any = proc, index: int = i) -> None:
+                for line in proc.stdout:
+                    event = json.loads(line)
+                    with self._cond:
+                        self._note(index, event)
+                        self._cond.notify_all()
+
+            threading.Thread(target=read, daemon=True).start()
+        self.live = list(range(n))
+        self._wait(lambda: all(self.counts.get(i) is not None for i in self.live), 60, "start")
         time.sleep(0.3)  # subscriptions settle
 
-    def _mark(
-        self, book: dict[tuple[str, int], float], node: str, seq: int, view: int | None
-    ) -> None:
-        with self._cond:
-            book.setdefault((node, seq), time.monotonic())
-            if view is not None:
-                self.views.setdefault(seq, set()).add(view)
-            self._cond.notify_all()
+    def _note(self, index: int, event: dict[str, Any]) -> None:
+        kind = event.pop("ev")
+        if kind == "ready":
+            self.counts[index] = {}
+        elif kind == "commit":
+            self.commits.setdefault((index, event["seq"]), event["t"])
+            self.views.setdefault(event["seq"], set()).add(event["view"])
+        elif kind == "final":
+            self.finals.setdefault((index, event["seq"]), event["t"])
+        elif kind == "counts":
+            self.counts[index] = event
 
-    def run_round(self, seq: int, live: list[Any], timeout: float = 10.0) -> tuple[float, float]:
+    def _wait(self, ready: Any, timeout: float, what: str) -> None:
+        with self._cond:
+            if not self._cond.wait_for(ready, timeout):
+                raise RuntimeError(f"{what} did not finish in {timeout} s at n = {self.n}")
+
+    def _send(self, index: int, command: str) -> None:
+        stdin = self.procs[index].stdin
+        assert stdin is not None
+        stdin.write(command + "\n")
+        stdin.flush()
+
+    def run_round(self, seq: int, timeout: float = 20.0) -> tuple[float, float]:
         """(open time, time every live node committed); waits for every live node's final too."""
-        from edge_agent.consensus.messages import RoundId
-
-        rid = RoundId(seq, "settle")
         start = time.monotonic()
-        for i, runner in enumerate(live):
-            runner.open_round(rid, deposit=b"dep", body=seq + i)
-        names = [r.node.node_id for r in live]
-        with self._cond:
-            ok = self._cond.wait_for(
-                lambda: (
-                    all((m, seq) in self.finals for m in names)
-                    and all((m, seq) in self.commits for m in names)
-                ),
-                timeout,
-            )
-        if not ok:
-            state = {
-                r.node.node_id: (dict(r.node.stats), r.errors, r.node.view_of(rid)) for r in live
-            }
-            raise RuntimeError(
-                f"round {seq} did not finish in {timeout} s at n = {len(self.ids)}: {state}"
-            )
-        return start, max(self.commits[(m, seq)] for m in names)
+        for i in self.live:
+            self._send(i, f"open {seq}")
+        self._wait(
+            lambda: all((i, seq) in self.finals and (i, seq) in self.commits for i in self.live),
+            timeout,
+            f"round {seq}",
+        )
+        return start, max(self.commits[(i, seq)] for i in self.live)
 
-    def publishes(self) -> int:
-        return sum(r.counts["publishes"] for r in self.runners)
+    def totals(self) -> dict[str, int]:
+        """Sums of every live node's transport counters (publishes, deliveries, per kind)."""
+        for i in self.live:
+            self.counts[i] = None  # type: ignore[assignment]
+            self._send(i, "counts")
+        self._wait(lambda: all(self.counts[i] is not None for i in self.live), 20, "counts")
+        out: dict[str, int] = {}
+        for i in self.live:
+            for key, value in self.counts[i].items():
+                out[key] = out.get(key, 0) + value
+        return out
 
-    def objections(self) -> int:
-        """Blames and certificate forwards so far: a round without any took the fault-free
-        path (a forward means someone objected or a certificate came later than 2 delta)."""
-        return sum(r.counts["publish_blame"] + r.counts["publish_cert"] for r in self.runners)
-
-    def deliveries(self) -> int:
-        return sum(r.counts["deliveries"] for r in self.runners)
+    def crash(self, index: int) -> None:
+        self.procs[index].kill()
+        self.procs[index].wait()
+        self.live.remove(index)
 
     def close(self) -> None:
-        for runner in self.runners:
+        for i in self.live:
             try:
-                runner.stop()
-            except OSError:
+                self._send(i, "stop")
+            except (BrokenPipeError, OSError):
                 pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except Exception:  # noqa: BLE001 - a stuck worker is killed, never left behind
+                proc.kill()
 
 
 def _simulated_counts(n: int) -> dict[str, float]:
@@ -183,27 +257,34 @@ def _measure(broker: Any, n: int, rounds: int, workdir: Path) -> dict[str, Any]:
     delta = DELTA_MS[n]
     cluster = _Cluster(broker, f"b{n}", n, delta, workdir / f"n{n}")
     try:
-        live = list(cluster.runners)
-        cluster.run_round(0, live)  # warm-up: connections, caches, first fsyncs
+        cluster.run_round(0)  # warm-up: connections, caches, first fsyncs
         latencies = []
         clean: list[tuple[int, int]] = []  # (publishes, deliveries) of fault-free rounds
         view_changes = 0
+        before = cluster.totals()
         for seq in range(1, rounds + 1):
-            pub0, del0, obj0 = cluster.publishes(), cluster.deliveries(), cluster.objections()
-            start, done = cluster.run_round(seq, live)
+            start, done = cluster.run_round(seq)
             latencies.append((done - start) * 1000)
             time.sleep(3 * delta / 1000)  # let late attestations land before the next round
+            after = cluster.totals()
             view_changes += any(v > 0 for v in cluster.views.get(seq, ()))
-            if cluster.objections() == obj0:  # the fault-free path
-                clean.append((cluster.publishes() - pub0, cluster.deliveries() - del0))
+            objections = sum(
+                after.get(k, 0) - before.get(k, 0) for k in ("publish_blame", "publish_cert")
+            )
+            if objections == 0:  # the fault-free path
+                clean.append(
+                    (
+                        after["publishes"] - before["publishes"],
+                        after["deliveries"] - before["deliveries"],
+                    )
+                )
+            before = after
         publishes = statistics.mean(c[0] for c in clean) if clean else float("nan")
         deliveries = statistics.mean(c[1] for c in clean) if clean else float("nan")
-        # change of primary: stop the view-0 primary of the next round, then run it
+        # change of primary: kill -9 the view-0 primary of the next round, then run it
         seq = rounds + 1
-        primary = cluster.runners[seq % n]
-        primary.stop()
-        live = [r for r in cluster.runners if r is not primary]
-        start, done = cluster.run_round(seq, live, timeout=30)
+        cluster.crash(seq % n)
+        start, done = cluster.run_round(seq, timeout=60)
         detect = start + (4 * delta + 2) / 1000
         recovery_ms = (done - detect) * 1000
         crash_views = sorted(cluster.views.get(seq, set()))
@@ -284,3 +365,11 @@ def run(quick: bool) -> dict[str, Any]:
         "results": results,
         "meets_targets": all(r["meets_targets"] for r in results),
     }
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["--worker"]:
+        sys.exit(_worker(sys.argv[2:]))
+    sys.exit("usage: meterchain bench consensus [--json] [--quick]")
