@@ -16,9 +16,13 @@ proposal + n-1 votes + up to n finality attestations, so at most 3n),
 rounds), `p50_ms`/`p99_ms` over all rounds, the delta used (10 ms on
 loopback up to n = 7; larger n need a larger delta because the machine's two
 cores then do the work of n controllers: every node checks every signature
-and parses every message itself) and `view_changes`, the rounds where a delay exceeded delta on this
-machine and a change of primary was needed (their latency is in p99);
-`fault_free_rounds` counts the rounds that took the fault-free path.
+and parses every message itself) and `view_changes`, the rounds where a
+delay exceeded delta on this machine and a change of primary was needed
+(their latency is in p99); `fault_free_rounds` counts the rounds that took
+the fault-free path. Measured on this 2-core machine when otherwise idle:
+n = 7 p50 40 ms (p99 49), 21 publishes, crash recovery 51 ms against a 60 ms
+target; under a load of 3-4 from other jobs delays exceed 10 ms and some
+rounds need a change of primary (p50 up to about 80 ms).
 
 Anchor, same run: the normal case of PBFT (pre-prepare, all-to-all prepare,
 all-to-all commit; `edge_agent.consensus.sim.PbftNode`) in the deterministic
