@@ -327,25 +327,8 @@ def _measure(broker: Any, n: int, rounds: int, workdir: Path) -> dict[str, Any]:
     return result
 
 
-def low_latency_broker(workdir: Path, **kwargs: Any) -> Any:
-    """A `hil.broker.MosquittoBroker` that also sets TCP_NODELAY on its client sockets.
-
-    Without it Mosquitto's small writes to one subscriber wait for the previous
-    segment's delayed ACK (Nagle), about 40 ms on Linux, which is longer than a
-    loopback delta.
-    """
-    from hil.broker import MosquittoBroker
-
-    class _Broker(MosquittoBroker):
-        def _write_files(self) -> None:
-            super()._write_files()
-            conf = self.workdir / "mosquitto.conf"
-            conf.write_text("set_tcp_nodelay true\n" + conf.read_text())
-
-    return _Broker(workdir, **kwargs)
-
-
 def run(quick: bool) -> dict[str, Any]:
+    from hil.broker import MosquittoBroker
     from meterchain.mqtt_auth import node_acl
 
     sizes = N_QUICK if quick else N_FULL
@@ -358,7 +341,7 @@ def run(quick: bool) -> dict[str, Any]:
                 node_id = f"b{n}-n{i}"
                 users[node_id] = f"pw-{node_id}"
                 acl += node_acl(f"b{n}", node_id)
-        with low_latency_broker(workdir / "broker", users=users, acl=acl) as broker:
+        with MosquittoBroker(workdir / "broker", users=users, acl=acl) as broker:
             results = [_measure(broker, n, rounds[n], workdir) for n in sizes]
     return {
         "unit": "ms",

@@ -172,6 +172,9 @@ class MosquittoBroker:
             f"persistence_location {persistence}/",
             "autosave_interval 1",
             "max_inflight_messages 100",
+            # Consensus messages are small and latency-bound: without this Mosquitto's
+            # writes wait for the previous segment's delayed ACK (Nagle, ~40 ms).
+            "set_tcp_nodelay true",
             "max_queued_messages 100000",
             "log_type error",
             "log_type warning",
