@@ -34,13 +34,13 @@ system-deps:
 	fi
 
 lint: setup
-	$(VENV)/bin/ruff check meterchain edge_agent aggregator hil bench tests
+	$(VENV)/bin/ruff check meterchain edge_agent aggregator hil bench tests firmware
 
 typecheck-firmware: setup
 	$(VENV)/bin/pyright -p firmware/pyrightconfig.json
 
 test: setup typecheck-firmware
-	$(VENV)/bin/ruff check meterchain edge_agent aggregator hil bench tests
+	$(VENV)/bin/ruff check meterchain edge_agent aggregator hil bench tests firmware
 	$(PY) -m pytest
 
 demo: setup
