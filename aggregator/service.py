@@ -94,6 +94,8 @@ class Aggregator:
         self.inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.round: Round | None = None
         self.next_round = 0.0
+        # Held while a round is decided, so `quiet_at` never sees one half-formed.
+        self._round_lock = threading.Lock()
         self.connected = threading.Event()
         self._last_refusal_log: str | None = None
         self._stopping = False
@@ -332,7 +334,16 @@ class Aggregator:
             current.refusals[sender] = reply.reason
 
     # --- block rounds ---------------------------------------------------------------
+    def quiet_at(self, now: float) -> bool:
+        """True when no proposal is in flight and none is due at clock time `now`."""
+        with self._round_lock:
+            return self.round is None and self.next_round > now
+
     def advance(self, now: float) -> None:
+        with self._round_lock:
+            self._advance(now)
+
+    def _advance(self, now: float) -> None:
         assert self.store is not None and self.former is not None
         if self.round is not None:
             r = self.round
