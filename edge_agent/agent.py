@@ -41,6 +41,7 @@ from meterchain.errors import ConfigError
 
 if TYPE_CHECKING:
     from edge_agent.consensus_clearing import ConsensusClearing
+    from edge_agent.consensus_submit import SubmitClearing
 from meterchain.registry import Registry
 from meterchain.sequence import SequenceGuard
 
@@ -111,6 +112,7 @@ class Agent:
             for m in config.modbus_meters
         ]
         self.consensus: ConsensusClearing | None = None
+        self.submitter: SubmitClearing | None = None
         self.rounds = self._round_driver(forecaster) if forecaster is not None else None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -119,13 +121,6 @@ class Agent:
         cfg = self.config
         if not cfg.microgrid.retail_price_per_kwh:
             return None
-        if cfg.consensus.role == "submitter":
-            raise ConfigError(
-                str(cfg.path),
-                "consensus.role",
-                "'submitter' (bidding through other agents' consensus) is not in this build "
-                'yet; use "node" or "standalone"',
-            )
         profile = load_profile(cfg.forecast.profile_file) if cfg.forecast.profile_file else None
         if cfg.forecast.kind == "profile":
             assert profile is not None  # the config check requires the file for this kind
@@ -141,6 +136,11 @@ class Agent:
                 self.config, market, on_primary_change=self.metrics.primary_changes.inc
             )
             return self.consensus
+        if self.config.consensus.role == "submitter":
+            from edge_agent.consensus_submit import start_submitter
+
+            self.submitter = start_submitter(self.config)
+            return self.submitter
         return StandaloneClearing(market)
 
     def _round_driver(self, forecaster: Forecaster) -> RoundDriver:
@@ -236,6 +236,8 @@ class Agent:
         self.link.stop()
         if self.consensus is not None:
             self.consensus.runner.stop()
+        if self.submitter is not None:
+            self.submitter.stop()
         for bus in self.buses.values():
             await bus.close()
         stopping.cancel()

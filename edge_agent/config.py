@@ -176,6 +176,9 @@ class ConsensusSection:
     # nodes; "standalone": clears its own request alone (no market partners).
     role: str = "standalone"
     membership: Path | None = None
+    # Role "node": the submit-only microgrids whose requests this node accepts
+    # (TOML `[[participant]]` tables with `id` and `public_key`, see load_participants).
+    participants: Path | None = None
     bid_lead_s: float = 300.0  # how long before each hour the bid goes out
     delta_s: float = 5.0  # the synchronous bound of SDBFT
     # The regulator's P-256 point (hex); when set, the membership must carry its signature.
@@ -336,7 +339,7 @@ def load(path: str | Path) -> AgentConfig:
         node_key = PrivateKey.load(agent.key_file)
     except MeterChainError as exc:
         check.fail("agent.key_file", str(exc))
-    if consensus.role == "node":
+    if consensus.role in ("node", "submitter"):
         _check_membership(check, consensus, agent, node_key)
     password = ""
     if broker.password_file is not None:
@@ -542,8 +545,12 @@ def _check_consensus(check: _Checker, cons: ConsensusSection) -> ConsensusSectio
         check.fail("consensus.role", f"must be one of {', '.join(ROLES)}, not {cons.role!r}")
     if cons.membership is not None:
         check.readable_file(cons.membership, "consensus.membership")
-    elif cons.role == "node":
-        check.fail("consensus.membership", 'missing (required for role = "node")')
+    elif cons.role in ("node", "submitter"):
+        check.fail("consensus.membership", f'missing (required for role = "{cons.role}")')
+    if cons.participants is not None:
+        if cons.role != "node":
+            check.fail("consensus.participants", 'only a role = "node" agent accepts participants')
+        load_participants(cons.participants, check.path)
     if not 0 < cons.bid_lead_s < 3600:
         check.fail("consensus.bid_lead_s", f"must be in (0, 3600), got {cons.bid_lead_s}")
     check.positive(cons.delta_s, "consensus.delta_s")
@@ -562,8 +569,9 @@ def _regulator(check: _Checker, text: str) -> PublicKey:
 def _check_membership(
     check: _Checker, cons: ConsensusSection, agent: AgentSection, node_key: PrivateKey
 ) -> None:
-    """A consensus node's membership: our market, lists us with our key, signed if pinned."""
-    assert cons.membership is not None  # _check_consensus requires it for role = "node"
+    """The membership: our market, signed if pinned; a node is listed with our key, a
+    submitter is not listed at all (it only submits), and no participant is a member."""
+    assert cons.membership is not None  # _check_consensus requires it for these roles
     where = "consensus.membership"
     membership = Membership.load(cons.membership)  # raises ConfigError naming that file
     if membership.market != agent.market:
@@ -571,18 +579,69 @@ def _check_membership(
             where, f"{cons.membership} is for market {membership.market!r}, not {agent.market!r}"
         )
     own = membership.key_of(agent.node_id)
-    if own is None:
+    if cons.role == "submitter":
+        if own is not None:
+            check.fail(
+                "consensus.role",
+                f'{cons.membership} lists {agent.node_id!r} as a member: use role = "node"',
+            )
+    elif own is None:
         check.fail(where, f"{cons.membership} does not list node {agent.node_id!r}")
-    if own.point != node_key.public_key().point:
+    elif own.point != node_key.public_key().point:
         check.fail(
             "agent.key_file",
             f"{agent.key_file} is not the key {cons.membership} lists for {agent.node_id!r}",
         )
+    if cons.participants is not None:
+        for node_id in load_participants(cons.participants, check.path):
+            if membership.key_of(node_id) is not None:
+                check.fail(
+                    "consensus.participants",
+                    f"{cons.participants}: {node_id!r} is a member of {cons.membership}, "
+                    "not a submit-only participant",
+                )
     if cons.regulator_public_key:
         try:
             membership.verify(_regulator(check, cons.regulator_public_key))
         except QuorumError as exc:
             check.fail(where, f"{cons.membership}: {exc}")
+
+
+def load_participants(path: Path, config: Path | None = None) -> dict[str, PublicKey]:
+    """The submit-only participants file: `[[participant]]` tables of `id` and `public_key`.
+
+    Raises ConfigError naming the participants file and the bad key; `config`
+    (the agent file that points to it) is checked for readability first.
+    """
+    if config is not None:
+        config_files.readable_file(path, config, "consensus.participants")
+    check = _Checker(path)
+    doc = config_files.load_toml(path)
+    for key in doc:
+        if key != "participant":
+            check.fail(key, "unknown key (known: participant)")
+    out: dict[str, PublicKey] = {}
+    for i, raw in enumerate(_array(check, doc.get("participant", []), "participant")):
+        where = f"participant[{i}]"
+        if not isinstance(raw, dict):
+            check.fail(where, f"must be a table, not {_toml_kind(raw)}")
+        for key in raw:
+            if key not in ("id", "public_key"):
+                check.fail(f"{where}.{key}", "unknown key (known: id, public_key)")
+        node_id, point = raw.get("id"), raw.get("public_key")
+        if not isinstance(node_id, str):
+            check.fail(f"{where}.id", "missing or not a string (required)")
+        check.name(node_id, f"{where}.id", "node id")
+        if not isinstance(point, str):
+            check.fail(f"{where}.public_key", "missing or not a string (required)")
+        try:
+            key = PublicKey.from_hex(point)
+        except MeterChainError as exc:
+            check.fail(f"{where}.public_key", str(exc))
+        if node_id in out:
+            check.fail(f"{where}.id", f"{node_id!r} is listed twice")
+        out[node_id] = key
+    return out
 
 
 def _array(check: _Checker, raw: Any, where: str) -> list[Any]:

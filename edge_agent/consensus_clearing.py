@@ -8,7 +8,9 @@ from the hour alone, so nodes agree on it without talking, and the kind
 carries the hour of day the SC1 contract needs (`ClearingContract` is
 built once per hour of day). The request body is the agent's
 `TradeRequest`; the round commits the exact request set and the contract
-result, and the agent executes its own line of that result.
+result, and the agent executes its own line of that result. Requests of the
+submit-only participants listed in `consensus.participants` are accepted too
+(their side: `edge_agent.consensus_submit`).
 
 The consensus runs on its own MQTT connection (client id `sdbft-<node>`)
 beside the ingest session, under the same broker credentials: the node ACL
@@ -23,9 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from edge_agent.config import AgentConfig
+from edge_agent.config import AgentConfig, load_participants
 from edge_agent.consensus.contracts import ClearingContract
-from edge_agent.consensus.messages import Decoder, RoundId
+from edge_agent.consensus.messages import Decoder, RoundId, Value
 from edge_agent.consensus.node import Commit, Node
 from edge_agent.consensus.signing import Keyring, P256Signer
 from edge_agent.consensus.transport import MqttSettings, NodeRunner, open_store
@@ -100,13 +102,18 @@ class ConsensusClearing:
                 raise NoClearing(f"round {rid}: no commit within {self.timeout_s:.0f} s") from None
         finally:
             self._waiting.pop(rid, None)
-        outcome = commit.value.result
-        if not isinstance(outcome, dict) or outcome.get("result") is None:
-            raise NoClearing(f"round {rid} committed no clearing result: {outcome!r}")
-        if self.node_id in outcome.get("rejected", []):
-            raise NoClearing(f"round {rid}: our request was refused by the contract")
         log.info("round %s committed in view %d", rid, commit.view)
-        return ClearingResult.from_dict(outcome["result"])
+        return committed_result(rid, commit.value, self.node_id)
+
+
+def committed_result(rid: RoundId, value: Value, node_id: str) -> ClearingResult:
+    """The clearing result a committed round's value holds for `node_id` (else NoClearing)."""
+    outcome = value.result
+    if not isinstance(outcome, dict) or outcome.get("result") is None:
+        raise NoClearing(f"round {rid} committed no clearing result: {outcome!r}")
+    if node_id in outcome.get("rejected", []):
+        raise NoClearing(f"round {rid}: our request was refused by the contract")
+    return ClearingResult.from_dict(outcome["result"])
 
 
 def start_consensus(
@@ -134,10 +141,19 @@ def start_consensus(
             "agent.key_file",
             f"is not the key the membership lists for {cfg.agent.node_id!r}",
         )
+    # Submit-only participants: their signed requests count, they never vote.
+    participants = (
+        load_participants(cfg.consensus.participants) if cfg.consensus.participants else {}
+    )
+    for node_id in participants:
+        if membership.key_of(node_id) is not None:
+            raise ConfigError(
+                where, "consensus.participants", f"{node_id!r} is a member, not a participant"
+            )
     store, records = open_store(Path(cfg.agent.state_dir) / "consensus")
     node = Node(
         P256Signer(cfg.agent.node_id, cfg.node_key),
-        Keyring(membership),
+        Keyring(membership, participants),
         clearing_contracts(market),
         delta_ms=max(2, int(cfg.consensus.delta_s * 1000)),
         decoder=Decoder(),

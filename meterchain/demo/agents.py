@@ -26,9 +26,10 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from edge_agent.consensus.contracts import ClearingContract
-from edge_agent.consensus.messages import Request, RoundId, seal, statement
+from edge_agent.consensus.messages import Request, RoundId
 from edge_agent.consensus.node import Broadcast, Commit, Final, Message, Node, Open, Persist, Tick
 from edge_agent.consensus.signing import Keyring, P256Signer
+from edge_agent.consensus_submit import request_message
 from meterchain.errors import MeterChainError
 from meterchain.keys import PrivateKey, PublicKey
 from meterchain.market.model import Market, TradeRequest
@@ -115,14 +116,6 @@ class HourlyClearing:
 
     def check(self, requests: Sequence[Request], result: Any) -> bool:
         return self.contract(requests[0].env.round.seq % 24).check(requests, result)
-
-
-def request_message(market: str, rid: RoundId, submitter: str, key: PrivateKey,
-                    trade: TradeRequest) -> bytes:  # fmt: skip
-    """A participant's signed SDBFT request carrying its SC1 trade request."""
-    body = trade.to_dict()
-    stmt = statement("req", market, rid, 0, b"deposit:" + submitter.encode(), submitter, body)
-    return seal(submitter, key.sign(stmt), stmt)
 
 
 @dataclass

@@ -207,14 +207,13 @@ CASES: list[tuple[str, Callable[[Path], None], str]] = [
         "broker.ca_file: {root}/ca.crt is not a PEM CA certificate",
     ),
     (
-        "submitter-not-in-build",
+        "submitter-without-membership",
         _append(
             '[consensus]\nrole = "submitter"\n[microgrid]\nretail_price_per_kwh = '
             + str([2000] * 24)
             + "\n"
         ),
-        "consensus.role: 'submitter' (bidding through other agents' consensus) is not in this "
-        "build yet",
+        'consensus.membership: missing (required for role = "submitter")',
     ),
     (
         "bad-role",
