@@ -164,10 +164,17 @@ class Agent:
                 on_failed=lambda kind: self.metrics.setpoint_failures.labels(kind).inc(),
             ),
             store=self.view,
-            bid_lead_s=cfg.consensus.bid_lead_s,
+            bid_lead_s=self._bid_lead_s(),
             clock=self.clock,
             on_round=on_round,
         )
+
+    def _bid_lead_s(self) -> float:
+        if self.config.consensus.role == "submitter":
+            from edge_agent.consensus_submit import submit_lead_s
+
+            return submit_lead_s(self.config)
+        return self.config.consensus.bid_lead_s
 
     def _subscribed(self) -> None:
         # From the first subscription on, the broker keeps readings for us while we are down.

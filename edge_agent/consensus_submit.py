@@ -1,7 +1,9 @@
 """Clearing as a submit-only participant: sign and publish the bid, then verify the round's result.
 
 A microgrid outside the consensus set (role "submitter") takes part in the
-hourly clearing without voting. `bid_lead_s` before the hour it signs its
+hourly clearing without voting. `submit_lead_s` (the nodes' `bid_lead_s`
+plus 2 delta, so that the bid is held by the nodes before they open the
+round and reaches the primary before its proposal) before the hour it signs its
 `TradeRequest` as an SDBFT request with its node key and publishes it on
 `mc/<market>/c/<node_id>/req` (QoS 1; the node ACL lets it write only under
 its own id). The consensus nodes include it if their participants file lists
@@ -68,7 +70,7 @@ def request_message(
 
 
 @dataclass
-class _Pending:
+class RoundWait:
     """What one round's `final` messages have shown so far."""
 
     future: asyncio.Future[Value]
@@ -87,7 +89,7 @@ class FinalCollector:
         self.decoder = Decoder()
         self.rejected: list[str] = []  # why messages were refused, for logs and tests
 
-    def feed(self, pending: dict[RoundId, _Pending], data: bytes, sender: str) -> None:
+    def feed(self, pending: dict[RoundId, RoundWait], data: bytes, sender: str) -> None:
         """One message from the market's consensus topics (any thread)."""
         try:
             env = self.decoder.envelope(data)
@@ -110,7 +112,7 @@ class FinalCollector:
                 )
                 return
 
-    def _take(self, wait: _Pending, rid: RoundId, env: Envelope, sender: str) -> None:
+    def _take(self, wait: RoundWait, rid: RoundId, env: Envelope, sender: str) -> None:
         if env.sender != sender or env.market != self.market:
             raise MessageError(f"sent as {env.sender!r} for market {env.market!r}")
         if env.view != 0 or env.extra or not isinstance(env.ref, bytes):
@@ -161,7 +163,7 @@ class SubmitClearing:
         self.timeout_s = timeout_s
         self.collector = FinalCollector(membership)
         self.on_final = on_final or (lambda rid, value: None)
-        self._pending: dict[RoundId, _Pending] = {}
+        self._pending: dict[RoundId, RoundWait] = {}
         self.link = MqttLink(link_settings, [f"mc/{self.market}/c/#"], self._received)
 
     def start(self, wait_connected_s: float = 10.0) -> SubmitClearing:
@@ -182,7 +184,7 @@ class SubmitClearing:
     async def clear(self, request: TradeRequest, first_hour: int) -> ClearingResult:
         rid = clearing_round(first_hour)
         loop = asyncio.get_running_loop()
-        wait = _Pending(loop.create_future(), loop)
+        wait = RoundWait(loop.create_future(), loop)
         self._pending[rid] = wait
         raw = request_message(
             self.market,
@@ -232,7 +234,7 @@ def start_submitter(config: AgentConfig) -> SubmitClearing:
         cfg.node_key,
         membership,
         # The result must be in before the hour it executes starts.
-        timeout_s=cfg.consensus.bid_lead_s,
+        timeout_s=submit_lead_s(cfg),
     )
     try:
         clearing.start()
@@ -240,6 +242,16 @@ def start_submitter(config: AgentConfig) -> SubmitClearing:
         # The link keeps reconnecting on its own; metering must not wait for the broker.
         log.warning("participant %s: broker not reachable yet, still trying", cfg.agent.node_id)
     return clearing
+
+
+def submit_lead_s(cfg: AgentConfig) -> float:
+    """How long before the hour a participant bids: 2 delta ahead of the consensus nodes.
+
+    The primary proposes as soon as it holds every member's request, so a
+    participant's request sent at the same moment as the members' could miss
+    the proposal; the nodes hold requests of rounds they have not opened yet.
+    """
+    return cfg.consensus.bid_lead_s + 2 * cfg.consensus.delta_s
 
 
 def _broker(cfg: AgentConfig) -> tuple[str, int]:

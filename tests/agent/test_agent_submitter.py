@@ -10,8 +10,16 @@ import pytest
 
 from edge_agent import config as agent_config
 from edge_agent.bid import build_market
+from edge_agent.consensus.messages import (
+    RoundId,
+    Value,
+    final_statement,
+    seal,
+    statement,
+    value_digest,
+)
 from edge_agent.consensus_clearing import clearing_round, start_consensus
-from edge_agent.consensus_submit import start_submitter
+from edge_agent.consensus_submit import FinalCollector, RoundWait, start_submitter
 from edge_agent.energy import HOUR_S
 from edge_agent.forecast import HourlyProfile, ProfileForecaster
 from edge_agent.rounds import Clearing, RoundDriver, RoundOutcome
@@ -277,3 +285,66 @@ def test_participants_are_checked_against_the_membership_and_the_role(tmp_path: 
     assert err.key == "consensus.participants" and "node" in str(err)
     err = _fails(tmp_path / "c", node.replace("participants.toml", "missing.toml"))
     assert err.key == "consensus.participants"
+
+
+def test_participants_may_not_be_members(tmp_path: Path) -> None:
+    path = _config(
+        tmp_path,
+        'role = "node"\nmembership = "../membership.toml"\nparticipants = "../participants.toml"',
+    )
+    member = Membership.load(tmp_path / "membership.toml").members[0]
+    (tmp_path / "participants.toml").write_text(
+        f'[[participant]]\nid = "mg1"\npublic_key = "{member.public_key.point.hex()}"\n'
+    )
+    # mg4 lists itself as mg1's sibling: make it a member so the membership check passes
+    own = PrivateKey.load(tmp_path / "mg4" / "node.key").public_key()
+    (tmp_path / "membership.toml").write_text(
+        Membership("m1", 1, (member, Member("mg4", own))).to_toml()
+    )
+    path.write_text(path.read_text().replace('ca_file = ""\n', ""))
+    with pytest.raises(ConfigError) as info:
+        agent_config.load(path)
+    assert info.value.key == "consensus.participants" and "'mg1' is a member" in str(info.value)
+
+
+def _finals_setup() -> tuple[dict[str, PrivateKey], Membership, RoundId, bytes, list]:
+    keys = {n: PrivateKey.generate() for n in (*NODES, LISTED)}
+    membership = Membership("m1", 1, tuple(Member(n, keys[n].public_key()) for n in NODES))
+    rid = clearing_round(NOON)
+    stmt = statement("req", "m1", rid, 0, b"d", LISTED, {"bid": 1})
+    req = seal(LISTED, keys[LISTED].sign(stmt), stmt)
+    value_cbor = [[req], {"result": None, "rejected": []}]
+    vd = value_digest("m1", rid, [req], value_cbor[1])
+    return keys, membership, rid, vd, value_cbor
+
+
+def _final(key: PrivateKey, sender: str, rid: RoundId, vd: bytes, attachment: object) -> bytes:
+    stmt = final_statement("m1", rid, vd)
+    return seal(sender, key.sign(stmt), stmt, attachment)
+
+
+def test_a_result_counts_only_with_a_finality_certificate_of_members() -> None:
+    keys, membership, rid, vd, value_cbor = _finals_setup()
+    collector = FinalCollector(membership)
+
+    async def scenario() -> Value | None:
+        loop = asyncio.get_running_loop()
+        wait = RoundWait(loop.create_future(), loop)
+        pending = {rid: wait}
+        # the primary's final carries the value; alone it is no certificate (q = 2 of 3)
+        primary = _final(keys["mg1"], "mg1", rid, vd, [value_cbor, None, None])
+        collector.feed(pending, primary, "mg1")
+        # a participant is no member; a member's final signed with another key is forged
+        collector.feed(pending, _final(keys[LISTED], LISTED, rid, vd, None), LISTED)
+        collector.feed(pending, _final(keys[LISTED], "mg2", rid, vd, None), "mg2")
+        # a final relayed under another sender's topic is refused
+        collector.feed(pending, _final(keys["mg3"], "mg3", rid, vd, None), "mg2")
+        await asyncio.sleep(0.05)
+        assert not wait.future.done()
+        collector.feed(pending, _final(keys["mg3"], "mg3", rid, vd, None), "mg3")
+        return await asyncio.wait_for(wait.future, 5)
+
+    value = asyncio.run(scenario())
+    assert value is not None and value.digest == vd
+    assert len(collector.rejected) == 3, collector.rejected
+    assert "not a member" in collector.rejected[0] and "does not verify" in collector.rejected[1]
