@@ -39,6 +39,12 @@ from meterchain.quorum import QuorumCertificate, QuorumError
 
 LOOKAHEAD_ROUNDS = 2  # rounds not yet opened here whose messages are held back
 HOLD_PER_ROUND_FACTOR = 12  # held messages per round: factor x n, then drops are counted
+# Before its first Open a node knows no current round to centre the window on, so it
+# holds messages of any round, but at most PRE_OPEN_ROUNDS rounds in all and at most
+# PRE_OPEN_PER_SENDER of them opened by one sender (a faulty one cannot crowd out the
+# rest); the first Open then keeps only the window around it.
+PRE_OPEN_PER_SENDER = 2 * LOOKAHEAD_ROUNDS + 1
+PRE_OPEN_ROUNDS = 3 * PRE_OPEN_PER_SENDER
 RETAIN_DECIDED = 512  # decided rounds kept in memory to answer catch-up requests
 
 
@@ -207,6 +213,8 @@ class Node:
         self.max_seq = -1
         self.held: dict[RoundId, list[Envelope]] = {}
         self.overflowed: set[RoundId] = set()
+        self.anchored = False  # an Open happened since start: the hold window has a centre
+        self.lost_unrecorded = False  # a pre-open drop that `overflowed` had no room for
         self.sync_answered: dict[RoundId, int] = {}
         self.stats: Counter[str] = Counter()
         self.last_error = ""
@@ -350,6 +358,9 @@ class Node:
         rs = _Round(rid, self.now, entered_at=self.now)
         self.rounds[rid] = rs
         self.max_seq = max(self.max_seq, rid.seq)
+        if not self.anchored:
+            self._anchor(rid)
+        self._forget_behind(keep=rid)
         # Not persisted yet: a request is not an acknowledgement, and signatures are
         # deterministic (RFC 6979), so after a crash the same request is re-signed
         # byte for byte. The round reaches the disk with our first vote or proposal.
@@ -423,23 +434,70 @@ class Node:
         self._dispatch(rs, env, out)
         self._advance(rs, out)
 
+    def _in_window(self, seq: int) -> bool:
+        return self.max_seq - LOOKAHEAD_ROUNDS <= seq <= self.max_seq + LOOKAHEAD_ROUNDS
+
     def _hold(self, env: Envelope) -> None:
+        """Keep a verified message of a round not open here until the round opens."""
         rid = env.round
         if any(r.seq == rid.seq for r in list(self.rounds) + list(self.decided)):
             self.stats["other_round"] += 1  # same sequence number, another kind: a replay
             return
-        if rid.seq > self.max_seq + LOOKAHEAD_ROUNDS or rid.seq < self.max_seq - LOOKAHEAD_ROUNDS:
+        if self.anchored and not self._in_window(rid.seq):
             self.stats["out_of_window"] += 1
             return
-        held = self.held.setdefault(rid, [])
+        held = self.held.get(rid)
+        if held is None:
+            if not self.anchored and not self._pre_open_room(env.sender):
+                self.stats["held_dropped"] += 1
+                self._lost(rid)
+                return
+            held = self.held[rid] = []
         if len(held) >= HOLD_PER_ROUND_FACTOR * self.n:
             self.stats["held_dropped"] += 1
-            self.overflowed.add(rid)
+            self._lost(rid)
             return
         held.append(env)
-        # forget held messages of rounds that fell behind the window
-        for old in [r for r in self.held if r.seq < self.max_seq - LOOKAHEAD_ROUNDS]:
-            del self.held[old]
+        if self.anchored:
+            self._forget_behind()
+
+    def _pre_open_room(self, sender: str) -> bool:
+        """Whether a message of a round not held yet may start holding one before any Open."""
+        if len(self.held) >= PRE_OPEN_ROUNDS:
+            return False
+        rounds_of_sender = sum(
+            1 for envs in self.held.values() if any(e.sender == sender for e in envs)
+        )
+        return rounds_of_sender < PRE_OPEN_PER_SENDER
+
+    def _lost(self, rid: RoundId) -> None:
+        """Remember that a message of `rid` was dropped: that round must finish by catch-up."""
+        if self.anchored or len(self.overflowed) < PRE_OPEN_ROUNDS:
+            self.overflowed.add(rid)  # anchored: within the window, so bounded by it
+        else:
+            # Before the first Open a faulty sender could name any number of rounds;
+            # rather than grow without bound, taint the whole first window (_anchor).
+            self.lost_unrecorded = True
+
+    def _anchor(self, opening: RoundId) -> None:
+        """First Open since start: keep held messages only of the window around max_seq."""
+        self.anchored = True
+        for rid in [r for r in self.held if r != opening and not self._in_window(r.seq)]:
+            self.stats["out_of_window"] += len(self.held.pop(rid))
+        self.overflowed = {r for r in self.overflowed if r == opening or self._in_window(r.seq)}
+        if self.lost_unrecorded:
+            # Some dropped message may belong to any round of the window: all of them
+            # finish through a finality certificate, as after any overflow.
+            self.lost_unrecorded = False
+            for seq in range(self.max_seq - LOOKAHEAD_ROUNDS, self.max_seq + LOOKAHEAD_ROUNDS + 1):
+                self.overflowed.update(RoundId(seq, kind) for kind in self.contracts)
+
+    def _forget_behind(self, keep: RoundId | None = None) -> None:
+        """Drop (and count) held messages of rounds that fell behind the window."""
+        floor = self.max_seq - LOOKAHEAD_ROUNDS
+        for old in [r for r in self.held if r.seq < floor and r != keep]:
+            self.stats["held_expired"] += len(self.held.pop(old))
+        self.overflowed = {r for r in self.overflowed if r.seq >= floor or r == keep}
 
     def _dispatch(self, rs: _Round, env: Envelope, out: list[Action]) -> None:
         if env.view > rs.view + 2 * self.n + 8:

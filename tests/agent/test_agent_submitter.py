@@ -20,7 +20,6 @@ from edge_agent.consensus.messages import (
 )
 from edge_agent.consensus_clearing import clearing_round, start_consensus
 from edge_agent.consensus_submit import FinalCollector, RoundWait, start_submitter
-from edge_agent.energy import HOUR_S
 from edge_agent.forecast import HourlyProfile, ProfileForecaster
 from edge_agent.rounds import Clearing, RoundDriver, RoundOutcome
 from edge_agent.setpoints import SetpointWriter
@@ -159,16 +158,8 @@ def test_a_listed_submitter_is_cleared_and_verifies_the_result(
         }
         subs = {n: start_submitter(cfgs[n]) for n in (LISTED, UNLISTED)}
         try:
-            # An hour among the nodes alone first: a node that never opened a round holds
-            # back no messages of far-away rounds, so the participants' bids would be lost.
-            # (Fresh nodes that open this warm-up round at different moments may drop one
-            # another's bids too, so only its commit is required here.)
-            first = await asyncio.gather(
-                *(_driver(cfgs[n], c, NOON - HOUR_S).prepare(NOON - HOUR_S)
-                  for n, c in nodes.items())
-            )  # fmt: skip
-            assert any(o.result is not None for o in first), [o.error for o in first]
-            # The participants bid first (they must reach the primary before its proposal).
+            # Fresh nodes, never opened a round: the participants bid first (they must reach
+            # the primary before its proposal), and every node holds the bid until it opens.
             sub_tasks = {
                 n: asyncio.ensure_future(_driver(cfgs[n], c, NOON).prepare(NOON))
                 for n, c in subs.items()

@@ -16,6 +16,9 @@ from edge_agent.consensus.messages import (
     vote_statement,
 )
 from edge_agent.consensus.node import (
+    LOOKAHEAD_ROUNDS,
+    PRE_OPEN_PER_SENDER,
+    PRE_OPEN_ROUNDS,
     Broadcast,
     Commit,
     ConsensusError,
@@ -221,3 +224,82 @@ def test_keyring_caches_p256_checks() -> None:
     assert not keyring.verify("a", b"other", sig)
     assert not keyring.verify("nobody", b"msg", sig)
     assert keyring.cache.hits >= 1
+
+
+@pytest.fixture
+def fresh() -> tuple[dict[str, Node], dict[str, Any]]:
+    """Three fresh members and a listed submit-only participant "p"."""
+    signers = p256_identities(["a", "b", "c", "p"], seed=12)
+    keys = public_keys(signers)
+    membership = membership_for("m1", {i: keys[i] for i in ("a", "b", "c")})
+    keyring = Keyring(membership, {"p": keys["p"]}, cache=VerificationCache())
+    contracts = {"clear": DoubleAuction(), "settle": Tally()}
+    nodes = {
+        i: Node(signers[i], keyring, contracts, delta_ms=D, decoder=Decoder())
+        for i in ("a", "b", "c")
+    }
+    return nodes, signers
+
+
+def signed_request(signers: dict[str, Any], who: str, rid: RoundId, body: Any) -> bytes:
+    stmt = statement("req", "m1", rid, 0, b"dep-" + who.encode(), who, body)
+    return seal(who, signers[who].sign(stmt), stmt)
+
+
+def test_a_fresh_node_holds_requests_for_the_round_it_is_about_to_open(fresh) -> None:
+    nodes, signers = fresh
+    far = RoundId(1000, "clear")  # far beyond 0: a real market's rounds follow the clock
+    b = nodes["b"]
+    assert b.primary(far, 0) == "b"
+    bid_p = {"side": "buy", "wh": 300, "price": 180}
+    # the participant bids ahead of the nodes; a and c open first (their clocks run ahead)
+    for_b = [(signed_request(signers, "p", far, bid_p), "p")]
+    for name in ("a", "c"):
+        for_b.append((sent(nodes[name].step(Open(0, far, b"dep", BIDS[name])), "req"), name))
+    for data, sender in for_b:
+        assert b.step(Message(1, data, sender)) == [], "not open yet: held, nothing to do"
+    assert {e.sender for e in b.held[far]} == {"p", "a", "c"}
+    assert b.stats["out_of_window"] == 0 and b.stats["held_dropped"] == 0
+    # on opening, the held requests are replayed: the primary holds every member's
+    # request at once and proposes over all of them, the participant's included
+    actions = b.step(Open(2, far, b"dep", BIDS["b"]))
+    assert kinds(actions) == ["Persist", "req", "prop"]
+    assert set(b.rounds[far].requests) == {"a", "b", "c", "p"}
+    value = Decoder().proposal(sent(actions, "prop")).value
+    assert value is not None
+    assert {r.submitter for r in value.requests} == {"a", "b", "c", "p"}
+    assert far not in b.held and not b.rounds[far].recovering
+
+
+def test_the_pre_open_buffer_is_bounded_and_counts_its_drops(fresh) -> None:
+    nodes, signers = fresh
+    b = nodes["b"]
+    bid = {"side": "buy", "wh": 1, "price": 1}
+    # one sender may start holding at most 2 * lookahead + 1 rounds before any Open
+    for seq in range(10, 10 + PRE_OPEN_PER_SENDER + 2):
+        b.step(Message(0, signed_request(signers, "p", RoundId(seq, "clear"), bid), "p"))
+    assert len(b.held) == PRE_OPEN_PER_SENDER and b.stats["held_dropped"] == 2
+    # a round whose message was dropped finishes by catch-up once it opens; rounds
+    # outside the window around the first open are let go (and counted)
+    dropped = RoundId(10 + PRE_OPEN_PER_SENDER, "clear")
+    assert dropped in b.overflowed
+    actions = b.step(Open(1, dropped, b"dep", BIDS["b"]))
+    assert b.rounds[dropped].recovering and "req" not in kinds(actions)
+    window = range(dropped.seq - LOOKAHEAD_ROUNDS, dropped.seq + LOOKAHEAD_ROUNDS + 1)
+    assert all(r.seq in window for r in b.held)
+    assert b.stats["out_of_window"] == PRE_OPEN_PER_SENDER - len(b.held)
+    # once anchored, the window applies again
+    b.step(Message(2, signed_request(signers, "p", RoundId(500, "clear"), bid), "p"))
+    assert b.stats["out_of_window"] == PRE_OPEN_PER_SENDER - len(b.held) + 1
+    # the rounds in all are bounded too: a member fills the rest, then drops are counted
+    c = nodes["c"]
+    senders = ["a", "b", "p", "a"]
+    seq = 100
+    while len(c.held) < PRE_OPEN_ROUNDS:
+        who = senders[len(c.held) // PRE_OPEN_PER_SENDER]
+        c.step(Message(0, signed_request(signers, who, RoundId(seq, "clear"), bid), who))
+        seq += 1
+    extra = signed_request(signers, "p", RoundId(seq, "clear"), bid)
+    before = c.stats["held_dropped"]
+    c.step(Message(0, extra, "p"))
+    assert len(c.held) == PRE_OPEN_ROUNDS and c.stats["held_dropped"] == before + 1
