@@ -26,15 +26,13 @@ A minimal file:
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from meterchain import config_files
-from meterchain.errors import ConfigError, MeterChainError
+from meterchain.config_files import TableChecker
+from meterchain.errors import MeterChainError
 from meterchain.keys import PublicKey
 from meterchain.mqtt_auth import check_name
 from meterchain.quorum import Membership, QuorumError
@@ -92,62 +90,10 @@ class AggregatorConfig:
         return urlsplit(self.broker.url).scheme == "mqtts"
 
 
-def _kind(value: Any) -> str:
-    return {
-        bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-        list: "an array", dict: "a table",
-    }.get(type(value), type(value).__name__)  # fmt: skip
-
-
-class _Checker:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def fail(self, key: str | None, problem: str) -> typing.NoReturn:
-        raise ConfigError(str(self.path), key, problem)
-
-    def table(self, raw: Any, cls: type, where: str) -> Any:
-        if not isinstance(raw, dict):
-            self.fail(where, f"must be a table, not {_kind(raw)}")
-        hints = typing.get_type_hints(cls)
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key in raw:
-            if key not in names:
-                self.fail(f"{where}.{key}", f"unknown key (known: {', '.join(sorted(names))})")
-        values = {k: self.value(v, hints[k], f"{where}.{k}") for k, v in raw.items()}
-        return cls(**values)
-
-    def value(self, raw: Any, hint: Any, key: str) -> Any:
-        if hint in (Path, Path | None):
-            if not isinstance(raw, str) or not raw:
-                self.fail(key, f"must be a non-empty path string, not {_kind(raw)}")
-            return config_files.expand_path(raw, self.path, key)
-        if hint is float:
-            if isinstance(raw, bool) or not isinstance(raw, int | float):
-                self.fail(key, f"must be a number, not {_kind(raw)}")
-            return float(raw)
-        if hint is int:
-            if isinstance(raw, bool) or not isinstance(raw, int):
-                self.fail(key, f"must be an integer, not {_kind(raw)}")
-            return raw
-        if hint is str:
-            if not isinstance(raw, str):
-                self.fail(key, f"must be a string, not {_kind(raw)}")
-            return raw
-        raise AssertionError(f"no checker for {hint}")  # pragma: no cover
-
-    def positive(self, value: float, key: str, *, allow_zero: bool = False) -> None:
-        if value < 0 or (value == 0 and not allow_zero):
-            self.fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-    def readable(self, path: Path, key: str) -> None:
-        config_files.readable_file(path, self.path, key)
-
-
 def load(path: str | Path) -> AggregatorConfig:
     """Read and check an aggregator configuration file (see the module doc)."""
     path = Path(path)
-    check = _Checker(path)
+    check = TableChecker(path, sorted_known=True)
     doc = config_files.load_toml(path)
     for key in doc:
         if key not in ("aggregator", "broker"):
@@ -164,7 +110,7 @@ def load(path: str | Path) -> AggregatorConfig:
     return AggregatorConfig(path, agg, broker, membership, regulator, password)
 
 
-def _check_aggregator(check: _Checker, agg: AggregatorSection, has_membership: bool) -> None:
+def _check_aggregator(check: TableChecker, agg: AggregatorSection, has_membership: bool) -> None:
     for key in ("market", "ledger", "regulator_key"):
         if not getattr(agg, key):
             check.fail(f"aggregator.{key}", "missing")
@@ -206,15 +152,15 @@ def ledger_target(cfg: AggregatorConfig) -> str:
     return str(config_files.expand_path(target, cfg.path, "aggregator.ledger"))
 
 
-def _regulator(check: _Checker, text: str) -> PublicKey:
+def _regulator(check: TableChecker, text: str) -> PublicKey:
     try:
         return PublicKey.from_hex(text)
     except MeterChainError as exc:
         check.fail("aggregator.regulator_key", str(exc))
 
 
-def _membership(check: _Checker, agg: AggregatorSection, regulator: PublicKey) -> Membership:
-    check.readable(agg.membership, "aggregator.membership")
+def _membership(check: TableChecker, agg: AggregatorSection, regulator: PublicKey) -> Membership:
+    check.readable_file(agg.membership, "aggregator.membership")
     membership = Membership.load(agg.membership)  # raises ConfigError naming that file
     if membership.market != agg.market:
         check.fail(
@@ -228,7 +174,7 @@ def _membership(check: _Checker, agg: AggregatorSection, regulator: PublicKey) -
     return membership
 
 
-def _check_broker(check: _Checker, broker: BrokerSection) -> str:
+def _check_broker(check: TableChecker, broker: BrokerSection) -> str:
     if not broker.url:
         check.fail("broker.url", "missing")
     parts = urlsplit(broker.url)

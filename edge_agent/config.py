@@ -30,17 +30,15 @@ checks are shared with the aggregator (meterchain.config_files). A minimal file:
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from meterchain import config_files
-from meterchain.errors import ConfigError, MeterChainError
+from meterchain.config_files import TableChecker, toml_kind
+from meterchain.errors import MeterChainError
 from meterchain.keys import PrivateKey, PublicKey
-from meterchain.mqtt_auth import check_name
 from meterchain.quorum import Membership, QuorumError
 from meterchain.reading import SOURCES
 
@@ -214,94 +212,6 @@ class AgentConfig:
         return next(b for b in self.buses if b.name == name)
 
 
-# -- generic checking of one TOML table against one dataclass ---------------------------
-
-
-class _Checker:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def fail(self, key: str | None, problem: str) -> typing.NoReturn:
-        raise ConfigError(str(self.path), key, problem)
-
-    def table(self, raw: Any, cls: type, where: str) -> Any:
-        """Build dataclass `cls` from TOML table `raw`, refusing unknown keys and bad types."""
-        if not isinstance(raw, dict):
-            self.fail(where, f"must be a table, not {_toml_kind(raw)}")
-        hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in raw:
-            if key not in hints:
-                self.fail(f"{where}.{key}", f"unknown key (known: {', '.join(names)})")
-        values = {key: self.value(raw[key], hints[key], f"{where}.{key}") for key in raw}
-        return cls(**values)
-
-    def value(self, raw: Any, hint: Any, key: str) -> Any:
-        origin = typing.get_origin(hint)
-        if origin in (types.UnionType, typing.Union):
-            (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
-            return self.value(raw, inner, key)
-        if origin is tuple:
-            if not isinstance(raw, list):
-                self.fail(key, f"must be an array, not {_toml_kind(raw)}")
-            (item, _) = typing.get_args(hint)
-            return tuple(self.value(x, item, f"{key}[{i}]") for i, x in enumerate(raw))
-        if hint is bool:
-            if not isinstance(raw, bool):
-                self.fail(key, f"must be true or false, not {_toml_kind(raw)}")
-            return raw
-        if hint is int:
-            if not isinstance(raw, int) or isinstance(raw, bool):
-                self.fail(key, f"must be an integer, not {_toml_kind(raw)}")
-            return raw
-        if hint is float:
-            if not isinstance(raw, int | float) or isinstance(raw, bool):
-                self.fail(key, f"must be a number, not {_toml_kind(raw)}")
-            return float(raw)
-        if hint is str:
-            if not isinstance(raw, str):
-                self.fail(key, f"must be a string, not {_toml_kind(raw)}")
-            return raw
-        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-            return self.table(raw, hint, key)
-        if hint is Path:
-            if not isinstance(raw, str) or not raw:
-                self.fail(key, f"must be a non-empty path string, not {_toml_kind(raw)}")
-            # $STATE_DIRECTORY, $CREDENTIALS_DIRECTORY: what systemd hands the service.
-            return config_files.expand_path(raw, self.path, key)
-        raise TypeError(f"no checker for {hint!r}")  # a programming error, not a config one
-
-    def require(self, section: Any, where: str, *keys: str) -> None:
-        for key in keys:
-            value = getattr(section, key)
-            if value in ("", Path(), None):
-                self.fail(f"{where}.{key}", "missing (required)")
-
-    def positive(self, value: float, key: str, *, allow_zero: bool = False) -> None:
-        if value < 0 or (value == 0 and not allow_zero):
-            self.fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-    def name(self, value: str, key: str, kind: str) -> None:
-        try:
-            check_name(kind, value)
-        except ValueError as exc:
-            self.fail(key, str(exc))
-
-    def readable_file(self, path: Path, key: str) -> None:
-        config_files.readable_file(path, self.path, key)
-
-
-def _toml_kind(value: Any) -> str:
-    return {
-        bool: "a boolean",
-        int: "an integer",
-        float: "a float",
-        str: "a string",
-        list: "an array",
-        dict: "a table",
-    }.get(type(value), type(value).__name__)
-
-
 _SECTIONS = (
     "agent", "broker", "modbus", "setpoint", "forecast", "microgrid", "market", "consensus"
 )
@@ -310,7 +220,7 @@ _SECTIONS = (
 def load(path: str | Path) -> AgentConfig:
     """Read, check and return the configuration at `path` (raises ConfigError)."""
     path = Path(path)
-    check = _Checker(path)
+    check = TableChecker(path)
     doc = config_files.load_toml(path)
     for key in doc:
         if key not in _SECTIONS:
@@ -362,7 +272,7 @@ def load(path: str | Path) -> AgentConfig:
     )
 
 
-def _check_agent(check: _Checker, agent: AgentSection) -> AgentSection:
+def _check_agent(check: TableChecker, agent: AgentSection) -> AgentSection:
     check.require(agent, "agent", "node_id", "market", "key_file", "registry", "state_dir")
     check.name(agent.node_id, "agent.node_id", "node id")
     check.name(agent.market, "agent.market", "market")
@@ -381,7 +291,7 @@ def _check_agent(check: _Checker, agent: AgentSection) -> AgentSection:
     return agent
 
 
-def _check_broker(check: _Checker, broker: BrokerSection, agent: AgentSection) -> BrokerSection:
+def _check_broker(check: TableChecker, broker: BrokerSection, agent: AgentSection) -> BrokerSection:
     check.require(broker, "broker", "url")
     url = urlsplit(broker.url)
     if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
@@ -409,10 +319,10 @@ def _check_broker(check: _Checker, broker: BrokerSection, agent: AgentSection) -
 
 
 def _check_modbus(
-    check: _Checker, raw: Any
+    check: TableChecker, raw: Any
 ) -> tuple[tuple[ModbusBusSection, ...], tuple[ModbusMeterSection, ...]]:
     if not isinstance(raw, dict):
-        check.fail("modbus", f"must be a table, not {_toml_kind(raw)}")
+        check.fail("modbus", f"must be a table, not {toml_kind(raw)}")
     for key in raw:
         if key not in ("bus", "meter"):
             check.fail(f"modbus.{key}", "unknown key (known: bus, meter)")
@@ -469,7 +379,7 @@ def _check_modbus(
 
 
 def _check_setpoints(
-    check: _Checker, raw: Any, buses: tuple[ModbusBusSection, ...]
+    check: TableChecker, raw: Any, buses: tuple[ModbusBusSection, ...]
 ) -> tuple[SetpointSection, ...]:
     setpoints: list[SetpointSection] = []
     for i, entry in enumerate(_array(check, raw, "setpoint")):
@@ -498,7 +408,7 @@ def _check_setpoints(
     return tuple(setpoints)
 
 
-def _check_forecast(check: _Checker, forecast: ForecastSection) -> ForecastSection:
+def _check_forecast(check: TableChecker, forecast: ForecastSection) -> ForecastSection:
     if forecast.kind not in ("persistence", "profile"):
         check.fail("forecast.kind", f'must be "persistence" or "profile", not {forecast.kind!r}')
     if forecast.kind == "profile":
@@ -511,7 +421,7 @@ def _check_forecast(check: _Checker, forecast: ForecastSection) -> ForecastSecti
 
 
 def _check_market_model(
-    check: _Checker, mg: MicrogridSection, market: MarketSection, agent: AgentSection
+    check: TableChecker, mg: MicrogridSection, market: MarketSection, agent: AgentSection
 ) -> None:
     """Refuse parameters the market model would refuse, naming the config key."""
     from edge_agent.bid import build_assets, build_market, build_microgrid
@@ -540,7 +450,7 @@ def _check_market_model(
         check.fail(f"microgrid.{exc.field}", exc.problem)
 
 
-def _check_consensus(check: _Checker, cons: ConsensusSection) -> ConsensusSection:
+def _check_consensus(check: TableChecker, cons: ConsensusSection) -> ConsensusSection:
     if cons.role not in ROLES:
         check.fail("consensus.role", f"must be one of {', '.join(ROLES)}, not {cons.role!r}")
     if cons.membership is not None:
@@ -559,7 +469,7 @@ def _check_consensus(check: _Checker, cons: ConsensusSection) -> ConsensusSectio
     return cons
 
 
-def _regulator(check: _Checker, text: str) -> PublicKey:
+def _regulator(check: TableChecker, text: str) -> PublicKey:
     try:
         return PublicKey.from_hex(text)
     except MeterChainError as exc:
@@ -567,7 +477,7 @@ def _regulator(check: _Checker, text: str) -> PublicKey:
 
 
 def _check_membership(
-    check: _Checker, cons: ConsensusSection, agent: AgentSection, node_key: PrivateKey
+    check: TableChecker, cons: ConsensusSection, agent: AgentSection, node_key: PrivateKey
 ) -> None:
     """The membership: our market, signed if pinned; a node is listed with our key, a
     submitter is not listed at all (it only submits), and no participant is a member."""
@@ -615,7 +525,7 @@ def load_participants(path: Path, config: Path | None = None) -> dict[str, Publi
     """
     if config is not None:
         config_files.readable_file(path, config, "consensus.participants")
-    check = _Checker(path)
+    check = TableChecker(path)
     doc = config_files.load_toml(path)
     for key in doc:
         if key != "participant":
@@ -624,7 +534,7 @@ def load_participants(path: Path, config: Path | None = None) -> dict[str, Publi
     for i, raw in enumerate(_array(check, doc.get("participant", []), "participant")):
         where = f"participant[{i}]"
         if not isinstance(raw, dict):
-            check.fail(where, f"must be a table, not {_toml_kind(raw)}")
+            check.fail(where, f"must be a table, not {toml_kind(raw)}")
         for key in raw:
             if key not in ("id", "public_key"):
                 check.fail(f"{where}.{key}", "unknown key (known: id, public_key)")
@@ -644,7 +554,7 @@ def load_participants(path: Path, config: Path | None = None) -> dict[str, Publi
     return out
 
 
-def _array(check: _Checker, raw: Any, where: str) -> list[Any]:
+def _array(check: TableChecker, raw: Any, where: str) -> list[Any]:
     if not isinstance(raw, list):
-        check.fail(where, f"must be an array of tables ([[{where}]]), not {_toml_kind(raw)}")
+        check.fail(where, f"must be an array of tables ([[{where}]]), not {toml_kind(raw)}")
     return raw

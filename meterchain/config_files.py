@@ -1,4 +1,4 @@
-"""File checks shared by the agent's and the aggregator's configuration loaders.
+"""File and table checks shared by the agent's and the aggregator's configuration loaders.
 
 Every function raises `ConfigError(config, key, problem)` naming the
 configuration file being loaded (`config`) and the key that points at the
@@ -8,15 +8,19 @@ bad file, so both services print `config error: FILE: KEY: PROBLEM` and exit
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import ssl
 import stat
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 from meterchain.errors import ConfigError
+from meterchain.mqtt_auth import check_name
 
 # $NAME or ${NAME}, as os.path.expandvars understands them.
 _VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")
@@ -108,3 +112,99 @@ def require_ca_file(path: Path | None, config: Path, key: str) -> None:
         raise ConfigError(
             str(config), key, f"{path} is not a PEM CA certificate: {exc}"
         ) from None
+
+
+class TableChecker:
+    """Builds the dataclasses of a configuration from its TOML tables, refusing unknown keys
+    and wrongly typed values with `ConfigError(config, key, problem)`.
+
+    `sorted_known` lists the known keys alphabetically in "unknown key" messages
+    (the aggregator's wording); otherwise they follow the dataclass's field order.
+    """
+
+    def __init__(self, path: Path, *, sorted_known: bool = False) -> None:
+        self.path = path
+        self.sorted_known = sorted_known
+
+    def fail(self, key: str | None, problem: str) -> typing.NoReturn:
+        raise ConfigError(str(self.path), key, problem)
+
+    def table(self, raw: Any, cls: type, where: str) -> Any:
+        """Build dataclass `cls` from TOML table `raw`, refusing unknown keys and bad types."""
+        if not isinstance(raw, dict):
+            self.fail(where, f"must be a table, not {toml_kind(raw)}")
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        if self.sorted_known:
+            names.sort()
+        for key in raw:
+            if key not in hints:
+                self.fail(f"{where}.{key}", f"unknown key (known: {', '.join(names)})")
+        values = {key: self.value(raw[key], hints[key], f"{where}.{key}") for key in raw}
+        return cls(**values)
+
+    def value(self, raw: Any, hint: Any, key: str) -> Any:
+        origin = typing.get_origin(hint)
+        if origin in (types.UnionType, typing.Union):
+            (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+            return self.value(raw, inner, key)
+        if origin is tuple:
+            if not isinstance(raw, list):
+                self.fail(key, f"must be an array, not {toml_kind(raw)}")
+            (item, _) = typing.get_args(hint)
+            return tuple(self.value(x, item, f"{key}[{i}]") for i, x in enumerate(raw))
+        if hint is bool:
+            if not isinstance(raw, bool):
+                self.fail(key, f"must be true or false, not {toml_kind(raw)}")
+            return raw
+        if hint is int:
+            if not isinstance(raw, int) or isinstance(raw, bool):
+                self.fail(key, f"must be an integer, not {toml_kind(raw)}")
+            return raw
+        if hint is float:
+            if not isinstance(raw, int | float) or isinstance(raw, bool):
+                self.fail(key, f"must be a number, not {toml_kind(raw)}")
+            return float(raw)
+        if hint is str:
+            if not isinstance(raw, str):
+                self.fail(key, f"must be a string, not {toml_kind(raw)}")
+            return raw
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            return self.table(raw, hint, key)
+        if hint is Path:
+            if not isinstance(raw, str) or not raw:
+                self.fail(key, f"must be a non-empty path string, not {toml_kind(raw)}")
+            # $STATE_DIRECTORY, $CREDENTIALS_DIRECTORY: what systemd hands the service.
+            return expand_path(raw, self.path, key)
+        raise TypeError(f"no checker for {hint!r}")  # a programming error, not a config one
+
+    def require(self, section: Any, where: str, *keys: str) -> None:
+        for key in keys:
+            value = getattr(section, key)
+            if value in ("", Path(), None):
+                self.fail(f"{where}.{key}", "missing (required)")
+
+    def positive(self, value: float, key: str, *, allow_zero: bool = False) -> None:
+        if value < 0 or (value == 0 and not allow_zero):
+            self.fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+    def name(self, value: str, key: str, kind: str) -> None:
+        try:
+            check_name(kind, value)
+        except ValueError as exc:
+            self.fail(key, str(exc))
+
+    def readable_file(self, path: Path, key: str) -> None:
+        readable_file(path, self.path, key)
+
+
+def toml_kind(value: Any) -> str:
+    """How a TOML value reads in an error message: "a string", "an array", ..."""
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a float",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
