@@ -5,23 +5,19 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from consensus_site import round_driver, write_site
+
 from edge_agent import config as agent_config
 from edge_agent.bid import build_market
 from edge_agent.consensus_clearing import clearing_round, start_consensus
 from edge_agent.energy import HOUR_S
-from edge_agent.forecast import HourlyProfile, ProfileForecaster
-from edge_agent.rounds import RoundDriver
-from edge_agent.setpoints import SetpointWriter
-from edge_agent.store import AgentStore, StoreView
-from hil.broker import MosquittoBroker
+from edge_agent.forecast import HourlyProfile
 from meterchain.keys import PrivateKey
-from meterchain.market.units import MONEY_SCALE
 from meterchain.mqtt_auth import node_acl
 from meterchain.quorum import Member, Membership
 
 NODES = ("mg1", "mg2", "mg3")
 NOON = 1_700_049_600  # 2023-11-15T12:00Z
-PRICES = [int(MONEY_SCALE * 0.30)] * 24
 
 # mg1 has far more sun than it needs; mg2 and mg3 need green power it can sell.
 PROFILES = {
@@ -29,45 +25,6 @@ PROFILES = {
     "mg2": HourlyProfile((500,) * 24, (4000,) * 24),
     "mg3": HourlyProfile((0,) * 24, (3000,) * 24),
 }
-
-
-def _site(
-    root: Path, node_id: str, key: PrivateKey, broker: MosquittoBroker, membership: Path
-) -> Path:
-    root.mkdir(parents=True)
-    key.save(root / "node.key")
-    (root / "broker.pass").write_text(f"pw-{node_id}\n")
-    (root / "broker.pass").chmod(0o600)
-    (root / "registry.toml").write_text("")
-    (root / "agent.toml").write_text(f"""
-[agent]
-node_id = "{node_id}"
-market = "m1"
-key_file = "node.key"
-registry = "registry.toml"
-state_dir = "state"
-
-[broker]
-url = "{broker.url}"
-ca_file = "{broker.ca_file}"
-password_file = "broker.pass"
-
-[consensus]
-role = "node"
-membership = "{membership}"
-delta_s = 0.05
-bid_lead_s = 60
-
-[market]
-wheeling_fee_per_kwh = {int(MONEY_SCALE * 0.01)}
-
-[microgrid]
-retail_price_per_kwh = {PRICES}
-feed_in_tariff_per_kwh = {int(MONEY_SCALE * 0.04)}
-green_loss_per_kwh = {int(MONEY_SCALE * 0.20)}
-green_share_pct = 80
-""")
-    return root / "agent.toml"
 
 
 def test_agents_clear_together_and_execute_their_own_lines(
@@ -81,8 +38,14 @@ def test_agents_clear_together_and_execute_their_own_lines(
     membership_file = tmp_path / "membership.toml"
     membership_file.write_text(membership.signed_by(PrivateKey.generate()).to_toml())
     configs = [
-        agent_config.load(_site(tmp_path / n, n, keys[n], broker, membership_file)) for n in NODES
-    ]
+        agent_config.load(
+            write_site(
+                tmp_path / n, n, keys[n], broker.url, str(broker.ca_file),
+                f'role = "node"\nmembership = "{membership_file}"', delta_s=0.05,
+            )
+        )
+        for n in NODES
+    ]  # fmt: skip
     primary_changes: list[str] = []
 
     async def scenario() -> list:
@@ -95,19 +58,7 @@ def test_agents_clear_together_and_execute_their_own_lines(
                 on_primary_change=lambda n=node_id: primary_changes.append(n),
             )
             clearings.append(clearing)
-            AgentStore(cfg.database).close()  # the schedule table lives in the agent database
-            drivers.append(
-                RoundDriver(
-                    microgrid_id=node_id,
-                    section=cfg.microgrid,
-                    forecaster=ProfileForecaster(PROFILES[node_id]),
-                    history=lambda t: {},
-                    clearing=clearing,
-                    writer=SetpointWriter((), {}),
-                    store=StoreView(cfg.database),
-                    clock=lambda: NOON - 60,
-                )
-            )
+            drivers.append(round_driver(cfg, clearing, PROFILES[node_id], NOON))
         try:
             return list(await asyncio.gather(*(d.prepare(NOON) for d in drivers)))
         finally:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from consensus_site import round_driver, write_site
 
 from edge_agent import config as agent_config
 from edge_agent.bid import build_market
@@ -20,21 +21,19 @@ from edge_agent.consensus.messages import (
 )
 from edge_agent.consensus_clearing import clearing_round, start_consensus
 from edge_agent.consensus_submit import FinalCollector, RoundWait, start_submitter
-from edge_agent.forecast import HourlyProfile, ProfileForecaster
-from edge_agent.rounds import Clearing, RoundDriver, RoundOutcome
-from edge_agent.setpoints import SetpointWriter
-from edge_agent.store import AgentStore, StoreView
+from edge_agent.forecast import HourlyProfile
+from edge_agent.rounds import RoundOutcome
 from hil.broker import MosquittoBroker
 from meterchain.errors import ConfigError
 from meterchain.keys import PrivateKey
-from meterchain.market.units import MONEY_SCALE
 from meterchain.mqtt_auth import node_acl
 from meterchain.quorum import Member, Membership
 
 NODES = ("mg1", "mg2", "mg3")
 LISTED, UNLISTED = "mg4", "mg5"  # submit-only: mg4 is in the participants file, mg5 is not
 NOON = 1_700_049_600  # 2023-11-15T12:00Z
-PRICES = [int(MONEY_SCALE * 0.30)] * 24
+# Generous for a loaded machine: solving four bids must fit well inside delta.
+DELTA_S = 0.2
 
 # mg1 has far more sun than it needs; everyone else needs green power it can sell.
 PROFILES = {
@@ -50,63 +49,6 @@ def _participants_toml(keys: dict[str, PrivateKey]) -> str:
     return "".join(
         f'[[participant]]\nid = "{n}"\npublic_key = "{k.public_key().point.hex()}"\n'
         for n, k in keys.items()
-    )
-
-
-def _site(
-    root: Path,
-    node_id: str,
-    key: PrivateKey,
-    broker_url: str,
-    ca_file: str,
-    consensus: str,
-) -> Path:
-    root.mkdir(parents=True)
-    key.save(root / "node.key")
-    (root / "broker.pass").write_text(f"pw-{node_id}\n")
-    (root / "broker.pass").chmod(0o600)
-    (root / "registry.toml").write_text("")
-    (root / "agent.toml").write_text(f"""
-[agent]
-node_id = "{node_id}"
-market = "m1"
-key_file = "node.key"
-registry = "registry.toml"
-state_dir = "state"
-
-[broker]
-url = "{broker_url}"
-ca_file = "{ca_file}"
-password_file = "broker.pass"
-
-[consensus]
-{consensus}
-delta_s = 0.2
-bid_lead_s = 60
-
-[market]
-wheeling_fee_per_kwh = {int(MONEY_SCALE * 0.01)}
-
-[microgrid]
-retail_price_per_kwh = {PRICES}
-feed_in_tariff_per_kwh = {int(MONEY_SCALE * 0.04)}
-green_loss_per_kwh = {int(MONEY_SCALE * 0.20)}
-green_share_pct = 80
-""")
-    return root / "agent.toml"
-
-
-def _driver(cfg: agent_config.AgentConfig, clearing: Clearing, hour: int) -> RoundDriver:
-    AgentStore(cfg.database).close()  # the schedule table lives in the agent database
-    return RoundDriver(
-        microgrid_id=cfg.agent.node_id,
-        section=cfg.microgrid,
-        forecaster=ProfileForecaster(PROFILES[cfg.agent.node_id]),
-        history=lambda t: {},
-        clearing=clearing,
-        writer=SetpointWriter((), {}),
-        store=StoreView(cfg.database),
-        clock=lambda: hour - 60,
     )
 
 
@@ -134,13 +76,14 @@ def test_a_listed_submitter_is_cleared_and_verifies_the_result(
     submit_role = 'role = "submitter"\nmembership = "../membership.toml"'
     cfgs = {
         n: agent_config.load(
-            _site(
+            write_site(
                 tmp_path / n,
                 n,
                 keys[n],
                 broker.url,
                 str(broker.ca_file),
                 node_role if n in NODES else submit_role,
+                delta_s=DELTA_S,
             )
         )
         for n in everyone
@@ -161,7 +104,7 @@ def test_a_listed_submitter_is_cleared_and_verifies_the_result(
             # Fresh nodes, never opened a round: the participants bid first (they must reach
             # the primary before its proposal), and every node holds the bid until it opens.
             sub_tasks = {
-                n: asyncio.ensure_future(_driver(cfgs[n], c, NOON).prepare(NOON))
+                n: asyncio.ensure_future(round_driver(cfgs[n], c, PROFILES[n], NOON).prepare(NOON))
                 for n, c in subs.items()
             }
             rid = clearing_round(NOON)
@@ -177,7 +120,10 @@ def test_a_listed_submitter_is_cleared_and_verifies_the_result(
                 await asyncio.to_thread(_wait, lambda n=n: held(n), f"{n} to hold mg4's bid")
                 await asyncio.to_thread(_wait, lambda n=n: ignored(n), f"{n} to drop mg5's bid")
             outcomes = await asyncio.gather(
-                *(_driver(cfgs[n], c, NOON).prepare(NOON) for n, c in nodes.items())
+                *(
+                    round_driver(cfgs[n], c, PROFILES[n], NOON).prepare(NOON)
+                    for n, c in nodes.items()
+                )
             )
             return list(outcomes), {n: await t for n, t in sub_tasks.items()}
         finally:
@@ -214,7 +160,9 @@ def _config(tmp_path: Path, consensus: str, extra: str = "") -> Path:
     (tmp_path / "membership.toml").write_text(membership.to_toml())
     if extra:
         (tmp_path / "participants.toml").write_text(extra)
-    return _site(tmp_path / "mg4", "mg4", key, "mqtt://localhost:1883", "", consensus)
+    return write_site(
+        tmp_path / "mg4", "mg4", key, "mqtt://localhost:1883", "", consensus, delta_s=DELTA_S
+    )
 
 
 def _fails(tmp_path: Path, consensus: str, extra: str = "") -> ConfigError:
