@@ -36,6 +36,7 @@ from meterchain.errors import MeterChainError
 from meterchain.keys import PublicKey
 from meterchain.mqtt_auth import check_name
 from meterchain.quorum import Membership, QuorumError
+from meterchain.site.clock import REAL_TIME, MarketClock, check_clock
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -47,8 +48,11 @@ class AggregatorSection:
     ledger: str = ""  # SQLite file or postgresql:// URL
     membership: Path = Path()
     regulator_key: str = ""
-    block_interval_s: float = 60.0
-    vote_timeout_s: float = 10.0
+    # Regulator-signed transactions (participants, meters) that go into block 0 with the
+    # genesis: a CBOR array of transactions, as `meterchain site init` writes it. Optional.
+    genesis_txs: Path | None = None
+    block_interval_s: float = 60.0  # market seconds between block rounds
+    vote_timeout_s: float = 10.0  # real seconds the members have to answer a proposal
     settle_grace_s: int = 300
     max_readings_per_block: int = 50_000
     max_clock_ahead_s: int = 300
@@ -75,6 +79,8 @@ class AggregatorConfig:
     membership: Membership
     regulator: PublicKey
     password: str = field(default="", repr=False)
+    clock: MarketClock = REAL_TIME
+    genesis_txs: tuple[bytes, ...] = ()
 
     @property
     def host(self) -> str:
@@ -96,8 +102,8 @@ def load(path: str | Path) -> AggregatorConfig:
     check = TableChecker(path, sorted_known=True)
     doc = config_files.load_toml(path)
     for key in doc:
-        if key not in ("aggregator", "broker"):
-            check.fail(key, "unknown section (known: aggregator, broker)")
+        if key not in ("aggregator", "broker", "clock"):
+            check.fail(key, "unknown section (known: aggregator, broker, clock)")
     for key in ("aggregator", "broker"):
         if key not in doc:
             check.fail(key, "missing section")
@@ -107,8 +113,32 @@ def load(path: str | Path) -> AggregatorConfig:
     regulator = _regulator(check, agg.regulator_key)
     membership = _membership(check, agg, regulator)
     password = _check_broker(check, broker)
-    return AggregatorConfig(path, agg, broker, membership, regulator, password)
+    clock = check_clock(check, doc.get("clock", {}))
+    if agg.vote_timeout_s >= clock.wall_seconds(agg.block_interval_s):
+        check.fail(
+            "aggregator.vote_timeout_s",
+            "must be shorter than block_interval_s (in real seconds, at the clock's speed)",
+        )
+    genesis = _genesis_txs(check, agg.genesis_txs) if agg.genesis_txs else ()
+    return AggregatorConfig(path, agg, broker, membership, regulator, password, clock, genesis)
 
+
+def _genesis_txs(check: TableChecker, path: Path) -> tuple[bytes, ...]:
+    """The raw transactions of the genesis file (each must decode; the ledger checks them)."""
+    from meterchain import codec
+    from meterchain.errors import CodecError
+    from meterchain.ledger.transactions import Tx, TxError
+
+    check.readable_file(path, "aggregator.genesis_txs")
+    try:
+        items = codec.decode(path.read_bytes())
+        if not isinstance(items, list) or not all(isinstance(i, bytes) for i in items):
+            raise CodecError("not a CBOR array of byte strings")
+        for raw in items:
+            Tx.decode(raw)
+    except (CodecError, TxError) as exc:
+        check.fail("aggregator.genesis_txs", f"{path}: {exc}")
+    return tuple(items)
 
 def _check_aggregator(check: TableChecker, agg: AggregatorSection, has_membership: bool) -> None:
     for key in ("market", "ledger", "regulator_key"):
@@ -133,8 +163,6 @@ def _check_aggregator(check: TableChecker, agg: AggregatorSection, has_membershi
             check.fail("aggregator.ledger", f"folder {folder} does not exist")
     for key in ("block_interval_s", "vote_timeout_s"):
         check.positive(getattr(agg, key), f"aggregator.{key}")
-    if agg.vote_timeout_s >= agg.block_interval_s:
-        check.fail("aggregator.vote_timeout_s", "must be shorter than block_interval_s")
     for key in ("settle_grace_s", "max_clock_ahead_s"):
         check.positive(getattr(agg, key), f"aggregator.{key}", allow_zero=True)
     check.positive(agg.max_readings_per_block, "aggregator.max_readings_per_block")

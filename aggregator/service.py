@@ -6,12 +6,16 @@ the aggregator connects with `node_acl(market, node_id)`):
   kept in the ledger's inbox; the PUBACK is sent only once they are durable;
 - reads `c/+/tx` signed transactions (committed clearings from the consensus
   agents, registrations and vetoes from the regulator, orders, certificate
-  moves), kept as pending once they pass the ledger rules;
+  moves), kept as pending once they pass the ledger rules; every member sends
+  the clearing of a final round, so a second clearing of an hour already
+  cleared (on the ledger or pending) is a duplicate, counted and dropped;
 - writes `c/<node_id>/block` proposals and reads `c/+/block-vote` answers;
 - writes `c/<node_id>/committed` each certified block (retained).
 
 Everything touching the store runs on one thread (the service loop); the MQTT
-client's thread only queues messages.
+client's thread only queues messages. Block rounds follow the market clock
+(`meterchain.site.clock`, from the config); the members' answers are awaited
+for `vote_timeout_s` real seconds.
 """
 
 from __future__ import annotations
@@ -60,6 +64,10 @@ class AggregatorMetrics:
             p + "readings_rejected", "Readings refused, by reason", ["reason"], registry=r
         )
         self.txs = Counter(p + "txs_accepted", "Transactions kept as pending", registry=r)
+        self.txs_duplicate = Counter(
+            p + "txs_duplicate", "Clearings of an hour already cleared (another member's copy)",
+            registry=r,
+        )  # fmt: skip
         self.txs_rejected = Counter(
             p + "txs_rejected", "Transactions refused on arrival", ["kind"], registry=r
         )
@@ -79,15 +87,17 @@ class Round:
 
     proposal: Proposal
     membership: Membership
-    deadline: float
+    deadline: float  # time.monotonic()
     votes: dict[str, bytes] = field(default_factory=dict)
     refusals: dict[str, str] = field(default_factory=dict)
 
 
 class Aggregator:
-    def __init__(self, cfg: AggregatorConfig, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, cfg: AggregatorConfig, *, clock: Callable[[], float] | None = None
+    ) -> None:
         self.cfg = cfg
-        self.clock = clock
+        self.clock = clock or cfg.clock.now
         self.market = cfg.aggregator.market
         self.node_id = cfg.aggregator.node_id
         self.metrics = AggregatorMetrics()
@@ -271,7 +281,12 @@ class Aggregator:
                 raise TxError(f"a {tx.kind} transaction is formed by the aggregator, not sent")
             # A dry run against the ledger plus what is already pending (a meter may follow
             # its owner's admission before a block holds either); checked again in its block.
-            trial = self._pending_state().copy()
+            pending = self._pending_state()
+            if tx.kind == "clearing" and tx.body.get("hour") in pending.clearings:
+                self.metrics.txs_duplicate.inc()
+                log.debug("clearing of hour %s from %s: already held", tx.body["hour"], sender)
+                return
+            trial = pending.copy()
             trial.apply(
                 tx, TxContext(trial.height, 0, trial.time, (), False, StoreReadings(self.store))
             )
@@ -349,7 +364,10 @@ class Aggregator:
             r = self.round
             if len(r.votes) >= r.membership.quorum:
                 self._commit(r)
-            elif now >= r.deadline or len(r.refusals) > r.membership.n - r.membership.quorum:
+            elif (
+                time.monotonic() >= r.deadline
+                or len(r.refusals) > r.membership.n - r.membership.quorum
+            ):
                 self._give_up(r)
             return
         if now < self.next_round or not self.connected.is_set():
@@ -363,7 +381,8 @@ class Aggregator:
                  "regulator": self.cfg.regulator.point,
                  **membership_fields(self.cfg.membership)},
             )  # fmt: skip
-            proposal = self.former.propose_genesis(genesis, [], int(now))
+            extra = [Tx.decode(raw) for raw in self.cfg.genesis_txs]
+            proposal = self.former.propose_genesis(genesis, extra, int(now))
             membership = self.cfg.membership
         else:
             formation = self.former.propose(int(now))
@@ -374,7 +393,9 @@ class Aggregator:
                 return
             proposal = formation.proposal
             membership = self.former.state.membership
-        self.round = Round(proposal, membership, now + self.cfg.aggregator.vote_timeout_s)
+        self.round = Round(
+            proposal, membership, time.monotonic() + self.cfg.aggregator.vote_timeout_s
+        )
         self.client.publish(
             consensus_topic(self.market, self.node_id, "block"), proposal.encode(), qos=1
         )

@@ -1,4 +1,4 @@
-"""The edge agent service: wires config, ingest, MQTT, Modbus, metrics and systemd together.
+"""The edge agent service: wires config, ingest, MQTT, Modbus, rounds, block review and systemd.
 
 `run_agent(config)` starts every part, tells systemd it is ready, pings the
 watchdog while the ingest writer is alive, and on SIGTERM/SIGINT shuts down
@@ -7,6 +7,8 @@ hand (what is still queued stays unacknowledged at the broker), disconnect
 from the broker, close buses and the database, exit 0. If the writer dies
 (the disk failed), the agent stops pinging the watchdog and exits 1, so
 systemd restarts it and the broker re-delivers what was not committed.
+A consensus node also reviews the aggregator's block proposals on its own
+ledger copy (`edge_agent.reviewer`) and sends it each final clearing.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,7 @@ from meterchain.errors import ConfigError
 if TYPE_CHECKING:
     from edge_agent.consensus_clearing import ConsensusClearing
     from edge_agent.consensus_submit import SubmitClearing
+    from edge_agent.reviewer import ReviewerLink
 from meterchain.registry import Registry
 from meterchain.sequence import SequenceGuard
 
@@ -51,9 +53,10 @@ log = logging.getLogger("meterchain.agent")
 class Agent:
     """One running agent; build with a validated config, then `await run(stop)`."""
 
-    def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: AgentConfig, *, clock: Callable[[], float] | None = None) -> None:
         self.config = config
-        self.clock = clock
+        # Market time (meterchain.site.clock): the wall clock unless the config accelerates it.
+        self.clock = clock or config.clock.now
         forecaster = self._forecaster()
         self.metrics = AgentMetrics(clock=clock)
         self.registry = Registry.load(config.agent.registry)
@@ -113,6 +116,7 @@ class Agent:
         ]
         self.consensus: ConsensusClearing | None = None
         self.submitter: SubmitClearing | None = None
+        self.reviewer: ReviewerLink | None = None
         self.rounds = self._round_driver(forecaster) if forecaster is not None else None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -166,6 +170,7 @@ class Agent:
             store=self.view,
             bid_lead_s=self._bid_lead_s(),
             clock=self.clock,
+            wall_until=cfg.clock.wall_until,
             on_round=on_round,
         )
 
@@ -214,6 +219,10 @@ class Agent:
                 ) from exc
         self.worker.start()
         self.link.start()
+        if cfg.consensus.role == "node" and cfg.consensus.aggregator:
+            from edge_agent.reviewer import start_reviewer
+
+            self.reviewer = start_reviewer(cfg)
         for poller in self.pollers:
             self._spawn(f"poll-{poller.meter_id}", poller.run())
         if self.rounds is not None:
@@ -245,6 +254,8 @@ class Agent:
             self.consensus.runner.stop()
         if self.submitter is not None:
             self.submitter.stop()
+        if self.reviewer is not None:
+            self.reviewer.close()
         for bus in self.buses.values():
             await bus.close()
         stopping.cancel()

@@ -41,6 +41,7 @@ from meterchain.errors import MeterChainError
 from meterchain.keys import PrivateKey, PublicKey
 from meterchain.quorum import Membership, QuorumError
 from meterchain.reading import SOURCES
+from meterchain.site.clock import REAL_TIME, MarketClock, check_clock
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ROLES = ("node", "submitter", "standalone")
@@ -181,6 +182,10 @@ class ConsensusSection:
     delta_s: float = 5.0  # the synchronous bound of SDBFT
     # The regulator's P-256 point (hex); when set, the membership must carry its signature.
     regulator_public_key: str = ""
+    # Role "node": the aggregator whose block proposals this node reviews (re-executes on
+    # its own ledger copy, `ledger` under state_dir, then signs or refuses) and to which it
+    # sends each committed clearing; "" turns block review off.
+    aggregator: str = "aggregator"
 
 
 @dataclass(frozen=True)
@@ -197,6 +202,7 @@ class AgentConfig:
     microgrid: MicrogridSection = field(default_factory=MicrogridSection)
     market: MarketSection = field(default_factory=MarketSection)
     consensus: ConsensusSection = field(default_factory=ConsensusSection)
+    clock: MarketClock = REAL_TIME
     node_key: PrivateKey | None = field(default=None, repr=False)
     broker_password: str = field(default="", repr=False)
 
@@ -208,12 +214,18 @@ class AgentConfig:
     def database(self) -> Path:
         return self.agent.state_dir / "agent.sqlite"
 
+    @property
+    def ledger(self) -> Path:
+        """The node's own full copy of the ledger (role "node" with block review)."""
+        return self.agent.state_dir / "ledger.db"
+
     def bus(self, name: str) -> ModbusBusSection:
         return next(b for b in self.buses if b.name == name)
 
 
 _SECTIONS = (
-    "agent", "broker", "modbus", "setpoint", "forecast", "microgrid", "market", "consensus"
+    "agent", "broker", "modbus", "setpoint", "forecast", "microgrid", "market", "consensus",
+    "clock",
 )
 
 
@@ -242,6 +254,7 @@ def load(path: str | Path) -> AgentConfig:
     consensus = _check_consensus(
         check, check.table(doc.get("consensus", {}), ConsensusSection, "consensus")
     )
+    clock = check_clock(check, doc.get("clock", {}))
 
     # Checked as a secret (regular file, owner-only) before the PEM is parsed.
     config_files.secret_bytes(agent.key_file, path, "agent.key_file")
@@ -267,6 +280,7 @@ def load(path: str | Path) -> AgentConfig:
         microgrid=microgrid,
         market=market,
         consensus=consensus,
+        clock=clock,
         node_key=node_key,
         broker_password=password,
     )
@@ -466,6 +480,8 @@ def _check_consensus(check: TableChecker, cons: ConsensusSection) -> ConsensusSe
     check.positive(cons.delta_s, "consensus.delta_s")
     if cons.regulator_public_key:
         _regulator(check, cons.regulator_public_key)
+    if cons.aggregator:
+        check.name(cons.aggregator, "consensus.aggregator", "node id")
     return cons
 
 

@@ -12,6 +12,12 @@ result, and the agent executes its own line of that result. Requests of the
 submit-only participants listed in `consensus.participants` are accepted too
 (their side: `edge_agent.consensus_submit`).
 
+Once a round is final (more than n/2 members attested it: the finality
+certificate), the node sends the aggregator the committed clearing as a
+ledger transaction (`clearing_tx`) on `mc/<market>/c/<node_id>/tx`; every
+member does, so one crashed member loses nothing, and the aggregator keeps
+the first and counts the others as duplicates.
+
 The consensus runs on its own MQTT connection (client id `sdbft-<node>`)
 beside the ingest session, under the same broker credentials: the node ACL
 lets it publish only under `mc/<market>/c/<node_id>/`.
@@ -28,14 +34,17 @@ from urllib.parse import urlsplit
 from edge_agent.config import AgentConfig, load_participants
 from edge_agent.consensus.contracts import ClearingContract
 from edge_agent.consensus.messages import Decoder, RoundId, Value
-from edge_agent.consensus.node import Commit, Node
+from edge_agent.consensus.node import Commit, Final, Node
 from edge_agent.consensus.signing import Keyring, P256Signer
 from edge_agent.consensus.transport import MqttSettings, NodeRunner, open_store
 from edge_agent.energy import HOUR_S
+from meterchain import codec
 from meterchain.errors import ConfigError
+from meterchain.ledger.transactions import Tx
 from meterchain.market.clearing import ClearingResult
 from meterchain.market.errors import MarketError
 from meterchain.market.model import Market, TradeRequest
+from meterchain.mqtt_auth import consensus_topic
 from meterchain.quorum import Membership
 
 log = logging.getLogger("meterchain.agent.consensus")
@@ -49,6 +58,38 @@ def clearing_round(first_hour: int) -> RoundId:
 def clearing_contracts(market: Market) -> dict[str, ClearingContract]:
     """One SC1 contract per hour of day, keyed by the round kind `clearing_round` gives."""
     return {f"clear-{h:02d}": ClearingContract(market, h) for h in range(24)}
+
+
+def clearing_tx(final: Final, contracts: dict[str, ClearingContract]) -> Tx | None:
+    """The ledger transaction of a final clearing round (None: it cleared nothing).
+
+    It carries the exact signed request set, the contract value, the SC1
+    request and result in canonical form and the finality certificate (view
+    -1), which the ledger checks against the membership (`settle.check_clearing`).
+    """
+    value = final.value
+    outcome = value.result
+    contract = contracts.get(final.round.kind)
+    if contract is None or not isinstance(outcome, dict) or outcome.get("result") is None:
+        return None
+    request, _ = contract.clearing_request(value.requests)
+    if request is None:
+        return None
+    result = ClearingResult.from_dict(outcome["result"])
+    return Tx.make(
+        "clearing",
+        {
+            "round": final.round.seq,
+            "round_kind": final.round.kind,
+            "view": -1,
+            "hour": final.round.seq,
+            "requests": [r.raw for r in value.requests],
+            "value": codec.encode(outcome),
+            "request": request.to_cbor(),
+            "result": result.to_cbor(),
+            "qc": final.certificate.to_cbor(),
+        },
+    )
 
 
 class NoClearing(MarketError):
@@ -72,14 +113,29 @@ class ConsensusClearing:
         self.on_primary_change = on_primary_change or (lambda: None)
         self._waiting: dict[RoundId, asyncio.Future[Commit]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.contracts: dict[str, ClearingContract] = {}
         runner.on_commit = self._committed
         runner.on_publish = self._published
+        runner.on_final = self._final
 
     def _committed(self, commit: Commit) -> None:
         """From the consensus driver thread: hand the commit to the waiting round."""
         future = self._waiting.get(commit.round)
         if future is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(lambda: future.done() or future.set_result(commit))
+
+    def _final(self, final: Final) -> None:
+        """From the consensus driver thread: send the certified clearing to the aggregator."""
+        try:
+            tx = clearing_tx(final, self.contracts)
+        except MarketError as exc:
+            log.error("round %s is final but not a clearing the ledger takes: %s", final.round, exc)
+            return
+        if tx is None:
+            log.warning("round %s is final without a clearing result", final.round)
+            return
+        self.runner.link.publish(consensus_topic(self.runner.market, self.node_id, "tx"), tx.raw)
+        log.info("round %s final: clearing sent to the aggregator", final.round)
 
     def _published(self, kind: str, data: bytes) -> None:
         if kind == "status":  # sent when this node enters a new view: the primary changed
@@ -151,10 +207,11 @@ def start_consensus(
                 where, "consensus.participants", f"{node_id!r} is a member, not a participant"
             )
     store, records = open_store(Path(cfg.agent.state_dir) / "consensus")
+    contracts = clearing_contracts(market)
     node = Node(
         P256Signer(cfg.agent.node_id, cfg.node_key),
         Keyring(membership, participants),
-        clearing_contracts(market),
+        contracts,
         delta_ms=max(2, int(cfg.consensus.delta_s * 1000)),
         decoder=Decoder(),
         records=records,
@@ -172,10 +229,11 @@ def start_consensus(
     clearing = ConsensusClearing(
         runner,
         cfg.agent.node_id,
-        # The result must be in before the hour it executes starts.
-        timeout_s=cfg.consensus.bid_lead_s,
+        # The result must be in before the hour it executes starts (real seconds).
+        timeout_s=cfg.clock.wall_seconds(cfg.consensus.bid_lead_s),
         on_primary_change=on_primary_change,
     )
+    clearing.contracts = contracts if cfg.consensus.aggregator else {}
     try:
         runner.start()
     except TimeoutError:

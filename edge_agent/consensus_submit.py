@@ -233,8 +233,8 @@ def start_submitter(config: AgentConfig) -> SubmitClearing:
         cfg.agent.node_id,
         cfg.node_key,
         membership,
-        # The result must be in before the hour it executes starts.
-        timeout_s=submit_lead_s(cfg),
+        # The result must be in before the hour it executes starts (real seconds).
+        timeout_s=cfg.clock.wall_seconds(submit_lead_s(cfg)),
     )
     try:
         clearing.start()
@@ -245,13 +245,14 @@ def start_submitter(config: AgentConfig) -> SubmitClearing:
 
 
 def submit_lead_s(cfg: AgentConfig) -> float:
-    """How long before the hour a participant bids: 2 delta ahead of the consensus nodes.
+    """How long before the hour (market seconds) a participant bids: 2 delta (real time,
+    so scaled by the market clock's speed) ahead of the consensus nodes.
 
     The primary proposes as soon as it holds every member's request, so a
     participant's request sent at the same moment as the members' could miss
     the proposal; the nodes hold requests of rounds they have not opened yet.
     """
-    return cfg.consensus.bid_lead_s + 2 * cfg.consensus.delta_s
+    return cfg.consensus.bid_lead_s + 2 * cfg.consensus.delta_s * cfg.clock.speed
 
 
 def _broker(cfg: AgentConfig) -> tuple[str, int]:

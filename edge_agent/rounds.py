@@ -1,6 +1,7 @@
 """The round driver: each hour, forecast and bid for the next window, then execute what cleared.
 
-`bid_lead_s` before each UTC hour the driver forecasts the window from that
+`bid_lead_s` (market seconds) before each UTC hour of the market clock
+(`meterchain.site.clock`) the driver forecasts the window from that
 hour to the end of the day, builds the trade request (edge_agent.bid) and
 hands it to a `Clearing`: the SDBFT consensus among the market's agents, or
 `StandaloneClearing`, which clears the microgrid's request alone (no trade
@@ -77,8 +78,11 @@ class RoundDriver:
         store: StoreView,
         bid_lead_s: float = 300.0,
         clock: Callable[[], float] = time.time,
+        wall_until: Callable[[float], float] | None = None,
         on_round: Callable[[RoundOutcome], None] | None = None,
     ) -> None:
+        """`clock` reads market time; `wall_until(t)` says how many real seconds remain
+        until the market clock reads t (default: the two clocks run alike)."""
         self.microgrid_id = microgrid_id
         self.section = section
         self.forecaster = forecaster
@@ -88,6 +92,7 @@ class RoundDriver:
         self.store = store
         self.bid_lead_s = bid_lead_s
         self.clock = clock
+        self.wall_until = wall_until or (lambda t: t - self.clock())
         self.on_round = on_round or (lambda outcome: None)
 
     def _soc_at(self, hour: int) -> int | None:
@@ -144,7 +149,7 @@ class RoundDriver:
             await self.execute(outcome)
 
     async def _sleep_until(self, t: float) -> None:
-        delay = t - self.clock()
+        delay = self.wall_until(t)
         if delay > 0:
             await asyncio.sleep(delay)
 

@@ -78,7 +78,7 @@ BAD = [
     (
         "",
         "",
-        "nope: unknown section (known: aggregator, broker)",
+        "nope: unknown section (known: aggregator, broker, clock)",
     ),
 ]
 

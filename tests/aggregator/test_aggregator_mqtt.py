@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ledger"))
 from ledger_world import H0, T0, hour_readings, order_terms, two_microgrid_clearing  # noqa: E402
 
 from aggregator.config import load  # noqa: E402
-from aggregator.reviewer import ReviewerLink  # noqa: E402
 from aggregator.service import Aggregator  # noqa: E402
+from edge_agent.reviewer import ReviewerLink  # noqa: E402
 from meterchain.ledger.chain import verify_store  # noqa: E402
 from meterchain.ledger.readings import HOUR  # noqa: E402
 from meterchain.ledger.review import BlockReviewer  # noqa: E402

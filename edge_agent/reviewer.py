@@ -4,8 +4,8 @@
 full ledger) with a paho client: it answers each proposal the aggregator
 publishes on `mc/<market>/c/<aggregator>/block` with a signed vote or refusal on
 `mc/<market>/c/<node>/block-vote`, and applies each certified block announced on
-`.../committed`. The edge agent runs one next to its SDBFT node; the store is
-only touched from the link's own worker thread.
+`.../committed`. The edge agent (role "node") runs one next to its SDBFT node
+(`start_reviewer`); the store is only touched from the link's own worker thread.
 """
 
 from __future__ import annotations
@@ -15,13 +15,17 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 
 from meterchain.errors import MeterChainError
 from meterchain.ledger.review import BlockReviewer
+from meterchain.ledger.store import open_store
 from meterchain.mqtt_auth import consensus_topic
+
+if TYPE_CHECKING:
+    from edge_agent.config import AgentConfig
 
 log = logging.getLogger("meterchain.reviewer")
 
@@ -61,6 +65,13 @@ class ReviewerLink:
         self._queue.put(None)
         self._worker.join(timeout=10)
 
+    def close(self) -> None:
+        """Stop reviewing, disconnect and close the node's ledger copy."""
+        self.stop()
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.reviewer.store.close()
+
     def _work(self) -> None:
         while True:
             item = self._queue.get()
@@ -77,3 +88,41 @@ class ReviewerLink:
                     log.debug("committed block %d", height)
             except MeterChainError as exc:
                 log.warning("block message on %s not handled: %s", topic, exc)
+
+
+def start_reviewer(config: AgentConfig) -> ReviewerLink:
+    """The agent's block reviewer on its own ledger copy and MQTT session (client `review-<id>`)."""
+    import ssl
+    from urllib.parse import urlsplit
+
+    from meterchain.keys import PublicKey
+
+    cfg = config
+    assert cfg.node_key is not None
+    regulator = cfg.consensus.regulator_public_key
+    cfg.agent.state_dir.mkdir(parents=True, exist_ok=True)
+    reviewer = BlockReviewer(
+        open_store(str(cfg.ledger)),
+        cfg.agent.node_id,
+        cfg.node_key,
+        regulator=PublicKey.from_hex(regulator) if regulator else None,
+    )
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=f"review-{cfg.agent.node_id}",
+        protocol=mqtt.MQTTv311,
+    )
+    if cfg.broker.username:
+        client.username_pw_set(cfg.broker.username, cfg.broker_password)
+    if cfg.broker.ca_file is not None:
+        client.tls_set(ca_certs=str(cfg.broker.ca_file), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    client.reconnect_delay_set(0.1, 5)
+    link = ReviewerLink(
+        reviewer, client, cfg.agent.market, cfg.consensus.aggregator, clock=cfg.clock.now
+    )
+    url = urlsplit(cfg.broker.url)
+    port = url.port or (8883 if url.scheme == "mqtts" else 1883)
+    client.connect_async(url.hostname or "localhost", port, cfg.broker.keepalive_s)
+    client.loop_start()
+    link.start()
+    return link
