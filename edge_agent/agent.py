@@ -58,7 +58,7 @@ class Agent:
         # Market time (meterchain.site.clock): the wall clock unless the config accelerates it.
         self.clock = clock or config.clock.now
         forecaster = self._forecaster()
-        self.metrics = AgentMetrics(clock=clock)
+        self.metrics = AgentMetrics(clock=self.clock)
         self.registry = Registry.load(config.agent.registry)
         self.store = AgentStore(config.database)
         self.guard = SequenceGuard(self.store.conn)
@@ -67,7 +67,7 @@ class Agent:
             self.registry,
             self.guard,
             observer=self.metrics,
-            clock=clock,
+            clock=self.clock,
             max_clock_ahead_s=config.agent.max_clock_ahead_s,
         )
         self.view = StoreView(config.database)
