@@ -15,12 +15,11 @@ every backup and by ``ledger verify``:
   power (curtails or stores it) and its buyers take that energy from the grid
   instead: the seller's injection falls by ``c``, the buyers' withdrawals stay.
   So the LP chooses one cut per seller; it is spread over that seller's trades
-  pro rata to their cleared volumes (``units.split_pro_rata``). Limits are
-  tightened by 1 W (by sellers + 1 W if rounding the cuts up to whole Wh
-  would leave a line over), so float noise on another node cannot leave a
-  line over.
-  What the trades cannot relieve (a line overloaded by grid exchange alone)
-  is reported as ``residual_w`` instead of failing.
+  pro rata to their cleared volumes (``units.split_pro_rata``). Cuts are
+  rounded up to whole Wh (limits are tightened by sellers + 1 W only when
+  that rounding would leave a line over). When no cut clears every line (a
+  line overloaded by grid exchange alone), the LP first minimises the
+  remaining overload, reported as ``residual_w``, then the cut.
 * ``price(network, result) -> Adjustment`` (method ``"price"``) -- no cut;
   each violated line gets a congestion price (minor units per kWh: the LP's
   shadow price of the line, in Wh of cut per W of capacity, times the hour's
@@ -57,10 +56,6 @@ from meterchain.market.units import pro_rata, split_pro_rata, to_int
 ADJUST = "adjust"
 PRICE = "price"
 METHODS = (ADJUST, PRICE)
-
-# Weight of a W of residual overload against a Wh of cut: large enough that the LP
-# cuts whatever still relieves a line the trades cannot fully clear.
-_RESIDUAL_WEIGHT = 1e6
 
 
 class CongestionError(MarketError):
@@ -270,11 +265,11 @@ def _sales(hour: ExecutedHour) -> dict[str, int]:
 def _minimal_cut(network: Network, result: ClearingResult, hour: ExecutedHour) -> _Plan:
     """Smallest total seller cut restoring every line limit (LP over per-seller cuts, HiGHS).
 
-    Limits are first tightened by 1 W; if rounding the cuts up to whole Wh
-    still leaves a line over (a cut that loads a counter-flowing line), the LP
-    is solved again with ``sellers + 1`` W, which bounds any rounding effect.
+    The LP first holds the exact limits; if rounding the cuts up to whole Wh
+    leaves a line over (a cut that loads a counter-flowing line), it is solved
+    again with limits tightened by ``sellers + 1`` W, which bounds any rounding.
     """
-    plan = _solve_cut(network, result, hour, 1)
+    plan = _solve_cut(network, result, hour, 0)
     if plan.rounding_ok:
         return plan
     return _solve_cut(network, result, hour, len(plan.sellers) + 1)
@@ -300,42 +295,64 @@ def _solve_cut(network: Network, result: ClearingResult, hour: ExecutedHour, mar
     # Keep only the constraint rows some cut could push past the tightened limit.
     reach_hi = flows + np.clip(sens, 0, None) @ caps
     reach_lo = flows + np.clip(sens, None, 0) @ caps
-    rows, rhs, signs, row_line = [], [], [], []
+    rows, rhs, row_line = [], [], []
     for line in range(m):
         if max(flows[line], reach_hi[line]) > target[line]:
             rows.append(sens[line])
             rhs.append(target[line] - flows[line])
-            signs.append(1.0)
             row_line.append(line)
         if min(flows[line], reach_lo[line]) < -target[line]:
             rows.append(-sens[line])
             rhs.append(target[line] + flows[line])
-            signs.append(-1.0)
             row_line.append(line)
     n, k = len(sellers), len(rows)
     if k == 0:
         return _Plan(sellers, (0,) * n, 0.0, (), (0.0,) * m, margin)
-    # Variables: cuts (n) then one residual slack per constraint row (k).
-    a_ub = np.hstack([np.array(rows), -np.eye(k)])
-    cost = np.concatenate([np.ones(n), np.full(k, _RESIDUAL_WEIGHT)])
-    bounds = [(0.0, c) for c in caps] + [(0.0, None)] * k
-    lp = linprog(cost, A_ub=a_ub, b_ub=np.array(rhs), bounds=bounds, method="highs")
+    a_ub, b_ub = np.array(rows), np.array(rhs)
+    lp = linprog(np.ones(n), A_ub=a_ub, b_ub=b_ub, bounds=[(0.0, c) for c in caps], method="highs")
+    if lp.status == 2:
+        lp = _least_residual_cut(a_ub, b_ub, caps)
     if lp.status != 0:
         raise CongestionError(f"congestion LP stopped without an optimum: {lp.message}")
-    x = np.asarray(lp.x)
+    x = np.asarray(lp.x)[:n]
     cuts = tuple(
         min(sold[s], math.ceil(float(x[j]) - 1e-6)) if x[j] > 1e-6 else 0
         for j, s in enumerate(sellers)
     )
     shadow = [0.0] * m
-    duals = -np.asarray(lp.ineqlin.marginals)
+    duals = -np.asarray(lp.ineqlin.marginals)[:k]
     for r, line in enumerate(row_line):
         shadow[line] += max(0.0, float(duals[r]))
     after = flows + sens @ np.array(cuts, dtype=float)
     residual = _residual(network, after)
-    slack = dict(_residual(network, flows + sens @ x[:n]))
+    slack = dict(_residual(network, flows + sens @ x))
     ok = all(w <= slack.get(line, 0) for line, w in residual)
-    return _Plan(sellers, cuts, float(np.sum(x[:n])), residual, tuple(shadow), margin, ok)
+    return _Plan(sellers, cuts, float(np.sum(x)), residual, tuple(shadow), margin, ok)
+
+
+def _least_residual_cut(a_ub: np.ndarray, b_ub: np.ndarray, caps: np.ndarray) -> Any:
+    """When no cut clears every line: least total overload first, then the least cut keeping it.
+
+    Two LPs (lexicographic), not one weighted sum, so no amount of cut is ever
+    traded against a W of overload the trades could have relieved.
+    """
+    from scipy.optimize import linprog
+
+    k, n = a_ub.shape
+    a_r = np.hstack([a_ub, -np.eye(k)])
+    bounds = [(0.0, c) for c in caps] + [(0.0, None)] * k
+    overload = np.concatenate([np.zeros(n), np.ones(k)])
+    first = linprog(overload, A_ub=a_r, b_ub=b_ub, bounds=bounds, method="highs")
+    if first.status != 0:
+        return first
+    least = float(first.fun) * (1 + 1e-9) + 1e-6
+    return linprog(
+        np.concatenate([np.ones(n), np.zeros(k)]),
+        A_ub=np.vstack([a_r, overload]),
+        b_ub=np.append(b_ub, least),
+        bounds=bounds,
+        method="highs",
+    )
 
 
 def _residual(network: Network, flows: np.ndarray) -> tuple[tuple[str, int], ...]:
