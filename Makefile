@@ -21,16 +21,20 @@ $(MP_RUNTIME): firmware/package.json firmware/package-lock.json
 	cd firmware && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
-# Mosquitto and PostgreSQL are real servers the tests start themselves.
+# Mosquitto and PostgreSQL are real servers the tests start themselves; Chromium renders the
+# HTML report in a test; promtool (Debian package prometheus) checks the alert rules.
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium fonts-dejavu-core"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing via apt"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  $(SUDO) systemctl disable --now mosquitto >/dev/null 2>&1 || true; \
+	  $(SUDO) systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true; \
 	fi
 
 lint: setup

@@ -6,9 +6,10 @@ reported that the ledger does not prove. `settlement` writes one statement
 line per hour and party (CSV or JSON): energy bought, sold and short (Wh) and
 the money each settlement reason moved (minor units, + received, - paid),
 including trade orders fired by the contract client. `plot` writes one HTML
-page with inline SVG charts: energy traded between microgrids per hour, trade
-and retail prices, each microgrid's cost with and without trading, and green
-certificate balances.
+page of matplotlib charts (inline SVG): energy traded per hour (cleared and
+delivered), energy prices and bargaining transfers, each microgrid's cost
+with and without trading, green certificates, an hour table and a glossary
+of every figure (`GLOSSARY`). Times are ISO-8601 UTC.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
-from meterchain import codec
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from meterchain import charts, codec
 from meterchain.errors import MeterChainError
 from meterchain.ledger.chain import ChainError, verify_store
 from meterchain.ledger.readings import HOUR
@@ -79,17 +83,26 @@ class HourOfTrade:
     trades: list[tuple[str, str, int, int]]  # seller, buyer, cleared Wh, price per kWh
     delivered: dict[tuple[str, str], int]  # (seller, buyer) -> delivered Wh (after settlement)
     retail: dict[str, int]  # microgrid -> retail price per kWh that hour
+    feed_in: dict[str, int]  # microgrid -> feed-in tariff per kWh
     standalone_cost: dict[str, int]  # cost alone (minor units)
     final_cost: dict[str, int]  # cost with trading, after bargaining payments
+    settled: bool = False  # a settlement of this hour is on the ledger
 
 
 @dataclass
 class MarketReport:
+    """Everything the statements and the charts show, read from one verified ledger."""
+
     market: str
     statements: list[Statement]
     hours: list[HourOfTrade]
     certificates: dict[str, dict[str, int]]
     blocks: int
+
+    @property
+    def microgrids(self) -> list[str]:
+        """Every microgrid in a cleared hour, sorted."""
+        return sorted({mg for h in self.hours for mg in h.standalone_cost})
 
 
 def _stored_txs(store: LedgerStore) -> list[Tx]:
@@ -114,6 +127,8 @@ def build(store: LedgerStore, *, signatures: bool = False) -> MarketReport:
         elif tx.kind == "settlement":
             hour = tx.body["hour"]
             settled = codec.decode(tx.body["result"])
+            if hour in hours:
+                hours[hour].settled = True
             for seller, buyer, cleared, delivered in settled["deliveries"]:
                 line(hour, seller).sold_wh += delivered
                 line(hour, seller).short_wh += cleared - delivered
@@ -161,6 +176,7 @@ def _hour_of_trade(tx: Tx) -> HourOfTrade:
         [(tr.seller, tr.buyer, tr.energy_wh, tr.price_per_kwh) for tr in executed.trades],
         {},
         {mg.id: mg.retail_price_per_kwh[t] for mg in request.microgrids},
+        {mg.id: mg.feed_in_tariff_per_kwh for mg in request.microgrids},
         dict(zip(ids, executed.standalone_cost, strict=True)),
         {mg: executed.final_cost(i) for i, mg in enumerate(ids)},
     )
@@ -205,161 +221,251 @@ def statements_json(report: MarketReport) -> str:
 
 # --- the HTML report -------------------------------------------------------------------
 
-PALETTE = ("#2e7d32", "#1565c0", "#ef6c00", "#6a1b9a", "#00838f", "#c62828", "#827717")
-W, H, PAD = 760, 300, 56
+# Every figure the report shows, in words (the README's glossary says the same).
+GLOSSARY: tuple[tuple[str, str], ...] = (
+    ("cleared energy",
+     "Energy a seller agreed to deliver to a buyer in the committed clearing of an hour "
+     "(the plan, signed by the consensus agents before the hour)."),
+    ("delivered energy",
+     "Energy the meters show the seller actually delivered to that buyer in the hour, as "
+     "settled after it (M5): local demand is served first, a seller with several buyers "
+     "delivers pro rata. Cleared minus delivered is the shortfall."),
+    ("energy price",
+     "What the buyer pays per kWh of delivered energy, per seller -> buyer pair; meant to lie "
+     "between the feed-in tariff and the retail price (M3), which the chart draws beside it."),
+    ("bargaining transfer",
+     "Money moved between microgrids with no energy, so that every trading microgrid's cost "
+     "falls by the same amount (Nash bargaining, M3). Kept apart from the energy price."),
+    ("cost without trading",
+     "A microgrid's own cost if it traded with nobody (the disagreement point): gas, "
+     "storage wear, grid purchases minus feed-in sales. Negative means it earns money."),
+    ("cost with trading",
+     "Its cost in the committed clearing after energy payments and bargaining transfers. "
+     "Cost without trading minus cost with trading is its improvement (never negative)."),
+    ("penalty",
+     "For each kWh cleared but not delivered the seller pays the buyer the buyer's green loss "
+     "coefficient plus max(0, retail price - energy price) (M5)."),
+    ("sign convention",
+     "Money in a statement is + received and - paid by that party; net is their sum over "
+     "every settlement reason. Costs are + spent and - earned."),
+    ("money unit",
+     f"Ledgers hold integer minor units, 1/{MONEY_SCALE:,} of a currency unit; charts show "
+     "currency units."),
+    ("green certificate",
+     "One per MWh of verified renewable generation (M22); held until retired, once."),
+    ("times",
+     "ISO-8601 in UTC (the Z suffix); an hour is named by its start and covers the next "
+     "60 minutes."),
+)  # fmt: skip
+
+# The page lays charts out in fixed boxes, so a screenshot can be checked chart by chart.
+PAGE_W, HEADER_H, CHART_H, CHART_GAP = 1000, 150, 440, 20
 
 
-def _frame(title: str, y_label: str, top: float) -> list[str]:
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
-        'font-family="sans-serif" font-size="11" role="img">',
-        f"<title>{escape(title)}</title>",
-        f'<rect width="{W}" height="{H}" fill="white"/>',
-        f'<text x="{PAD}" y="18" font-size="14">{escape(title)}</text>',
-        f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="black"/>',
-        f'<line x1="{PAD}" y1="{PAD - 20}" x2="{PAD}" y2="{H - PAD}" stroke="black"/>',
-        f'<text x="8" y="{PAD - 24}">{escape(y_label)}</text>',
-    ]
-    for k in range(5):
-        value = top * k / 4
-        y = H - PAD - (H - 2 * PAD + 20) * k / 4
-        parts.append(f'<text x="{PAD - 4}" y="{y + 4:.1f}" text-anchor="end">{value:,.0f}</text>')
-    return parts
+def _kwh(wh: float) -> float:
+    return wh / 1000
 
 
-def _legend(names: Sequence[str], colours: Sequence[str]) -> list[str]:
-    parts = []
-    for i, (name, colour) in enumerate(zip(names, colours, strict=True)):
-        x = PAD + 10 + (i % 4) * 170
-        y = H - 4 - (i // 4) * 13
-        parts.append(f'<rect x="{x}" y="{y - 9}" width="10" height="10" fill="{colour}"/>')
-        parts.append(f'<text x="{x + 14}" y="{y}">{escape(name)}</text>')
-    return parts
+def _currency(minor: float) -> float:
+    return minor / MONEY_SCALE
 
 
-def _bars(
-    title: str, y_label: str, labels: Sequence[str], series: dict[str, list[float]],
-    *, stacked: bool,
-) -> str:  # fmt: skip
-    names = list(series)
-    colours = [PALETTE[i % len(PALETTE)] for i in range(len(names))]
-    n = max(len(labels), 1)
-    if stacked:
-        top = max((sum(series[s][i] for s in names) for i in range(len(labels))), default=0)
-    else:
-        top = max((v for s in names for v in series[s]), default=0)
-    top = top or 1.0
-    parts = _frame(title, y_label, top)
-    inner_h = H - 2 * PAD + 20
-    slot = (W - 2 * PAD) / n
-    for i, label in enumerate(labels):
-        base = 0.0
-        for j, name in enumerate(names):
-            value = series[name][i]
-            if stacked:
-                x, width = PAD + i * slot + slot * 0.15, slot * 0.7
-                y0 = base
-                base += value
-            else:
-                width = slot * 0.7 / max(len(names), 1)
-                x, y0 = PAD + i * slot + slot * 0.15 + j * width, 0.0
-            height = inner_h * value / top
-            y = H - PAD - inner_h * y0 / top - height
-            parts.append(
-                f'<rect x="{x:.1f}" y="{y:.1f}" width="{width:.1f}" height="{height:.1f}" '
-                f'fill="{colours[j]}"><title>{escape(label)} {escape(name)}: {value:,.1f}'
-                "</title></rect>"
-            )
-        parts.append(
-            f'<text x="{PAD + (i + 0.5) * slot:.1f}" y="{H - PAD + 14}" '
-            f'text-anchor="middle">{escape(label)}</text>'
+def energy_figure(report: MarketReport) -> Figure:
+    """Energy traded per hour and pair: cleared (hatched, left) next to delivered (solid, right)."""
+    fig, (ax,) = charts.figure()
+    ax.set_title("Energy traded between microgrids per hour: cleared and delivered")
+    ax.set_ylabel("energy (kWh)")
+    hours = [h.hour for h in report.hours]
+    edges = charts.hour_edges(hours)
+    pairs = sorted({(s, b) for h in report.hours for s, b, _, _ in h.trades})
+    names = {pair: f"{pair[0]} → {pair[1]}" for pair in pairs}
+    palette = charts.colours(names.values())
+    hour = (edges[1] - edges[0]) if edges else 1.0
+    cleared_base = [0.0] * len(hours)
+    delivered_base = [0.0] * len(hours)
+    for pair in pairs:
+        cleared = [_kwh(sum(w for s, b, w, _ in h.trades if (s, b) == pair)) for h in report.hours]
+        delivered = [_kwh(h.delivered.get(pair, 0)) for h in report.hours]
+        starts = edges[:-1]
+        ax.bar([x + 0.08 * hour for x in starts], cleared, 0.4 * hour, bottom=cleared_base,
+               align="edge", color=palette[names[pair]], alpha=0.45, hatch="//",
+               edgecolor=palette[names[pair]], linewidth=0.5)  # fmt: skip
+        ax.bar([x + 0.52 * hour for x in starts], delivered, 0.4 * hour, bottom=delivered_base,
+               align="edge", color=palette[names[pair]], label=names[pair])  # fmt: skip
+        cleared_base = [a + b for a, b in zip(cleared_base, cleared, strict=True)]
+        delivered_base = [a + b for a, b in zip(delivered_base, delivered, strict=True)]
+    for x, h in zip(edges[:-1], report.hours, strict=False):
+        if h.trades and not h.settled:
+            ax.annotate("not settled yet", (x + 0.72 * hour, 0), rotation=90, fontsize="x-small",
+                        ha="center", va="bottom", color="#616161")  # fmt: skip
+    if not pairs:
+        charts.empty_note(ax, "no energy traded between microgrids in these hours")
+        ax.set_ylim(0, 1)
+    ax.margins(y=0.08)
+    charts.hour_axis(ax, hours)
+    charts.legend_outside(ax, "seller → buyer", extra=(
+        Patch(facecolor="#bdbdbd", edgecolor="#616161", hatch="//", label="left bar: cleared"),
+        Patch(facecolor="#616161", label="right bar: delivered"),
+    ))  # fmt: skip
+    return fig
+
+
+def price_figure(report: MarketReport) -> Figure:
+    """Energy prices per kWh (top) and the bargaining transfers of each hour (bottom)."""
+    fig, (top, bottom) = charts.figure(rows=2)
+    top.set_title("Energy price per kWh, and bargaining transfers (Nash, M3)")
+    top.set_ylabel("currency per kWh")
+    hours = [h.hour for h in report.hours]
+    edges = charts.hour_edges(hours)
+    centres = [(a + b) / 2 for a, b in zip(edges, edges[1:], strict=False)]
+    nan = float("nan")
+    pairs = sorted({(s, b) for h in report.hours for s, b, _, _ in h.trades})
+    palette = charts.colours(f"{s} → {b}" for s, b in pairs)
+    for pair in pairs:
+        name = f"{pair[0]} → {pair[1]}"
+        prices = [next((_currency(p) for s, b, w, p in h.trades if (s, b) == pair and w), nan)
+                  for h in report.hours]  # fmt: skip
+        top.plot(centres, prices, marker="o", color=palette[name], label=name)
+    bands = {
+        "retail price": [_currency(sum(h.retail.values()) / len(h.retail)) if h.retail else nan
+                         for h in report.hours],
+        "feed-in tariff": [_currency(sum(h.feed_in.values()) / len(h.feed_in)) if h.feed_in
+                           else nan for h in report.hours],
+    }  # fmt: skip
+    for name, values in bands.items():
+        top.plot(centres, values, linestyle="--", marker="_", markersize=14,
+                 color=charts.colour(name), label=f"{name} (mean over microgrids)")  # fmt: skip
+    charts.zero_line(top)
+    if not pairs:
+        charts.empty_note(top, "no trades between microgrids in these hours")
+    charts.legend_outside(top, "energy price, seller → buyer")
+    bottom.set_ylabel("currency\n(+ received, − paid)")
+    transfers = _transfers(report)
+    parties = sorted(transfers)
+    palette = charts.colours(parties)
+    hour = (edges[1] - edges[0]) if edges else 1.0
+    width = 0.8 * hour / max(len(parties), 1)
+    for k, party in enumerate(parties):
+        bottom.bar([x + 0.1 * hour + k * width for x in edges[:-1]],
+                   [_currency(transfers[party].get(h, 0)) for h in hours],
+                   width, align="edge", color=palette[party], label=party)  # fmt: skip
+    charts.zero_line(bottom)
+    if not any(v for t in transfers.values() for v in t.values()):
+        charts.empty_note(bottom, "no bargaining transfers in these hours")
+    charts.legend_outside(bottom, "microgrid")
+    charts.hour_axis(bottom, hours)
+    return fig
+
+
+def _transfers(report: MarketReport) -> dict[str, dict[int, int]]:
+    """Settled bargaining transfers: party -> hour -> minor units (+ received, - paid)."""
+    out: dict[str, dict[int, int]] = {}
+    for s in report.statements:
+        if s.party in report.microgrids:
+            out.setdefault(s.party, {})[s.hour] = s.money["transfer"]
+    return out
+
+
+def cost_figure(report: MarketReport) -> Figure:
+    """Each microgrid's cost over the period without and with trading; negative is earnings."""
+    fig, (ax,) = charts.figure()
+    ax.set_title("Cost over the period, without and with trading (negative = earned)")
+    ax.set_ylabel("currency (+ spent, − earned)")
+    microgrids = report.microgrids
+    xs = list(range(len(microgrids)))
+    for offset, name, field_name in ((-0.2, "without trading", "standalone_cost"),
+                                     (0.2, "with trading", "final_cost")):  # fmt: skip
+        values = [_currency(sum(getattr(h, field_name).get(mg, 0) for h in report.hours))
+                  for mg in microgrids]  # fmt: skip
+        bars = ax.bar([x + offset for x in xs], values, 0.4, color=charts.colour(name), label=name)
+        ax.bar_label(bars, fmt="{:,.2f}", fontsize="x-small", padding=2)
+    charts.zero_line(ax)
+    ax.set_xticks(xs, microgrids)
+    ax.set_xlabel("microgrid")
+    ax.margins(y=0.15)
+    if not microgrids:
+        charts.empty_note(ax, "no cleared hours on the ledger")
+    charts.legend_outside(ax)
+    return fig
+
+
+def certificates_figure(report: MarketReport) -> Figure:
+    """Green certificates held and retired per participant (whole numbers)."""
+    fig, (ax,) = charts.figure()
+    ax.set_title("Green certificates per participant (1 per MWh of verified green generation)")
+    ax.set_ylabel("certificates")
+    owners = list(report.certificates)
+    xs = list(range(len(owners)))
+    for offset, name in ((-0.2, "held"), (0.2, "retired")):
+        values = [report.certificates[o][name] for o in owners]
+        bars = ax.bar([x + offset for x in xs], values, 0.4, color=charts.colour(name), label=name)
+        ax.bar_label(bars, fontsize="x-small", padding=2)
+    ax.set_xticks(xs, owners)
+    ax.set_xlabel("participant")
+    charts.integer_axis(ax)
+    if not owners:
+        charts.empty_note(ax, "no participants on the ledger")
+    charts.legend_outside(ax)
+    return fig
+
+
+FIGURES = (
+    ("energy", energy_figure),
+    ("prices", price_figure),
+    ("costs", cost_figure),
+    ("certificates", certificates_figure),
+)
+
+
+def _hours_table(report: MarketReport) -> str:
+    rows = []
+    for h in report.hours:
+        cleared = sum(w for _, _, w, _ in h.trades)
+        delivered = sum(h.delivered.values()) if h.settled else None
+        rows.append(
+            f"<tr><td>{charts.utc_iso(h.hour * HOUR)}</td><td>{cleared / 1000:,.1f}</td>"
+            f"<td>{'not settled yet' if delivered is None else f'{delivered / 1000:,.1f}'}</td>"
+            f"<td>{len(h.trades)}</td></tr>"
         )
-    parts += _legend(names, colours)
-    parts.append("</svg>")
-    return "\n".join(parts)
-
-
-def _lines(title: str, y_label: str, labels: Sequence[str], series: dict[str, list[float]]) -> str:
-    names = list(series)
-    colours = [PALETTE[i % len(PALETTE)] for i in range(len(names))]
-    top = max((v for s in names for v in series[s]), default=0) or 1.0
-    bottom = min(0.0, min((v for s in names for v in series[s]), default=0))
-    parts = _frame(title, y_label, top)
-    inner_h = H - 2 * PAD + 20
-    slot = (W - 2 * PAD) / max(len(labels), 1)
-    for j, name in enumerate(names):
-        points = " ".join(
-            f"{PAD + (i + 0.5) * slot:.1f},"
-            f"{H - PAD - inner_h * (v - bottom) / (top - bottom or 1):.1f}"
-            for i, v in enumerate(series[name])
-        )
-        parts.append(
-            f'<polyline points="{points}" fill="none" stroke="{colours[j]}" stroke-width="2">'
-            f"<title>{escape(name)}</title></polyline>"
-        )
-    for i, label in enumerate(labels):
-        parts.append(
-            f'<text x="{PAD + (i + 0.5) * slot:.1f}" y="{H - PAD + 14}" '
-            f'text-anchor="middle">{escape(label)}</text>'
-        )
-    parts += _legend(names, colours)
-    parts.append("</svg>")
-    return "\n".join(parts)
+    return (
+        "<table><tr><th>hour starting (UTC)</th><th>cleared kWh</th><th>delivered kWh</th>"
+        "<th>trades</th></tr>\n" + "\n".join(rows) + "\n</table>"
+    )
 
 
 def render_html(report: MarketReport) -> str:
-    labels = [time.strftime("%d %H:00", time.gmtime(h.hour * HOUR)) for h in report.hours]
-    pairs = sorted({(s, b) for h in report.hours for s, b, _, _ in h.trades})
-    traded = {
-        f"{s} → {b}": [h.delivered.get((s, b), sum(w for ss, bb, w, _ in h.trades
-                                                     if (ss, bb) == (s, b))) / 1000
-                        for h in report.hours]
-        for s, b in pairs
-    }  # fmt: skip
-    prices: dict[str, list[float]] = {
-        "trade price (energy-weighted)": [
-            sum(w * p for _, _, w, p in h.trades) / sum(w for _, _, w, _ in h.trades)
-            / MONEY_SCALE if h.trades and sum(w for _, _, w, _ in h.trades) else 0.0
-            for h in report.hours
-        ],
-        "mean retail price": [
-            sum(h.retail.values()) / len(h.retail) / MONEY_SCALE if h.retail else 0.0
-            for h in report.hours
-        ],
-    }  # fmt: skip
-    microgrids = sorted({mg for h in report.hours for mg in h.standalone_cost})
-    costs = {
-        "without trading": [sum(h.standalone_cost.get(mg, 0) for h in report.hours) / MONEY_SCALE
-                            for mg in microgrids],
-        "with trading": [sum(h.final_cost.get(mg, 0) for h in report.hours) / MONEY_SCALE
-                         for mg in microgrids],
-    }  # fmt: skip
-    owners = list(report.certificates)
-    certs = {
-        "held": [float(report.certificates[o]["held"]) for o in owners],
-        "retired": [float(report.certificates[o]["retired"]) for o in owners],
-    }
-    charts = [
-        _bars("Energy traded between microgrids per hour", "kWh", labels, traded, stacked=True),
-        _lines("Prices", "per kWh", labels, prices),
-        _bars(
-            "Cost over the period, with and without trading",
-            "currency",
-            microgrids,
-            costs,
-            stacked=False,
-        ),  # fmt: skip
-        _bars("Green certificates", "certificates", owners, certs, stacked=False),
-    ]
+    """One self-contained HTML page: the charts (inline SVG), an hour table and the glossary."""
     title = f"MeterChain market {escape(report.market)}"
+    span = (
+        f"{charts.utc_iso(report.hours[0].hour * HOUR)} to "
+        f"{charts.utc_iso((report.hours[-1].hour + 1) * HOUR)}"
+        if report.hours else "no cleared hours"
+    )  # fmt: skip
+    figures = []
+    for name, build_figure in FIGURES:
+        figures.append(f'<figure class="chart" id="chart-{name}">'
+                       f"{charts.svg(build_figure(report))}</figure>")  # fmt: skip
+    glossary = "\n".join(f"<dt>{escape(t)}</dt><dd>{escape(d)}</dd>" for t, d in GLOSSARY)
+    style = (
+        f"body{{margin:0;font-family:sans-serif;width:{PAGE_W}px}}"
+        f"header{{height:{HEADER_H}px;overflow:hidden;padding:0 16px;box-sizing:border-box}}"
+        f"figure.chart{{margin:0 0 {CHART_GAP}px 0;width:{PAGE_W}px;height:{CHART_H}px}}"
+        "figure.chart svg{width:100%;height:100%}"
+        "section{padding:0 16px}table{border-collapse:collapse}"
+        "td,th{border:1px solid #bdbdbd;padding:2px 8px;text-align:right}"
+        "dt{font-weight:bold;margin-top:6px}"
+    )
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f'<title>{title}</title></head>\n<body style="font-family:sans-serif">\n'
+        f"<title>{title}</title><style>{style}</style></head>\n<body>\n<header>"
         f"<h1>{title}</h1>\n<p>{report.blocks} blocks, {len(report.hours)} cleared hour(s), "
-        "all figures read from a ledger that verified (hashes, Merkle roots, quorum "
-        "certificates, re-executed settlement).</p>\n"
-        + "\n".join(f"<figure>{c}</figure>" for c in charts)
-        + "\n</body></html>\n"
+        f"{span}. Every figure is read from a ledger that verified (hashes, Merkle roots, "
+        "quorum certificates, re-executed settlement). Line loading is not shown: this "
+        "ledger records no line limits. Terms and sign conventions are explained below the "
+        "charts.</p></header>\n"
+        + "\n".join(figures)
+        + f"\n<section><h2>Hours</h2>\n{_hours_table(report)}\n"
+        f"<h2>What the figures mean</h2>\n<dl>\n{glossary}\n</dl></section>\n</body></html>\n"
     )
 
 
@@ -375,7 +481,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--party", help="only this participant's statements")
     p.add_argument("--out", type=Path, help="write here instead of stdout")
     p.add_argument("--signatures", action="store_true", help="also check reading signatures")
-    p = sub.add_parser("plot", help="HTML report with inline SVG charts")
+    p = sub.add_parser("plot", help="HTML report: charts, hour table and glossary")
     p.add_argument("ledger")
     p.add_argument("--out", type=Path, required=True, help="the HTML file to write")
     p.add_argument("--signatures", action="store_true")

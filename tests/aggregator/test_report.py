@@ -8,6 +8,7 @@ import json
 import sqlite3
 import sys
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import pytest
 
@@ -15,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ledger"))
 
 from ledger_world import H0, build_world  # noqa: E402
 
-from aggregator.report import REASONS  # noqa: E402
+from aggregator.report import FIGURES, GLOSSARY, REASONS  # noqa: E402
 from aggregator.report import main as report_main
 from meterchain import codec  # noqa: E402
 from meterchain.ledger.store import open_store  # noqa: E402
@@ -66,20 +67,26 @@ def test_json_statements_and_a_party_filter(ledger: Path, tmp_path: Path) -> Non
     assert doc["totals"]["mg2"]["net"] == sum(s["net"] for s in doc["statements"])
 
 
-def test_html_report_has_the_four_charts(ledger: Path, tmp_path: Path) -> None:
+def test_html_report_has_every_chart_the_hour_table_and_the_glossary(
+    ledger: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "report.html"
     assert report_main(["plot", str(ledger), "--out", str(out)]) == 0
     html = out.read_text()
-    assert html.count("<svg") == 4
+    for name, _ in FIGURES:
+        assert html.count(f'<figure class="chart" id="chart-{name}"><svg') == 1, name
     for title in (
-        "Energy traded between microgrids per hour",
-        "Prices",
-        "Cost over the period, with and without trading",
-        "Green certificates",
+        "Energy traded between microgrids per hour: cleared and delivered",
+        "Energy price per kWh, and bargaining transfers (Nash, M3)",
+        "Cost over the period, without and with trading (negative = earned)",
+        "Green certificates per participant",
     ):
-        assert f"<title>{title}</title>" in html
-    assert "mg1 → mg2: 165.1" in html  # delivered kWh in the executed hour
-    assert "mg2 retired: 1.0" in html
+        assert title in html
+    # The hour table: cleared and delivered kWh of the executed hour, its start in ISO-8601 UTC.
+    assert "<td>2026-01-01T01:00:00Z</td><td>165.1</td><td>165.1</td>" in html
+    for term, meaning in GLOSSARY:
+        assert f"<dt>{term}</dt><dd>{escape(meaning)}</dd>" in html
+    assert "mg1 → mg2" in html
 
 
 def test_a_ledger_that_does_not_verify_is_not_reported(ledger: Path, tmp_path: Path,
@@ -91,3 +98,11 @@ def test_a_ledger_that_does_not_verify_is_not_reported(ledger: Path, tmp_path: P
     assert report_main(["settlement", str(bad)]) == 1
     assert "the ledger does not verify: block 3: reading batch 0" in capsys.readouterr().err
     assert report_main(["plot", str(tmp_path / "none.db"), "--out", "x.html"]) == 2
+
+
+def test_the_readme_glossary_defines_every_term_the_report_uses(repo_root: Path) -> None:
+    readme = (repo_root / "README.md").read_text()
+    glossary = readme[readme.index("Glossary (the report prints the same words):") :]
+    glossary = glossary[: glossary.index("\n#")]
+    for term, _ in GLOSSARY:
+        assert f"**{term}**" in glossary, term
