@@ -154,8 +154,19 @@ class Adjustment:
 
     @classmethod
     def from_dict(cls, value: object) -> Adjustment:
-        keys = {"period", "method", "network", "clearing", "before", "after", "cuts",
-                "residual", "line_prices", "charges", "reason"}  # fmt: skip
+        keys = {
+            "period",
+            "method",
+            "network",
+            "clearing",
+            "before",
+            "after",
+            "cuts",
+            "residual",
+            "line_prices",
+            "charges",
+            "reason",
+        }
         if not isinstance(value, Mapping) or set(value) != keys:
             raise CongestionError(f"a congestion record must be a map with keys {sorted(keys)}")
         try:
@@ -442,8 +453,19 @@ def adjust(network: Network, result: ClearingResult, period: int | None = None) 
         raise CongestionError(f"hour {hour.period}: no line limit is violated; nothing to adjust")
     plan = _minimal_cut(network, result, hour)
     cuts = _spread(hour, plan.sellers, plan.cuts_wh)
-    draft = Adjustment(hour.period, ADJUST, network.digest, result.digest, before.loadings, (),
-                       cuts, plan.residual_w, (), (), "")  # fmt: skip
+    draft = Adjustment(
+        hour.period,
+        ADJUST,
+        network.digest,
+        result.digest,
+        before.loadings,
+        (),
+        cuts,
+        plan.residual_w,
+        (),
+        (),
+        "",
+    )
     after = check(network, adjusted_result(result, draft), hour.period)
     total = sum(c.cut_wh for c in cuts)
     what = f"trades cut by {total} Wh in all (the smallest total change, LP)"
@@ -474,9 +496,19 @@ def price(network: Network, result: ClearingResult, period: int | None = None) -
         )
         charges.append((seller, math.ceil(charge - 1e-9)))
     what = "congestion prices set on the violated lines; re-bid with the charges"
-    return Adjustment(hour.period, PRICE, network.digest, result.digest, before.loadings,
-                      before.loadings, (), plan.residual_w, line_prices, tuple(charges),
-                      _reason(before, plan.residual_w, what))  # fmt: skip
+    return Adjustment(
+        hour.period,
+        PRICE,
+        network.digest,
+        result.digest,
+        before.loadings,
+        before.loadings,
+        (),
+        plan.residual_w,
+        line_prices,
+        tuple(charges),
+        _reason(before, plan.residual_w, what),
+    )
 
 
 def decide(

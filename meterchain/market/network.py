@@ -268,8 +268,9 @@ def load_network(path: Path) -> Network:
         if not isinstance(bus, str):
             check.fail(f"microgrids.{mg}", f"must be a bus id, not {toml_kind(bus)}")
     try:
-        return Network(doc["name"], doc["grid_bus"], tuple(buses), tuple(lines),
-                       tuple(sites_raw.items()))  # fmt: skip
+        return Network(
+            doc["name"], doc["grid_bus"], tuple(buses), tuple(lines), tuple(sites_raw.items())
+        )
     except NetworkError as exc:
         raise ConfigError(str(path), exc.key, exc.problem) from None
 

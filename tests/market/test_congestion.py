@@ -62,8 +62,12 @@ def test_radial_five_cuts_only_the_seller_behind_the_line() -> None:
     adj = cg.adjust(net, res)
     assert adj.total_cut_wh == 60_000  # 160 000 - 100 000; only pv can relieve n2-n3
     by_trade = {(c.seller, c.buyer): c.cut_wh for c in adj.cuts}
-    assert by_trade == {("pv", "shop"): 40_000, ("pv", "town"): 20_000, ("farm", "town"): 0,
-                        ("farm", "shop"): 0}  # fmt: skip
+    assert by_trade == {
+        ("pv", "shop"): 40_000,
+        ("pv", "town"): 20_000,
+        ("farm", "town"): 0,
+        ("farm", "shop"): 0,
+    }
     assert {ld.line: ld.flow_w for ld in adj.after}["23"] == -100_000
     cg.verify(net, res, adj)
 
@@ -212,7 +216,7 @@ def test_reference_noon_cut_back_and_money_conserved() -> None:
                 mg.renewable_w[t] - curtailed[mg.id],
                 mg.green_demand_w[t],
                 mg.load_w[t],
-            )  # fmt: skip
+            )
         )
         assert day.id == mg.id
     settlement = settle(request, adjusted, metered)
