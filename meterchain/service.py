@@ -1,23 +1,37 @@
-"""What a long-running MeterChain service needs from its host: sd_notify, watchdog, logs, metrics.
+"""What a long-running MeterChain service needs from its host: sd_notify, watchdog, logs, HTTP.
 
 Shared by the edge agent and the aggregator. `notify` speaks the small
 systemd notification protocol itself (one datagram to the unix socket named
 by NOTIFY_SOCKET, e.g. "READY=1", "WATCHDOG=1", "STOPPING=1"), so no libsystemd
 binding is needed and it is a silent no-op outside systemd. `setup_logging`
-writes one structured `key=value` line per event; `start_metrics_server`
-serves Prometheus metrics over HTTP.
+writes one structured `key=value` line per event. `start_metrics_server`
+serves a small local HTTP API: `/metrics` (Prometheus, with
+`meterchain_build_info`), `/healthz` with `/healthz/live` and
+`/healthz/ready` (200 or 503, a JSON body saying why), and `/status` (the
+JSON document a status callable the service hands in returns; `meterchain
+status` reads it); any other path is 404.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import os
+import platform
 import socket
 import sys
+import threading
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge
+from prometheus_client.exposition import choose_encoder
+
+from meterchain import __version__
 
 # Attributes every LogRecord has; anything else came in through `extra=` and is logged as a field.
 _STANDARD_ATTRS = frozenset(
@@ -110,15 +124,155 @@ def setup_logging(name: str, level: str | int = "info") -> logging.Logger:
     return logging.getLogger(name)
 
 
-def start_metrics_server(
-    port: int, host: str = "127.0.0.1", registry: CollectorRegistry | None = None
-) -> Any:
-    """Serve `registry` (default: the global one) at http://host:port/metrics in a thread.
+@dataclass(frozen=True)
+class Health:
+    """Live: the service's own loop is turning. Ready: it is doing its job (e.g. broker connected).
 
+    `reasons` says in words why it is not (empty when both hold).
+    """
+
+    live: bool = True
+    ready: bool = True
+    reasons: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"live": self.live, "ready": self.ready, "reasons": list(self.reasons)}
+
+
+StatusSource = Callable[[], Mapping[str, Any]]
+HealthSource = Callable[[], Health]
+
+
+def iso_utc(seconds: float | None) -> str | None:
+    """Unix seconds as ISO-8601 UTC to the second (`...Z`), None stays None."""
+    if seconds is None:
+        return None
+    return dt.datetime.fromtimestamp(int(seconds), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def register_build_info(registry: CollectorRegistry, service_name: str) -> None:
+    """`meterchain_build_info{version, service, python} 1` on `registry` (once per registry)."""
+    names = getattr(registry, "_names_to_collectors", {})
+    if "meterchain_build_info" in names:
+        return
+    Gauge(
+        "meterchain_build_info",
+        "The running MeterChain build (always 1; the labels carry the facts)",
+        ["version", "service", "python"],
+        registry=registry,
+    ).labels(__version__, service_name, platform.python_version()).set(1)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).hex()
+    if isinstance(value, set | frozenset | tuple):
+        return sorted(value) if isinstance(value, set | frozenset) else list(value)
+    return str(value)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _ServiceHTTPServer
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            self._reply(200, content_type, encoder(self.server.registry))
+        elif path in ("/healthz", "/healthz/live", "/healthz/ready"):
+            health = self.server.health_now()
+            ok = {"/healthz": health.live and health.ready, "/healthz/live": health.live,
+                  "/healthz/ready": health.ready}[path]  # fmt: skip
+            self._json(200 if ok else 503, health.to_json())
+        elif path == "/status":
+            try:
+                doc = dict(self.server.status()) if self.server.status else {}
+            except Exception as exc:  # a status bug must not take the endpoint down
+                logging.getLogger("meterchain.service").exception("status failed")
+                self._json(500, {"error": f"status failed: {exc!r}"})
+                return
+            doc.setdefault("service", self.server.service_name)
+            doc.setdefault("version", __version__)
+            doc["health"] = self.server.health_now().to_json()
+            self._json(200, doc)
+        else:
+            self._json(404, {"error": f"no such path {path!r}",
+                             "paths": ["/metrics", "/healthz", "/healthz/live",
+                                       "/healthz/ready", "/status"]})  # fmt: skip
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self.do_GET()
+
+    def _json(self, code: int, doc: Mapping[str, Any]) -> None:
+        body = json.dumps(doc, indent=2, sort_keys=False, default=_json_default) + "\n"
+        self._reply(code, "application/json", body.encode())
+
+    def _reply(self, code: int, content_type: str, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server API
+        logging.getLogger("meterchain.service").debug("http: " + format, *args)
+
+
+class _ServiceHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        registry: CollectorRegistry,
+        service_name: str,
+        status: StatusSource | None,
+        health: HealthSource | None,
+    ) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+        self.registry = registry
+        self.service_name = service_name
+        self.status = status
+        self.health = health
+
+    def shutdown(self) -> None:
+        """Stop serving and free the port."""
+        super().shutdown()
+        self.server_close()
+
+    def health_now(self) -> Health:
+        if self.health is None:
+            return Health()
+        try:
+            return self.health()
+        except Exception as exc:
+            return Health(live=False, ready=False, reasons=(f"health check failed: {exc!r}",))
+
+
+def start_metrics_server(
+    port: int,
+    host: str = "127.0.0.1",
+    registry: CollectorRegistry | None = None,
+    *,
+    service_name: str = "meterchain",
+    status: StatusSource | None = None,
+    health: HealthSource | None = None,
+) -> Any:
+    """Serve /metrics, /healthz and /status at http://host:port in a daemon thread.
+
+    `registry` (default: the global one) gains `meterchain_build_info`;
+    `status` returns the /status document (JSON-able; bytes become hex);
+    `health` says whether the service is live and ready (default: both).
     Returns the server; call `.shutdown()` on it to stop. Port 0 picks a free
     port (read it from `server.server_address`).
     """
-    server, _thread = start_http_server(
-        port, addr=host, registry=registry if registry is not None else REGISTRY
-    )
+    registry = registry if registry is not None else REGISTRY
+    register_build_info(registry, service_name)
+    server = _ServiceHTTPServer((host, port), registry, service_name, status, health)
+    thread = threading.Thread(target=server.serve_forever, name="meterchain-http", daemon=True)
+    thread.start()
     return server
