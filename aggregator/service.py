@@ -370,7 +370,11 @@ class Aggregator:
             ):
                 self._give_up(r)
             return
-        if now < self.next_round or not self.connected.is_set():
+        if not self.connected.is_set():
+            return
+        # Genesis is proposed again as soon as a proposal failed (the members may still be
+        # starting); later blocks follow the block interval of the market clock.
+        if now < self.next_round and self.former.state is not None:
             return
         self.next_round = now + self.cfg.aggregator.block_interval_s
         self.metrics.inbox.set(self.store.inbox_count())

@@ -69,6 +69,10 @@ class BrokerSection:
     username: str = ""  # defaults to node_id
     password_file: Path | None = None
     client_id: str = ""  # defaults to "agent-<node_id>"
+    # The SDBFT link and the block reviewer connect on their own (same password file);
+    # a broker with `use_username_as_clientid` needs one user per connection. Default: username.
+    consensus_username: str = ""
+    review_username: str = ""
     keepalive_s: int = 30
     # Group commit: up to `batch_max` readings share one SQLite transaction and
     # their PUBACKs wait for it; `batch_wait_ms` is how long a batch waits for
@@ -325,9 +329,15 @@ def _check_broker(check: TableChecker, broker: BrokerSection, agent: AgentSectio
     if not 1 <= broker.batch_max <= 1000:
         check.fail("broker.batch_max", f"must be 1 .. 1000, got {broker.batch_max}")
     check.positive(broker.batch_wait_ms, "broker.batch_wait_ms", allow_zero=True)
+    for key in ("username", "consensus_username", "review_username"):
+        if getattr(broker, key):
+            check.name(getattr(broker, key), f"broker.{key}", "user")
+    username = broker.username or (agent.node_id if broker.password_file else "")
     return dataclasses.replace(
         broker,
-        username=broker.username or (agent.node_id if broker.password_file else ""),
+        username=username,
+        consensus_username=broker.consensus_username or username,
+        review_username=broker.review_username or username,
         client_id=broker.client_id or f"agent-{agent.node_id}",
     )
 

@@ -169,7 +169,10 @@ def committed_result(rid: RoundId, value: Value, node_id: str) -> ClearingResult
         raise NoClearing(f"round {rid} committed no clearing result: {outcome!r}")
     if node_id in outcome.get("rejected", []):
         raise NoClearing(f"round {rid}: our request was refused by the contract")
-    return ClearingResult.from_dict(outcome["result"])
+    result = ClearingResult.from_dict(outcome["result"])
+    if node_id not in result.microgrids:
+        raise NoClearing(f"round {rid}: left out, our request is not in the committed set")
+    return result
 
 
 def start_consensus(
@@ -220,7 +223,7 @@ def start_consensus(
     settings = MqttSettings(
         url.hostname or "localhost",
         url.port or (8883 if url.scheme == "mqtts" else 1883),
-        cfg.broker.username,
+        cfg.broker.consensus_username,
         cfg.broker_password,
         str(cfg.broker.ca_file) if cfg.broker.ca_file else None,
         client_id=f"sdbft-{cfg.agent.node_id}",

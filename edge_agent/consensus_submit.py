@@ -225,7 +225,7 @@ def start_submitter(config: AgentConfig) -> SubmitClearing:
     clearing = SubmitClearing(
         MqttSettings(
             *_broker(cfg),
-            cfg.broker.username,
+            cfg.broker.consensus_username,
             cfg.broker_password,
             str(cfg.broker.ca_file) if cfg.broker.ca_file else None,
             client_id=f"sdbft-{cfg.agent.node_id}",

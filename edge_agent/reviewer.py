@@ -112,8 +112,8 @@ def start_reviewer(config: AgentConfig) -> ReviewerLink:
         client_id=f"review-{cfg.agent.node_id}",
         protocol=mqtt.MQTTv311,
     )
-    if cfg.broker.username:
-        client.username_pw_set(cfg.broker.username, cfg.broker_password)
+    if cfg.broker.review_username:
+        client.username_pw_set(cfg.broker.review_username, cfg.broker_password)
     if cfg.broker.ca_file is not None:
         client.tls_set(ca_certs=str(cfg.broker.ca_file), tls_version=ssl.PROTOCOL_TLS_CLIENT)
     client.reconnect_delay_set(0.1, 5)

@@ -8,37 +8,20 @@ on the same port so clients can test reconnection.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from meterchain.mqtt_auth import password_line
+from meterchain.site.pki import make_pki
+from meterchain.site.supervisor import find_mosquitto
 
 
 class BrokerError(RuntimeError):
     """Mosquitto is missing or did not start; the message carries its log tail."""
-
-
-def find_mosquitto() -> str:
-    for candidate in (
-        shutil.which("mosquitto"),
-        "/usr/sbin/mosquitto",
-        "/usr/local/sbin/mosquitto",
-    ):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    raise BrokerError("mosquitto not found; run `make setup` (installs it via apt)")
 
 
 def free_port() -> int:
@@ -47,63 +30,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _write_pem(path: Path, data: bytes) -> None:
-    path.write_bytes(data)
-    path.chmod(0o600)
-
-
 def make_test_pki(directory: Path, hostnames: tuple[str, ...] = ("localhost",)) -> dict[str, Path]:
     """A CA and a server certificate (P-256) valid for `hostnames` and 127.0.0.1."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "MeterChain test CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = [x509.DNSName(h) for h in hostnames]
-    names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=825))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = {
+    make_pki(directory, directory, hostnames)
+    return {
         "ca": directory / "ca.crt",
         "cert": directory / "server.crt",
         "key": directory / "server.key",
     }
-    paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    paths["cert"].write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    _write_pem(
-        paths["key"],
-        server_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        ),
-    )
-    return paths
 
 
 class MosquittoBroker:

@@ -13,6 +13,7 @@ import sys
 # name -> (module providing main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("meterchain.demo", "run the reference four-microgrid day end to end"),
+    "site": ("meterchain.site.cli", "create, start and stop a market site; regulator commands"),
     "agent": ("edge_agent.cli", "run the edge agent on a microgrid controller"),
     "aggregator": ("aggregator.cli", "run the market aggregator (blocks, settlement)"),
     "board": ("meterchain.board.cli", "provision, deploy and monitor meter boards"),

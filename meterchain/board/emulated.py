@@ -13,6 +13,9 @@ Settings that only make sense for an emulation live in `emulator.json` in the fo
      "sim_power_w": 1500,          simulated meter load (negative: export)
      "interval_ms": 200,           sampling interval override (tests, benchmarks)
      "ntp": true, "wifi": true,    whether NTP / WiFi "work"
+     "clock": {"start": ..., "speed": ..., "anchor": ...},
+                                   the real-time clock reads this market clock
+                                   (meterchain.site.clock; a lab's accelerated day)
      "console": true}              also echo the console to stdout
 
 The console goes to `console.log` in the folder, as the serial console would.
@@ -48,6 +51,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "interval_ms": None,
     "ntp": True,
     "wifi": True,
+    "clock": None,
     "console": False,
 }
 
@@ -195,6 +199,11 @@ class EmulatedBoard:
         self.flash = Flash(str(self.folder))
         self.stop_event = stop_event if stop_event is not None else threading.Event()
         self._t0 = time.monotonic()
+        self._market_clock: Any = None
+        if self.settings.get("clock"):
+            from meterchain.site.clock import MarketClock
+
+            self._market_clock = MarketClock(**self.settings["clock"])
         self._console_lock = threading.Lock()
         self._console: TextIO = open(self.folder / CONSOLE_FILE, "a", buffering=1)  # noqa: SIM115
         self._wdt: EmulatedWatchdog | None = None
@@ -227,6 +236,8 @@ class EmulatedBoard:
             raise BoardStopped()
 
     def time(self) -> int:
+        if self._market_clock is not None:
+            return int(self._market_clock.now())
         return int(time.time())
 
     def ntp_sync(self, host: str) -> bool:

@@ -58,8 +58,12 @@ class MarketClock:
 REAL_TIME = MarketClock()
 
 
-def check_clock(check: TableChecker, raw: Any) -> MarketClock:
-    """The `[clock]` table of a service configuration (ConfigError naming the bad key)."""
+def check_clock(check: TableChecker, raw: Any, *, require_anchor: bool = True) -> MarketClock:
+    """The `[clock]` table of a service configuration (ConfigError naming the bad key).
+
+    An accelerated clock needs its anchor (`meterchain site up` sets it when it
+    starts the site); `require_anchor=False` accepts one not anchored yet.
+    """
     clock: MarketClock = check.table(raw, MarketClock, "clock")
     if clock.start < 0:
         check.fail("clock.start", f"must be 0 (real time) or a Unix time, got {clock.start}")
@@ -69,4 +73,6 @@ def check_clock(check: TableChecker, raw: Any) -> MarketClock:
         check.fail("clock.start", "is required (a Unix time) when speed or anchor is set")
     if clock.anchor < 0 or clock.anchor != clock.anchor:
         check.fail("clock.anchor", f"must be a Unix time, got {clock.anchor}")
+    if require_anchor and not clock.real_time and not clock.anchor:
+        check.fail("clock.anchor", "missing: `meterchain site up` sets it when the site starts")
     return clock
