@@ -7,8 +7,10 @@ and the emulated board use it to run the real firmware without an ESP32.
   sampling run in milliseconds), a folder as flash, entropy from the host.
 - `SimulatedSdm` + `SdmUart`: an SDM630/SDM120 answering Modbus RTU byte by byte, so
   the real driver (CRC, framing, timeouts) runs against it; faults on demand.
-- `FakeBroker` + `FakeLink`: an in-memory MQTT 3.1.1 broker (CONNECT, PUBLISH QoS 1,
-  PUBACK, PINGREQ) that can go down, refuse credentials or swallow PUBACKs.
+- `FakeBroker` + `FakeLink`: an in-memory MQTT 3.1.1 broker (CONNECT with a will,
+  PUBLISH QoS 1, PUBACK, SUBSCRIBE, retained messages, PINGREQ) with a stand-in edge
+  agent that acknowledges readings end to end; it can go down, refuse credentials,
+  swallow PUBACKs or hold acknowledgements back.
 - `CutFlash`: a flash that loses power after a given number of bytes written.
 - `FakeAtm90e32Spi`, `FakePin`, `FakeWatchdog`.
 """
@@ -29,6 +31,31 @@ def host_random(n: int) -> bytes:
         import os
 
         return os.urandom(n)
+
+
+# (call, exception) as the ESP32 port raises them: one instance per kind listed in
+# mc.porterrors.RAISES (tests check that every one is in that table and survived).
+PORT_ERROR_EXAMPLES = (
+    ("wifi_connect", OSError("Wifi Internal Error")),
+    ("getaddrinfo", OSError(-202)),
+    ("getaddrinfo", MemoryError()),
+    ("connect", OSError(116)),  # ETIMEDOUT
+    ("connect", OSError(104)),  # ECONNRESET: refused
+    ("tls_handshake", ValueError("The certificate validity starts in the future\n")),
+    ("tls_handshake", ValueError("The certificate validity has expired\n")),
+    ("tls_handshake", ValueError("The certificate Common Name (CN) does not match with the expected CN\n")),
+    ("tls_handshake", ValueError("The certificate is not correctly signed by the trusted CA\n")),
+    ("tls_handshake", ValueError("invalid cert")),
+    ("tls_handshake", OSError(12)),  # ENOMEM: mbedtls could not allocate
+    ("tls_handshake", OSError(-29312, "MBEDTLS_ERR_SSL_CONN_EOF")),
+    ("tls_handshake", MemoryError()),
+    ("link_io", OSError(116)),
+    ("link_io", OSError(-30592, "MBEDTLS_ERR_SSL_FATAL_ALERT_MESSAGE")),
+    ("pin", ValueError("invalid pin")),
+    ("uart", ValueError("invalid pin")),
+    ("spi", ValueError("SPI(2) doesn't exist")),
+    ("flash_write", OSError(28)),  # ENOSPC
+)
 
 
 class PowerCut(BaseException):
@@ -332,21 +359,35 @@ class FakeAtm90e32Spi:
 
 
 class FakeBroker:
-    """An in-memory MQTT 3.1.1 broker for QoS 1 publishers.
+    """An in-memory MQTT 3.1.1 broker for the board: QoS 1 publishes, subscriptions,
+    retained messages and last wills, plus a stand-in edge agent.
 
-    `messages` lists (topic, payload) in arrival order.  `users` maps usernames to
-    passwords (None accepts anyone); `acl` maps usernames to the one topic each may
-    publish to (a denied publish is acknowledged and dropped, as Mosquitto does with
-    MQTT 3.1.1).  `up = False` refuses connects and breaks open links;
-    `swallow_acks = n` drops the next n PUBACKs; `silent` stops all answers.
+    `messages` lists (topic, payload) of readings in arrival order, `others` everything
+    else (online states, wills).  `users`
+    maps usernames to passwords (None accepts anyone); `acl` maps usernames to the topics
+    each may publish to (a denied publish is acknowledged and dropped, as Mosquitto does
+    with MQTT 3.1.1); `read_acl` maps usernames to the topics each may subscribe to (a
+    denied subscription gets SUBACK 0x80).  `up = False` refuses connects and breaks open
+    links; `swallow_acks = n` drops the next n PUBACKs; `silent` stops all answers.
+
+    The agent: with `agent = True`, every reading (a COSE_Sign1 on mc/<m>/r/<id>) is taken
+    as durably committed at once and the retained acknowledgement {1: id, 2: highest
+    sequence seen} is published on mc/<m>/ack/<id>, as the edge agent does after its
+    commit.  `agent = False` holds acknowledgements back; `publish(topic, payload,
+    retain)` injects anything (a late, forged or malformed acknowledgement).
     """
 
-    def __init__(self, users=None, acl=None, keep: bool = True) -> None:
+    def __init__(self, users=None, acl=None, keep: bool = True, agent: bool = True, read_acl=None) -> None:
         self.users = users
         self.acl = acl
+        self.read_acl = read_acl
         self.keep = keep  # False: count messages without keeping them (heap measurements)
+        self.agent = agent
+        self.committed = {}  # meter id -> the agent's watermark
+        self.retained = {}  # topic -> payload
         self.received = 0
         self.messages = []
+        self.others = []
         self.up = True
         self.silent = False  # accepts and reads everything, answers nothing
         self.swallow_acks = 0
@@ -357,7 +398,7 @@ class FakeBroker:
 
     def open(self, clock):
         if not self.up:
-            raise OSError("connection refused")
+            raise OSError(104)  # the port's ECONNRESET for a refused TCP connect
         link = FakeLink(self, clock)
         self.links.append(link)
         return link
@@ -366,15 +407,49 @@ class FakeBroker:
         self.up = False
         for link in self.links:
             link.broken = True
+            link.lost()
         self.links = []
 
     def start(self) -> None:
         self.up = True
 
+    def publish(self, topic: str, payload: bytes, retain: bool = True) -> None:
+        """Deliver `payload` to every subscriber of `topic` (and keep it if `retain`)."""
+        if retain:
+            self.retained[topic] = payload
+        for link in self.links:
+            if topic in link.subscriptions:
+                link.deliver(topic, payload, retain=False)
+
+    def _agent_commit(self, topic: str, payload) -> None:
+        from mc import cbor
+
+        parts = topic.split("/")
+        if len(parts) != 4 or parts[2] != "r":
+            return
+        try:
+            seq = cbor.decode(cbor.decode(payload).value[2])[2]  # type: ignore[attr-defined]
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError):
+            return
+        meter = parts[3]
+        if seq > self.committed.get(meter, 0):
+            self.committed[meter] = seq
+            ack = cbor.encode({1: meter, 2: seq})
+            self.publish("mc/%s/ack/%s" % (parts[1], meter), ack)
+
 
 def _mqtt_str(data, pos: int):
     n = (data[pos] << 8) | data[pos + 1]
     return bytes(data[pos + 2 : pos + 2 + n]), pos + 2 + n
+
+
+def _allowed(table, user, topic: str) -> bool:
+    if table is None:
+        return True
+    allowed = table.get(user)
+    if allowed is None:
+        return False
+    return topic == allowed if isinstance(allowed, str) else topic in allowed
 
 
 class FakeLink:
@@ -388,20 +463,24 @@ class FakeLink:
         self.broken = False
         self.closed = False
         self.user = None
+        self.client_id = None
+        self.will = None  # (topic, payload, retain) published if the link dies unannounced
+        self.subscriptions = []
+        self._pid = 0
 
     def write(self, data) -> None:
         if self.broken or self.closed:
-            raise OSError("link down")
+            raise OSError(104)
         self._in += bytes(data)
         self._parse()
 
     def recv_into(self, buf, timeout_ms: int) -> int:
         if self.broken or self.closed:
-            raise OSError("link down")
+            raise OSError(104)
         if not self._out:
             self._clock.sleep_ms(timeout_ms)
             if self.broken:
-                raise OSError("link down")
+                raise OSError(104)
             return 0
         n = min(len(buf), len(self._out))
         buf[:n] = self._out[:n]
@@ -409,7 +488,35 @@ class FakeLink:
         return n
 
     def close(self) -> None:
-        self.closed = True
+        if not self.closed:
+            self.closed = True
+            self.lost()
+
+    def lost(self) -> None:
+        """The connection ended without DISCONNECT: the broker publishes the will."""
+        will = self.will
+        self.will = None
+        if will is not None:
+            if self in self._broker.links:
+                self._broker.links.remove(self)
+            self._broker.publish(will[0], will[1], will[2])
+            if self._broker.keep:
+                self._broker.others.append((will[0], will[1]))
+
+    def deliver(self, topic: str, payload, retain: bool) -> None:
+        """A QoS 1 PUBLISH from the broker to this client."""
+        self._pid = self._pid % 0xFFFF + 1
+        t = topic.encode()
+        body = bytes([len(t) >> 8, len(t) & 0xFF]) + t + bytes([self._pid >> 8, self._pid & 0xFF]) + bytes(payload)
+        head = bytearray([0x32 | (1 if retain else 0)])
+        n = len(body)
+        while True:
+            byte = n & 0x7F
+            n >>= 7
+            head.append(byte | 0x80 if n else byte)
+            if not n:
+                break
+        self._out += head + body
 
     def _parse(self) -> None:
         data = self._in
@@ -432,49 +539,85 @@ class FakeLink:
             data = data[pos + length :]
             self._in = data
 
-    def _handle(self, head: int, body: bytes) -> None:
+    def _connect(self, body: bytes) -> None:
         broker = self._broker
-        kind = head & 0xF0
-        if broker.silent:
-            return
-        if kind == 0x10:
-            flags = body[7]
-            pos = 10
-            _client, pos = _mqtt_str(body, pos)
-            user = password = None
-            if flags & 0x80:
-                user, pos = _mqtt_str(body, pos)
-            if flags & 0x40:
-                password, pos = _mqtt_str(body, pos)
-            ok = broker.users is None or (
-                user is not None and broker.users.get(user.decode()) == (password or b"").decode()
-            )
-            if ok:
-                self.user = user.decode() if user is not None else None
-                broker.connects += 1
-                self._out += b"\x20\x02\x00\x00"
-            else:
-                broker.refused += 1
-                self._out += b"\x20\x02\x00\x05"
-        elif kind == 0x30:
-            topic, pos = _mqtt_str(body, 0)
-            pid = (body[pos] << 8) | body[pos + 1]
-            payload = body[pos + 2 :]
-            allowed = broker.acl is None or broker.acl.get(self.user) == topic.decode()
-            if allowed:
+        flags = body[7]
+        client, pos = _mqtt_str(body, 10)
+        will = None
+        if flags & 0x04:
+            will_topic, pos = _mqtt_str(body, pos)
+            will_payload, pos = _mqtt_str(body, pos)
+            will = (will_topic.decode(), will_payload, bool(flags & 0x20))
+        user = password = None
+        if flags & 0x80:
+            user, pos = _mqtt_str(body, pos)
+        if flags & 0x40:
+            password, pos = _mqtt_str(body, pos)
+        ok = broker.users is None or (
+            user is not None and broker.users.get(user.decode()) == (password or b"").decode()
+        )
+        if ok:
+            self.user = user.decode() if user is not None else None
+            self.client_id = client.decode()
+            self.will = will
+            broker.connects += 1
+            self._out += b"\x20\x02\x00\x00"
+        else:
+            broker.refused += 1
+            self._out += b"\x20\x02\x00\x05"
+
+    def _publish(self, head: int, body: bytes) -> None:
+        broker = self._broker
+        topic, pos = _mqtt_str(body, 0)
+        pid = (body[pos] << 8) | body[pos + 1]
+        payload = body[pos + 2 :]
+        name = topic.decode()
+        if _allowed(broker.acl, self.user, name):
+            if "/r/" in name:
                 broker.received += 1
                 if broker.keep:
-                    broker.messages.append((topic.decode(), payload))
-            else:
-                broker.denied += 1
-            if broker.swallow_acks:
-                broker.swallow_acks -= 1
-            else:
-                self._out += bytes([0x40, 2, pid >> 8, pid & 0xFF])
+                    broker.messages.append((name, payload))
+            elif broker.keep:
+                broker.others.append((name, payload))
+            broker.publish(name, payload, bool(head & 1))
+            if broker.agent:
+                broker._agent_commit(name, payload)
+        else:
+            broker.denied += 1
+        if broker.swallow_acks:
+            broker.swallow_acks -= 1
+        else:
+            self._out += bytes([0x40, 2, pid >> 8, pid & 0xFF])
+
+    def _subscribe(self, body: bytes) -> None:
+        broker = self._broker
+        pid = (body[0] << 8) | body[1]
+        topic, pos = _mqtt_str(body, 2)
+        name = topic.decode()
+        granted = 1 if _allowed(broker.read_acl, self.user, name) else 0x80
+        self._out += bytes([0x90, 3, pid >> 8, pid & 0xFF, granted])
+        if granted == 1:
+            self.subscriptions.append(name)
+            if name in broker.retained:
+                self.deliver(name, broker.retained[name], retain=True)
+
+    def _handle(self, head: int, body: bytes) -> None:
+        kind = head & 0xF0
+        if self._broker.silent:
+            return
+        if kind == 0x10:
+            self._connect(body)
+        elif kind == 0x30:
+            self._publish(head, body)
+        elif kind == 0x80:
+            self._subscribe(body)
         elif kind == 0xC0:
             self._out += b"\xd0\x00"
         elif kind == 0xE0:
+            self.will = None  # a clean DISCONNECT discards the will
             self.closed = True
+            if self in self._broker.links:
+                self._broker.links.remove(self)
 
 
 # -- pins, watchdog -------------------------------------------------------------
@@ -530,12 +673,22 @@ class FakeBoard:
 
     def __init__(self, flash=None, broker=None, clock=None, ntp_ok: bool = True,
                  echo: bool = True, meter_power_w: int = 1500, meter_import_wh: int = 1234500,
-                 unix_start: int = 1767225600) -> None:
+                 unix_start: int = 1767225600, rtc_start=None) -> None:
         self.flash = flash if flash is not None else Flash("")
         self.clock = clock if clock is not None else VirtualClock(unix_start)
         self.broker = broker
         self.ntp_ok = ntp_ok
+        # The RTC: true time (unix_start + elapsed) unless `rtc_start` says what it reads
+        # after power-up (946684800 = 2000-01-01, an ESP32 without a backup battery);
+        # a successful NTP sync sets it to true time.
+        self._rtc_skew = 0 if rtc_start is None else rtc_start - self.clock.unix_start
+        # The broker's certificate validity (TLS connects check it against the RTC, as
+        # mbedtls on the port does) and an error every connect raises (None: none).
+        self.cert_valid = (1704067200, 2082758400)  # 2024-01-01 .. 2036-01-01
+        self.connect_error = None
+        self.connect_ms = 100  # what a failing connect costs in time
         self.wifi_up = True
+        self.wifi_resets = 0
         self.echo = echo
         self.keep_console = True  # False: drop console lines (heap measurements)
         self.console_lines = []
@@ -563,10 +716,13 @@ class FakeBoard:
         self.clock.advance(ms)
 
     def time(self) -> int:
-        return self.clock.unix_start + self.clock.now_ms // 1000
+        return self.clock.unix_start + self.clock.now_ms // 1000 + self._rtc_skew
 
     def ntp_sync(self, host: str) -> bool:
-        return self.ntp_ok and self.wifi_up
+        if self.ntp_ok and self.wifi_up:
+            self._rtc_skew = 0
+            return True
+        return False
 
     # misc
     def urandom(self, n: int) -> bytes:
@@ -596,10 +752,25 @@ class FakeBoard:
     def wifi_connect(self, ssid: str, password: str, timeout_ms: int) -> bool:
         return self.wifi_up
 
+    def wifi_reset(self) -> None:
+        self.wifi_resets += 1
+
     def connect(self, host: str, port: int, tls: bool, ca, timeout_ms: int):
+        """What the port's getaddrinfo + connect + TLS handshake raise (mc.porterrors)."""
+        if self.connect_error is not None:
+            self.sleep_ms(self.connect_ms)
+            raise self.connect_error
         if self.broker is None or not self.wifi_up:
-            self.sleep_ms(100)
-            raise OSError("no route to %s" % host)
+            self.sleep_ms(self.connect_ms)
+            raise OSError(-202)  # getaddrinfo: no DNS answer
+        if tls:
+            if not ca:
+                raise OSError("TLS without a CA certificate: refusing an unverified broker")
+            now = self.time()
+            if now < self.cert_valid[0]:
+                raise ValueError("The certificate validity starts in the future\n")
+            if now > self.cert_valid[1]:
+                raise ValueError("The certificate validity has expired\n")
         return self.broker.open(self)
 
     # meter hardware

@@ -56,6 +56,18 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 }
 
 
+def _mbedtls_verify_text(exc: ssl.SSLCertVerificationError) -> str:
+    """The text mbedtls_x509_crt_verify_info gives the port's ValueError for this failure."""
+    why = str(exc.verify_message or exc)
+    if "not yet valid" in why:
+        return "The certificate validity starts in the future\n"
+    if "expired" in why:
+        return "The certificate validity has expired\n"
+    if "mismatch" in why or "match" in why:
+        return "The certificate Common Name (CN) does not match with the expected CN\n"
+    return "The certificate is not correctly signed by the trusted CA\n"
+
+
 class BoardStopped(BaseException):
     """The emulated board lost power (stop() was called): unwinds the firmware at once."""
 
@@ -212,6 +224,7 @@ class EmulatedBoard:
         self.s0: Any = None
         self.atm: Any = None
         self.links: list[SocketLink] = []
+        self.wifi_resets = 0
 
     # -- time ------------------------------------------------------------------
 
@@ -280,26 +293,49 @@ class EmulatedBoard:
     def wifi_connect(self, ssid: str, password: str, timeout_ms: int) -> bool:
         return bool(self.settings["wifi"])
 
+    def wifi_reset(self) -> None:
+        self.wifi_resets += 1
+
     def connect(
         self, host: str, port: int, tls: bool, ca: bytes | None, timeout_ms: int
     ) -> SocketLink:
+        """TCP (and TLS) to the broker, raising what the ESP32 port raises (mc.porterrors).
+
+        A certificate the handshake refuses is a ValueError carrying mbedtls' verify
+        text; DNS, TCP and other TLS failures are OSError; the real port never raises
+        CPython's ssl exception types, so neither does this.
+        """
         self._alive()
         if not self.settings["wifi"]:
-            raise OSError("WiFi down")
-        sock = socket.create_connection((host, port), timeout=timeout_ms / 1000)
+            raise OSError(-202)  # the port's getaddrinfo error without a network
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout_ms / 1000)
+        except OSError as exc:
+            raise OSError(exc.errno or 116, f"connect to {host}:{port}: {exc}") from None
         try:
             if tls:
                 if not ca:
                     raise OSError("TLS without a CA certificate: refusing an unverified broker")
-                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-                ctx.load_verify_locations(cadata=ca.decode())
-                sock = ctx.wrap_socket(sock, server_hostname=host)
-        except (OSError, UnicodeDecodeError) as exc:
+                sock = self._tls(sock, host, ca)
+        except BaseException:
             sock.close()
-            raise OSError(f"TLS to {host}:{port} failed: {exc}") from exc
+            raise
         link = SocketLink(sock, self._alive)
         self.links = [link]
         return link
+
+    def _tls(self, sock: socket.socket, host: str, ca: bytes) -> socket.socket:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            ctx.load_verify_locations(cadata=ca.decode())
+        except (ssl.SSLError, ValueError, UnicodeDecodeError):
+            raise ValueError("invalid cert") from None  # load_verify_locations on the port
+        try:
+            return ctx.wrap_socket(sock, server_hostname=host)
+        except ssl.SSLCertVerificationError as exc:
+            raise ValueError(_mbedtls_verify_text(exc)) from None
+        except OSError as exc:
+            raise OSError(exc.errno or -29312, f"TLS handshake with {host}: {exc}") from None
 
     # -- meter hardware ----------------------------------------------------------
 

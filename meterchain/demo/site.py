@@ -191,12 +191,16 @@ class Board:
         return seq
 
     def publish(self, timeout_s: float = 10.0) -> bool:
-        """Publish until the broker acknowledged every spooled reading; False on timeout."""
+        """Publish until the broker PUBACKed every spooled reading; False on timeout.
+
+        The spool itself empties only when an edge agent acknowledges end to end.
+        """
         deadline = time.monotonic() + timeout_s
-        while len(self.app.spool) and time.monotonic() < deadline:
+        self.app.uplink.service(0)
+        while not self.app.uplink.caught_up() and time.monotonic() < deadline:
             self.app.uplink.service(20)
         self.app.housekeeping()
-        return not len(self.app.spool)
+        return self.app.uplink.caught_up()
 
     @property
     def readings(self) -> int:

@@ -1,8 +1,10 @@
-"""Emulated boards against a real Mosquitto: TLS, per-meter credentials and ACL, broker outages.
+"""Emulated boards against a real Mosquitto: TLS, per-meter credentials and ACL, broker outages,
+the end-to-end acknowledgement and the online state with its last will.
 
 The boards run the unchanged firmware under CPython (meterchain.board.emulated) with
 a real TLS socket, verifying the broker against its test CA; an observer subscribes
-like the edge agent does and verifies every reading against the registry.
+like the edge agent does, verifies every reading against the registry and, standing in
+for the agent's durable commit, publishes the retained acknowledgement watermark.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import board_config, public_key_of
@@ -30,17 +33,29 @@ MARKET = "m1"
 USERS = {"meter-a": "pw-a", "meter-b": "pw-b", "agg": "pw-agg"}
 
 
+# The board side of the acknowledgement scheme: a meter reads only its own ack topic and
+# writes only its own status topic; the agent's account writes the ack topics.
+BOARD_ACL = f"pattern read mc/{MARKET}/ack/%u\npattern write mc/{MARKET}/status/%u\n"
+AGENT_ACL = f"topic write mc/{MARKET}/ack/#\n"
+
+
 @pytest.fixture
 def broker(mosquitto_factory) -> MosquittoBroker:
-    acl = meter_acl(MARKET, "meter-a") + meter_acl(MARKET, "meter-b") + observer_acl(MARKET, "agg")
+    acl = (
+        meter_acl(MARKET, "meter-a") + meter_acl(MARKET, "meter-b")
+        + observer_acl(MARKET, "agg") + AGENT_ACL + BOARD_ACL
+    )
     return mosquitto_factory(users=USERS, acl=acl)
 
 
 class Observer:
     """A persistent-session QoS 1 subscriber to mc/<market>/r/# (reconnects by itself)."""
 
-    def __init__(self, broker: MosquittoBroker) -> None:
+    def __init__(self, broker: MosquittoBroker, registry: Registry | None = None) -> None:
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.registry = registry  # set: acknowledge verified readings, as the agent does
+        self.hold = False  # True: commit nothing (no acknowledgements)
+        self.watermarks: dict[str, int] = {}
         self.connected = threading.Event()
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
@@ -53,14 +68,28 @@ class Observer:
         self.client.reconnect_delay_set(0.1, 0.5)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a: self.connected.clear()
-        self.client.on_message = lambda c, u, m: self.messages.put((m.topic, bytes(m.payload)))
+        self.client.on_message = self._on_message
         self.client.connect(broker.host, broker.port)
         self.client.loop_start()
         assert self.connected.wait(10), "observer could not connect"
 
     def _on_connect(self, client: mqtt.Client, *args: Any) -> None:
-        client.subscribe(f"mc/{MARKET}/r/#", qos=1)
+        client.subscribe([(f"mc/{MARKET}/r/#", 1), (f"mc/{MARKET}/status/#", 1)])
         self.connected.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: Any) -> None:
+        payload = bytes(msg.payload)
+        self.messages.put((msg.topic, payload))
+        if self.registry is None or self.hold or "/r/" not in msg.topic:
+            return
+        r = verify(payload, self.registry)
+        if r.seq > self.watermarks.get(r.meter_id, 0):
+            self.watermarks[r.meter_id] = r.seq
+            ack = cbor2.dumps({1: r.meter_id, 2: r.seq}, canonical=True)
+            client.publish(f"mc/{MARKET}/ack/{r.meter_id}", ack, qos=1, retain=True)
+
+    def readings(self, got: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        return [(t, p) for t, p in got if "/r/" in t]
 
     def drain(self) -> list[tuple[str, bytes]]:
         out = []
@@ -100,7 +129,7 @@ def _board_folder(
             "broker.username": user,
             "broker.backoff_min_ms": 100,
             "broker.backoff_max_ms": 400,
-            "wdt_s": 30,
+            "wdt_s": 60,
         },
     )
     folder = make_board_dir(name, cfg=cfg)
@@ -170,8 +199,11 @@ def test_boards_publish_over_tls_and_acl_stops_a_forged_topic(
         for b in boards:
             b.halt()
     got = observer.drain()
-    topics = {topic for topic, _ in got}
+    topics = {topic for topic, _ in observer.readings(got)}
     assert topics == {"mc/m1/r/meter-a"}, "the forged topic never reaches a subscriber"
+    states = {t for t, _ in got if "/status/" in t}
+    assert states == {"mc/m1/status/meter-a"}, "meter-a may state only its own status"
+    got = observer.readings(got)
     seqs = [verify(payload, registry).seq for _, payload in got]
     assert len(seqs) >= 5 and seqs == sorted(seqs)
     # Mosquitto acknowledges a denied QoS 1 publish (MQTT 3.1.1) and drops it.
@@ -185,6 +217,7 @@ def test_broker_outage_every_reading_arrives_exactly_once(
     folder = _board_folder(make_board_dir, broker, "a", "meter-a", "meter-a")
     registry = Registry()
     registry.add("meter-a", public_key_of(folder), "mg1", "load")
+    observer.registry = registry
     board = RunningBoard(folder)
     received: list[tuple[str, bytes]] = []
     try:
@@ -200,7 +233,7 @@ def test_broker_outage_every_reading_arrives_exactly_once(
         _wait(lambda: app.readings >= before + 12 and len(app.spool) == 0, 30, "the spool drained")
         signed = app.last_seq
         _wait(
-            lambda: len(received.extend(observer.drain()) or received) >= signed,
+            lambda: len(observer.readings(received.extend(observer.drain()) or received)) >= signed,
             30,
             "every reading at the observer",
         )
@@ -208,7 +241,35 @@ def test_broker_outage_every_reading_arrives_exactly_once(
         board.halt()
     time.sleep(0.3)
     received.extend(observer.drain())
-    seqs = [verify(payload, registry).seq for _, payload in received]
+    seqs = [verify(payload, registry).seq for _, payload in observer.readings(received)]
     assert sorted(seqs) == list(range(1, max(seqs) + 1)), "no reading lost"
     assert len(seqs) == len(set(seqs)), "no reading delivered twice"
     assert app.uplink.connects == 2
+
+
+def test_spool_frees_only_on_the_agents_ack_and_the_will_says_offline(
+    broker: MosquittoBroker, observer: Observer, make_board_dir
+) -> None:
+    folder = _board_folder(make_board_dir, broker, "a", "meter-a", "meter-a")
+    registry = Registry()
+    registry.add("meter-a", public_key_of(folder), "mg1", "load")
+    observer.registry = registry
+    observer.hold = True  # the agent has not committed anything yet
+    board = RunningBoard(folder)
+    try:
+        app = board.app
+        _wait(lambda: app.uplink.acked >= 6, 30, "six PUBACKs")
+        assert len(app.spool) >= 6 and app.uplink.freed == 0, "PUBACK frees no reading"
+        observer.hold = False  # the agent commits: its watermark frees the spool
+        _wait(lambda: app.uplink.freed >= 6 and len(app.spool) <= 2, 30, "the agent's ack")
+        assert app.uplink.watermark == observer.watermarks["meter-a"] or len(app.spool) <= 2
+    finally:
+        board.halt()  # a power cut: the TCP connection dies without DISCONNECT
+    states: list[bytes] = []
+    _wait(
+        lambda: bool(states.extend(p for t, p in observer.drain() if "/status/" in t) or states)
+        and cbor2.loads(states[-1]) == {1: "meter-a", 2: "offline"},
+        30,
+        "the will",
+    )
+    assert cbor2.loads(states[0]) == {1: "meter-a", 2: "online"}

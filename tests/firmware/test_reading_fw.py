@@ -19,7 +19,7 @@ READINGS = st.fixed_dictionaries(
         "time": UINT64,
         "import_wh": UINT64,
         "export_wh": UINT64,
-        "power_w": st.integers(-(2**63), 2**63 - 1),
+        "power_w": st.integers(-10_000_000, 10_000_000),
         "flags": st.integers(0, 0x3F),
         "source": st.sampled_from(
             ["pv", "wind", "hydro", "biomass", "load", "bidir", "storage", "chp"]
@@ -108,6 +108,8 @@ BAD_VALUES = [
     ("export_wh", False),
     ("power_w", 2**63),
     ("power_w", -(2**63) - 1),
+    ("power_w", 10_000_001),
+    ("power_w", -10_000_001),
     ("power_w", 1.5),
     ("power_w", True),
     ("flags", -1),
@@ -150,17 +152,26 @@ print(json.dumps(out))
 
 def test_extremes_are_accepted() -> None:
     top = 2**64 - 1
-    data = reading.encode("m" * 64, top, top, top, top, -(2**63), 0x3F, "chp")
+    data = reading.encode("m" * 64, top, top, top, top, -10_000_000, 0x3F, "chp")
     assert cbor2.loads(data) == {
         1: "m" * 64,
         2: top,
         3: top,
         4: top,
         5: top,
-        6: -(2**63),
+        6: -10_000_000,
         7: 0x3F,
         8: "chp",
     }
+
+
+def test_power_bound_is_the_verifiers_bound() -> None:
+    from meterchain.reading import MAX_POWER_W
+
+    assert reading.MAX_POWER_W == MAX_POWER_W
+    reading.encode(**{**GOOD, "power_w": MAX_POWER_W})
+    with pytest.raises(ValueError, match="power_w"):
+        reading.encode(**{**GOOD, "power_w": MAX_POWER_W + 1})
 
 
 def test_flag_bits_and_sources_are_the_shared_values() -> None:

@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .log import Log
 from .meters import MeterError
 from .meters import make as make_meter
+from .porterrors import PERIPHERAL_ERRORS
 from .seqno import Sequencer
 from .slots import SlotStore
 from .spool import Spool, SpoolError
@@ -38,7 +39,7 @@ VERSION = "0.1.0"
 _COLLECT = sys.implementation.name == "micropython"
 _SLICE_MS = const(1000)  # longest wait between watchdog feeds and housekeeping
 _POLL_MS = const(5000)  # meter poll cadence between samples
-_DRAIN_MS = const(10000)  # how long a finite run waits for the last PUBACKs
+_DRAIN_MS = const(10000)  # how long a finite run waits for the last acknowledgements
 
 
 class App:
@@ -56,7 +57,8 @@ class App:
                 "config.json", "broker.ca", "%s not found in flash: the board cannot verify "
                 "the broker (provision with --broker-ca)" % cfg["broker.ca"]
             )
-        self.uplink = Uplink(board, cfg, self.spool, self.log)
+        # Acknowledgements up to the last number reserved before this boot are believable.
+        self.uplink = Uplink(board, cfg, self.spool, self.log, self.clock, self.seq.peek() - 1)
         self._last = SlotStore(flash, "last")  # last good (import Wh, export Wh)
         self._good = self._last.values
         self._saved_good = self._good
@@ -74,6 +76,7 @@ class App:
         self._persist_at = board.ticks_add(board.ticks_ms(), self._persist_ms)
         self.readings = 0
         self.read_errors = 0
+        self.skipped = 0  # samples lost because flash refused the sequence reservation
         self.last_seq = 0
         if self.spool.repaired:
             self.log.info("spool: cut a torn tail of %d bytes" % self.spool.repaired)
@@ -85,11 +88,19 @@ class App:
     # -- one reading -----------------------------------------------------------
 
     def sample(self) -> int:
-        """Read the meter, then build, sign and spool one reading; returns its sequence number."""
+        """Read the meter, then build, sign and spool one reading; its sequence number (-1: none)."""
         flags = self.clock.flags()
         try:
             import_wh, export_wh, power_w, meter_flags = self.meter.sample()
+            if import_wh < 0 or export_wh < 0:
+                raise MeterError("negative energy register")
             flags |= meter_flags
+            bound = reading.MAX_POWER_W
+            if power_w > bound or power_w < -bound:
+                # Beyond what any verifier accepts (a scaling bug or a broken meter): keep
+                # the reading, clamp the power and say so.
+                power_w = bound if power_w > 0 else -bound
+                flags |= reading.FLAG_METER_READ_ERROR
             good = self._good
             if good is not None and (import_wh < good[0] or export_wh < good[1]):
                 flags |= reading.FLAG_COUNTER_RESET  # a swapped or reset meter
@@ -108,7 +119,16 @@ class App:
         if self.spool.take_overflow():
             flags |= reading.FLAG_SPOOL_OVERFLOW
             self.log.error("spool full: oldest readings thinned, %d dropped so far" % self.spool.dropped)
-        seq = self.seq.next()
+        try:
+            seq = self.seq.next()
+        except OSError as exc:
+            # No durable reservation, no number (a repeat would be worse than a gap): this
+            # sample is lost, the cumulative registers carry its energy into the next one.
+            self.skipped += 1
+            self.log.failing("seq", "sequence reservation failed (flash): %s" % exc)
+            return -1
+        if self.log.is_failing("seq"):
+            self.log.recovered("seq", "sequence reservations work again")
         payload = reading.encode(
             self._meter_id, seq, self.clock.now(), import_wh, export_wh, power_w, flags,
             self._source,
@@ -165,17 +185,23 @@ class App:
     # -- the loop --------------------------------------------------------------
 
     def run(self, cycles=None, watchdog=None) -> None:
-        """Sample every interval; `cycles` readings then drain and stop (None: forever)."""
+        """Sample every interval; `cycles` readings then drain and stop (None: forever).
+
+        Start-up order: the first reading at once (sampling never waits for the network),
+        then WiFi and the clock, then the broker (TLS needs the time).
+        """
         board = self.board
         wdt = watchdog
         if wdt is None and self.cfg["wdt_s"]:
             wdt = board.watchdog(self.cfg["wdt_s"] * 1000)
+        uplink = self.uplink
+        if wdt is not None:
+            uplink.feed = wdt.feed
         interval = self.interval_ms
-        self.uplink.service(0)  # join WiFi (and the broker) first, so NTP can answer
-        self.clock.service()  # before the first reading, not after it
         next_sample = board.ticks_ms()
         next_poll = board.ticks_add(next_sample, _POLL_MS)
         done = 0
+        started = False
         while cycles is None or done < cycles:
             now = board.ticks_ms()
             if board.ticks_diff(now, next_sample) >= 0:
@@ -193,20 +219,31 @@ class App:
                 except MeterError:
                     pass  # the next sample reports the failure
                 next_poll = board.ticks_add(now, _POLL_MS)
+            if not started:
+                started = True
+                uplink.join_wifi()  # bounded; the clock needs it, the broker comes later
             self.housekeeping()
             if wdt is not None:
                 wdt.feed()
+            if uplink.reboot_due:
+                self.reboot("nothing passed the uplink for %d s" % self.cfg["broker.reboot_after_s"])
             wait = board.ticks_diff(next_sample, board.ticks_ms())
             if cycles is not None and done >= cycles:
                 wait = 0
             wait = min(max(wait, 0), _SLICE_MS, max(board.ticks_diff(next_poll, board.ticks_ms()), 0))
-            self.uplink.service(wait)
+            uplink.service(wait)
         if cycles is not None:
             self.drain(_DRAIN_MS, wdt)
             self.shutdown()
 
+    def reboot(self, why: str) -> None:
+        """A clean reboot: everything durable first (the spool survives), then reset."""
+        self.log.error("rebooting: %s" % why)
+        self.shutdown()
+        self.board.reset()
+
     def drain(self, timeout_ms: int, wdt=None) -> None:
-        """Keep publishing until the spool is empty or `timeout_ms` passed."""
+        """Keep publishing until the agent acknowledged every reading or `timeout_ms` passed."""
         board = self.board
         deadline = board.ticks_add(board.ticks_ms(), timeout_ms)
         while len(self.spool) and board.ticks_diff(deadline, board.ticks_ms()) > 0:
@@ -253,6 +290,11 @@ def boot(board, interval_ms=None):
         app = App(board, cfg, secret, log, interval_ms)
     except ConfigError as exc:
         safe_mode(board, exc)
+        return None
+    except PERIPHERAL_ERRORS as exc:
+        # A pin or bus this chip lacks (ValueError from machine) or flash that refuses
+        # to open the spool: stay reachable instead of restart-looping.
+        safe_mode(board, "%s: %s" % (type(exc).__name__, exc))
         return None
     if _COLLECT:
         _unload("config", "keystore")

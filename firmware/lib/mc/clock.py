@@ -44,6 +44,12 @@ class Clock:
             self._next_try = board.ticks_add(now, _RETRY_MS)
             self._log.failing("ntp", "NTP sync from %s failed" % self._host)
 
+    def try_now(self) -> None:
+        """Ask NTP at once if the clock is not synced (TLS waits for it), else nothing."""
+        if not self.synced:
+            self._next_try = self._board.ticks_ms()
+            self.service()
+
     def now(self) -> int:
         """Unix seconds from the RTC (never negative)."""
         t = self._board.time()

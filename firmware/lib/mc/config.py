@@ -70,6 +70,8 @@ _SCHEMA = (
     ("broker.inflight", int, 8, (1, 64), None),
     ("broker.backoff_min_ms", int, 1000, (10, 600000), None),
     ("broker.backoff_max_ms", int, 300000, (100, 3600000), None),
+    ("broker.ack_timeout_s", int, 120, (5, 86400), None),
+    ("broker.reboot_after_s", int, 3600, (0, 604800), None),
     ("wifi.ssid", str, "", None, None),
     ("ntp.host", str, "pool.ntp.org", None, None),
     ("ntp.resync_s", int, 3600, (60, 604800), None),
@@ -163,8 +165,11 @@ def validate(raw: dict, file: str = CONFIG_FILE) -> dict:
             raise ConfigError(file, key, "unknown key")
     if not cfg["broker.username"]:
         cfg["broker.username"] = cfg["meter_id"]
-    if 0 < cfg["wdt_s"] < 30:
-        raise ConfigError(file, "wdt_s", "must be 0 (off) or at least 30: a connect may block that long")
+    if 0 < cfg["wdt_s"] < 60:
+        raise ConfigError(file, "wdt_s", "must be 0 (off) or at least 60: one step of a connect "
+                          "(WiFi join, DNS + TCP + TLS handshake, CONNACK) may block 20-40 s")
+    if 0 < cfg["broker.reboot_after_s"] < 600:
+        raise ConfigError(file, "broker.reboot_after_s", "must be 0 (never) or at least 600")
     if cfg["broker.backoff_max_ms"] < cfg["broker.backoff_min_ms"]:
         raise ConfigError(file, "broker.backoff_max_ms", "must not be below broker.backoff_min_ms")
     return cfg

@@ -194,6 +194,16 @@ class Board:
             time.sleep_ms(200)
         return True
 
+    def wifi_reset(self) -> None:
+        """Drop the association and the interface; the next wifi_connect starts afresh."""
+        wlan = self._wlan
+        if wlan is not None:
+            try:
+                wlan.disconnect()
+            except OSError:
+                pass
+            wlan.active(False)
+
     def connect(self, host: str, port: int, tls: bool, ca, timeout_ms: int) -> Link:
         """TCP (and TLS, verifying the broker against `ca` PEM bytes) to host:port."""
         if tls and not ca:

@@ -42,7 +42,10 @@ METER_ID_MAX_CHARS = const(64)
 _ID_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-"
 _ID_RULE = "A-Z a-z 0-9 _ . : -"
 _UINT64_LIMIT = const(0x10000000000000000)  # 2**64
-_INT64_LIMIT = const(0x8000000000000000)  # 2**63
+# The verifiers' sanity bound on average power, 10 MW either way (the same constant as
+# meterchain.reading.MAX_POWER_W; a test keeps them equal).  The app clamps a meter's
+# larger value to it and flags the reading FLAG_METER_READ_ERROR.
+MAX_POWER_W = const(10000000)
 
 
 def _uint(name: str, value: object) -> int:
@@ -76,7 +79,8 @@ def encode(
 ) -> bytes:
     """Deterministic CBOR bytes of one reading; ValueError naming the first bad field.
 
-    Energy in Wh (cumulative registers), power in W (signed: negative means export),
+    Energy in Wh (cumulative registers), power in W (signed: negative means export, at
+    most MAX_POWER_W either way),
     time in Unix seconds, flags a bit set of the FLAG_* constants, source one of SOURCES.
     """
     _meter_id(meter_id)
@@ -86,8 +90,8 @@ def encode(
     _uint("export_wh", export_wh)
     if not isinstance(power_w, int) or isinstance(power_w, bool):
         raise ValueError(f"power_w must be an int, got {type(power_w).__name__}")
-    if not -_INT64_LIMIT <= power_w < _INT64_LIMIT:
-        raise ValueError(f"power_w must be in [-2**63, 2**63), got {power_w}")
+    if not -MAX_POWER_W <= power_w <= MAX_POWER_W:
+        raise ValueError(f"power_w must be within +/-{MAX_POWER_W} W (10 MW), got {power_w}")
     if _uint("flags", flags) & ~FLAGS_KNOWN:
         raise ValueError(f"flags has unknown bits {flags & ~FLAGS_KNOWN:#x}")
     if source not in SOURCES:

@@ -4,11 +4,12 @@ Layout: one append-only log file of records
 
     0xA5 | kind (1) | body length (2) | seq (4) | body | CRC-32 of kind..body (4)
 
-with kinds R (a signed reading), A (the reading `seq` was acknowledged by the broker)
+with kinds R (a signed reading), A (the reading `seq` was acknowledged by the edge agent)
 and M (spool counters: readings dropped by thinning, overflow flag pending).
 
-- A reading is deleted only after the broker's PUBACK for it: `ack()` marks it, the
-  next `commit()` appends an A record, and compaction later rewrites the log without it.
+- A reading is deleted only after the edge agent acknowledged it end to end (its
+  committed watermark, see mc.uplink): `ack()` / `ack_through()` mark it, the next
+  `commit()` appends an A record, and compaction later rewrites the log without it.
 - Writes are batched: new readings wait in RAM until `commit()`, which the app calls
   once `batch` readings are waiting (or a deadline passes).  A reading acknowledged
   while still in RAM never touches flash, so a board with a healthy uplink writes
@@ -227,8 +228,18 @@ class Spool:
         if seq > self.max_seq:
             self.max_seq = seq
 
+    def ack_through(self, seq: int) -> int:
+        """The edge agent committed everything up to `seq`: forget those; how many went."""
+        n = 0
+        while True:
+            low = self.next_unsent(0)
+            if low < 0 or low > seq:
+                return n
+            self.ack(low)
+            n += 1
+
     def ack(self, seq: int) -> bool:
-        """The broker acknowledged `seq`: forget it.  False if it is not (or no longer) here."""
+        """The edge agent acknowledged `seq`: forget it.  False if it is not (or no longer) here."""
         pending = self._pending
         for i in range(len(pending)):
             if pending[i][0] == seq:
