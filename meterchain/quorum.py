@@ -202,14 +202,24 @@ class QuorumCertificate:
 
     @classmethod
     def from_cbor(cls, value: Any) -> QuorumCertificate:
-        try:
-            statement, sigs = value
-            pairs = tuple((str(node), bytes(sig)) for node, sig in sigs)
-        except (TypeError, ValueError) as exc:
-            raise QuorumError(f"malformed quorum certificate: {exc}") from exc
+        if not isinstance(value, list | tuple) or len(value) != 2:
+            raise QuorumError("malformed quorum certificate: not [statement, signatures]")
+        statement, sigs = value
         if not isinstance(statement, bytes):
             raise QuorumError("malformed quorum certificate: statement is not bytes")
-        return cls(statement, pairs)
+        if not isinstance(sigs, list | tuple):
+            raise QuorumError("malformed quorum certificate: signatures are not a list")
+        for pair in sigs:
+            if (
+                not isinstance(pair, list | tuple)
+                or len(pair) != 2
+                or not isinstance(pair[0], str)
+                or not isinstance(pair[1], bytes)
+            ):
+                raise QuorumError(
+                    "malformed quorum certificate: each signature must be [node id, bytes]"
+                )
+        return cls(statement, tuple((node, sig) for node, sig in sigs))
 
     def verify(self, membership: Membership, *, expect: Sequence[Any] | None = None) -> None:
         """Raise QuorumError unless more than n/2 distinct members signed the statement.

@@ -517,8 +517,8 @@ class Node:
 
     def _take_proposal(self, rs: _Round, raw: Any) -> None:
         """Take in a proposal forwarded inside another message (vote, blame, status, cert)."""
-        if raw in rs.seen_proposals:
-            return  # the same bytes again (every vote forwards the proposal)
+        if not isinstance(raw, bytes) or raw in rs.seen_proposals:
+            return  # not a message, or the same bytes again (every vote forwards the proposal)
         env = self._verified(raw)
         if env is None or env.tag != "prop" or env.round != rs.rid:
             return

@@ -15,9 +15,11 @@ from typing import Any
 
 import cbor2
 
-from meterchain.errors import MeterChainError
+from meterchain import codec
+from meterchain.errors import CodecError, MeterChainError
 
 HOUR = 3600
+_COSE_TAGS = frozenset({codec.COSE_SIGN1_TAG})
 
 
 class ReadingFormatError(MeterChainError):
@@ -68,8 +70,8 @@ class LedgerReading:
 def payload_fields(cose: bytes) -> dict[int, Any]:
     """The payload map of a COSE_Sign1 reading (tag 18), signature not checked."""
     try:
-        item = cbor2.loads(cose)
-        if not isinstance(item, cbor2.CBORTag) or item.tag != 18:
+        item = codec.decode(cose, tags=_COSE_TAGS)
+        if not isinstance(item, cbor2.CBORTag) or item.tag != codec.COSE_SIGN1_TAG:
             raise ReadingFormatError("not a COSE_Sign1 (CBOR tag 18) item")
         parts = item.value
         if (
@@ -78,8 +80,8 @@ def payload_fields(cose: bytes) -> dict[int, Any]:
             or not isinstance(parts[2], bytes)
         ):
             raise ReadingFormatError("COSE_Sign1 is not [protected, unprotected, payload, sig]")
-        payload = cbor2.loads(parts[2])
-    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError) as exc:
+        payload = codec.decode(parts[2])
+    except CodecError as exc:
         raise ReadingFormatError(f"malformed CBOR: {exc}") from exc
     if not isinstance(payload, dict):
         raise ReadingFormatError("reading payload is not a map")
@@ -132,9 +134,9 @@ def columns(cose: bytes) -> tuple[Any, ...]:
             pay_len, start = _bstr(cose, start + kid_len)
             payload = _loads(cose[start : start + pay_len])
         else:
-            payload = _loads(_loads(cose).value[2])
+            payload = codec.decode(codec.decode(cose, tags=_COSE_TAGS).value[2])
         return (payload[1], payload[2], payload[3], payload[4], payload[5])
-    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError) as exc:
+    except (cbor2.CBORDecodeError, CodecError, ValueError, TypeError, OverflowError) as exc:
         raise ReadingFormatError(f"malformed reading: {exc}") from exc
     except (AttributeError, IndexError, KeyError) as exc:
         raise ReadingFormatError(f"not a COSE_Sign1 reading payload: {exc!r}") from exc

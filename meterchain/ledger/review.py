@@ -59,16 +59,27 @@ class Proposal:
     def decode(cls, data: bytes) -> Proposal:
         try:
             value = codec.decode(data)
-            tag, header_raw, tx_raws, batches = value
-            if tag != "proposal" or not isinstance(tx_raws, list) or not isinstance(batches, dict):
+            if not isinstance(value, list) or len(value) != 4:
                 raise ProposalError('not a ["proposal", header, txs, readings] message')
+            tag, header_raw, tx_raws, batches = value
+            if (
+                tag != "proposal"
+                or not isinstance(tx_raws, list)
+                or not isinstance(batches, dict)
+                or not all(isinstance(raw, bytes) for raw in tx_raws)
+            ):
+                raise ProposalError('not a ["proposal", header, txs, readings] message')
+            for idx, batch in batches.items():
+                if (
+                    type(idx) is not int
+                    or not isinstance(batch, list)
+                    or not all(isinstance(cose, bytes) for cose in batch)
+                ):
+                    raise ProposalError("reading batches must map a tx index to signed readings")
             header = Header.decode(header_raw)
             txs = tuple(Tx.decode(raw) for raw in tx_raws)
-            readings = {
-                int(idx): tuple(parse(bytes(cose)) for cose in batch)
-                for idx, batch in batches.items()
-            }
-        except (CodecError, BlockError, TxError, ReadingFormatError, TypeError, ValueError) as exc:
+            readings = {idx: tuple(parse(cose) for cose in batch) for idx, batch in batches.items()}
+        except (CodecError, BlockError, TxError, ReadingFormatError) as exc:
             raise ProposalError(f"malformed proposal: {exc}") from exc
         return cls(Block(header, txs), readings)
 

@@ -27,7 +27,7 @@ class TxError(MeterChainError):
     """A transaction is malformed or breaks a ledger rule; the message says which field or rule."""
 
 
-_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 ROLES = ("microgrid", "generator", "consumer", "dispatch", "grid", "consensus", "observer")
 EXIT_MODES = ("voluntary", "inactive", "expelled", "banned")
@@ -44,7 +44,7 @@ def _view(v: Any) -> bool:
 
 
 def _name(v: Any) -> bool:
-    return isinstance(v, str) and bool(_NAME.match(v))
+    return isinstance(v, str) and bool(_NAME.fullmatch(v))
 
 
 def _text(v: Any) -> bool:
