@@ -38,14 +38,21 @@ from meterchain.errors import CodecError, MeterChainError
 from meterchain.quorum import QuorumCertificate, QuorumError
 
 LOOKAHEAD_ROUNDS = 2  # rounds not yet opened here whose messages are held back
-HOLD_PER_ROUND_FACTOR = 12  # held messages per round: factor x n, then drops are counted
+# Held messages of a round not open here: at most HOLD_PER_SENDER distinct messages per
+# sender and round (a correct member sends far fewer within the delta by which correct
+# nodes' opens differ), so a flooding sender only ever loses its own messages.
+HOLD_PER_SENDER = 16
 # Before its first Open a node knows no current round to centre the window on, so it
-# holds messages of any round, but at most PRE_OPEN_ROUNDS rounds in all and at most
-# PRE_OPEN_PER_SENDER of them opened by one sender (a faulty one cannot crowd out the
-# rest); the first Open then keeps only the window around it.
+# holds messages of any round, but at most PRE_OPEN_PER_SENDER rounds started by one
+# sender and PRE_OPEN_ROUNDS_PER_MEMBER x n rounds in all; the first Open then keeps
+# only the window around it.
 PRE_OPEN_PER_SENDER = 2 * LOOKAHEAD_ROUNDS + 1
-PRE_OPEN_ROUNDS = 3 * PRE_OPEN_PER_SENDER
+PRE_OPEN_ROUNDS_PER_MEMBER = PRE_OPEN_PER_SENDER
 RETAIN_DECIDED = 512  # decided rounds kept in memory to answer catch-up requests
+VOTES_PER_MEMBER_VIEW = 3  # digests one member may vote for in a view (a correct one: 1)
+# A decided node answers these (from a member still working on the round) with its
+# finality certificate, so a lagging node never depends on a timer an adversary resets.
+HELP_TAGS = frozenset({"blame", "cert", "status", "sync"})
 
 
 class ConsensusError(MeterChainError):
@@ -146,10 +153,15 @@ class _Round:
     waiting: bool = False  # left view-1 after a change-primary certificate, not entered yet
     wait_until: int = 0
     entered_at: int = 0
+    relayed: frozenset[str] = frozenset()  # submitters whose requests our request relayed
     # proposals: view -> signed statement -> envelope (at most two: an equivocation proof)
     headers: dict[int, dict[bytes, Envelope]] = field(default_factory=dict)
     bodies: dict[bytes, Proposal] = field(default_factory=dict)
     seen_proposals: set[bytes] = field(default_factory=set)
+    evidence_sent: set[int] = field(default_factory=set)  # views whose equivocation we relayed
+    fetch_wanted: set[bytes] = field(default_factory=set)  # value digests asked for by sync
+    fetch_answered: int = -(2**62)
+    vote_digests: dict[tuple[str, int], set[bytes]] = field(default_factory=dict)
     verdicts: dict[bytes, str] = field(default_factory=dict)
     justified: dict[bytes, bool] = field(default_factory=dict)
     values: dict[bytes, Value] = field(default_factory=dict)
@@ -212,6 +224,8 @@ class Node:
         self.decided: OrderedDict[RoundId, tuple[bytes, Value, QuorumCertificate]] = OrderedDict()
         self.max_seq = -1
         self.held: dict[RoundId, list[Envelope]] = {}
+        self.held_raw: dict[RoundId, set[bytes]] = {}  # de-duplication of held messages
+        self.held_per_sender: Counter[tuple[RoundId, str]] = Counter()
         self.overflowed: set[RoundId] = set()
         self.anchored = False  # an Open happened since start: the hold window has a centre
         self.lost_unrecorded = False  # a pre-open drop that `overflowed` had no room for
@@ -220,7 +234,7 @@ class Node:
         self.last_error = ""
         self._handlers = {
             "req": self._on_request,
-            "prop": self._on_proposal,
+            "prop": self._on_direct_proposal,
             "vote": self._on_vote,
             "blame": self._on_blame,
             "cert": self._on_cert,
@@ -368,18 +382,32 @@ class Node:
             # Messages of this round were missed: the 2-delta rule needs every message
             # since the vote, so this node finishes through a finality certificate.
             rs.recovering = True
+        for other in [r for r in self.held if r.seq == rid.seq and r != rid]:
+            self.stats["other_round"] += len(self._unhold(other))
+        held = self._unhold(rid)
+        # Requests first: the ones held before we open are relayed with our own request,
+        # and a fresh proposal that leaves any of them out gets our "no" (censorship).
+        for env in held:
+            if env.tag == "req":
+                self._dispatch(rs, env, out)
         if event.submit and not rs.recovering:
             stmt = statement("req", self.market, rid, 0, event.deposit, self.node_id, event.body)
-            raw = seal(self.node_id, self.signer.sign(stmt), stmt)
-            req = self.decoder.request(raw)
-            rs.my_request = raw
-            rs.requests[self.node_id] = req
-            out.append(Broadcast("req", raw))
-        for other in [r for r in self.held if r.seq == rid.seq and r != rid]:
-            self.stats["other_round"] += len(self.held.pop(other))
-        for env in self.held.pop(rid, []):
-            self._dispatch(rs, env, out)
+            sig = self.signer.sign(stmt)
+            rs.my_request = seal(self.node_id, sig, stmt)
+            relay = [rs.requests[s].raw for s in sorted(rs.requests) if s != self.node_id]
+            rs.relayed = frozenset(s for s in rs.requests if s != self.node_id)
+            rs.requests[self.node_id] = self.decoder.request(rs.my_request)
+            out.append(Broadcast("req", seal(self.node_id, sig, stmt, relay or None)))
+        for env in held:
+            if env.tag != "req":
+                self._dispatch(rs, env, out)
         self._advance(rs, out)
+
+    def _unhold(self, rid: RoundId) -> list[Envelope]:
+        self.held_raw.pop(rid, None)
+        for key in [k for k in self.held_per_sender if k[0] == rid]:
+            del self.held_per_sender[key]
+        return self.held.pop(rid, [])
 
     # --- receiving -----------------------------------------------------------------
 
@@ -417,7 +445,7 @@ class Node:
         if env0.sender == self.node_id:
             return  # our own publish, echoed back by the broker
         done = self.decided.get(env0.round)
-        if done is not None and env0.tag != "sync":
+        if done is not None and env0.tag not in HELP_TAGS:
             self.stats["late"] += 1  # the round is decided here: nothing left to learn
             return
         env = self._checked(env0, member=env0.tag != "req")
@@ -425,6 +453,8 @@ class Node:
             return
         rid = env.round
         if done is not None:
+            # The sender still works on a round decided here (it blames, changes view,
+            # asks): hand it the finality certificate at once (at most once per delta).
             self._answer_sync(rid, done, out)
             return
         rs = self.rounds.get(rid)
@@ -438,41 +468,63 @@ class Node:
         return self.max_seq - LOOKAHEAD_ROUNDS <= seq <= self.max_seq + LOOKAHEAD_ROUNDS
 
     def _hold(self, env: Envelope) -> None:
-        """Keep a verified message of a round not open here until the round opens."""
+        """Keep a verified message of a round not open here until the round opens.
+
+        Bounded per sender and de-duplicated: a sender that floods a round only loses
+        its own messages (a correct member never sends HOLD_PER_SENDER distinct ones
+        within the delta by which correct opens differ), so it cannot make the round
+        "recovering" for anyone.
+        """
         rid = env.round
+        if env.tag == "sync":
+            self.stats["held_sync_ignored"] += 1  # nobody can answer it here before we open
+            return
         if any(r.seq == rid.seq for r in list(self.rounds) + list(self.decided)):
             self.stats["other_round"] += 1  # same sequence number, another kind: a replay
             return
         if self.anchored and not self._in_window(rid.seq):
             self.stats["out_of_window"] += 1
             return
+        seen = self.held_raw.get(rid)
+        if seen is not None and env.raw in seen:
+            self.stats["held_duplicate"] += 1
+            return
+        if self.held_per_sender[(rid, env.sender)] >= HOLD_PER_SENDER:
+            self.stats["held_dropped"] += 1
+            return
         held = self.held.get(rid)
         if held is None:
-            if not self.anchored and not self._pre_open_room(env.sender):
-                self.stats["held_dropped"] += 1
-                self._lost(rid)
-                return
+            if not self.anchored:
+                room = self._pre_open_room(env.sender)
+                if room != "ok":
+                    self.stats["held_dropped"] += 1
+                    if room == "full":
+                        self._lost(rid)  # all senders' rounds: a correct one may be lost
+                    return
             held = self.held[rid] = []
-        if len(held) >= HOLD_PER_ROUND_FACTOR * self.n:
-            self.stats["held_dropped"] += 1
-            self._lost(rid)
-            return
+            seen = self.held_raw[rid] = set()
+        assert seen is not None
+        seen.add(env.raw)
+        self.held_per_sender[(rid, env.sender)] += 1
         held.append(env)
         if self.anchored:
             self._forget_behind()
 
-    def _pre_open_room(self, sender: str) -> bool:
-        """Whether a message of a round not held yet may start holding one before any Open."""
-        if len(self.held) >= PRE_OPEN_ROUNDS:
-            return False
+    def _pre_open_room(self, sender: str) -> str:
+        """Whether a message of a round not held yet may start holding one before any Open:
+        "ok", "sender" (this sender started its share of rounds) or "full"."""
         rounds_of_sender = sum(
             1 for envs in self.held.values() if any(e.sender == sender for e in envs)
         )
-        return rounds_of_sender < PRE_OPEN_PER_SENDER
+        if rounds_of_sender >= PRE_OPEN_PER_SENDER:
+            return "sender"
+        if len(self.held) >= PRE_OPEN_ROUNDS_PER_MEMBER * self.n:
+            return "full"
+        return "ok"
 
     def _lost(self, rid: RoundId) -> None:
         """Remember that a message of `rid` was dropped: that round must finish by catch-up."""
-        if self.anchored or len(self.overflowed) < PRE_OPEN_ROUNDS:
+        if self.anchored or len(self.overflowed) < PRE_OPEN_ROUNDS_PER_MEMBER * self.n:
             self.overflowed.add(rid)  # anchored: within the window, so bounded by it
         else:
             # Before the first Open a faulty sender could name any number of rounds;
@@ -483,7 +535,7 @@ class Node:
         """First Open since start: keep held messages only of the window around max_seq."""
         self.anchored = True
         for rid in [r for r in self.held if r != opening and not self._in_window(r.seq)]:
-            self.stats["out_of_window"] += len(self.held.pop(rid))
+            self.stats["out_of_window"] += len(self._unhold(rid))
         self.overflowed = {r for r in self.overflowed if r == opening or self._in_window(r.seq)}
         if self.lost_unrecorded:
             # Some dropped message may belong to any round of the window: all of them
@@ -496,7 +548,7 @@ class Node:
         """Drop (and count) held messages of rounds that fell behind the window."""
         floor = self.max_seq - LOOKAHEAD_ROUNDS
         for old in [r for r in self.held if r.seq < floor and r != keep]:
-            self.stats["held_expired"] += len(self.held.pop(old))
+            self.stats["held_expired"] += len(self._unhold(old))
         self.overflowed = {r for r in self.overflowed if r.seq >= floor or r == keep}
 
     def _dispatch(self, rs: _Round, env: Envelope, out: list[Action]) -> None:
@@ -511,35 +563,73 @@ class Node:
             self.last_error = str(exc)
 
     def _on_request(self, rs: _Round, env: Envelope) -> None:
+        relay = env.attachment
+        if relay is not None:
+            # A member relays the requests it held when it opened (its own request's
+            # attachment); the signed request itself is kept without it.
+            env = self.decoder.envelope(seal(env.sender, env.signature, env.statement))
         req = self.decoder.request(env.raw)
         if req.submitter not in rs.requests:
             rs.requests[req.submitter] = req
+        if relay is None or not self.keyring.is_member(req.submitter):
+            return
+        if not isinstance(relay, list) or len(relay) > self.keyring.size:
+            raise MessageError("relayed requests must be a list of at most one per identity")
+        for raw in relay:
+            other = self._verified(raw, member=False)
+            if other is None or other.tag != "req" or other.round != rs.rid:
+                continue
+            try:
+                relayed = self.decoder.request(other.raw)
+            except MessageError:
+                self.stats["invalid_req"] += 1
+                continue
+            rs.requests.setdefault(relayed.submitter, relayed)
 
-    def _take_proposal(self, rs: _Round, raw: Any) -> None:
-        """Take in a proposal forwarded inside another message (vote, blame, status, cert)."""
-        if not isinstance(raw, bytes) or raw in rs.seen_proposals:
-            return  # not a message, or the same bytes again (every vote forwards the proposal)
+    def _take_proposal(
+        self, rs: _Round, raw: Any, *, view: int | None = None, digest: bytes | None = None
+    ) -> bool:
+        """Take in a proposal forwarded inside another message (vote, blame, status, cert).
+
+        With `view`/`digest` the carrying message is a signed statement naming exactly
+        that proposal's value (a vote, a vote certificate, a status lock): its body is
+        kept however many other proposals the primary signed for the view. Returns
+        whether the proposal is the one named (or, unnamed, one of this round).
+        """
+        if not isinstance(raw, bytes):
+            return False  # not a message at all
         env = self._verified(raw)
         if env is None or env.tag != "prop" or env.round != rs.rid:
-            return
+            return False
+        if view is not None and (env.view != view or (digest is not None and env.ref != digest)):
+            return False
+        if raw in rs.seen_proposals:
+            return True  # the same bytes again (every vote forwards the proposal)
         try:
-            self._on_proposal(rs, env)
+            self._on_proposal(rs, env, named=digest is not None)
         except MessageError as exc:
             self.stats["invalid_prop"] += 1
             self.last_error = str(exc)
+            return False
+        return True
 
-    def _on_proposal(self, rs: _Round, env: Envelope) -> None:
+    def _on_direct_proposal(self, rs: _Round, env: Envelope) -> None:
+        self._on_proposal(rs, env, named=False)
+
+    def _on_proposal(self, rs: _Round, env: Envelope, *, named: bool = True) -> None:
         if env.sender != self.primary(rs.rid, env.view):
             self.stats["not_primary"] += 1
             return
         if not isinstance(env.ref, bytes) or len(env.ref) != 32:
             raise MessageError("proposal must name a 32-byte value digest")
         headers = rs.headers.setdefault(env.view, {})
-        if env.statement not in headers:
-            if len(headers) >= 2:
-                return  # an equivocation proof is already held for this view
-            headers[env.statement] = env
+        if env.statement not in headers and len(headers) < 2:
+            headers[env.statement] = env  # two of them are the equivocation proof
         if env.statement in rs.bodies:
+            return
+        if env.statement not in headers and not named:
+            # A further variant nobody signed for: the proof is held, the body is not needed.
+            self.stats["variant_dropped"] += 1
             return
         rs.seen_proposals.add(env.raw)
         # A copy whose attachment does not match the signed digests is a relay's
@@ -558,8 +648,14 @@ class Node:
     def _on_vote(self, rs: _Round, env: Envelope) -> None:
         if env.extra or not isinstance(env.ref, bytes) or len(env.ref) != 32:
             raise MessageError("vote must be [vote, market, round, view, digest]")
+        named = rs.vote_digests.setdefault((env.sender, env.view), set())
+        if env.ref not in named:
+            if len(named) >= VOTES_PER_MEMBER_VIEW:
+                self.stats["double_vote_dropped"] += 1  # a correct member votes once a view
+                return
+            named.add(env.ref)
         if env.attachment is not None:
-            self._take_proposal(rs, env.attachment)
+            self._take_proposal(rs, env.attachment, view=env.view, digest=env.ref)
         self._add_vote(rs, env.view, env.ref, env.sender, env.signature, None)
 
     def _add_vote(
@@ -597,7 +693,7 @@ class Node:
         if not isinstance(evidence, list) or len(evidence) > 2:
             raise MessageError("blame evidence must be a list of at most two proposals")
         for raw in evidence:
-            self._take_proposal(rs, raw)
+            self._take_proposal(rs, raw, view=env.view)
         self._add_blame(rs, env.view, env.sender, env.signature)
 
     def _add_blame(self, rs: _Round, view: int, node: str, sig: bytes) -> None:
@@ -628,10 +724,11 @@ class Node:
         qc = parse_qc(qc_cbor)
         fields = qc.fields()
         if fields[0] == "vote":
-            if prop_raw is not None:
-                self._take_proposal(rs, prop_raw)
             view, vd = self._check_vote_qc(rs, qc)
             self._add_qc(rs, view, vd, qc)
+            if prop_raw is not None:
+                # a certified value is kept whatever else its primary signed
+                self._take_proposal(rs, prop_raw, view=view, digest=vd)
         elif fields[0] == "blame":
             if len(fields) != 5 or fields[2] != rs.rid.to_cbor() or not isinstance(fields[3], int):
                 raise MessageError("not a change-primary certificate of this round")
@@ -657,11 +754,9 @@ class Node:
             view, vd = self._check_vote_qc(rs, qc)
             if (view, vd) != (lock_view, lock_vd) or view >= env.view:
                 raise MessageError("status certificate does not match its claimed lock")
-            self._take_proposal(rs, prop_raw)
-            if vd not in rs.values:
-                raise MessageError("status lock comes without its value")
-            rs.qc_proposal.setdefault((view, vd), prop_raw)
             self._add_qc(rs, view, vd, qc)
+            if not self._take_proposal(rs, prop_raw, view=view, digest=vd):
+                raise MessageError("status lock comes without its proposal")
         elif lock_vd != b"" or lock_view != -1:
             raise MessageError("status without a lock must claim view -1")
         stripped = seal(env.sender, env.signature, env.statement)
@@ -692,11 +787,21 @@ class Node:
                     self.membership, expect=codec.decode(final_statement(self.market, rs.rid, vd))
                 )
                 rs.fc = (vd, fc)
+        if vd not in rs.finals:
+            named = rs.vote_digests.setdefault((env.sender, -1), set())
+            if len(named) >= VOTES_PER_MEMBER_VIEW:
+                self.stats["double_final_dropped"] += 1  # a correct member attests one value
+                return
+            named.add(vd)
         finals = rs.finals.setdefault(vd, {})
         finals.setdefault(env.sender, env.signature)
 
     def _on_sync(self, rs: _Round, env: Envelope) -> None:
-        self.stats["sync_unanswered"] += 1  # not decided here yet; others will answer
+        """Someone asks for the decision (ref b"") or for a value by its digest."""
+        if isinstance(env.ref, bytes) and any(d == env.ref for _, d in rs.qc_proposal):
+            rs.fetch_wanted.add(env.ref)  # answered by forwarding its certificate
+        else:
+            self.stats["sync_unanswered"] += 1  # not decided here yet; others will answer
 
     def _answer_sync(
         self, rid: RoundId, done: tuple[bytes, Value, QuorumCertificate], out: list[Action]
@@ -729,6 +834,8 @@ class Node:
             if self.now >= rs.next_sync:
                 self._send_sync(rs, out)
             return
+        self._relay_evidence(rs, out)
+        self._answer_fetch(rs, out)
         self._check_vcc(rs, out)
         self._check_jump(rs)
         if rs.waiting and self.now >= rs.wait_until:
@@ -745,10 +852,24 @@ class Node:
             rs.sync_after = self.now + 8 * self.delta
             self._send_sync(rs, out)
 
-    def _send_sync(self, rs: _Round, out: list[Action]) -> None:
+    def _send_sync(self, rs: _Round, out: list[Action], digest: bytes = b"") -> None:
+        """Ask for the decision (or, with `digest`, for that certified value)."""
         rs.next_sync = self.now + 4 * self.delta
-        stmt = statement("sync", self.market, rs.rid, 0, b"")
+        stmt = statement("sync", self.market, rs.rid, 0, digest)
         out.append(Broadcast("sync", seal(self.node_id, self.signer.sign(stmt), stmt)))
+
+    def _answer_fetch(self, rs: _Round, out: list[Action]) -> None:
+        """Forward the certificate and proposal of a value someone asked for by digest."""
+        if not rs.fetch_wanted or self.now - rs.fetch_answered < self.delta:
+            return
+        rs.fetch_answered = self.now
+        for key, prop_raw in list(rs.qc_proposal.items()):
+            if key[1] in rs.fetch_wanted and key in rs.qcs:
+                stmt = statement("cert", self.market, rs.rid, key[0], key[1])
+                attachment = [rs.qcs[key].to_cbor(), prop_raw]
+                sig = self.signer.sign(stmt)
+                out.append(Broadcast("cert", seal(self.node_id, sig, stmt, attachment)))
+        rs.fetch_wanted.clear()
 
     def _check_vcc(self, rs: _Round, out: list[Action]) -> None:
         if not rs.vcc:
@@ -791,12 +912,10 @@ class Node:
             rs.view = best
             rs.waiting = False
             rs.entered_at = self.now
-            rs.sync_after = 0
 
     def _enter(self, rs: _Round, out: list[Action]) -> None:
         rs.waiting = False
         rs.entered_at = self.now
-        rs.sync_after = 0
         lock_view, lock_vd, attachment = -1, b"", None
         if rs.lock is not None:
             lock_view, lock_vd = rs.lock
@@ -814,11 +933,6 @@ class Node:
         if self.primary(rs.rid, v) != self.node_id or v in rs.proposed:
             return
         if v == 0:
-            # Correct members open within delta of us and their requests take at most
-            # delta more: strictly after 2 delta every correct member's request is here.
-            have_all = all(m in rs.requests for m in self.membership.node_ids)
-            if not have_all and self.now <= rs.opened_at + 2 * self.delta:
-                return
             self._propose_fresh(rs, None, out)
             return
         statuses = rs.statuses.get(v, {})
@@ -838,6 +952,11 @@ class Node:
         self._publish_proposal(rs, rs.values[vd], [justification_statuses, qc.to_cbor()], out)
 
     def _propose_fresh(self, rs: _Round, justification: Any, out: list[Action]) -> None:
+        # Correct members open within delta of us and their requests (with what they
+        # relay) take at most delta more: strictly after 2 delta every one is here.
+        have_all = all(m in rs.requests for m in self.membership.node_ids)
+        if not have_all and self.now <= rs.opened_at + 2 * self.delta:
+            return
         requests = tuple(rs.requests[s] for s in sorted(rs.requests))
         try:
             result = self.make_result(rs.rid, requests)
@@ -900,6 +1019,7 @@ class Node:
                 or env.view != view
                 or len(env.extra) != 1
                 or not isinstance(env.extra[0], int)
+                or env.extra[0] >= view  # a lock is from an earlier view
                 or not self.keyring.is_member(env.sender)
                 or not self.keyring.verify(env.sender, env.statement, env.signature)
             ):
@@ -949,9 +1069,16 @@ class Node:
         if not ok:
             return "contract check failed"
         fresh = prop.env.view == 0 or prop.justify is None
-        if fresh and rs.my_request is not None:
-            mine = self.decoder.request(rs.my_request).env.statement
-            if all(r.env.statement != mine for r in prop.value.requests):
+        if fresh:
+            # Censorship: a fresh value must hold our own request and every request we
+            # relayed to the primary with it (held before we opened: participants' bids
+            # sent ahead, members that opened earlier). A correct primary has them all.
+            included = {r.submitter: r for r in prop.value.requests}
+            if rs.my_request is not None:
+                mine = included.get(self.node_id)
+                if mine is None or mine.raw != rs.my_request:
+                    return "censored"
+            if any(s not in included for s in rs.relayed):
                 return "censored"
         return "ok"
 
@@ -991,7 +1118,9 @@ class Node:
         if v in rs.blamed:
             return
         rs.blamed.add(v)
-        rs.sync_after = self.now + 8 * self.delta
+        if not rs.sync_after:
+            # Set once per round, never reset by a view change the adversary can drive.
+            rs.sync_after = self.now + 8 * self.delta
         stmt = blame_statement(self.market, rs.rid, v, self.primary(rs.rid, v))
         sig = self.signer.sign(stmt)
         self._add_blame(rs, v, self.node_id, sig)
@@ -1065,7 +1194,7 @@ class Node:
         value = rs.values.get(vd)
         if value is None:
             if self.now >= rs.next_sync:
-                self._send_sync(rs, out)
+                self._send_sync(rs, out, vd)  # fetch the certified value by its digest
             return False
         if rs.committed is None:
             qc_views = [v for (v, d) in rs.qcs if d == vd]
@@ -1078,7 +1207,8 @@ class Node:
         del self.rounds[rs.rid]
         self.decided[rs.rid] = (vd, value, fc)
         while len(self.decided) > RETAIN_DECIDED:
-            self.decided.popitem(last=False)
+            old, _ = self.decided.popitem(last=False)
+            self.sync_answered.pop(old, None)
         return True
 
     # timers ------------------------------------------------------------------------
@@ -1119,15 +1249,27 @@ class Node:
             deadline = max(deadline, sent + self.delta + 2)
         return deadline
 
+    def _relay_evidence(self, rs: _Round, out: list[Action]) -> None:
+        """Two signed proposals of one primary in one view prove equivocation: blame with
+        both and relay them to everyone, once per view, whether or not we blamed it already
+        (a node about to treat a value as final must see them within its 2-delta window)."""
+        for view, headers in rs.headers.items():
+            if len(headers) < 2 or view in rs.evidence_sent:
+                continue
+            rs.evidence_sent.add(view)
+            self.stats["equivocation"] += 1
+            evidence = [env.raw for env in headers.values()]
+            rs.blamed.add(view)
+            if not rs.sync_after:
+                rs.sync_after = self.now + 8 * self.delta
+            stmt = blame_statement(self.market, rs.rid, view, self.primary(rs.rid, view))
+            sig = self.signer.sign(stmt)
+            self._add_blame(rs, view, self.node_id, sig)
+            out.append(Broadcast("blame", seal(self.node_id, sig, stmt, evidence)))
+
     def _timeouts(self, rs: _Round, out: list[Action]) -> None:
         v = rs.view
         if v in rs.blamed:
-            return
-        headers = rs.headers.get(v, {})
-        if len(headers) >= 2:
-            # two signed proposals of one primary in one view: proof of equivocation
-            self.stats["equivocation"] += 1
-            self._blame(rs, v, [env.raw for env in list(headers.values())[:2]], out)
             return
         if v not in rs.voted:
             if self.now >= self._proposal_deadline(rs):
@@ -1144,7 +1286,7 @@ class Node:
         if rs.waiting:
             return [t for t in [*times, rs.wait_until] if t > self.now]
         v = rs.view
-        if v == 0 and self.primary(rs.rid, 0) == self.node_id and 0 not in rs.proposed:
+        if self.primary(rs.rid, v) == self.node_id and v not in rs.proposed:
             times.append(rs.opened_at + 2 * self.delta + 1)
         if v in rs.voted:
             if rs.committed is None:

@@ -114,6 +114,11 @@ class Keyring:
     def is_member(self, node_id: str) -> bool:
         return node_id in self._members
 
+    @property
+    def size(self) -> int:
+        """How many identities (members and participants) may sign requests."""
+        return len(self._keys)
+
     def knows(self, node_id: str) -> bool:
         return node_id in self._keys
 

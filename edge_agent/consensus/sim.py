@@ -41,11 +41,16 @@ from meterchain import codec
 
 @dataclass(frozen=True)
 class Targeted:
-    """Send `data` only to the instances of the listed node ids (simulated adversaries only)."""
+    """Send `data` only to the instances of the listed node ids (simulated adversaries only).
+
+    With `delay` the sender also picks the delivery delay (a faulty sender may hold a
+    message back as long as it likes); otherwise the link policy decides.
+    """
 
     to: tuple[str, ...]
     kind: str
     data: bytes
+    delay: int | None = None
 
 
 class StateMachine(Protocol):
@@ -204,7 +209,7 @@ class Simulator:
             elif isinstance(action, Broadcast):
                 self._route(inst, action.kind, action.data, None)
             elif isinstance(action, Targeted):
-                self._route(inst, action.kind, action.data, set(action.to))
+                self._route(inst, action.kind, action.data, set(action.to), action.delay)
             elif isinstance(action, Commit):
                 inst.actions.append(action)
                 self._decide(inst, inst.commits, action.round, action.digest)
@@ -220,15 +225,17 @@ class Simulator:
         rid: RoundId,
         digest: bytes,
     ) -> None:
-        known = book.get(rid)
-        if known is None:
-            book[rid] = (self.now, digest)
-        elif known[1] != digest:
-            inst.conflicts.append((rid, known[1], digest))
+        # a conflict is any two different digests for one round, across commits and finals
+        for seen in (inst.commits.get(rid), inst.finals.get(rid)):
+            if seen is not None and seen[1] != digest:
+                inst.conflicts.append((rid, seen[1], digest))
+        book.setdefault(rid, (self.now, digest))
         if self.trace is not None:
             self.trace.append(f"{self.now} {inst.name} decide {rid} {digest.hex()[:8]}")
 
-    def _route(self, src: Instance, kind: str, data: bytes, only: set[str] | None) -> None:
+    def _route(
+        self, src: Instance, kind: str, data: bytes, only: set[str] | None, fixed: int | None = None
+    ) -> None:
         self.publishes[kind] += 1
         if self.keep_history:
             self.history.append((data, src.node_id))
@@ -239,7 +246,7 @@ class Simulator:
                 continue
             if only is not None and dst.node_id not in only:
                 continue
-            delay = self.link(src, dst, data, self.now)
+            delay = fixed if fixed is not None else self.link(src, dst, data, self.now)
             if delay is not None:
                 self._push(self.now + delay, "deliver", (dst.name, data, src.node_id, kind))
 
