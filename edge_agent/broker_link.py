@@ -11,7 +11,12 @@ backoff; this class owns the session policy:
   with the same packet id, and a late ack could otherwise acknowledge a
   different message that reused the id before it was committed);
 - the gateway outbox: rows are published QoS 1 and deleted on PUBACK; rows
-  left from before a restart are published at start-up.
+  left from before a restart are published at start-up;
+- end-to-end acknowledgements (edge_agent.delivery): after each commit the
+  watermarks of the batch's own meters are published retained, QoS 1, on
+  `mc/<market>/ack/<meter_id>`; a board frees its spool only on these, so a
+  PUBACK the broker then loses (kill -9, a dropped queue) costs a resend,
+  never a reading.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_agent.delivery import ack_payload, ack_topic
 from edge_agent.gateway import gateway_subscription
 from edge_agent.store import StoreView
 from edge_agent.worker import Delivery, IngestWorker
@@ -163,6 +169,22 @@ class BrokerLink:
             row_id = self._in_flight.pop(mid, None)
         if row_id is not None and self.outbox is not None:
             self.outbox.delete_outbox(row_id)
+
+    # -- end-to-end acknowledgements -------------------------------------------------
+
+    def publish_acks(self, watermarks: dict[str, int]) -> None:
+        """Publish each meter's committed watermark, retained, QoS 1 (any thread).
+
+        While the link is down paho keeps them queued; a board that misses
+        one resends and gets the next (a duplicate is acknowledged again).
+        """
+        for meter_id, watermark in watermarks.items():
+            self._client.publish(
+                ack_topic(self.market, meter_id),
+                ack_payload(meter_id, watermark),
+                qos=1,
+                retain=True,
+            )
 
     # -- outbox ----------------------------------------------------------------------
 

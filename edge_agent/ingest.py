@@ -12,6 +12,18 @@ after a crash, a board resending from its spool) is a `duplicate`: it is
 acknowledged and changes nothing, which is what makes the accounting
 exactly-once.
 
+End-to-end delivery (edge_agent.delivery): for the meters of its own
+microgrid the ingest keeps a watermark, the highest sequence handled without
+a gap, advanced in the same transaction; a reading above a gap is deferred
+(`DEFERRED`: not committed, the board sends it again). After the commit,
+`on_watermarks` gets the watermark of every own meter in the batch, which the
+broker link publishes as the acknowledgement that lets boards free their
+spools. A reading refused for good (bad signature, counter rule, ...) counts
+as handled; every refused reading is kept in the store's rejection log with
+its bytes, so nothing a board frees is silently dropped. An unknown meter or
+a clock too far ahead is not final (the registry or the clock may catch
+up): such readings are logged and not acknowledged.
+
 Rejected readings are counted by reason and logged calmly: ERROR the first
 time a meter shows a reason, DEBUG while it repeats, INFO when the meter's
 next reading is accepted.
@@ -23,13 +35,15 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from edge_agent.calm import CalmLog
-from edge_agent.store import AgentStore
-from meterchain.errors import DuplicateReading, MeterChainError, RejectedReading
-from meterchain.reading import DEFAULT_MAX_CLOCK_AHEAD_S, Reading, verify
+from edge_agent.delivery import DEFAULT_GAP_HOLD_S, Watermarks
+from edge_agent.store import AgentStore, Rejection
+from meterchain import codec
+from meterchain.errors import CodecError, DuplicateReading, MeterChainError, RejectedReading
+from meterchain.reading import DEFAULT_MAX_CLOCK_AHEAD_S, FLAG_GATEWAY_ATTESTED, Reading, verify
 from meterchain.registry import Registry
 from meterchain.sequence import Admission, MeterState
 
@@ -50,10 +64,15 @@ class Guard(Protocol):
         ...
 
 
+# Refusals that may not hold later: the registry can gain the meter, the clock can catch up.
+NOT_FINAL = frozenset({"unknown_meter", "clock_skew"})
+
+
 class Outcome(enum.Enum):
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"
     REJECTED = "rejected"
+    DEFERRED = "deferred"  # above a sequence gap: not committed, the board sends it again
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +82,23 @@ class Result:
     reason: str = ""
     detail: str = ""
     owner: str = ""  # the accepted reading's microgrid
+    payload: bytes = field(default=b"", repr=False)  # the bytes a refusal was about
+
+
+def claimed_identity(payload: bytes) -> tuple[str, int] | None:
+    """The (meter id, seq) a COSE_Sign1 reading claims, unverified; None if unreadable."""
+    try:
+        envelope = codec.decode(payload, require_canonical=False)
+        inner = envelope.value[2] if getattr(envelope, "tag", None) == 18 else None
+        fields = codec.decode(inner, require_canonical=False) if isinstance(inner, bytes) else None
+    except (CodecError, TypeError, IndexError, AttributeError):
+        return None
+    if not isinstance(fields, dict):
+        return None
+    meter_id, seq = fields.get(1), fields.get(2)
+    if type(meter_id) is not str or type(seq) is not int or not 0 <= seq < 1 << 64:
+        return None
+    return meter_id, seq
 
 
 class IngestObserver(Protocol):
@@ -74,6 +110,8 @@ class IngestObserver(Protocol):
 
     def rejected(self, reason: str) -> None: ...
 
+    def deferred(self, reason: str) -> None: ...
+
 
 @dataclass
 class IngestCounts:
@@ -81,6 +119,7 @@ class IngestCounts:
 
     accepted_n: int = 0
     duplicate_n: int = 0
+    deferred_n: int = 0
 
     def __post_init__(self) -> None:
         self.rejected_by_reason: dict[str, int] = {}
@@ -94,9 +133,17 @@ class IngestCounts:
     def rejected(self, reason: str) -> None:
         self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + 1
 
+    def deferred(self, reason: str) -> None:
+        self.deferred_n += 1
+
 
 class Ingest:
-    """Verify, guard and persist readings; one instance per writer thread."""
+    """Verify, guard and persist readings; one instance per writer thread.
+
+    `acknowledge` names the microgrid whose meters this agent acknowledges
+    (None: no end-to-end delivery, every gap accepted); `on_watermarks`
+    receives {meter_id: watermark} after each commit.
+    """
 
     def __init__(
         self,
@@ -107,6 +154,9 @@ class Ingest:
         observer: IngestObserver | None = None,
         clock: Callable[[], float] = time.time,
         max_clock_ahead_s: int = DEFAULT_MAX_CLOCK_AHEAD_S,
+        acknowledge: str | None = None,
+        gap_hold_s: float = DEFAULT_GAP_HOLD_S,
+        on_watermarks: Callable[[dict[str, int]], None] | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -115,6 +165,9 @@ class Ingest:
         self.clock = clock
         self.max_clock_ahead_s = max_clock_ahead_s
         self.calm = CalmLog(log)
+        self.acknowledge = acknowledge
+        self.watermarks = Watermarks(store.watermark, gap_hold_s=gap_hold_s, clock=clock)
+        self.on_watermarks = on_watermarks or (lambda watermarks: None)
 
     def process(self, payload: bytes) -> Result:
         return self.process_batch([payload])[0]
@@ -133,7 +186,7 @@ class Ingest:
                 max_clock_ahead_s=self.max_clock_ahead_s,
             )
         except RejectedReading as exc:
-            return Result(Outcome.REJECTED, None, exc.reason, str(exc))
+            return Result(Outcome.REJECTED, None, exc.reason, str(exc), payload=bytes(payload))
 
     def process_batch(
         self,
@@ -158,25 +211,108 @@ class Ingest:
         `before_commit(results)` runs inside the transaction once every
         reading is folded (the gateway uses it to queue what it publishes).
         `senders` names where each payload came from (the MQTT topic's meter
-        level), for logging readings too broken to name their meter.
+        level): a refusal counts for a meter's watermark only if the reading
+        names its sender, and the rejection log keeps it.
         Raises MeterChainError or sqlite3.Error only if the store fails, in
         which case nothing was committed and nothing may be acknowledged.
         """
-        readings = [c for c in checked if not isinstance(c, Result)]
-        if not readings:
-            results = [c for c in checked if isinstance(c, Result)]
-        else:
-            with self.store.transaction():
-                outcomes = iter(self.guard.admit_many(readings))
-                results = [
-                    item if isinstance(item, Result) else self._fold(item, next(outcomes))
-                    for item in checked
-                ]
-                if before_commit is not None:
-                    before_commit(results)
-            self.guard.committed()
+        received = int(self.clock())
+        slots: list[Result | None] = []
+        readings: list[Reading] = []
+        touched: set[str] = set()
+        for i, item in enumerate(checked):
+            sender = senders[i] if senders else ""
+            meter_id = self._acknowledged_meter(item, sender)
+            if meter_id is not None:
+                touched.add(meter_id)
+                seq = item.seq if isinstance(item, Reading) else self._claimed_seq(item)
+                if not self.watermarks.decide(meter_id, seq):
+                    slots.append(self._deferred(item, meter_id, seq))
+                    continue
+            if isinstance(item, Result):
+                slots.append(item)
+            else:
+                slots.append(None)
+                readings.append(item)
+        try:
+            results = self._commit(slots, readings, before_commit, senders, received)
+        except BaseException:
+            self.watermarks.rollback()
+            raise
+        self.watermarks.commit()
+        if touched:
+            acks = {m: w for m in touched if (w := self.watermarks.watermark(m)) > 0}
+            if acks:
+                self.on_watermarks(acks)
         self._report(results, senders)
         return results
+
+    def _commit(
+        self,
+        slots: list[Result | None],
+        readings: list[Reading],
+        before_commit: Callable[[list[Result]], None] | None,
+        senders: Sequence[str] | None,
+        received: int,
+    ) -> list[Result]:
+        if not readings and not any(
+            r is not None and r.outcome is Outcome.REJECTED for r in slots
+        ):
+            return [r for r in slots if r is not None]
+        with self.store.transaction():
+            admissions = zip(readings, self.guard.admit_many(readings), strict=True)
+            results = [
+                slot if slot is not None else self._fold(*next(admissions)) for slot in slots
+            ]
+            if before_commit is not None:
+                before_commit(results)
+            advanced = self.watermarks.pending()
+            if advanced:
+                self.store.set_watermarks(advanced)
+            refused = [
+                _rejection(r, senders[i] if senders else "", received)
+                for i, r in enumerate(results)
+                if r.outcome is Outcome.REJECTED
+            ]
+            if refused:
+                self.store.log_rejections(refused)
+        if readings:
+            self.guard.committed()
+        return results
+
+    def _acknowledged_meter(self, item: Reading | Result, sender: str) -> str | None:
+        """The own meter whose watermark this item moves, or None (not ours, or not final)."""
+        if self.acknowledge is None:
+            return None
+        if isinstance(item, Reading):
+            if item.flags & FLAG_GATEWAY_ATTESTED:
+                return None  # signed by an agent for a Modbus meter: no board waits for it
+            meter_id = item.meter_id
+        else:
+            if item.outcome is not Outcome.REJECTED or item.reason in NOT_FINAL:
+                return None
+            claimed = claimed_identity(item.payload)
+            if claimed is None or claimed[0] != sender:
+                return None  # only the meter's own topic speaks for its sequence
+            meter_id = claimed[0]
+        meter = self.registry.get(meter_id)
+        return meter_id if meter is not None and meter.owner == self.acknowledge else None
+
+    @staticmethod
+    def _claimed_seq(result: Result) -> int:
+        claimed = claimed_identity(result.payload)
+        assert claimed is not None  # _acknowledged_meter checked it
+        return claimed[1]
+
+    def _deferred(self, item: Reading | Result, meter_id: str, seq: int) -> Result:
+        watermark = self.watermarks.watermark(meter_id)
+        return Result(
+            Outcome.DEFERRED,
+            item if isinstance(item, Reading) else None,
+            "sequence_gap",
+            f"meter {meter_id!r} seq {seq}: acknowledged up to {watermark}, "
+            f"waiting for {watermark + 1}..{seq - 1}",
+        )
 
     def _fold(self, reading: Reading, admission: Admission | RejectedReading) -> Result:
         """The reading's Result; an admitted one's energy is added to its hourly rows."""
@@ -220,6 +356,9 @@ class Ingest:
                 log.debug(
                     "meter %s seq %d: duplicate, already accepted", reading.meter_id, reading.seq
                 )
+            elif result.outcome is Outcome.DEFERRED:
+                self.observer.deferred(result.reason)
+                log.debug("%s", result.detail)
             else:
                 self.observer.rejected(result.reason)
                 if reading is not None:
@@ -227,3 +366,14 @@ class Ingest:
                 else:
                     subject = f"meter {senders[i]}" if senders else "unnamed sender"
                 self.calm.failure(subject, result.reason, f"rejected: {result.detail}")
+
+
+def _rejection(result: Result, sender: str, received: int) -> Rejection:
+    reading = result.reading
+    if reading is not None:
+        meter_id, seq, payload = reading.meter_id, reading.seq, reading.signed
+    else:
+        claimed = claimed_identity(result.payload)
+        meter_id, seq = claimed if claimed is not None else (None, None)
+        payload = result.payload
+    return Rejection(received, sender, meter_id, seq, result.reason, result.detail, payload)

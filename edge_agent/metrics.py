@@ -1,10 +1,15 @@
 """The agent's Prometheus metrics, on a registry of its own so several agents can share a process.
 
 Names (all prefixed `meterchain_agent_`): readings accepted per meter,
-duplicates, rejected by reason, last reading age per meter, ingest batch
-size and commit time, Modbus errors by bus and kind, Modbus link state,
-setpoint writes that failed, round latency, changes of primary, MQTT
-connection state.
+duplicates, rejected by reason, deferred by reason (held above a sequence
+gap), last reading age per meter and the oldest of them, ingest batch size
+and commit time, Modbus errors by bus and kind, Modbus link state, setpoint
+writes that failed, round latency, changes of primary, MQTT connection state.
+
+Per-meter series are bounded: the first `max_meter_series` meters get their
+own label; readings of any further meter count under `meter="_other"` and
+only the oldest-age gauge covers them, so a scrape stays small with tens of
+thousands of meters.
 """
 
 from __future__ import annotations
@@ -19,13 +24,18 @@ from meterchain.reading import Reading
 
 
 class AgentMetrics:
+    OTHER_METERS = "_other"
+
     def __init__(
         self,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.time,
+        *,
+        max_meter_series: int = 1000,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._clock = clock
+        self.max_meter_series = max_meter_series
         r = self.registry
         self.readings_accepted = Counter(
             "meterchain_agent_readings_accepted",
@@ -44,6 +54,18 @@ class AgentMetrics:
             ["reason"],
             registry=r,
         )
+        self.readings_deferred = Counter(
+            "meterchain_agent_readings_deferred",
+            "Readings held back above a sequence gap (the board sends them again), by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.oldest_reading_age = Gauge(
+            "meterchain_agent_oldest_reading_age_seconds",
+            "Seconds since the last accepted reading of the meter heard from least recently",
+            registry=r,
+        )
+        self.oldest_reading_age.set_function(self._oldest_age)
         self.last_reading_age = Gauge(
             "meterchain_agent_last_reading_age_seconds",
             "Seconds since the time of the last accepted reading of each meter",
@@ -124,23 +146,33 @@ class AgentMetrics:
             registry=r,
         )
         self._last_time: dict[str, int] = {}
+        self._labelled: set[str] = set()
 
     # -- IngestObserver -----------------------------------------------------------
 
     def accepted(self, reading: Reading, owner: str) -> None:
-        self.readings_accepted.labels(reading.meter_id).inc()
-        if reading.meter_id not in self._last_time:
-            meter = reading.meter_id
-            self.last_reading_age.labels(meter).set_function(
-                lambda: self._clock() - self._last_time[meter]
-            )
-        self._last_time[reading.meter_id] = reading.time
+        meter = reading.meter_id
+        if meter not in self._last_time:
+            if len(self._labelled) < self.max_meter_series:
+                self._labelled.add(meter)
+                self.last_reading_age.labels(meter).set_function(
+                    lambda: self._clock() - self._last_time[meter]
+                )
+        self._last_time[meter] = reading.time
+        label = meter if meter in self._labelled else self.OTHER_METERS
+        self.readings_accepted.labels(label).inc()
+
+    def _oldest_age(self) -> float:
+        return self._clock() - min(self._last_time.values()) if self._last_time else 0.0
 
     def duplicate(self, reading: Reading) -> None:
         self.readings_duplicate.inc()
 
     def rejected(self, reason: str) -> None:
         self.readings_rejected.labels(reason).inc()
+
+    def deferred(self, reason: str) -> None:
+        self.readings_deferred.labels(reason).inc()
 
     # -- Modbus -------------------------------------------------------------------
 

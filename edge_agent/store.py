@@ -1,5 +1,10 @@
 """The agent's SQLite state: hourly energy per meter and the gateway outbox, beside the guard's.
 
+It also keeps the end-to-end delivery state (edge_agent.delivery): each
+own meter's acknowledged watermark, and the rejection log, where every
+reading refused is kept with its bytes and reason (bounded, oldest dropped
+and counted), so a refusal that lets a board free a reading loses nothing.
+
 One connection, owned by the ingest thread, writes. The sequence guard
 (`meterchain.sequence.SequenceGuard`) keeps its tables in the same database
 through the same connection, so every change a reading causes (guard state,
@@ -23,6 +28,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from edge_agent.energy import split_interval
 from meterchain.market.model import Dispatch
@@ -48,6 +54,20 @@ CREATE TABLE IF NOT EXISTS outbox (
     topic   TEXT NOT NULL,
     payload BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS delivery (
+    meter_id  TEXT PRIMARY KEY,
+    watermark TEXT NOT NULL  -- uint64 as decimal text (SQLite integers are signed)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rejection_log (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    received INTEGER NOT NULL,
+    sender   TEXT NOT NULL,
+    meter_id TEXT,
+    seq      TEXT,
+    reason   TEXT NOT NULL,
+    detail   TEXT NOT NULL,
+    payload  BLOB NOT NULL
+);
 """
 
 
@@ -61,6 +81,18 @@ class HourlyEnergy:
     source: str
     import_wh: int
     export_wh: int
+
+
+class Rejection(NamedTuple):
+    """A refused reading as the rejection log keeps it (`meter_id`/`seq` as claimed, if known)."""
+
+    received: int
+    sender: str
+    meter_id: str | None
+    seq: int | None
+    reason: str
+    detail: str
+    payload: bytes
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -82,6 +114,8 @@ class AgentStore:
         self.conn.executescript(SCHEMA)
         self.outbox_limit = 100_000
         self.outbox_dropped = 0
+        self.rejection_limit = 100_000
+        self.rejections_dropped = 0
         # (hour, meter) -> (owner, source, import_wh, export_wh) of the open transaction
         self._pending: dict[tuple[int, str], tuple[str, str, int, int]] = {}
 
@@ -149,6 +183,36 @@ class AgentStore:
             )
             self.outbox_dropped += excess
 
+    def watermark(self, meter_id: str) -> int | None:
+        """The meter's committed delivery watermark, or None if it was never acknowledged."""
+        row = self.conn.execute(
+            "SELECT watermark FROM delivery WHERE meter_id = ?", (meter_id,)
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def set_watermarks(self, watermarks: dict[str, int]) -> None:
+        """Record advanced watermarks in the open transaction."""
+        assert self.conn.in_transaction, "set_watermarks() must run inside transaction()"
+        self.conn.executemany(
+            "INSERT INTO delivery (meter_id, watermark) VALUES (?, ?) "
+            "ON CONFLICT (meter_id) DO UPDATE SET watermark = excluded.watermark",
+            [(meter_id, str(seq)) for meter_id, seq in watermarks.items()],
+        )
+
+    def log_rejections(self, rejections: list[Rejection]) -> None:
+        """Keep refused readings (in the transaction); bounded, the oldest dropped and counted."""
+        assert self.conn.in_transaction, "log_rejections() must run inside transaction()"
+        self.conn.executemany(
+            "INSERT INTO rejection_log (received, sender, meter_id, seq, reason, detail, payload) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(*r[:3], None if r.seq is None else str(r.seq), *r[4:]) for r in rejections],
+        )
+        (first, last) = self.conn.execute("SELECT min(id), max(id) FROM rejection_log").fetchone()
+        excess = last - first + 1 - self.rejection_limit
+        if excess > 0:  # ids are dense (AUTOINCREMENT, deletes only at the old end)
+            self.conn.execute("DELETE FROM rejection_log WHERE id < ?", (first + excess,))
+            self.rejections_dropped += excess
+
     def close(self) -> None:
         self.conn.close()
 
@@ -177,6 +241,23 @@ class StoreView:
         params: tuple[object, ...] = (since, owner) if owner is not None else (since,)
         rows = self._conn().execute(sql + " ORDER BY hour, meter_id", params).fetchall()
         return [HourlyEnergy(*row) for row in rows]
+
+    def watermarks(self) -> dict[str, int]:
+        """Every acknowledged meter's delivery watermark."""
+        rows = self._conn().execute("SELECT meter_id, watermark FROM delivery").fetchall()
+        return {meter_id: int(watermark) for meter_id, watermark in rows}
+
+    def rejections(self, limit: int = 1000) -> list[Rejection]:
+        """The most recent refused readings, oldest first."""
+        rows = self._conn().execute(
+            "SELECT received, sender, meter_id, seq, reason, detail, payload FROM ("
+            "SELECT * FROM rejection_log ORDER BY id DESC LIMIT ?) ORDER BY id",
+            (limit,),
+        ).fetchall()
+        return [
+            Rejection(t, sender, meter, None if seq is None else int(seq), reason, detail, payload)
+            for t, sender, meter, seq, reason, detail, payload in rows
+        ]
 
     def outbox(self, limit: int = 1000) -> list[tuple[int, str, bytes]]:
         return (
