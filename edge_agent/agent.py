@@ -69,6 +69,7 @@ class Agent:
             observer=self.metrics,
             clock=self.clock,
             max_clock_ahead_s=config.agent.max_clock_ahead_s,
+            acknowledge=config.owner,
         )
         self.view = StoreView(config.database)
         assert config.node_key is not None
@@ -100,6 +101,7 @@ class Agent:
             on_subscribed=self._subscribed,
         )
         self.worker.on_outbox = self.link.pump_outbox
+        self.ingest.on_watermarks = self.link.publish_acks
         self.metrics.outbox_pending.set_function(self.view.outbox_pending)
         self.buses = {
             b.name: ModbusBus(

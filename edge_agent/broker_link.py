@@ -31,11 +31,11 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.delivery import ack_payload, ack_topic
+from edge_agent.delivery import ack_payload
 from edge_agent.gateway import gateway_subscription
 from edge_agent.store import StoreView
 from edge_agent.worker import Delivery, IngestWorker
-from meterchain.mqtt_auth import check_name
+from meterchain.mqtt_auth import ack_topic, check_name
 
 log = logging.getLogger("meterchain.agent.mqtt")
 

@@ -34,11 +34,6 @@ DEFAULT_GAP_HOLD_S = 300.0  # well above a board's default ack_timeout_s (120 s)
 MAX_PENDING_PER_METER = 1024  # deferred sequence numbers remembered per meter
 
 
-def ack_topic(market: str, meter_id: str) -> str:
-    """Where the agent acknowledges `meter_id` (names already checked by the caller)."""
-    return f"mc/{market}/ack/{meter_id}"
-
-
 def ack_payload(meter_id: str, watermark: int) -> bytes:
     """The acknowledgement: canonical CBOR {1: meter_id, 2: watermark}."""
     return codec.encode({1: meter_id, 2: watermark})

@@ -142,7 +142,8 @@ class Ingest:
 
     `acknowledge` names the microgrid whose meters this agent acknowledges
     (None: no end-to-end delivery, every gap accepted); `on_watermarks`
-    receives {meter_id: watermark} after each commit.
+    receives {meter_id: watermark} after each commit. Gaps are timed on
+    `monotonic` (real seconds, like a board's ack timeout), not the market clock.
     """
 
     def __init__(
@@ -156,6 +157,7 @@ class Ingest:
         max_clock_ahead_s: int = DEFAULT_MAX_CLOCK_AHEAD_S,
         acknowledge: str | None = None,
         gap_hold_s: float = DEFAULT_GAP_HOLD_S,
+        monotonic: Callable[[], float] = time.monotonic,
         on_watermarks: Callable[[dict[str, int]], None] | None = None,
     ) -> None:
         self.store = store
@@ -166,7 +168,7 @@ class Ingest:
         self.max_clock_ahead_s = max_clock_ahead_s
         self.calm = CalmLog(log)
         self.acknowledge = acknowledge
-        self.watermarks = Watermarks(store.watermark, gap_hold_s=gap_hold_s, clock=clock)
+        self.watermarks = Watermarks(store.watermark, gap_hold_s=gap_hold_s, clock=monotonic)
         self.on_watermarks = on_watermarks or (lambda watermarks: None)
 
     def process(self, payload: bytes) -> Result:

@@ -46,6 +46,11 @@ class MosquittoBroker:
     `users` maps usernames to passwords; `acl` is the text of a Mosquitto ACL
     file (see meterchain.mqtt_auth for the blocks MeterChain uses). With
     `acl=None` every authenticated user may read and write everything.
+    `bind_client_ids` sets `use_username_as_clientid` as the deployed
+    configuration does (no client can take over another's session); it is off
+    by default because several test clients share one username.
+    `autosave_interval_s` is how often Mosquitto saves its in-memory state
+    (queued messages, retained messages, sessions) to disk: what a kill -9 loses.
     """
 
     host = "127.0.0.1"
@@ -57,8 +62,12 @@ class MosquittoBroker:
         users: dict[str, str] | None = None,
         acl: str | None = None,
         plain_port: bool = False,
+        bind_client_ids: bool = False,
+        autosave_interval_s: int = 1,
     ) -> None:
         self.workdir = Path(workdir)
+        self.bind_client_ids = bind_client_ids
+        self.autosave_interval_s = autosave_interval_s
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.users = dict(users or {})
         self.acl = acl
@@ -104,7 +113,7 @@ class MosquittoBroker:
             f"acl_file {acl_path}",
             "persistence true",
             f"persistence_location {persistence}/",
-            "autosave_interval 1",
+            f"autosave_interval {self.autosave_interval_s}",
             "max_inflight_messages 100",
             # Consensus messages are small and latency-bound: without this Mosquitto's
             # writes wait for the previous segment's delayed ACK (Nagle, ~40 ms).
@@ -115,6 +124,8 @@ class MosquittoBroker:
             "log_type notice",
             f"log_dest file {self.log_path}",
             f"listener {self.port} {self.host}",
+            # A listener option: it binds client ids only where it follows `listener`.
+            *(["use_username_as_clientid true"] if self.bind_client_ids else []),
             f"cafile {self.pki['ca']}",
             f"certfile {self.pki['cert']}",
             f"keyfile {self.pki['key']}",
@@ -122,6 +133,8 @@ class MosquittoBroker:
         ]
         if self.plain_port is not None:
             lines.append(f"listener {self.plain_port} {self.host}")
+            if self.bind_client_ids:
+                lines.append("use_username_as_clientid true")
         (self.workdir / "mosquitto.conf").write_text("\n".join(lines) + "\n")
 
     def start(self, timeout: float = 10.0) -> MosquittoBroker:

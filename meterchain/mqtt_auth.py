@@ -1,6 +1,8 @@
 """Broker credentials and ACL lines: who may publish where on a MeterChain Mosquitto.
 
-Topic layout (DESIGN.md): meters publish readings to `mc/<market>/r/<meter_id>`;
+Topic layout (DESIGN.md): meters publish readings to `mc/<market>/r/<meter_id>`
+and their online state to `mc/<market>/status/<meter_id>`, and read only
+their own acknowledgement `mc/<market>/ack/<meter_id>`, which agents write;
 consensus nodes publish to `mc/<market>/c/<node_id>/...` and read the whole
 `mc/<market>/c/#` tree; agents and the aggregator read readings. The ACL makes
 "a meter can publish only as itself" and "a node can sign only as itself"
@@ -46,18 +48,34 @@ def consensus_topic(market: str, node_id: str, kind: str) -> str:
     return f"mc/{check_name('market', market)}/c/{check_name('node id', node_id)}/{kind}"
 
 
+def ack_topic(market: str, meter_id: str) -> str:
+    """Where the edge agent acknowledges a meter's committed readings (end-to-end delivery)."""
+    return f"mc/{check_name('market', market)}/ack/{check_name('meter id', meter_id)}"
+
+
+def status_topic(market: str, meter_id: str) -> str:
+    """Where a board keeps its retained online state (and its last will)."""
+    return f"mc/{check_name('market', market)}/status/{check_name('meter id', meter_id)}"
+
+
 def meter_acl(market: str, meter_id: str) -> str:
-    """ACL block letting a meter publish its own readings and nothing else."""
-    return f"user {meter_id}\ntopic write {reading_topic(market, meter_id)}\n"
+    """ACL block for a meter: publish its own readings and status, read its own acknowledgement."""
+    return (
+        f"user {meter_id}\n"
+        f"topic write {reading_topic(market, meter_id)}\n"
+        f"topic write {status_topic(market, meter_id)}\n"
+        f"topic read {ack_topic(market, meter_id)}\n"
+    )
 
 
 def node_acl(market: str, node_id: str) -> str:
-    """ACL block for a consensus/submitting agent: publish as itself, read the market."""
+    """ACL block for an agent: publish as itself and acknowledgements, read the market."""
     check_name("market", market)
     check_name("node id", node_id)
     return (
         f"user {node_id}\n"
         f"topic write mc/{market}/c/{node_id}/#\n"
+        f"topic write mc/{market}/ack/#\n"
         f"topic read mc/{market}/c/#\n"
         f"topic read mc/{market}/r/#\n"
     )

@@ -13,14 +13,15 @@ from hil.broker import MosquittoBroker
 
 @pytest.fixture
 def make_site(tmp_path: Path, mosquitto_factory) -> Callable[..., Site]:
-    """`make_site(configure)`: build a Site, let `configure(site)` add meters, start the broker."""
+    """`make_site(configure, **broker_options)`: build a Site, let `configure(site)` add meters,
+    start the broker (`broker_options` go to hil.broker.MosquittoBroker)."""
 
-    def build(configure=lambda site: None) -> Site:  # type: ignore[no-untyped-def]
+    def build(configure=lambda site: None, **broker_options) -> Site:  # type: ignore[no-untyped-def]
         placeholder = MosquittoBroker.__new__(MosquittoBroker)
         site = Site(tmp_path / "site", placeholder)
         configure(site)
         users, acl = site.broker_users()
-        site.broker = mosquitto_factory(users=users, acl=acl)
+        site.broker = mosquitto_factory(users=users, acl=acl, **broker_options)
         site.write()
         return site
 

@@ -162,3 +162,148 @@ def test_gateway_signs_modbus_samples_and_refuses_impossible_ones(tmp_path: Path
     assert [verify(payload, registry).seq for _, _, payload in outbox] == [1, 2, 3]
     assert {topic for _, topic, _ in outbox} == {"mc/m1/c/mg1/gw/mg1-sdm"}
     assert counts.rejected_by_reason == {"field_out_of_range": 1}
+
+
+# -- end-to-end delivery: watermarks, gaps, refusals for good -----------------------------
+
+
+class Acks:
+    """What the ingest would publish, and a settable monotonic clock."""
+
+    def __init__(self) -> None:
+        self.published: list[dict[str, int]] = []
+        self.now = 1000.0
+
+    def __call__(self, watermarks: dict[str, int]) -> None:
+        self.published.append(dict(watermarks))
+
+
+@pytest.fixture
+def acked(tmp_path: Path, board: BoardMeter) -> tuple[Ingest, IngestCounts, StoreView, Acks]:
+    registry = Registry()
+    registry.add(board.meter_id, board.key.public_key(), board.owner, board.source)
+    other = BoardMeter("mg2-load", PrivateKey.from_secret(77), "mg2", "load", "")
+    registry.add(other.meter_id, other.key.public_key(), other.owner, other.source)
+    store = AgentStore(tmp_path / "agent.sqlite")
+    counts, acks = IngestCounts(), Acks()
+    ingest = Ingest(
+        store,
+        registry,
+        SequenceGuard(store.conn),
+        observer=counts,
+        clock=lambda: T0 + 10 * HOUR_S,
+        acknowledge="mg1",
+        gap_hold_s=60,
+        monotonic=lambda: acks.now,
+        on_watermarks=acks,
+    )
+    return ingest, counts, StoreView(tmp_path / "agent.sqlite"), acks
+
+
+def _send(ingest: Ingest, board: BoardMeter, *payloads: bytes, sender: str = "") -> list[Outcome]:
+    senders = [sender or board.meter_id] * len(payloads)
+    results = ingest.process_batch(list(payloads), senders=senders)
+    return [r.outcome for r in results]
+
+
+def test_watermark_covers_only_what_is_committed_without_a_gap(acked, board) -> None:
+    ingest, counts, view, acks = acked
+    r1, r2, r3, r4, r5 = (board.reading(T0 + 60 * i, 100 + i) for i in range(5))
+    assert _send(ingest, board, r1, r2) == [Outcome.ACCEPTED] * 2
+    assert acks.published == [{"mg1-load": 2}]
+    assert view.watermarks() == {"mg1-load": 2}
+    # r3 was lost at the broker: r4 and r5 arrive above a gap and are held back.
+    assert _send(ingest, board, r4, r5) == [Outcome.DEFERRED] * 2
+    assert acks.published[-1] == {"mg1-load": 2}, "the board must keep r3, r4 and r5"
+    assert _energy(view) == {T0: (1, 0)} and counts.deferred_n == 2
+    # The board rewinds to watermark + 1: everything lands, each once.
+    assert _send(ingest, board, r3, r4, r5) == [Outcome.ACCEPTED] * 3
+    assert acks.published[-1] == {"mg1-load": 5} and view.watermarks() == {"mg1-load": 5}
+    assert _send(ingest, board, r4) == [Outcome.DUPLICATE]
+    assert acks.published[-1] == {"mg1-load": 5}, "a resend is acknowledged again"
+    assert _energy(view) == {T0: (4, 0)} and counts.accepted_n == 5
+
+
+def test_refusals_for_good_are_handled_logged_and_acknowledged(acked, board) -> None:
+    ingest, counts, view, acks = acked
+    _send(ingest, board, board.reading(T0, 500), board.reading(T0 + 60, 600))
+    forged = bytearray(board.reading(T0 + 120, 700))
+    forged[-1] ^= 1
+    backwards = board.reading(T0 + 180, 10)
+    outcomes = _send(ingest, board, bytes(forged), backwards)
+    assert outcomes == [Outcome.REJECTED, Outcome.REJECTED]
+    assert view.watermarks() == {"mg1-load": 4} and acks.published[-1] == {"mg1-load": 4}
+    log = view.rejections()
+    assert [(r.meter_id, r.seq, r.reason, r.sender) for r in log] == [
+        ("mg1-load", 3, "bad_signature", "mg1-load"),
+        ("mg1-load", 4, "counter_backwards", "mg1-load"),
+    ]
+    assert log[0].payload == bytes(forged) and log[1].payload == backwards
+    assert _energy(view) == {T0: (100, 0)}
+
+
+def test_what_may_change_later_or_names_another_sender_is_not_acknowledged(acked, board) -> None:
+    ingest, _, view, acks = acked
+    _send(ingest, board, board.reading(T0, 1))
+    future = board.reading(T0 + 11 * HOUR_S, 2)  # an hour beyond the agent's clock
+    assert _send(ingest, board, future) == [Outcome.REJECTED]
+    forged = bytearray(board.reading(T0 + 60, 3, seq=2))
+    forged[-1] ^= 1
+    # Published on another meter's topic: it cannot speak for mg1-load's sequence.
+    assert _send(ingest, board, bytes(forged), sender="mg1-other") == [Outcome.REJECTED]
+    assert view.watermarks() == {"mg1-load": 1}
+    assert [(r.reason, r.sender) for r in view.rejections()] == [
+        ("clock_skew", "mg1-load"),
+        ("bad_signature", "mg1-other"),
+    ]
+    assert all(published == {"mg1-load": 1} for published in acks.published)
+
+
+def test_a_real_gap_is_accepted_once_it_outlasts_the_hold(acked, board) -> None:
+    ingest, _, view, acks = acked
+    board.seq = 10  # a board that thinned its spool: 1..10 and 12 are gone for good
+    r11, r13 = board.reading(T0, 5), board.reading(T0 + 60, 6, seq=13)
+    r14 = board.reading(T0 + 120, 7, seq=14)
+    assert _send(ingest, board, r11, r13, r14) == [Outcome.DEFERRED] * 3
+    acks.now += 59
+    assert _send(ingest, board, r11, r13, r14) == [Outcome.DEFERRED] * 3
+    acks.now += 1
+    # Nothing below 11 came in a minute of resends: accepted, and the next gap with it.
+    assert _send(ingest, board, r11, r13, r14) == [Outcome.ACCEPTED] * 3
+    assert view.watermarks() == {"mg1-load": 14}
+    assert acks.published[-1] == {"mg1-load": 14}
+
+
+def test_a_gap_below_a_known_reading_is_never_skipped(acked, board) -> None:
+    ingest, _, view, acks = acked
+    r1, r3, r5 = (board.reading(T0 + 60 * i, i, seq=i) for i in (1, 3, 5))
+    _send(ingest, board, r1)
+    assert _send(ingest, board, r3, r5) == [Outcome.DEFERRED] * 2
+    acks.now += 3600
+    # r3 is lost again on this pass, but it exists: r5 must wait for it.
+    assert _send(ingest, board, r5) == [Outcome.DEFERRED]
+    assert _send(ingest, board, r3, r5) == [Outcome.ACCEPTED] * 2
+    assert view.watermarks() == {"mg1-load": 5}
+
+
+def test_another_microgrids_meter_is_neither_held_nor_acknowledged(acked) -> None:
+    ingest, _, view, acks = acked
+    other = BoardMeter("mg2-load", PrivateKey.from_secret(77), "mg2", "load", "")
+    assert _send(ingest, other, other.reading(T0, 1, seq=7)) == [Outcome.ACCEPTED]
+    assert view.watermarks() == {} and acks.published == []
+
+
+def test_a_failed_commit_acknowledges_nothing(acked, board) -> None:
+    ingest, _, view, acks = acked
+    _send(ingest, board, board.reading(T0, 0))
+    ingest.store.conn.execute(
+        "CREATE TRIGGER boom BEFORE INSERT ON hourly_energy "
+        "BEGIN SELECT RAISE(ABORT, 'disk says no'); END"
+    )
+    second = board.reading(T0 + 60, 10)
+    with pytest.raises(sqlite3.Error):
+        _send(ingest, board, second)
+    assert view.watermarks() == {"mg1-load": 1} and acks.published == [{"mg1-load": 1}]
+    ingest.store.conn.execute("DROP TRIGGER boom")
+    assert _send(ingest, board, second) == [Outcome.ACCEPTED]
+    assert acks.published[-1] == {"mg1-load": 2}
