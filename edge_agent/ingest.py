@@ -34,9 +34,11 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from cbor2 import CBORTag
 
 from edge_agent.calm import CalmLog
 from edge_agent.delivery import DEFAULT_GAP_HOLD_S, Watermarks
@@ -64,6 +66,7 @@ class Guard(Protocol):
         ...
 
 
+_COSE_TAGS = frozenset({codec.COSE_SIGN1_TAG})
 # Refusals that may not hold later: the registry can gain the meter, the clock can catch up.
 NOT_FINAL = frozenset({"unknown_meter", "clock_skew"})
 
@@ -86,14 +89,21 @@ class Result:
 
 
 def claimed_identity(payload: bytes) -> tuple[str, int] | None:
-    """The (meter id, seq) a COSE_Sign1 reading claims, unverified; None if unreadable."""
+    """The (meter id, seq) a COSE_Sign1 reading claims, unverified; None if unreadable.
+
+    Only canonical bytes count, as a board sends them (meterchain.codec).
+    """
     try:
-        envelope = codec.decode(payload, require_canonical=False)
-        inner = envelope.value[2] if getattr(envelope, "tag", None) == 18 else None
-        fields = codec.decode(inner, require_canonical=False) if isinstance(inner, bytes) else None
-    except (CodecError, TypeError, IndexError, AttributeError):
+        envelope = codec.decode(payload, tags=_COSE_TAGS)
+        if not isinstance(envelope, CBORTag) or envelope.tag != codec.COSE_SIGN1_TAG:
+            return None
+        parts = envelope.value
+        if not isinstance(parts, list | tuple) or len(parts) != 4 or type(parts[2]) is not bytes:
+            return None
+        fields = codec.decode(parts[2])
+    except CodecError:
         return None
-    if not isinstance(fields, dict):
+    if not isinstance(fields, Mapping):
         return None
     meter_id, seq = fields.get(1), fields.get(2)
     if type(meter_id) is not str or type(seq) is not int or not 0 <= seq < 1 << 64:

@@ -307,3 +307,32 @@ def test_a_failed_commit_acknowledges_nothing(acked, board) -> None:
     ingest.store.conn.execute("DROP TRIGGER boom")
     assert _send(ingest, board, second) == [Outcome.ACCEPTED]
     assert acks.published[-1] == {"mg1-load": 2}
+
+
+def test_claimed_identity_reads_only_a_canonical_cose_sign1(board) -> None:
+    from cbor2 import CBORTag
+
+    from edge_agent.ingest import claimed_identity
+    from meterchain import codec
+
+    good = board.reading(T0, 1, seq=42)
+    assert claimed_identity(good) == ("mg1-load", 42)
+    protected, unprotected, _, signature = codec.decode(good, tags=frozenset({18})).value
+
+    def wrapped(fields: dict) -> bytes:
+        inner = [protected, dict(unprotected), codec.encode(fields), signature]
+        return codec.encode(CBORTag(18, inner))
+
+    assert claimed_identity(wrapped({1: "m", 2: 7})) == ("m", 7)
+    for bad in (
+        b"",
+        b"\xd2\x84\x43",  # truncated
+        good + b"\x00",  # trailing byte
+        codec.encode([protected, {}, b"", signature]),  # untagged
+        codec.encode({1: "mg1-load", 2: 42}),  # a bare payload
+        wrapped({1: "m", 2: "7"}),
+        wrapped({1: "m", 2: -1}),
+        wrapped({1: b"m", 2: 7}),
+        wrapped({2: 7}),
+    ):
+        assert claimed_identity(bad) is None, bad
