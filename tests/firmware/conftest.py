@@ -10,12 +10,24 @@ from typing import Any
 
 import pytest
 
+from hil import micropython
+
 FIRMWARE = Path(__file__).resolve().parents[2] / "firmware"
 FIRMWARE_LIB = FIRMWARE / "lib"
 
 # The same source files the board runs, imported as the `mc` package on CPython.
 if str(FIRMWARE_LIB) not in sys.path:
     sys.path.insert(0, str(FIRMWARE_LIB))
+
+
+@pytest.fixture(scope="session", params=micropython.PORTS)
+def mpy(request: pytest.FixtureRequest) -> Callable[..., micropython.Result]:
+    """The shared `mpy` runner, once per MicroPython port: the WebAssembly port and the unix
+    port, whose real garbage collector and fixed heap are a board's."""
+    try:
+        return micropython.runner(request.param)
+    except micropython.MicroPythonUnavailable as exc:  # pragma: no cover - setup problem
+        pytest.fail(f"MicroPython {request.param} port missing: {exc}")
 
 
 @pytest.fixture(scope="session")
