@@ -22,7 +22,7 @@ import json, mcfakes
 from mc import app
 broker = mcfakes.FakeBroker()
 board = mcfakes.FakeBoard(broker=broker, echo=False, ntp_ok=False, rtc_start=946684800)
-board.flash.write_atomic("ca.pem", b"-----BEGIN CERTIFICATE-----\\nMIIB\\n-----END CERTIFICATE-----\\n")
+board.flash.write_atomic("ca.pem", b"-----BEGIN CERTIFICATE-----\\nMIIB\\n")
 board.cert_valid = (%(not_before)d, %(not_after)d)
 a = app.boot(board)
 a.run(cycles=%(cold)d)
@@ -43,7 +43,9 @@ print(json.dumps({
 
 
 def _cold_boot(mpy, folder: Path, cold: int, warm: int, not_before: int, not_after: int) -> Any:
-    code = COLD_BOOT % {"cold": cold, "warm": warm, "not_before": not_before, "not_after": not_after}
+    code = COLD_BOOT % {
+        "cold": cold, "warm": warm, "not_before": not_before, "not_after": not_after
+    }
     result = mpy(code, fs_dir=folder, heap=512 * 1024).check()
     return json.loads(result.stdout.strip().splitlines()[-1])
 
