@@ -35,6 +35,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from aggregator.config import AggregatorConfig, ledger_target
 from aggregator.former import BlockFormer, verify_for_ingest
 from meterchain import service
+from meterchain.calm import CalmLog
 from meterchain.errors import MeterChainError
 from meterchain.ledger.block import BlockError
 from meterchain.ledger.chain import StoreReadings, verify_store
@@ -107,7 +108,10 @@ class Aggregator:
         # Held while a round is decided, so `quiet_at` never sees one half-formed.
         self._round_lock = threading.Lock()
         self.connected = threading.Event()
-        self._last_refusal_log: str | None = None
+        # Calm logs: a refusing broker or a run of failed proposals makes one ERROR line,
+        # then one summary with the count a minute, then one line when it recovers.
+        self._calm = CalmLog(log, per_kind=False)
+        self._proposals = CalmLog(log)  # per reason: members refusing for a new reason is news
         self._stopping = False
         self._pending: LedgerState | None = None  # state + pending txs, for dry runs
         self.store: LedgerStore | None = None
@@ -132,6 +136,9 @@ class Aggregator:
             )
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = lambda c, u: self._calm.failure(
+            "broker", "connect", f"cannot connect to {self.cfg.host}:{self.cfg.port}"
+        )
         client.on_message = lambda c, u, msg: self.inbox.put(msg)
         client.reconnect_delay_set(1, 30)
         return client
@@ -140,8 +147,9 @@ class Aggregator:
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
     ) -> None:
         if rc.is_failure:
-            log.error("broker refused the connection: %s", rc)
+            self._calm.failure("broker", "refused", f"broker refused the connection: {rc}")
             return
+        self._calm.success("broker")
         m = self.market
         client.subscribe([(f"mc/{m}/r/+", 1), (f"mc/{m}/c/+/tx", 1), (f"mc/{m}/c/+/block-vote", 1)])
         self.connected.set()
@@ -417,6 +425,7 @@ class Aggregator:
         except (BlockError, TxError, MeterChainError) as exc:
             log.error("block %d could not be committed: %s", r.proposal.block.height, exc)
             return
+        self._proposals.success("proposals")
         self.metrics.blocks.inc()
         self.metrics.height.set(block.height)
         self.client.publish(
@@ -436,7 +445,4 @@ class Aggregator:
         self.metrics.refused.inc()
         reasons = "; ".join(f"{n}: {why}" for n, why in sorted(r.refusals.items())) or "no answer"
         summary = f"block {r.proposal.block.height} got {len(r.votes)} vote(s): {reasons}"
-        # Calm logs: the same failure again is logged at debug, a new one at error.
-        level = logging.DEBUG if summary == self._last_refusal_log else logging.ERROR
-        log.log(level, "proposal failed: %s", summary)
-        self._last_refusal_log = summary
+        self._proposals.failure("proposals", reasons, f"proposal failed: {summary}")

@@ -35,6 +35,7 @@ from edge_agent.delivery import ack_payload
 from edge_agent.gateway import gateway_subscription
 from edge_agent.store import StoreView
 from edge_agent.worker import Delivery, IngestWorker
+from meterchain.calm import CalmLog
 from meterchain.mqtt_auth import ack_topic, check_name
 
 log = logging.getLogger("meterchain.agent.mqtt")
@@ -89,6 +90,8 @@ class BrokerLink:
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_connect_fail = self._on_connect_fail
+        self._calm = CalmLog(log, per_kind=False)  # a refusing broker: one line, then summaries
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
         self._client.on_subscribe = self._on_subscribe
@@ -113,8 +116,9 @@ class BrokerLink:
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
     ) -> None:
         if rc.is_failure:
-            log.error("broker %s:%d refused the connection: %s", self.host, self.port, rc)
+            self._calm.failure("broker", "refused", f"{self.host}:{self.port} refused: {rc}")
             return
+        self._calm.success("broker")
         with self._lock:
             self._epoch += 1
             self._in_flight.clear()
@@ -125,6 +129,9 @@ class BrokerLink:
         client.subscribe(self.topics)
         self.on_connected(True)
         self.pump_outbox()
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._calm.failure("broker", "connect", f"cannot connect to {self.host}:{self.port}")
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any

@@ -40,10 +40,10 @@ from typing import Protocol
 
 from cbor2 import CBORTag
 
-from edge_agent.calm import CalmLog
 from edge_agent.delivery import DEFAULT_GAP_HOLD_S, Watermarks
 from edge_agent.store import AgentStore, Rejection
 from meterchain import codec
+from meterchain.calm import CalmLog
 from meterchain.errors import CodecError, DuplicateReading, MeterChainError, RejectedReading
 from meterchain.reading import DEFAULT_MAX_CLOCK_AHEAD_S, FLAG_GATEWAY_ATTESTED, Reading, verify
 from meterchain.registry import Registry

@@ -35,9 +35,9 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from pymodbus.framer import FramerType
 
 from edge_agent import sdm630
-from edge_agent.calm import CalmLog
 from edge_agent.config import ModbusBusSection
 from edge_agent.errors import ModbusLinkError
+from meterchain.calm import CalmLog
 
 log = logging.getLogger("meterchain.agent.modbus")
 

@@ -21,10 +21,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edge_agent.calm import CalmLog
 from edge_agent.config import SetpointSection
 from edge_agent.errors import ModbusLinkError
 from edge_agent.modbus import ModbusBus, setpoint_registers, write_registers
+from meterchain.calm import CalmLog
 from meterchain.market.model import Dispatch
 
 log = logging.getLogger("meterchain.agent.setpoints")

@@ -5,14 +5,15 @@ password, an MQTT v5 persistent session (clean start false, fixed client id,
 one hour expiry) so the broker keeps QoS 1 messages for us while we are
 away, a no-local subscription to `mc/<market>/c/#`, TCP_NODELAY, and
 reconnection by paho's network thread with capped exponential backoff whose
-first wait is jittered. `NodeRunner` speaks the protocol: one driver thread
-feeds the state machine (received messages, application `open` calls, ticks
-at `next_deadline`) and carries out its actions in order -- `Persist`
-records are appended to the `RoundLog` and fsynced before anything after
-them is published. A node publishes only on `mc/<market>/c/<node_id>/<kind>`,
-which the broker ACL (`meterchain.mqtt_auth.node_acl`) enforces as well; the
-sender of a received message is read from its topic and must match the
-signer.
+first wait is jittered (paho doubles it after every refused or failed attempt
+and resets it once a session is up), failures logged calmly (`CalmLog`).
+`NodeRunner` speaks the protocol: one driver thread feeds the state machine
+(received messages, application `open` calls, ticks at `next_deadline`) and
+carries out its actions in order -- `Persist` records are appended to the
+`RoundLog` and fsynced before anything after them is published. A node
+publishes only on `mc/<market>/c/<node_id>/<kind>`, which the broker ACL
+(`meterchain.mqtt_auth.node_acl`) enforces as well; the sender of a received
+message is read from its topic and must match the signer.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from edge_agent.consensus.node import (
     Tick,
 )
 from edge_agent.consensus.store import RoundLog
+from meterchain.calm import CalmLog
 from meterchain.mqtt_auth import check_name, consensus_topic
 
 log = logging.getLogger("meterchain.consensus")
@@ -92,7 +94,9 @@ class MqttLink:
         self.client.max_queued_messages_set(0)  # unbounded: nothing we sign may be dropped
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_message = lambda c, u, m: self.on_message(m.topic, m.payload)
+        self._calm = CalmLog(log, per_kind=False)
         self.connected = threading.Event()
         self.connects = 0
         self._closing = False
@@ -126,8 +130,9 @@ class MqttLink:
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
     ) -> None:
         if rc.is_failure:
-            log.error("broker refused the connection: %s", rc)
+            self._calm.failure("broker", "refused", f"broker refused the connection: {rc}")
             return
+        self._calm.success("broker")
         sock = client.socket()
         if sock is not None:
             # Votes are small writes right after other small writes: without this, Nagle's
@@ -141,11 +146,17 @@ class MqttLink:
             client.subscribe(topic, options=SubscribeOptions(qos=1, noLocal=True))
         self.connected.set()
 
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        s = self.settings
+        self._calm.failure("broker", "connect", f"cannot connect to {s.host}:{s.port}")
+
     def _on_disconnect(self, client: mqtt.Client, *args: Any) -> None:
         if self.connected.is_set() and not self._closing:
             log.warning("connection to the broker lost; reconnecting")
+            # A fresh, jittered first wait after losing a working session only: resetting it
+            # after a refused attempt would retry a refusing broker at the minimum wait forever.
+            self._jitter_backoff()
         self.connected.clear()
-        self._jitter_backoff()
 
     def publish(self, topic: str, payload: bytes) -> None:
         # QoS 1: paho keeps the message until PUBACK, queues it while disconnected and
