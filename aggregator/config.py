@@ -152,7 +152,11 @@ def _check_aggregator(check: TableChecker, agg: AggregatorSection, has_membershi
         except ValueError as exc:
             check.fail(f"aggregator.{key}", str(exc))
     if agg.ledger.startswith(("postgresql://", "postgres://")):
-        parts = urlsplit(agg.ledger)
+        try:
+            parts = urlsplit(agg.ledger)
+            parts.port  # noqa: B018 - urlsplit validates the port lazily
+        except ValueError as exc:
+            check.fail("aggregator.ledger", f"not a PostgreSQL URL: {exc}")
         if not parts.path.strip("/") and "dbname=" not in parts.query:
             check.fail("aggregator.ledger", "PostgreSQL URL names no database")
     elif "://" in agg.ledger:
@@ -205,13 +209,7 @@ def _membership(check: TableChecker, agg: AggregatorSection, regulator: PublicKe
 def _check_broker(check: TableChecker, broker: BrokerSection) -> str:
     if not broker.url:
         check.fail("broker.url", "missing")
-    parts = urlsplit(broker.url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        check.fail("broker.url", f"{broker.url!r} must look like mqtts://host:port")
-    try:
-        _ = parts.port  # urlsplit parses the port lazily and raises here
-    except ValueError:
-        check.fail("broker.url", f"{broker.url!r} has a bad port")
+    parts = check.broker_url(broker.url, "broker.url")
     if parts.scheme == "mqtts":
         config_files.require_ca_file(broker.ca_file, check.path, "broker.ca_file")
     check.positive(broker.keepalive_s, "broker.keepalive_s")

@@ -33,7 +33,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from meterchain import config_files
 from meterchain.config_files import TableChecker, toml_kind
@@ -311,16 +310,7 @@ def _check_agent(check: TableChecker, agent: AgentSection) -> AgentSection:
 
 def _check_broker(check: TableChecker, broker: BrokerSection, agent: AgentSection) -> BrokerSection:
     check.require(broker, "broker", "url")
-    url = urlsplit(broker.url)
-    if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-        check.fail(
-            "broker.url",
-            f"must look like mqtts://HOST:PORT or mqtt://HOST:PORT, not {broker.url!r}",
-        )
-    try:
-        url.port  # noqa: B018 - urlsplit validates the port lazily
-    except ValueError as exc:
-        check.fail("broker.url", f"bad port: {exc}")
+    url = check.broker_url(broker.url, "broker.url")
     if url.scheme == "mqtts":
         config_files.require_ca_file(broker.ca_file, check.path, "broker.ca_file")
     if broker.username and broker.password_file is None:

@@ -9,6 +9,7 @@ bad file, so both services print `config error: FILE: KEY: PROBLEM` and exit
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import ssl
@@ -18,12 +19,18 @@ import types
 import typing
 from pathlib import Path
 from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
 from meterchain.errors import ConfigError
 from meterchain.mqtt_auth import check_name
 
 # $NAME or ${NAME}, as os.path.expandvars understands them.
 _VARIABLE = re.compile(r"\$(\w+|\{[^}]*\})")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Linux limits: a path the kernel accepts has at most PATH_MAX - 1 bytes and no
+# component longer than NAME_MAX; beyond them every file call fails (ENAMETOOLONG).
+PATH_MAX = 4096
+NAME_MAX = 255
 
 
 def load_toml(config: Path) -> dict[str, Any]:
@@ -42,6 +49,16 @@ def load_toml(config: Path) -> dict[str, Any]:
         raise ConfigError(str(config), None, f"not valid TOML: {exc}") from None
 
 
+def control_character(text: str) -> str:
+    """The first control character (NUL, newline, DEL, ...) in `text`, or "" if none.
+
+    No configuration value needs one; a NUL breaks every file call and a newline
+    would split the one-line `config error:` message.
+    """
+    match = _CONTROL.search(text)
+    return match.group() if match else ""
+
+
 def expand_path(raw: str, config: Path, key: str) -> Path:
     """`$VARIABLES` and `~` expanded, relative to the config's folder; an unset variable is refused.
 
@@ -56,8 +73,20 @@ def expand_path(raw: str, config: Path, key: str) -> Path:
             raise ConfigError(
                 str(config), key, f"{raw!r} uses environment variable ${name}, which is not set"
             )
+    bad = control_character(raw)
+    if bad:
+        raise ConfigError(str(config), key, f"must not contain control character {bad!r}")
     path = Path(os.path.expanduser(os.path.expandvars(raw)))
-    return path if path.is_absolute() else config.parent / path
+    path = path if path.is_absolute() else config.parent / path
+    encoded = os.fsencode(path)
+    if len(encoded) >= PATH_MAX or any(len(part) > NAME_MAX for part in encoded.split(b"/")):
+        raise ConfigError(
+            str(config),
+            key,
+            f"path is too long ({len(encoded)} bytes; at most {PATH_MAX - 1}, "
+            f"{NAME_MAX} per component)",
+        )
+    return path
 
 
 def readable_file(path: Path, config: Path, key: str) -> None:
@@ -164,10 +193,15 @@ class TableChecker:
         if hint is float:
             if not isinstance(raw, int | float) or isinstance(raw, bool):
                 self.fail(key, f"must be a number, not {toml_kind(raw)}")
+            if not math.isfinite(raw):
+                self.fail(key, f"must be a finite number, not {raw}")
             return float(raw)
         if hint is str:
             if not isinstance(raw, str):
                 self.fail(key, f"must be a string, not {toml_kind(raw)}")
+            bad = control_character(raw)
+            if bad:
+                self.fail(key, f"must not contain control character {bad!r}")
             return raw
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             return self.table(raw, hint, key)
@@ -177,6 +211,17 @@ class TableChecker:
             # $STATE_DIRECTORY, $CREDENTIALS_DIRECTORY: what systemd hands the service.
             return expand_path(raw, self.path, key)
         raise TypeError(f"no checker for {hint!r}")  # a programming error, not a config one
+
+    def broker_url(self, url: str, key: str) -> SplitResult:
+        """An MQTT broker URL, mqtt:// or mqtts://, with a host and (optionally) a valid port."""
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - urlsplit validates the port lazily
+        except ValueError as exc:
+            self.fail(key, f"{url!r} is not a broker URL: {exc}")
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            self.fail(key, f"must look like mqtts://HOST:PORT or mqtt://HOST:PORT, not {url!r}")
+        return parts
 
     def require(self, section: Any, where: str, *keys: str) -> None:
         for key in keys:

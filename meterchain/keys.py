@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,16 +104,13 @@ class PrivateKey:
         return cls(key)
 
     def save(self, path: str | Path) -> None:
-        """Write the key as PKCS#8 PEM, readable by the owner only."""
+        """Write the key as PKCS#8 PEM, mode 0600, replacing (never following) what is there."""
         pem = self._key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        path = Path(path)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(pem)
+        write_private_file(Path(path), pem)
 
     @property
     def secret(self) -> int:
@@ -129,3 +127,38 @@ class PrivateKey:
         der = self._key.sign(message, _ECDSA_SHA256_DETERMINISTIC)
         r, s = decode_dss_signature(der)
         return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def write_private_file(path: Path, data: bytes, *, keep_access: bool = False) -> None:
+    """Atomically replace `path` with `data`, written and synced before the rename.
+
+    The bytes go to a fresh temporary file (O_EXCL | O_NOFOLLOW) beside `path` that
+    is then renamed over it, so a symlink at `path` is replaced, never followed, and
+    no reader sees a partial file. The new file is mode 0600 owned by this process,
+    unless `keep_access` and a regular file is already there: then it gets that
+    file's owner, group and mode (a broker password file must stay readable by the
+    broker's user after a root tool rewrites it).
+    """
+    mode, owner = 0o600, None
+    if keep_access:
+        try:
+            old = path.lstat()
+        except FileNotFoundError:
+            old = None
+        if old is not None and stat.S_ISREG(old.st_mode):
+            mode, owner = stat.S_IMODE(old.st_mode), (old.st_uid, old.st_gid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if owner is not None and owner != (os.geteuid(), os.getegid()):
+                os.fchown(out.fileno(), *owner)
+            os.fchmod(out.fileno(), mode)
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -13,7 +13,6 @@ the board (that would stop the maintenance timer that keeps the watchdog fed).
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from meterchain.board.firmware import FIRMWARE_ROOTS, Image, is_firmware_path
 from meterchain.errors import MeterChainError
+from meterchain.keys import write_private_file
 
 EMULATED_PREFIX = "emulated:"
 
@@ -82,14 +82,12 @@ class EmulatedDriver(BoardDriver):
         return target.read_bytes() if target.is_file() else None
 
     def write_file(self, path: str, data: bytes) -> None:
-        target = self._path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        # The folder is the board's flash, which holds its key and secrets: owner only.
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.folder.chmod(0o700)
+        write_private_file(self._path(path), data)
 
     def install(self, image: Image) -> list[str]:
-        self.folder.mkdir(parents=True, exist_ok=True)
         for path, data in image.files.items():
             self.write_file(path, data)
         removed = []

@@ -442,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     exec_parser.add_argument("folder", type=Path)
     exec_parser.add_argument("code")
     ns = parser.parse_args(argv)
+    # Whatever the firmware writes to its flash (key.bin, the spool) is for its eyes only.
+    os.umask(0o077)
     folder = ns.folder.resolve()
     # The board's own firmware, as deployed into its flash, when there is one.
     lib = folder / "lib"

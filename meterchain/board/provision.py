@@ -17,7 +17,6 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from urllib.parse import urlsplit
 from meterchain.board import firmware
 from meterchain.board.driver import BoardDriver, BoardError, EmulatedDriver
 from meterchain.errors import ConfigError, MeterChainError, RegistryError, SignatureError
-from meterchain.keys import PublicKey
+from meterchain.keys import PublicKey, write_private_file
 from meterchain.mqtt_auth import meter_acl, password_line
 
 CA_FILE = "ca.pem"
@@ -156,15 +155,12 @@ def mosquitto_hash_matches(stored: str, password: str) -> bool:
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Replace `path` atomically, readable by its owner only (it holds password hashes)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    """Replace the broker file `path` atomically, keeping the owner, group and mode it has.
+
+    The broker reads it after a reload as its own user, so a provisioning run as root
+    must not leave it root-owned 0600; a new file is 0600, owned by whoever runs this.
+    """
+    write_private_file(path, text.encode(), keep_access=True)
 
 
 def ensure_password(path: Path, user: str, password: str, dry_run: bool) -> str:

@@ -102,7 +102,7 @@ def test_broken_references_are_named(tmp_path: Path, capsys) -> None:
     path = _site(tmp_path)
     cases = [
         ('url = "mqtts://127.0.0.1:8883"', 'url = "http://x"',
-         "broker.url: 'http://x' must look like mqtts://host:port"),
+         "broker.url: must look like mqtts://HOST:PORT or mqtt://HOST:PORT, not 'http://x'"),
         ('ledger = "ledger.db"', 'ledger = "missing/ledger.db"',
          f"aggregator.ledger: folder {tmp_path / 'missing'} does not exist"),
         ('ledger = "ledger.db"', 'ledger = "mysql://x/y"',

@@ -9,6 +9,7 @@ entry.  Re-running changes nothing; a dry run changes nothing either.
 from __future__ import annotations
 
 import hashlib
+import stat
 from pathlib import Path
 
 import pytest
@@ -74,8 +75,16 @@ def test_provision_end_to_end_then_the_board_publishes_verified_readings(
     assert not board.exists() and not registry.exists()
     assert _snapshot(*broker_files) == before
 
+    # The broker reads its files as its own user: provisioning keeps their owner and mode.
+    for f in broker_files:
+        f.chmod(0o640)
     assert main(args) == 0
     first = capsys.readouterr().out
+    assert [stat.S_IMODE(f.stat().st_mode) for f in broker_files] == [0o640, 0o640]
+    # The board's flash holds its key and secrets: owner only, on the emulator too.
+    assert stat.S_IMODE(board.stat().st_mode) == 0o700
+    for name in ("key.bin", "secrets.json"):
+        assert stat.S_IMODE((board / name).stat().st_mode) == 0o600, name
     public = next(line.split()[-1] for line in first.splitlines() if line.startswith("public key"))
     meter = Registry.load(registry).get("mg1-pv-01")
     assert meter is not None and meter.public_key.point.hex() == public

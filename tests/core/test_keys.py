@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
 from meterchain.errors import SignatureError
-from meterchain.keys import PrivateKey, PublicKey
+from meterchain.keys import PrivateKey, PublicKey, write_private_file
 from meterchain.mqtt_auth import check_name
 
 RFC6979_SECRET = 0xC9AFA9D845BA75166B5C215767B1D6934E50C3DB36E89B127B8A622B120F6721
@@ -50,3 +52,40 @@ def test_bad_keys_are_named(tmp_path: Path) -> None:
 def test_names_that_could_escape_a_topic_are_refused(name: str) -> None:
     with pytest.raises(ValueError, match="must be 1-64 characters"):
         check_name("meter id", name)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def test_a_saved_key_is_owner_only_whatever_was_there(tmp_path: Path) -> None:
+    key = PrivateKey.from_secret(7)
+    path = tmp_path / "node.key"
+    path.write_text("old")
+    path.chmod(0o644)
+    key.save(path)
+    assert _mode(path) == 0o600
+    assert PrivateKey.load(path).secret == 7
+    # a symlink planted at the key's path is replaced, never written through
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    victim.chmod(0o644)
+    link = tmp_path / "link.key"
+    link.symlink_to(victim)
+    key.save(link)
+    assert victim.read_text() == "precious" and _mode(victim) == 0o644
+    assert not link.is_symlink() and _mode(link) == 0o600
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_write_private_file_can_keep_the_access_a_service_needs(tmp_path: Path) -> None:
+    path = tmp_path / "passwd"
+    write_private_file(path, b"new\n", keep_access=True)
+    assert _mode(path) == 0o600  # a new file: owner only
+    path.chmod(0o640)
+    if os.geteuid() == 0:
+        os.chown(path, 65534, 65534)  # e.g. the broker's user and group
+    write_private_file(path, b"newer\n", keep_access=True)
+    assert path.read_bytes() == b"newer\n" and _mode(path) == 0o640
+    if os.geteuid() == 0:
+        assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65534)
