@@ -125,8 +125,12 @@ def test_tampered_board_reading_is_refused(board_messages: list[bytes]) -> None:
         reading.verify(bytes(data), registry)
 
 
-def test_what_the_board_may_sign_but_the_core_refuses(mpy: Callable[..., Any]) -> None:
-    """The core is stricter than the encoder: a 20 MW power reading is a scaling bug."""
-    (data,) = _sign_on_board(mpy, _inputs([("mg1-pv-01", 9, T0, 1, 1, 20_000_000, 0)]))
-    with pytest.raises(errors.FieldOutOfRange, match="power_w"):
-        reading.verify(data, _registry())
+def test_one_power_bound_on_both_sides(mpy: Callable[..., Any]) -> None:
+    """The board refuses to sign what the core refuses: power beyond MAX_POWER_W (10 MW)."""
+    rows = _inputs([("mg1-pv-01", 9, T0, 1, 1, reading.MAX_POWER_W + 1, 0)])
+    prelude = f"import json\nINPUT = json.loads({json.dumps(json.dumps(rows))})\n"
+    result = mpy(prelude + BOARD_SCRIPT)
+    assert result.returncode != 0
+    assert f"power_w must be within +/-{reading.MAX_POWER_W} W" in result.stderr
+    # ... and the core refuses the same value signed by anything else (test_reading.py)
+    assert reading.MAX_POWER_W == 10_000_000
