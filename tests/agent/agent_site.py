@@ -76,6 +76,8 @@ class Site:
     modbus: list[dict[str, object]] = field(default_factory=list)
     metrics_port: int = field(default_factory=free_port)
     extra: str = ""
+    # Meters whose key lives elsewhere (an emulated board's flash): id -> public key point.
+    external: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def config_path(self) -> Path:
@@ -118,6 +120,10 @@ class Site:
             entry_text(make_meter(b.meter_id, b.key.public_key(), b.owner, b.source))
             for b in self.boards.values()
             if b.registered
+        ]
+        entries += [
+            entry_text(make_meter(meter_id, point, NODE, "load"))
+            for meter_id, point in self.external.items()
         ]
         for m in self.modbus:
             key = gateway_key(self.node_key, MARKET, str(m["id"])).public_key()

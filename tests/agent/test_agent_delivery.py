@@ -1,38 +1,28 @@
 """End to end, nothing measured is lost: broker kill -9 and client-id takeover against the agent.
 
-Real Mosquitto (TLS, passwords, ACL), the agent as a real process, and
-boards that free a reading only on the agent's acknowledgement
-(spool_board.SpoolBoard). The broker saves its state once an hour here, so
-a kill -9 loses every queued reading and session it holds: the worst case.
+Real Mosquitto (TLS, passwords, ACL), the agent as a real process, and the
+real firmware on emulated boards (tests/agent/emulated_boards.py), which free
+a reading only on the agent's acknowledgement. The broker saves its state
+once an hour here, so a kill -9 loses every queued reading and every session
+it holds: the worst case. "Nothing lost" is checked on both ends: the agent
+has committed exactly 1..watermark of each board, and the board still holds
+every reading above it.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
-from agent_site import MARKET, NODE, AgentProcess, Site, metric_value, wait_until
-from spool_board import SpoolBoard
+from agent_site import NODE, AgentProcess, Site, metric_value, wait_until
+from emulated_boards import ACK_TIMEOUT_S, RunningBoard, connect_board, make_board
 
-from edge_agent.energy import HOUR_S, hour_start
 from hil.broker import MosquittoBroker
 
 BOARDS = ("mg1-a", "mg1-b")
-T0 = hour_start(int(time.time())) - 2 * HOUR_S
-
-
-def _boards(site: Site) -> list[SpoolBoard]:
-    boards = []
-    for meter_id in BOARDS:
-        meter = site.boards[meter_id]
-
-        def sign(seq: int, meter=meter) -> bytes:  # type: ignore[no-untyped-def]
-            return meter.reading(T0 + 10 * seq, 1000 + 7 * seq, seq=seq)
-
-        boards.append(SpoolBoard(site.broker, MARKET, meter_id, meter.password, sign))
-    return boards
 
 
 def _committed(site: Site, meter_id: str) -> list[int]:
@@ -42,66 +32,91 @@ def _committed(site: Site, meter_id: str) -> list[int]:
     return sorted(int(seq) for (seq,) in rows)
 
 
-def _all_delivered(site: Site, boards: list[SpoolBoard], count: int, timeout: float) -> None:
-    wait_until(lambda: all(b.drained() for b in boards), timeout, "boards to be acknowledged")
+def _acknowledged_past(boards: list[RunningBoard], margin: int, timeout: float) -> None:
+    """Wait until each board's watermark passes what it had produced by now, plus `margin`."""
+    targets = [b.app.last_seq + margin for b in boards]
+    wait_until(
+        lambda: all(b.app.uplink.watermark >= t for b, t in zip(boards, targets, strict=True)),
+        timeout,
+        f"acknowledgements past {targets}",
+    )
+
+
+def _nothing_lost(site: Site, boards: list[RunningBoard]) -> None:
     for board in boards:
-        assert _committed(site, board.meter_id) == list(range(1, count + 1)), board.meter_id
-        assert board.watermark == count
-
-
-def _configure(site: Site) -> None:
-    for meter_id in BOARDS:
-        site.add_board(meter_id)
-    site.add_board("mg1-intruder")  # a meter account an attacker has the password of
+        board.halt()
+    for board in boards:
+        app = board.app
+        watermark = app.uplink.watermark
+        committed = _committed(site, app.cfg["meter_id"])
+        # Gap-free; it may run ahead of the board's watermark (an ack still on its way).
+        assert committed == list(range(1, len(committed) + 1))
+        assert len(committed) >= watermark > 0
+        # Everything above the watermark is still on the board, nothing was freed early.
+        assert len(app.spool) == app.last_seq - watermark
 
 
 @pytest.fixture
-def closing() -> list[SpoolBoard]:
-    boards: list[SpoolBoard] = []
-    yield boards
+def site_with_boards(make_site, request) -> Iterator[tuple[Site, list[RunningBoard]]]:
+    folders = {}
+
+    def configure(site: Site) -> None:
+        for meter_id in BOARDS:
+            folders[meter_id] = make_board(site, meter_id)
+        site.add_board("mg1-intruder")  # a meter account whose password an attacker has
+
+    site = make_site(configure, **request.param)
+    for folder in folders.values():
+        connect_board(folder, site)
+    boards: list[RunningBoard] = []
+    yield site, boards
     for board in boards:
-        board.close()
+        board.halt()
 
 
-def test_broker_kill_9_loses_no_reading(make_site, agents, closing) -> None:
-    site = make_site(_configure, bind_client_ids=True, autosave_interval_s=3600)
+def _start_boards(site: Site, boards: list[RunningBoard]) -> None:
+    boards.extend(RunningBoard(site.root / "boards" / meter_id) for meter_id in BOARDS)
+
+
+@pytest.mark.parametrize(
+    "site_with_boards", [{"bind_client_ids": True, "autosave_interval_s": 3600}], indirect=True
+)
+def test_broker_kill_9_loses_no_reading(site_with_boards, agents) -> None:
+    site, boards = site_with_boards
     agent = AgentProcess(site).start()
     agents.append(agent)
-    boards = _boards(site)
-    closing.extend(boards)
-    for board in boards:
-        board.produce(20)
-    _all_delivered(site, boards, 20, 20)
+    _start_boards(site, boards)
+    _acknowledged_past(boards, 10, 30)
 
     # Mid-stream: the broker dies with PUBACKed readings on their way to the agent.
-    for board in boards:
-        board.produce(15)
     site.broker.kill()
     site.broker.start()
-    _all_delivered(site, boards, 35, 30)
+    _acknowledged_past(boards, 10, 30)
 
-    # Agent away: the readings wait only in the broker's memory, PUBACKed, and die with it.
+    # Agent away: readings wait only in the broker's memory, PUBACKed, and die with it.
     assert agent.terminate() == 0
-    for board in boards:
-        board.produce(25)
-    wait_until(lambda: all(b.client.want_write() is False for b in boards), 10, "PUBACKs")
-    time.sleep(0.5)
+    queued_from = [b.app.uplink.watermark for b in boards]
+    time.sleep(2)
+    assert all(b.app.uplink.acked > 0 for b in boards)
     site.broker.kill()
     site.broker.start()
     agent = AgentProcess(site).start()
     agents.append(agent)
-    _all_delivered(site, boards, 60, 40)
-    # The broker really lost them: only the boards' resends brought them in.
-    assert all(b.rewinds >= 3 for b in boards)
-    assert metric_value(agent.metrics(), "meterchain_agent_readings_accepted_total",
-                        meter="mg1-a") == 25
+    _acknowledged_past(boards, 5, 30 + 2 * ACK_TIMEOUT_S)
+    # The restarted broker had nothing for the agent: the boards' resends brought them.
+    assert all(b.app.last_seq > q + 10 for b, q in zip(boards, queued_from, strict=True))
+    # ... after their ack timeout (`rewinds` counts those, not the rewinds at connect).
+    assert all(b.app.uplink.rewinds >= 1 for b in boards), [b.app.uplink.rewinds for b in boards]
+    _nothing_lost(site, boards)
 
 
 def _take_over(broker: MosquittoBroker, client_id: str, site: Site) -> mqtt.Client:
     """Connect with the agent's client id and a clean session, using a meter's credentials."""
     intruder = site.boards["mg1-intruder"]
     client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        clean_session=True,
         protocol=mqtt.MQTTv311,
     )
     client.username_pw_set(intruder.meter_id, intruder.password)
@@ -112,36 +127,39 @@ def _take_over(broker: MosquittoBroker, client_id: str, site: Site) -> mqtt.Clie
     return client
 
 
-@pytest.mark.parametrize("bound", [True, False], ids=["deployed-binding", "no-binding"])
-def test_client_id_takeover_loses_no_reading(make_site, agents, closing, bound: bool) -> None:
-    site = make_site(_configure, bind_client_ids=bound)
+@pytest.mark.parametrize(
+    "site_with_boards",
+    [{"bind_client_ids": True}, {"bind_client_ids": False}],
+    ids=["deployed-binding", "no-binding"],
+    indirect=True,
+)
+def test_client_id_takeover_loses_no_reading(site_with_boards, agents) -> None:
+    site, boards = site_with_boards
+    bound = site.broker.bind_client_ids
     agent = AgentProcess(site).start()
     agents.append(agent)
-    boards = _boards(site)
-    closing.extend(boards)
-    for board in boards:
-        board.produce(10)
-    _all_delivered(site, boards, 10, 20)
+    _start_boards(site, boards)
+    _acknowledged_past(boards, 5, 30)
 
     intruder = _take_over(site.broker, f"agent-{NODE}", site)
     try:
-        time.sleep(0.3)
-        for board in boards:
-            board.produce(10)  # published while the agent's session is gone (unbound)
-        time.sleep(0.5)
+        time.sleep(1.5)  # the boards publish on; unbound, the agent's session is gone
     finally:
         intruder.disconnect()
         intruder.loop_stop()
-    wait_until(lambda: metric_value(agent.metrics(), "meterchain_agent_mqtt_connected") == 1,
-               20, "the agent to be connected")
-    for board in boards:
-        board.produce(10)  # above the gap the lost ones left
-    _all_delivered(site, boards, 30, 40)
-    kicked = "disconnected from" in agent.log()
+    wait_until(
+        lambda: metric_value(agent.metrics(), "meterchain_agent_mqtt_connected") == 1,
+        20,
+        "the agent to be connected",
+    )
+    _acknowledged_past(boards, 5, 30 + 2 * ACK_TIMEOUT_S)
+    kicked = "disconnected from" in agent.log_path.read_text()
     if bound:
         assert not kicked, "with client ids bound to usernames nobody can take the agent's id"
     else:
         assert kicked, "the takeover did not happen: this test exercises nothing"
-        deferred = metric_value(agent.metrics(), "meterchain_agent_readings_deferred_total",
-                                reason="sequence_gap")
+        deferred = metric_value(
+            agent.metrics(), "meterchain_agent_readings_deferred_total", reason="sequence_gap"
+        )
         assert deferred > 0, "no reading was lost at the broker: this test exercises nothing"
+    _nothing_lost(site, boards)
