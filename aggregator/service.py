@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from aggregator.config import AggregatorConfig, ledger_target
 from aggregator.former import BlockFormer, verify_for_ingest
+from aggregator.status import AggregatorStatus
 from meterchain import service
 from meterchain.calm import CalmLog
 from meterchain.errors import MeterChainError
@@ -111,7 +112,8 @@ class Aggregator:
         # Calm logs: a refusing broker or a run of failed proposals makes one ERROR line,
         # then one summary with the count a minute, then one line when it recovers.
         self._calm = CalmLog(log, per_kind=False)
-        self._proposals = CalmLog(log)  # per reason: members refusing for a new reason is news
+        self.proposal_log = CalmLog(log)  # per reason: members refusing for a new reason is news
+        self.status = AggregatorStatus(self)
         self._stopping = False
         self._pending: LedgerState | None = None  # state + pending txs, for dry runs
         self.store: LedgerStore | None = None
@@ -190,8 +192,9 @@ class Aggregator:
         self.open_ledger()
         if agg.metrics_port:
             server = service.start_metrics_server(
-                agg.metrics_port, agg.metrics_host, self.metrics.registry
-            )
+                agg.metrics_port, agg.metrics_host, self.metrics.registry,
+                service_name="aggregator", status=self.status.document, health=self.status.health,
+            )  # fmt: skip
         else:
             server = None
         self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.broker.keepalive_s)
@@ -207,6 +210,7 @@ class Aggregator:
                     service.notify("WATCHDOG=1")
                     next_ping = now + watchdog / 2
                 self.step()
+                self.status.loop_turned = time.monotonic()
         finally:
             service.notify("STOPPING=1")
             log.info("stopping")
@@ -350,6 +354,7 @@ class Aggregator:
         key = current.membership.key_of(sender)
         if key is None:
             return
+        self.status.peers_seen[sender] = time.time()
         if reply.kind == "block-vote":
             if key.verify(reply.signature, block.statement()):
                 current.votes[sender] = reply.signature
@@ -425,7 +430,7 @@ class Aggregator:
         except (BlockError, TxError, MeterChainError) as exc:
             log.error("block %d could not be committed: %s", r.proposal.block.height, exc)
             return
-        self._proposals.success("proposals")
+        self.proposal_log.success("proposals")
         self.metrics.blocks.inc()
         self.metrics.height.set(block.height)
         self.client.publish(
@@ -445,4 +450,4 @@ class Aggregator:
         self.metrics.refused.inc()
         reasons = "; ".join(f"{n}: {why}" for n, why in sorted(r.refusals.items())) or "no answer"
         summary = f"block {r.proposal.block.height} got {len(r.votes)} vote(s): {reasons}"
-        self._proposals.failure("proposals", reasons, f"proposal failed: {summary}")
+        self.proposal_log.failure("proposals", reasons, f"proposal failed: {summary}")

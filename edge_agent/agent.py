@@ -35,6 +35,7 @@ from edge_agent.metrics import AgentMetrics
 from edge_agent.modbus import MeterPoller, MeterSample, ModbusBus
 from edge_agent.rounds import Clearing, RoundDriver, RoundOutcome, StandaloneClearing
 from edge_agent.setpoints import SetpointWriter
+from edge_agent.status import AgentStatus
 from edge_agent.store import AgentStore, StoreView
 from edge_agent.worker import GatewayIdentity, IngestWorker
 from meterchain import service
@@ -99,6 +100,7 @@ class Agent:
             keepalive_s=config.broker.keepalive_s,
             on_connected=lambda up: self.metrics.mqtt_connected.set(1 if up else 0),
             on_subscribed=self._subscribed,
+            on_board_state=lambda meter, payload: self.status.board_state(meter, payload),
         )
         self.worker.on_outbox = self.link.pump_outbox
         self.ingest.on_watermarks = self.link.publish_acks
@@ -119,6 +121,7 @@ class Agent:
         self.consensus: ConsensusClearing | None = None
         self.submitter: SubmitClearing | None = None
         self.reviewer: ReviewerLink | None = None
+        self.status = AgentStatus(self)
         self.rounds = self._round_driver(forecaster) if forecaster is not None else None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -156,6 +159,7 @@ class Agent:
         def on_round(outcome: RoundOutcome) -> None:
             self.metrics.round_latency.observe(outcome.latency_s)
             self.metrics.rounds.labels("cleared" if outcome.result else "failed").inc()
+            self.status.round_done(outcome)
 
         return RoundDriver(
             microgrid_id=owner,
@@ -210,8 +214,9 @@ class Agent:
         if cfg.agent.metrics_port:
             try:
                 service.start_metrics_server(
-                    cfg.agent.metrics_port, cfg.agent.metrics_host, self.metrics.registry
-                )
+                    cfg.agent.metrics_port, cfg.agent.metrics_host, self.metrics.registry,
+                    service_name="agent", status=self.status.document, health=self.status.health,
+                )  # fmt: skip
             except OSError as exc:
                 raise ConfigError(
                     str(cfg.path),

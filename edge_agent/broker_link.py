@@ -57,6 +57,7 @@ class BrokerLink:
         keepalive_s: int = 30,
         on_connected: Callable[[bool], None] | None = None,
         on_subscribed: Callable[[], None] | None = None,
+        on_board_state: Callable[[str, bytes], None] | None = None,
     ) -> None:
         parts = urlsplit(url)
         self.host = parts.hostname or "localhost"
@@ -72,6 +73,10 @@ class BrokerLink:
         self.keepalive_s = keepalive_s
         self.on_connected = on_connected or (lambda up: None)
         self.on_subscribed = on_subscribed or (lambda: None)
+        # Boards' retained online states (mc/<market>/status/<meter>), for the agent's /status.
+        self.on_board_state = on_board_state
+        self._status_prefix = f"mc/{self.market}/status/"
+        self._status_mid: int | None = None
         self.connected = False
         self._epoch = 0
         self._lock = threading.Lock()
@@ -127,6 +132,8 @@ class BrokerLink:
             "connected to %s:%d (session present: %s)", self.host, self.port, flags.session_present
         )
         client.subscribe(self.topics)
+        if self.on_board_state is not None:  # apart, so an ACL without it refuses only this
+            self._status_mid = client.subscribe(self._status_prefix + "+", 1)[1]
         self.on_connected(True)
         self.pump_outbox()
 
@@ -147,6 +154,10 @@ class BrokerLink:
         self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any
     ) -> None:
         refused = [code for code in codes if code.is_failure]
+        if mid == self._status_mid:
+            if refused:
+                log.warning("boards' online states are not readable: %s (broker ACL)", refused)
+            return
         if refused:
             log.error("broker refused the subscription to %s: %s", self.topics, refused)
             return
@@ -162,6 +173,10 @@ class BrokerLink:
                     client.ack(mid, qos)
 
         if message.topic.startswith(self._own_prefix):
+            ack()
+            return
+        if message.topic.startswith(self._status_prefix) and self.on_board_state is not None:
+            self.on_board_state(message.topic[len(self._status_prefix) :], bytes(message.payload))
             ack()
             return
         sender = message.topic.rsplit("/", 1)[-1]

@@ -162,6 +162,10 @@ class AgentMetrics:
         label = meter if meter in self._labelled else self.OTHER_METERS
         self.readings_accepted.labels(label).inc()
 
+    def last_reading_times(self) -> dict[str, int]:
+        """Every meter seen: the time (Unix s) of its last accepted reading."""
+        return dict(self._last_time)
+
     def _oldest_age(self) -> float:
         return self._clock() - min(self._last_time.values()) if self._last_time else 0.0
 

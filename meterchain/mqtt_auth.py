@@ -69,7 +69,10 @@ def meter_acl(market: str, meter_id: str) -> str:
 
 
 def node_acl(market: str, node_id: str) -> str:
-    """ACL block for an agent: publish as itself and acknowledgements, read the market."""
+    """ACL block for an agent: publish as itself and acknowledgements, read the market.
+
+    It reads the consensus tree, readings and boards' online states (its /status).
+    """
     check_name("market", market)
     check_name("node id", node_id)
     return (
@@ -78,6 +81,7 @@ def node_acl(market: str, node_id: str) -> str:
         f"topic write mc/{market}/ack/#\n"
         f"topic read mc/{market}/c/#\n"
         f"topic read mc/{market}/r/#\n"
+        f"topic read mc/{market}/status/#\n"
     )
 
 

@@ -22,10 +22,42 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from meterchain.errors import ConfigError
+from meterchain.errors import ConfigError, MeterChainError
+from meterchain.service import iso_utc
+from meterchain.site.clock import MarketClock
 
 DEFAULT_URL = "http://127.0.0.1:9464"
 _ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+
+def market_clock(clock: MarketClock) -> dict[str, Any]:
+    """The /status view of a service's market clock: now, the current hour, how fast it runs."""
+    now = clock.now()
+    return {
+        "now": iso_utc(now),
+        "hour": iso_utc(now // 3600 * 3600),
+        "speed": clock.speed,
+        "real_time": clock.real_time,
+    }
+
+
+def ledger_head(target: str) -> dict[str, Any]:
+    """Height, head hash and what waits for a block, read on a connection of its own.
+
+    Safe from any thread: the service's own store connection is never touched.
+    """
+    from meterchain.ledger.store import open_store
+
+    try:
+        with open_store(target, create=False) as store:
+            head = store.head()
+            waiting = {"inbox_readings": store.inbox_count(),
+                       "pending_txs": len(store.pending_txs())}  # fmt: skip
+    except (MeterChainError, OSError) as exc:
+        return {"height": None, "head_hash": None, "error": str(exc)}
+    if head is None:
+        return {"height": None, "head_hash": None, **waiting}
+    return {"height": head[0], "head_hash": head[1].hex(), **waiting}
 
 
 def url_from_config(path: Path) -> str:

@@ -192,6 +192,7 @@ class NodeRunner:
         prefix = f"mc/{self.market}/c/"
         self.link = MqttLink(settings, [prefix + "#"], self._received)
         self.counts: Counter[str] = Counter()
+        self.peers_seen: dict[str, float] = {}  # sender -> wall time of its last message
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._t0 = time.monotonic()
         self._stop = threading.Event()
@@ -240,6 +241,7 @@ class NodeRunner:
         if sender == self.node.node_id:
             return  # our own publish echoed back
         self.counts["deliveries"] += 1
+        self.peers_seen[sender] = time.time()  # for the agent's /status
         self._events.put(("msg", (payload, sender)))
 
     # --- the driver thread --------------------------------------------------------
