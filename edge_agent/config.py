@@ -475,8 +475,8 @@ def _check_consensus(check: TableChecker, cons: ConsensusSection) -> ConsensusSe
         if cons.role != "node":
             check.fail("consensus.participants", 'only a role = "node" agent accepts participants')
         load_participants(cons.participants, check.path)
-    if not 0 < cons.bid_lead_s < 3600:
-        check.fail("consensus.bid_lead_s", f"must be in (0, 3600), got {cons.bid_lead_s}")
+    if not 0 < cons.bid_lead_s <= 3600:
+        check.fail("consensus.bid_lead_s", f"must be in (0, 3600], got {cons.bid_lead_s}")
     check.positive(cons.delta_s, "consensus.delta_s")
     if cons.regulator_public_key:
         _regulator(check, cons.regulator_public_key)

@@ -39,6 +39,7 @@ def _emulate_meter(ns: argparse.Namespace) -> int:
         serial_port=ns.serial,
         baudrate=ns.baudrate,
         setpoint_unit=ns.setpoint_unit,
+        setpoint_base=ns.setpoint_base,
     )
 
     async def serve() -> None:
@@ -84,6 +85,14 @@ def _add_emulate_meter(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="also serve writable holding registers as this unit (setpoint target)",
+    )
+    p.add_argument(
+        "--setpoint-base",
+        type=int,
+        default=0,
+        metavar="ADDRESS",
+        help="PDU address of the first of the 64 setpoint registers (default 0; the example "
+        "agent config writes 40100)",
     )
     p.set_defaults(func=_emulate_meter)
 

@@ -11,8 +11,10 @@ pair of pseudo-terminals joined by a relay that can corrupt or drop bytes, for
 RTU over a "serial cable" with real CRC errors.
 
 Holding registers of a second unit (`setpoint_unit`) stand for a storage
-inverter / gas-turbine controller the agent writes setpoints to; every write
-is recorded for tests.
+inverter / gas-turbine controller the agent writes setpoints to: PDU
+addresses `setpoint_base` .. `setpoint_base + setpoint_registers - 1`
+(`--setpoint-base 40100` matches the example agent config); every write is
+recorded for tests.
 """
 
 from __future__ import annotations
@@ -221,6 +223,7 @@ class EmulatedSdm630:
         baudrate: int = 19200,
         setpoint_unit: int | None = None,
         setpoint_registers: int = 64,
+        setpoint_base: int = 0,
         wall: Callable[[], float] = time.monotonic,
     ) -> None:
         self.host, self.port, self.unit = host, port, unit
@@ -241,6 +244,12 @@ class EmulatedSdm630:
         self.setpoint_unit = setpoint_unit
         self.setpoints = SetpointLog()
         self._setpoint_registers = setpoint_registers
+        if not 0 <= setpoint_base <= 65536 - setpoint_registers:
+            raise ValueError(
+                f"setpoint registers {setpoint_base}..{setpoint_base + setpoint_registers - 1} "
+                "do not fit the Modbus address space 0..65535"
+            )
+        self._setpoint_base = setpoint_base
         self._server: ModbusTcpServer | ModbusSerialServer | None = None
 
     # -- values ---------------------------------------------------------------
@@ -324,7 +333,7 @@ class EmulatedSdm630:
                         list(bits),
                         [
                             SimData(
-                                0,
+                                self._setpoint_base,
                                 count=self._setpoint_registers,
                                 values=0,
                                 datatype=DataType.REGISTERS,

@@ -90,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run an emulated board (firmware under CPython) until killed")
     r.add_argument("--port", required=True, help="emulated:FOLDER")
     r.add_argument("--duration", type=float, help="power off after this many seconds")
+    r.add_argument(
+        "--quiet", action="store_true", help="keep the console in the folder's console.log only"
+    )
     return parser
 
 
@@ -160,6 +163,8 @@ def _run(ns: argparse.Namespace) -> int:
     from meterchain.board import emulated
 
     args = ["run", ns.port[len(EMULATED_PREFIX) :]]
+    if not ns.quiet:
+        args.append("--console")
     if ns.duration is not None:
         args += ["--duration", str(ns.duration)]
     return emulated.main(args)

@@ -10,7 +10,9 @@ pymodbus-emulated SDM630 of `hil.emulated_meter` behind a `NullModem`).
 Settings that only make sense for an emulation live in `emulator.json` in the folder:
 
     {"meter": "sim" | "serial:/dev/pts/7" | "none",
-     "sim_power_w": 1500,          simulated meter load (negative: export)
+     "sim_power_w": 1500,          simulated meter power (W; negative: export); default
+                                   1500 W imported, or 1500 W exported by a board
+                                   whose source generates (pv, wind)
      "interval_ms": 200,           sampling interval override (tests, benchmarks)
      "ntp": true, "wifi": true,    whether NTP / WiFi "work"
      "clock": {"start": ..., "speed": ..., "anchor": ...},
@@ -45,9 +47,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 FIRMWARE_LIB = REPO_ROOT / "firmware" / "lib"
 EMULATOR_FILE = "emulator.json"
 CONSOLE_FILE = "console.log"
+SIM_POWER_W = 1500  # the simulated meter's power when emulator.json sets none
+GENERATING_SOURCES = ("pv", "wind")
 DEFAULT_SETTINGS: dict[str, Any] = {
     "meter": "sim",
-    "sim_power_w": 1500,
+    "sim_power_w": None,
     "interval_ms": None,
     "ntp": True,
     "wifi": True,
@@ -339,10 +343,13 @@ class EmulatedBoard:
 
     # -- meter hardware ----------------------------------------------------------
 
-    def _sim_uart(self, unit: int) -> Any:
+    def _sim_uart(self, unit: int, source: str | None = None) -> Any:
         from mcfakes import SdmUart, SimulatedSdm
 
-        self.meter = SimulatedSdm(self, unit=unit, power_w=int(self.settings["sim_power_w"]))
+        power = self.settings["sim_power_w"]
+        if power is None:  # a generating board's simulated meter exports
+            power = -SIM_POWER_W if source in GENERATING_SOURCES else SIM_POWER_W
+        self.meter = SimulatedSdm(self, unit=unit, power_w=int(power))
         return SdmUart(self.meter, self)
 
     def uart(self, uart_id: int, baud: int, tx: int, rx: int, de: int) -> Any:
@@ -356,7 +363,7 @@ class EmulatedBoard:
         return self._uart
 
     def sim_meter_uart(self, cfg: dict[str, Any]) -> Any:
-        self._uart = self._sim_uart(int(cfg["meter.unit"]))
+        self._uart = self._sim_uart(int(cfg["meter.unit"]), cfg.get("source"))
         return self._uart
 
     def pulse_counter(self, pin: int, debounce_ms: int) -> Any:
@@ -438,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("folder", type=Path)
     run.add_argument("--cycles", type=int, help="stop after this many readings (drained)")
     run.add_argument("--duration", type=float, help="power off after this many seconds")
+    run.add_argument("--console", action="store_true",
+                     help="also print the board's console on stdout (it always goes to "
+                          f"{CONSOLE_FILE})")  # fmt: skip
     exec_parser = sub.add_parser("exec", help="run firmware code with `board` defined")
     exec_parser.add_argument("folder", type=Path)
     exec_parser.add_argument("code")
@@ -457,7 +467,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    return run_board(folder, cycles=ns.cycles, duration_s=ns.duration, stop_event=stop)
+    settings = load_settings(folder)
+    settings["console"] = settings["console"] or ns.console
+    return run_board(
+        folder, cycles=ns.cycles, duration_s=ns.duration, stop_event=stop, settings=settings
+    )
 
 
 if __name__ == "__main__":

@@ -220,6 +220,11 @@ CASES: list[tuple[str, Callable[[Path], None], str]] = [
         _append('[consensus]\nrole = "leader"\n'),
         "consensus.role: must be one of node, submitter, standalone, not 'leader'",
     ),
+    (
+        "bid-lead-over-an-hour",
+        _append("[consensus]\nbid_lead_s = 3600.5\n"),
+        "consensus.bid_lead_s: must be in (0, 3600], got 3600.5",
+    ),
 ]
 
 
@@ -276,6 +281,10 @@ def test_good_config_loads_with_defaults_and_resolved_paths(site: Path) -> None:
     assert cfg.modbus_meters[0].poll_interval_s == 10.0
     assert cfg.setpoints[0].words == 1 and cfg.setpoints[0].scale == 1.0
     assert cfg.owner == "mg1"
+    # The example's range is inclusive: a bid a whole hour ahead is allowed.
+    with (site / "agent.toml").open("a") as f:
+        f.write("[consensus]\nbid_lead_s = 3600\n")
+    assert agent_config.load(site / "agent.toml").consensus.bid_lead_s == 3600
     proc = subprocess.run(
         agent_command("check-config", "--config", str(site / "agent.toml")),
         capture_output=True,

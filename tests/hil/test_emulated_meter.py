@@ -133,6 +133,10 @@ def test_cli_serves_until_interrupted() -> None:
             "pv",
             "--seed",
             "2",
+            "--setpoint-unit",
+            "5",
+            "--setpoint-base",
+            "40100",  # the example agent config's setpoint address
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -146,6 +150,9 @@ def test_cli_serves_until_interrupted() -> None:
         assert client.connect()
         assert 220 < _read_float(client, "l2_voltage_v", unit=3) < 240
         assert _read_float(client, "import_kwh", unit=3) == pytest.approx(1234.5, abs=0.01)
+        assert not client.write_registers(40100, [7, 8], device_id=5).isError()
+        assert client.read_holding_registers(40100, count=2, device_id=5).registers == [7, 8]
+        assert client.write_register(40100 + 64, 1, device_id=5).isError()  # beyond the block
         client.close()
     finally:
         proc.send_signal(signal.SIGINT)
@@ -161,6 +168,8 @@ def test_bad_cli_address_is_refused() -> None:
     )
     assert proc.returncode == 2
     assert "expected HOST:PORT, got 'nohost'" in proc.stderr
+    with pytest.raises(ValueError, match=r"65500\.\.65563 do not fit"):
+        EmulatedSdm630(setpoint_unit=5, setpoint_base=65500)
 
 
 def test_rtu_over_a_null_modem_with_corrupted_frames() -> None:
