@@ -40,7 +40,7 @@ from meterchain.market.model import RESERVE
 
 MONEY_SCALE = 10_000  # minor units per currency unit
 SETTLEMENT_REASONS = (
-    "energy", "shortfall", "wheeling", "transfer", "retail", "feed-in", "deposit",
+    "energy", "shortfall", "wheeling", "bargaining-transfer", "retail", "feed-in", "deposit",
     "deposit-refund",
 )  # fmt: skip
 ORDER_REASONS = ("order-payment", "order-forfeit")

@@ -65,8 +65,7 @@ and individual rationality is reported, not enforced.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from fractions import Fraction
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -75,25 +74,28 @@ import numpy as np
 from meterchain import codec
 from meterchain.errors import CodecError
 from meterchain.market import qp as qp_mod
-from meterchain.market.errors import InvalidModel, InvalidRequest, InvalidResult
+from meterchain.market.errors import InfeasibleWindow, InvalidModel, InvalidRequest, InvalidResult
 from meterchain.market.model import (
+    PPM,
     Dispatch,
     Market,
     Microgrid,
     TradeRequest,
     cost_e12,
     period_cost_e12,
+    target_shortfall_e12,
 )
 from meterchain.market.units import (
     COST_SCALE,
     div_round,
-    price_per_kwh,
+    energy_money,
     to_int_array,
     to_ints_cumulative,
     to_ints_with_total,
 )
 
 DEFAULT_SOLVER = "piqp"
+PPM_SQ = PPM * PPM
 
 
 @dataclass(frozen=True)
@@ -240,9 +242,9 @@ class WindowTrade:
 class Trade:
     """Executed-hour trade: the buyer pays ``amount`` minor units for ``energy_wh`` from the seller.
 
-    ``price_per_kwh`` is amount per kWh rounded (display and M5 penalties);
-    ``amount`` is authoritative. It can be negative if the bargain makes a
-    seller pay (rare: a seller whose own costs fall by trading).
+    ``price_per_kwh`` is the hour's energy price (one price for every trade of
+    the hour, between the feed-in tariff and the retail price); ``amount`` is
+    ``energy_wh`` at that price (`units.energy_money`). M5 penalties use it.
     """
 
     seller: str
@@ -254,7 +256,11 @@ class Trade:
 
 @dataclass(frozen=True)
 class Transfer:
-    """Money between two traders with no energy (a zero-volume cell of the trade tree)."""
+    """Bargaining transfer: money between two coalition members with no energy attached.
+
+    It carries the Nash equalisation (every member gains the same) on top of
+    the energy payments; it is never used to price energy or penalties.
+    """
 
     payer: str
     payee: str
@@ -267,8 +273,18 @@ class ExecutedHour:
 
     ``standalone``/``standalone_cost``: the disagreement hour (dispatch, cost);
     ``dispatch``/``cost``: what each microgrid runs and its cost before
-    payments; ``payments``: stage-2 money (positive = pays, sums to zero);
-    final cost = cost + payment. Costs are money minor units.
+    payments; ``continuation_cost``: V_i, the cost of running alone for the
+    rest of the window from the storage state the executed hour leaves
+    (coalition members; 0 otherwise); ``saving``: what the executed hour
+    saves the coalition, storage states valued by V; ``investment_credit``:
+    in an investment hour (saving < 0 although the window saves), the part of
+    each member's planned later gain credited now so the hour breaks even
+    (sums to -saving; 0 otherwise); ``window_saving``: what
+    the whole window plan saves (the bargain is struck only when > 0);
+    ``payments``: stage-2 money (positive = pays, sums to zero) = energy
+    payments + bargaining transfers; final cost = cost + payment;
+    ``price_per_kwh``: the hour's energy price (0 without trades). Costs are
+    money minor units.
     """
 
     period: int
@@ -277,8 +293,12 @@ class ExecutedHour:
     dispatch: tuple[Dispatch, ...]
     standalone_cost: tuple[int, ...]
     cost: tuple[int, ...]
+    continuation_cost: tuple[int, ...]
+    investment_credit: tuple[int, ...]
     saving: int
+    window_saving: int
     payments: tuple[int, ...]
+    price_per_kwh: int
     trades: tuple[Trade, ...]
     transfers: tuple[Transfer, ...]
     individually_rational: bool
@@ -294,8 +314,12 @@ class ExecutedHour:
             "dispatch": [d.to_list() for d in self.dispatch],
             "standalone_cost": list(self.standalone_cost),
             "cost": list(self.cost),
+            "continuation_cost": list(self.continuation_cost),
+            "investment_credit": list(self.investment_credit),
             "saving": self.saving,
+            "window_saving": self.window_saving,
             "payments": list(self.payments),
+            "price_per_kwh": self.price_per_kwh,
             "trades": [
                 [t.seller, t.buyer, t.energy_wh, t.amount, t.price_per_kwh] for t in self.trades
             ],
@@ -309,7 +333,10 @@ class ClearingResult:
     """SC1 result: disagreement point, cooperative plan and the executed hour(s), all integers.
 
     ``standalone_cost``/``cooperative_cost`` are per microgrid over the window
-    (C_non_i and C_i, money minor units, before payments).
+    (C_non_i and C_i, money minor units, before payments), for the microgrids
+    that take part (``microgrids``). ``excluded`` lists (id, reason) for every
+    requesting microgrid left out of the clearing because it has no feasible
+    schedule of its own (it keeps its grid connection and pays nothing here).
     """
 
     request_digest: bytes
@@ -322,6 +349,7 @@ class ClearingResult:
     standalone_cost: tuple[int, ...]
     cooperative_cost: tuple[int, ...]
     executed: tuple[ExecutedHour, ...] = field(default_factory=tuple)
+    excluded: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -337,6 +365,7 @@ class ClearingResult:
             "standalone_cost": list(self.standalone_cost),
             "cooperative_cost": list(self.cooperative_cost),
             "executed": [e.to_dict() for e in self.executed],
+            "excluded": [[mg_id, reason] for mg_id, reason in self.excluded],
         }
 
     def to_cbor(self) -> bytes:
@@ -402,8 +431,12 @@ def _executed_from_dict(value: object, n: int) -> ExecutedHour:
             "dispatch",
             "standalone_cost",
             "cost",
+            "continuation_cost",
+            "investment_credit",
             "saving",
+            "window_saving",
             "payments",
+            "price_per_kwh",
             "trades",
             "transfers",
             "individually_rational",
@@ -437,9 +470,13 @@ def _executed_from_dict(value: object, n: int) -> ExecutedHour:
         transfers.append(Transfer(*t))
     if not isinstance(v["individually_rational"], bool):
         raise InvalidResult("individually_rational must be a boolean")
-    period, saving = v["period"], v["saving"]
-    if any(isinstance(x, bool) or not isinstance(x, int) for x in (period, saving)):
-        raise InvalidResult("period and saving must be integers")
+    period, saving, window_saving = v["period"], v["saving"], v["window_saving"]
+    price = v["price_per_kwh"]
+    if any(
+        isinstance(x, bool) or not isinstance(x, int)
+        for x in (period, saving, window_saving, price)
+    ):
+        raise InvalidResult("period, saving, window_saving and price_per_kwh must be integers")
     return ExecutedHour(
         period=period,
         coalition=_strs(v["coalition"], "coalition"),
@@ -447,8 +484,12 @@ def _executed_from_dict(value: object, n: int) -> ExecutedHour:
         dispatch=tuple(Dispatch.from_list(d, "dispatch") for d in v["dispatch"]),
         standalone_cost=_ints(v["standalone_cost"], "executed.standalone_cost", n),
         cost=_ints(v["cost"], "executed.cost", n),
+        continuation_cost=_ints(v["continuation_cost"], "executed.continuation_cost", n),
+        investment_credit=_ints(v["investment_credit"], "executed.investment_credit", n),
         saving=saving,
+        window_saving=window_saving,
         payments=_ints(v["payments"], "executed.payments", n),
+        price_per_kwh=price,
         trades=tuple(trades),
         transfers=tuple(transfers),
         individually_rational=v["individually_rational"],
@@ -470,6 +511,7 @@ def _result_from_dict(value: object) -> ClearingResult:
             "standalone_cost",
             "cooperative_cost",
             "executed",
+            "excluded",
         },
     )
     if not isinstance(v["request_digest"], bytes) or not isinstance(v["solver"], str):
@@ -506,6 +548,12 @@ def _result_from_dict(value: object) -> ClearingResult:
         window_trades.append(WindowTrade(*w))
     if not isinstance(v["executed"], list):
         raise InvalidResult("executed must be a list")
+    excluded = v["excluded"]
+    if not isinstance(excluded, list) or any(
+        not isinstance(e, list) or len(e) != 2 or not all(isinstance(x, str) for x in e)
+        for e in excluded
+    ):
+        raise InvalidResult("excluded must be a list of [microgrid, reason]")
     return ClearingResult(
         request_digest=v["request_digest"],
         solver=v["solver"],
@@ -517,6 +565,7 @@ def _result_from_dict(value: object) -> ClearingResult:
         standalone_cost=_ints(v["standalone_cost"], "standalone_cost", n),
         cooperative_cost=_ints(v["cooperative_cost"], "cooperative_cost", n),
         executed=tuple(_executed_from_dict(e, n) for e in v["executed"]),
+        excluded=tuple((e[0], e[1]) for e in excluded),
     )
 
 
@@ -527,30 +576,140 @@ def _result_from_dict(value: object) -> ClearingResult:
 def clear(request: ClearingRequest, *, solver: str = DEFAULT_SOLVER) -> ClearingResult:
     """Clear one window (SC1): disagreement point, stage 1, rounding, trades, stage 2.
 
-    Pure and deterministic for a given solver build. Raises `InfeasibleWindow`
-    naming a microgrid whose own model has no feasible schedule, `SolverFailure`
-    if the solver gives up.
+    Pure and deterministic for a given solver build. A microgrid with no
+    feasible schedule of its own is left out with the reason (``excluded``);
+    the others clear. Raises `InfeasibleWindow` naming the microgrids only if
+    the cooperative window of feasible microgrids has no solution (both
+    solvers agree), `SolverFailure` if neither solver finds an optimum.
     """
-    alone_plans, coop_plans = solve_plans(request, solver=solver)
+    solved = solve_window(request, solver=solver)
     return assemble(
         request,
-        coop_plans,
-        standalone_rows=[[p.at(h) for p in alone_plans] for h in range(request.executed_periods)],
-        standalone_cost=window_costs(request, alone_plans),
+        solved.coop_plans,
+        standalone_rows=[
+            [p.at(h) for p in solved.alone_plans] for h in range(request.executed_periods)
+        ],
+        standalone_cost=solved.standalone_cost,
+        continuation_cost=solved.continuation_cost,
+        excluded=solved.excluded,
         solver=solver,
     )
 
 
-def solve_plans(
-    request: ClearingRequest, *, solver: str = DEFAULT_SOLVER
-) -> tuple[list[MicrogridPlan], list[MicrogridPlan]]:
-    """(disagreement plans, cooperative plans), rounded to integers by `units`."""
+@dataclass(frozen=True)
+class SolvedWindow:
+    """Solver outputs of one window, rounded: everything `assemble` needs beyond the request."""
+
+    excluded: tuple[tuple[str, str], ...]
+    alone_plans: list[MicrogridPlan]
+    coop_plans: list[MicrogridPlan]
+    standalone_cost: list[int]
+    continuation_cost: list[int]
+
+
+def participants(request: ClearingRequest, excluded: Sequence[tuple[str, str]]) -> ClearingRequest:
+    """The request restricted to the microgrids that take part (itself when nobody is left out)."""
+    if not excluded:
+        return request
+    out = {mg_id for mg_id, _ in excluded}
+    kept = tuple(r for r in request.requests if r.microgrid.id not in out)
+    return ClearingRequest(request.market, request.first_period, kept, request.executed_periods)
+
+
+def solve_window(request: ClearingRequest, *, solver: str = DEFAULT_SOLVER) -> SolvedWindow:
+    """Disagreement plans, cooperative plans, C_non and continuation costs, rounded (`units`)."""
     mgs = request.microgrids
     alone_qp = qp_mod.build(request.market, mgs, cooperative=False)
-    x_alone = qp_mod.solve_standalone(alone_qp, request.ids, solver)
+    x_alone, infeasible = qp_mod.solve_standalone(alone_qp, request.ids, solver)
+    excluded = tuple(
+        (mg_id, f"no feasible schedule of its own for the window ({why})")
+        for mg_id, why in sorted(infeasible.items())
+    )
+    if len(excluded) == len(mgs):
+        return SolvedWindow(excluded, [], [], [], [])
+    if excluded:
+        request = participants(request, excluded)
+        mgs = request.microgrids
+        alone_qp = qp_mod.build(request.market, mgs, cooperative=False)
+        x_alone, _ = qp_mod.solve_standalone(alone_qp, request.ids, solver)
     coop_qp = qp_mod.build(request.market, mgs, cooperative=True)
-    x_coop = qp_mod.solve(coop_qp, solver)
-    return _round_plans(alone_qp, x_alone, mgs), _round_plans(coop_qp, x_coop, mgs)
+    try:
+        x_coop = qp_mod.solve(coop_qp, solver)
+    except qp_mod.Infeasible as exc:
+        raise InfeasibleWindow(", ".join(request.ids), f"cooperative window: {exc}") from None
+    alone = _round_plans(alone_qp, x_alone, mgs)
+    coop = _round_plans(coop_qp, x_coop, mgs)
+    standalone_cost = window_costs(request, alone)
+    if request.executed_periods == 1:
+        continuation = continuation_costs(request, alone, coop, solver)
+    else:
+        continuation = [0] * len(mgs)
+    return SolvedWindow(excluded, alone, coop, standalone_cost, continuation)
+
+
+def continuation_costs(
+    request: ClearingRequest,
+    alone: Sequence[MicrogridPlan],
+    coop: Sequence[MicrogridPlan],
+    solver: str,
+) -> list[int]:
+    """V_i: each microgrid's cost of running alone for periods 1.. of the window, starting from
+    the storage energy its cooperative plan leaves after period 0 (money minor units).
+
+    Where that energy equals the disagreement plan's (or there is no storage) V_i is
+    the disagreement plan's own cost for those periods; otherwise it is solved. The
+    rest of a one-period window is empty: V_i is the end-of-window target cost.
+    """
+    mgs = request.microgrids
+    market = request.market
+    out: list[int] = []
+    solve_for: list[int] = []
+    rest_models: list[Microgrid] = []
+    for i, (mg, a, c) in enumerate(zip(mgs, alone, coop, strict=True)):
+        if mg.storage is None or a.soc_wh[0] == c.soc_wh[0] or mg.periods == 1:
+            soc = c.soc_wh[0] if mg.storage is not None else 0
+            total = target_shortfall_e12(mg, soc) if mg.periods == 1 else 0
+            if mg.periods > 1:
+                total = sum(
+                    period_cost_e12(mg, market, t, a.at(t)) for t in range(1, mg.periods)
+                ) + target_shortfall_e12(mg, a.soc_wh[-1])
+            out.append(div_round(total, COST_SCALE))
+            continue
+        out.append(0)
+        solve_for.append(i)
+        rest_models.append(_rest_of_window(mg, c.soc_wh[0]))
+    if solve_for:
+        rest_qp = qp_mod.build(market, rest_models, cooperative=False)
+        x_rest, infeasible = qp_mod.solve_standalone(rest_qp, [m.id for m in rest_models], solver)
+        rest_plans = _round_plans(rest_qp, x_rest, rest_models)
+        costs = _plan_costs(market, rest_models, rest_plans)
+        for i, m, cost in zip(solve_for, rest_models, costs, strict=True):
+            # A state from which the microgrid cannot go on alone: value it by its own plan.
+            if m.id in infeasible:
+                a = alone[i]
+                mg = mgs[i]
+                cost = div_round(
+                    sum(period_cost_e12(mg, market, t, a.at(t)) for t in range(1, mg.periods))
+                    + target_shortfall_e12(mg, a.soc_wh[-1]),
+                    COST_SCALE,
+                )
+            out[i] = cost
+    return out
+
+
+def _rest_of_window(mg: Microgrid, soc_wh: int) -> Microgrid:
+    """``mg`` over periods 1.. of its window with storage energy ``soc_wh`` at the start."""
+    storage = mg.storage
+    if storage is not None:
+        storage = replace(storage, soc_wh=min(max(soc_wh, storage.e_min_wh), storage.e_max_wh))
+    return replace(
+        mg,
+        renewable_w=mg.renewable_w[1:],
+        load_w=mg.load_w[1:],
+        green_demand_w=mg.green_demand_w[1:],
+        retail_price_per_kwh=mg.retail_price_per_kwh[1:],
+        storage=storage,
+    )
 
 
 def _column(qp: qp_mod.WindowQP, x: np.ndarray, name: str) -> np.ndarray:
@@ -596,11 +755,15 @@ def _round_plans(
         both = np.minimum(sell, buy)  # selling and buying at once only pays fees twice
         sell -= both
         buy -= both
+    ch_l, dis_l = charge.tolist(), discharge.tolist()
+    for i, mg in enumerate(mgs):
+        if mg.storage is not None:
+            keep_storage_in_bounds(mg, ch_l[i], dis_l[i])
+    charge, discharge = np.array(ch_l, dtype=np.int64), np.array(dis_l, dtype=np.int64)
     grid = load + charge + sell - ren - gas - discharge - buy
 
     plans = []
-    gas_l, ch_l, dis_l = gas.tolist(), charge.tolist(), discharge.tolist()
-    grid_l, sell_l, buy_l = grid.tolist(), sell.tolist(), buy.tolist()
+    gas_l, grid_l, sell_l, buy_l = gas.tolist(), grid.tolist(), sell.tolist(), buy.tolist()
     for i, mg in enumerate(mgs):
         soc = soc_series(mg, ch_l[i], dis_l[i])
         plans.append(
@@ -618,6 +781,45 @@ def _round_plans(
     return plans
 
 
+def keep_storage_in_bounds(mg: Microgrid, charge_w: list[int], discharge_w: list[int]) -> None:
+    """Adjust rounded storage flows in place so the shared rounding of the energy
+    (`soc_series`) stays within [e_min, e_max] in every period.
+
+    Rounding whole-W flows can leave the energy a fraction of a Wh outside its
+    bounds; the smallest change that fixes it is made in the period where it
+    happens (less discharge or more charge below e_min, less charge or more
+    discharge above e_max), within the power limits. The grid absorbs it.
+    """
+    sto = mg.storage
+    if sto is None:
+        return
+    _, den = sto.energy_step_exact(0, 0, 0)
+    dis_unit = PPM_SQ  # numerator change of one W of discharge
+    ch_unit = sto.efficiency_ppm * sto.efficiency_ppm
+    low = sto.e_min_wh * den - den // 2  # lowest numerator that rounds to >= e_min
+    high = sto.e_max_wh * den + den // 2 - 1
+    num = sto.soc_wh * den
+    for t in range(len(charge_w)):
+        step, _ = sto.energy_step_exact(0, charge_w[t], discharge_w[t])
+        num += step
+        if num < low:
+            cut = min(discharge_w[t], -(-(low - num) // dis_unit))
+            discharge_w[t] -= cut
+            num += cut * dis_unit
+            if num < low:
+                more = min(sto.charge_max_w - charge_w[t], -(-(low - num) // ch_unit))
+                charge_w[t] += more
+                num += more * ch_unit
+        elif num > high:
+            cut = min(charge_w[t], -(-(num - high) // ch_unit))
+            charge_w[t] -= cut
+            num -= cut * ch_unit
+            if num > high:
+                more = min(sto.discharge_max_w - discharge_w[t], -(-(num - high) // dis_unit))
+                discharge_w[t] += more
+                num -= more * dis_unit
+
+
 def soc_series(mg: Microgrid, charge_w: Sequence[int], discharge_w: Sequence[int]) -> list[int]:
     """Storage energy (Wh) at the end of each period from integer flows: the shared rounding."""
     if mg.storage is None:
@@ -632,12 +834,12 @@ def soc_series(mg: Microgrid, charge_w: Sequence[int], discharge_w: Sequence[int
     return out
 
 
-def window_costs(request: ClearingRequest, plans: Sequence[MicrogridPlan]) -> list[int]:
-    """Each microgrid's exact window cost of its plan, money minor units (rounded once)."""
-    market = request.market
+def _plan_costs(
+    market: Market, mgs: Sequence[Microgrid], plans: Sequence[MicrogridPlan]
+) -> list[int]:
     out = []
-    for mg, p in zip(request.microgrids, plans, strict=True):
-        total = 0
+    for mg, p in zip(mgs, plans, strict=True):
+        total = target_shortfall_e12(mg, p.soc_wh[-1]) if mg.storage is not None else 0
         for t in range(mg.periods):
             total += cost_e12(
                 mg,
@@ -652,6 +854,12 @@ def window_costs(request: ClearingRequest, plans: Sequence[MicrogridPlan]) -> li
             )
         out.append(div_round(total, COST_SCALE))
     return out
+
+
+def window_costs(request: ClearingRequest, plans: Sequence[MicrogridPlan]) -> list[int]:
+    """Each microgrid's exact window cost of its plan, money minor units (rounded once),
+    including the planning cost of ending below its storage target."""
+    return _plan_costs(request.market, request.microgrids, plans)
 
 
 def hour_cost(request: ClearingRequest, index: int, t: int, d: Dispatch) -> int:
@@ -696,45 +904,79 @@ def north_west_corner(
     return cells
 
 
-def tree_money(
-    cells: Sequence[tuple[int, int, int]], seller_need: Sequence[int], buyer_need: Sequence[int]
-) -> list[int]:
-    """Money on each cell (buyer -> seller) so sellers receive ``seller_need`` and buyers pay
-    ``buyer_need``: the unique flow on the spanning tree, found by peeling leaves."""
-    n_s, n_b = len(seller_need), len(buyer_need)
-    need = list(seller_need) + list(buyer_need)
-    edges: list[list[int]] = [[] for _ in range(n_s + n_b)]
-    for e, (i, j, _) in enumerate(cells):
-        edges[i].append(e)
-        edges[n_s + j].append(e)
-    money = [0] * len(cells)
-    done = [False] * len(cells)
-    degree = [len(es) for es in edges]
-    stack = [v for v in range(n_s + n_b) if degree[v] == 1]
-    while stack:
-        v = stack.pop()
-        if degree[v] != 1:
-            continue
-        e = next(e for e in edges[v] if not done[e])
-        i, j, _ = cells[e]
-        u = n_s + j if v == i else i
-        money[e] = need[v]
-        need[v] = 0
-        need[u] -= money[e]
-        done[e] = True
-        degree[v] -= 1
-        degree[u] -= 1
-        if degree[u] == 1:
-            stack.append(u)
-    if not all(done) or any(need):
-        raise ValueError("payments do not balance on the trade tree")
-    return money
-
-
 def equal_shares(saving: int, members: int) -> list[int]:
     """Split ``saving`` (minor units) equally; the first ``saving mod members`` get one more."""
     q, r = divmod(saving, members)
     return [q + 1 if k < r else q for k in range(members)]
+
+
+def split_signed(total: int, weights: Sequence[int]) -> list[int]:
+    """Split integer ``total`` in proportion to integer ``weights`` of any sign (sum > 0):
+    exact shares rounded down, the missing units to the largest remainders (ties by index).
+    With a weight sum <= 0 the total is split equally instead."""
+    whole = sum(weights)
+    if whole <= 0:
+        return equal_shares(total, len(weights))
+    parts = [total * w // whole for w in weights]
+    remainders = [total * w % whole for w in weights]
+    order = sorted(range(len(weights)), key=lambda k: (-remainders[k], k))
+    for k in order[: total - sum(parts)]:
+        parts[k] += 1
+    return parts
+
+
+def energy_price(
+    request: ClearingRequest, t: int, sellers: Sequence[int], buyers: Sequence[int]
+) -> int:
+    """The hour's energy price (minor units per kWh) for trades among ``sellers``/``buyers``.
+
+    The middle of the band between the highest feed-in tariff among the sellers
+    (what a seller would get from the grid) and the lowest retail price among
+    the buyers (what a buyer would pay the grid): every seller gets at least its
+    feed-in tariff, every buyer pays at most its retail price, and as the
+    wheeling fee is split half and half the price is also in the middle of the
+    band net of fees. Zero if nobody trades.
+    """
+    if not sellers or not buyers:
+        return 0
+    mgs = request.microgrids
+    floor = max(mgs[i].feed_in_tariff_per_kwh for i in sellers)
+    ceiling = min(mgs[i].retail_price_per_kwh[t] for i in buyers)
+    return div_round(floor + ceiling, 2)
+
+
+def _trades_and_transfers(
+    request: ClearingRequest, t: int, dispatch: Sequence[Dispatch], payments: Sequence[int]
+) -> tuple[int, list[Trade], list[Transfer]]:
+    """Energy trades at the hour's price and the bargaining transfers that make up the
+    rest of every microgrid's stage-2 payment (id order, north-west corner both times)."""
+    ids = request.ids
+    n = len(ids)
+    sellers = [i for i in range(n) if dispatch[i].sell_w > 0]
+    buyers = [i for i in range(n) if dispatch[i].buy_w > 0]
+    price = energy_price(request, t, sellers, buyers)
+    trades = []
+    energy_paid = [0] * n
+    cells = north_west_corner(
+        [(ids[i], dispatch[i].sell_w) for i in sellers],
+        [(ids[j], dispatch[j].buy_w) for j in buyers],
+    )
+    for a, b, wh in cells:
+        if wh > 0:
+            s, j = sellers[a], buyers[b]
+            amount = energy_money(wh, price)
+            trades.append(Trade(ids[s], ids[j], wh, amount, price))
+            energy_paid[j] += amount
+            energy_paid[s] -= amount
+    rest = [payments[i] - energy_paid[i] for i in range(n)]
+    payers = [(ids[i], rest[i]) for i in range(n) if rest[i] > 0]
+    payees = [(ids[i], -rest[i]) for i in range(n) if rest[i] < 0]
+    transfers = [
+        Transfer(payers[a][0], payees[b][0], amount)
+        for a, b, amount in north_west_corner(payers, payees)
+        if amount > 0
+    ]
+    return price, trades, transfers
 
 
 def _executed_hour(
@@ -742,62 +984,60 @@ def _executed_hour(
     plans: Sequence[MicrogridPlan],
     h: int,
     alone_rows: Sequence[Dispatch],
+    standalone_cost: Sequence[int],
+    continuation: Sequence[int],
 ) -> ExecutedHour:
     ids = request.ids
     n = len(ids)
-    single = request.executed_periods == 1
     coop_rows = [p.at(h) for p in plans]
     alone_cost = [hour_cost(request, i, h, alone_rows[i]) for i in range(n)]
     coop_cost = [hour_cost(request, i, h, coop_rows[i]) for i in range(n)]
-    traders = [i for i in range(n) if coop_rows[i].sell_w or coop_rows[i].buy_w]
-    saving = sum(alone_cost[i] - coop_cost[i] for i in traders)
-    if single and (saving <= 0 or not traders):
-        coalition: list[int] = []
-        saving = 0
-        dispatch = list(alone_rows)
-        cost = list(alone_cost)
-    elif single:
-        coalition = traders
-        members = set(traders)
+    window_cost = window_costs(request, plans)
+    continuation_cost = [0] * n
+    credit = [0] * n
+    if request.executed_periods == 1:
+        # Bargain over the window: the coalition is everyone who trades anywhere in the
+        # plan; it runs the plan's hour whenever the window as a whole saves money.
+        coalition = [i for i, p in enumerate(plans) if any(p.sell_w) or any(p.buy_w)]
+        window_saving = sum(standalone_cost[i] - window_cost[i] for i in coalition)
+        if window_saving <= 0:
+            coalition, window_saving = [], 0
+        members = set(coalition)
         dispatch = [coop_rows[i] if i in members else alone_rows[i] for i in range(n)]
         cost = [coop_cost[i] if i in members else alone_cost[i] for i in range(n)]
+        # Gain of executing the hour, valued as if the market stopped after it:
+        # C_non_i - (C_i(h) + V_i).
+        gains = {}
+        for i in coalition:
+            continuation_cost[i] = continuation[i]
+            gains[i] = standalone_cost[i] - cost[i] - continuation[i]
+        saving = sum(gains.values())
+        if saving < 0:
+            # An investment hour: it pays off only through the plan's later hours. Credit
+            # each member with the same fraction of what the plan gains it later (V_i -
+            # its plan cost for the rest of the window) so that the hour breaks even.
+            later = [window_cost[i] - coop_cost[i] for i in coalition]  # plan, periods 1..
+            weights = [continuation[i] - rest for i, rest in zip(coalition, later, strict=True)]
+            for i, c in zip(coalition, split_signed(-saving, weights), strict=True):
+                credit[i] = c
+                gains[i] += c
     else:
-        coalition = traders
-        dispatch = coop_rows
-        cost = coop_cost
+        # Several executed hours (day-ahead): everyone follows the plan; each hour's
+        # traders split that hour's saving.
+        coalition = [i for i in range(n) if coop_rows[i].sell_w or coop_rows[i].buy_w]
+        window_saving = sum(standalone_cost[i] - window_cost[i] for i in range(n))
+        dispatch, cost = coop_rows, coop_cost
+        gains = {i: alone_cost[i] - coop_cost[i] for i in coalition}
+    saving = sum(gains.values()) - sum(credit)
+    shared = saving + sum(credit)
     payments = [0] * n
-    if coalition:
-        for i, share in zip(coalition, equal_shares(saving, len(coalition)), strict=True):
-            payments[i] = alone_cost[i] - cost[i] - share
-    # Sellers by the price they receive, buyers by the price they pay (then id): the
-    # north-west corner then pairs like with like, so each trade's price stays close to
-    # both sides' average prices.
-    index = {mg_id: k for k, mg_id in enumerate(ids)}
-    sellers = sorted(
-        ((ids[i], dispatch[i].sell_w) for i in range(n) if dispatch[i].sell_w > 0),
-        key=lambda s: (Fraction(-payments[index[s[0]]], s[1]), s[0]),
-    )
-    buyers = sorted(
-        ((ids[i], dispatch[i].buy_w) for i in range(n) if dispatch[i].buy_w > 0),
-        key=lambda b: (Fraction(payments[index[b[0]]], b[1]), b[0]),
-    )
-    cells = north_west_corner(sellers, buyers)
-    money = tree_money(
-        cells,
-        [-payments[index[s]] for s, _ in sellers],
-        [payments[index[b]] for b, _ in buyers],
-    )
-    trades = []
-    transfers = []
-    for (i, j, wh), amount in zip(cells, money, strict=True):
-        seller, buyer = sellers[i][0], buyers[j][0]
-        if wh > 0:
-            trades.append(Trade(seller, buyer, wh, amount, price_per_kwh(amount, wh)))
-        elif amount > 0:
-            transfers.append(Transfer(buyer, seller, amount))
-        elif amount < 0:
-            transfers.append(Transfer(seller, buyer, -amount))
-    rational = all(cost[i] + payments[i] <= alone_cost[i] for i in range(n))
+    for i, share in zip(coalition, equal_shares(shared, max(len(coalition), 1)), strict=False):
+        payments[i] = gains[i] - share
+    price, trades, transfers = _trades_and_transfers(request, h, dispatch, payments)
+    if request.executed_periods == 1:
+        rational = shared >= 0
+    else:
+        rational = all(cost[i] + payments[i] <= alone_cost[i] for i in range(n))
     return ExecutedHour(
         period=request.first_period + h,
         coalition=tuple(ids[i] for i in coalition),
@@ -805,8 +1045,12 @@ def _executed_hour(
         dispatch=tuple(dispatch),
         standalone_cost=tuple(alone_cost),
         cost=tuple(cost),
+        continuation_cost=tuple(continuation_cost),
+        investment_credit=tuple(credit),
         saving=saving,
+        window_saving=window_saving,
         payments=tuple(payments),
+        price_per_kwh=price,
         trades=tuple(trades),
         transfers=tuple(transfers),
         individually_rational=rational,
@@ -819,18 +1063,36 @@ def assemble(
     *,
     standalone_rows: Sequence[Sequence[Dispatch]],
     standalone_cost: Sequence[int],
+    continuation_cost: Sequence[int],
     solver: str,
+    excluded: Sequence[tuple[str, str]] = (),
 ) -> ClearingResult:
     """The deterministic part of clearing: window costs, trades and stage 2 from integer inputs.
 
-    ``plans`` are the cooperative schedules, ``standalone_rows[h]`` the
-    disagreement dispatch of every microgrid in executed period h,
-    ``standalone_cost`` the disagreement window costs. Same inputs, same result
-    bytes: `verify` runs this on a proposal's own inputs and compares exactly.
+    ``plans`` are the cooperative schedules of the taking-part microgrids (the
+    request without ``excluded``), ``standalone_rows[h]`` their disagreement
+    dispatch in executed period h, ``standalone_cost`` the disagreement window
+    costs C_non_i, ``continuation_cost`` the V_i of `continuation_costs`.
+    Same inputs, same result bytes: `verify` runs this on a proposal's own
+    inputs and compares exactly.
     """
-    ids = request.ids
+    taking_part = participants(request, excluded) if len(excluded) < len(request.ids) else None
+    if taking_part is None:
+        return ClearingResult(
+            request_digest=request.digest,
+            solver=solver,
+            first_period=request.first_period,
+            periods=request.periods,
+            microgrids=(),
+            plan=(),
+            window_trades=(),
+            standalone_cost=(),
+            cooperative_cost=(),
+            executed=(),
+            excluded=tuple(excluded),
+        )
     window_trades = []
-    for t in range(request.periods):
+    for t in range(taking_part.periods):
         sellers = [(p.id, p.sell_w[t]) for p in plans if p.sell_w[t] > 0]
         buyers = [(p.id, p.buy_w[t]) for p in plans if p.buy_w[t] > 0]
         for i, j, wh in north_west_corner(sellers, buyers):
@@ -839,18 +1101,21 @@ def assemble(
                     WindowTrade(request.first_period + t, sellers[i][0], buyers[j][0], wh)
                 )
     executed = tuple(
-        _executed_hour(request, plans, h, standalone_rows[h])
-        for h in range(request.executed_periods)
+        _executed_hour(
+            taking_part, plans, h, standalone_rows[h], standalone_cost, continuation_cost
+        )
+        for h in range(taking_part.executed_periods)
     )
     return ClearingResult(
         request_digest=request.digest,
         solver=solver,
         first_period=request.first_period,
         periods=request.periods,
-        microgrids=ids,
+        microgrids=taking_part.ids,
         plan=tuple(plans),
         window_trades=tuple(window_trades),
         standalone_cost=tuple(standalone_cost),
-        cooperative_cost=tuple(window_costs(request, plans)),
+        cooperative_cost=tuple(window_costs(taking_part, plans)),
         executed=executed,
+        excluded=tuple(excluded),
     )

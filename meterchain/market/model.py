@@ -522,6 +522,27 @@ def cost_e12(
     return quad + lin_e3 * (COST_SCALE // 1000) + fee
 
 
+def target_shortfall_price(mg: Microgrid) -> int:
+    """kappa, minor units per kWh: the planning cost of stored energy short of the storage's
+    end-of-window target (`Storage.e_final_min_wh`).
+
+    Twice the window's dearest retail price, grossed up by the one-way storage
+    efficiency: more than a stored kWh can earn or save, so a plan meets the
+    target whenever it can, yet a window that cannot meet it still clears.
+    """
+    if mg.storage is None:
+        return 0
+    return 2 * max(mg.retail_price_per_kwh) * PPM // mg.storage.efficiency_ppm
+
+
+def target_shortfall_e12(mg: Microgrid, final_soc_wh: int) -> int:
+    """Planning cost of ending the window at ``final_soc_wh``, in 1e-12 minor units."""
+    sto = mg.storage
+    if sto is None or sto.e_final_min_wh is None or final_soc_wh >= sto.e_final_min_wh:
+        return 0
+    return target_shortfall_price(mg) * (sto.e_final_min_wh - final_soc_wh) * (COST_SCALE // 1000)
+
+
 def green_deficit_wh(mg: Microgrid, t: int, d: Dispatch) -> int:
     """Green demand not met by own renewables kept (R - sold) and green bought, Wh (M1a)."""
     return max(0, mg.green_demand_w[t] - mg.renewable_w[t] + d.sell_w - d.buy_w)
@@ -570,4 +591,6 @@ __all__ = [
     "green_deficit_wh",
     "cost_e12",
     "period_cost_e12",
+    "target_shortfall_e12",
+    "target_shortfall_price",
 ]

@@ -18,31 +18,50 @@ units, energy in kWh):
     sell       0 <= s <= max(0, R - G)      cost phi/2 s + eps s^2   (pool only)
     buy        0 <= b                       cost phi/2 b + eps b^2   (pool only)
     deficit_k  0 <= d_k <= width_k          cost slope_k d_k         (where G > R)
+    short      0 <= u  (last period only)   cost kappa u             (storage target)
 
     balance    g + dis - ch + imp - exp + b - s = L - R
     green      sum_k d_k + b >= G - R      (where G > R; green bought counts)
+    target     E_T + u >= E_final          (storage with an end-of-window target)
     pool       sum_i s_i,t = sum_i b_i,t   (one row per period)
+
+The end-of-window storage target is soft: energy short of it costs kappa per
+kWh (`model.target_shortfall_price`), far above what stored energy can earn,
+so the plan meets the target whenever it can and a window whose target cannot
+be met (a carried state a few Wh short, a last one-hour window) still clears.
+
+Pool rows at scale: one pool row per period couples all N microgrids; from
+``POOL_GROUP_FROM`` microgrids on, each period's pool is split into about
+sqrt(N) group rows, each with a free group-balance variable y_g,t
+(sum over the group of s - b = y_g,t), and one top row sum_g y_g,t = 0. The
+optimum is the same; the factorisation stays sparse (no dense rows).
 
 Sales are capped at the green surplus R - G, so green generation serves the
 seller's own green demand first, as settlement (M5) assumes. Stored energy is
 not tracked by colour: battery discharge does not count as green supply.
 
 Solvers: PIQP (proximal interior point, native variable bounds; default) and
-Clarabel (interior point, bounds as cone rows). HiGHS was measured first: its QP
-path is an active-set method that took 7 s on 100 microgrids x 24 h and stopped
-without a status, against 0.07 s for PIQP, so it is not used here.
+Clarabel (interior point, bounds as cone rows). `solve` never believes one
+solver's "infeasible" or failure: the other solver must confirm it (PIQP
+declares some feasible windows infeasible, e.g. with a feed-in tariff of 0).
+HiGHS was measured first: its QP path is an active-set method that took 7 s on
+100 microgrids x 24 h and stopped without a status, against 0.07 s for PIQP,
+so it is not used here.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
-from meterchain.market.errors import InfeasibleWindow, MarketError, SolverFailure
-from meterchain.market.model import Market, Microgrid
+from meterchain.market.errors import MarketError, SolverFailure
+from meterchain.market.model import Market, Microgrid, target_shortfall_price
+
+POOL_GROUP_FROM = 64
 
 SOLVERS = ("piqp", "clarabel")
 
@@ -50,7 +69,7 @@ KW = 1e-3  # W -> kW
 CUR = 1e-4  # money minor units -> currency units (objective scale)
 QUAD = 1e-10  # minor units per MW^2 h -> currency per kW^2 h
 
-BASE_TYPES = ("gas", "charge", "discharge", "soc", "import", "export", "sell", "buy")
+BASE_TYPES = ("gas", "charge", "discharge", "soc", "import", "export", "sell", "buy", "short")
 
 
 @dataclass
@@ -67,7 +86,7 @@ class WindowQP:
     lb: np.ndarray
     ub: np.ndarray
     index: dict[str, np.ndarray]  # variable type -> (N, T) column index, -1 where absent
-    col_off: np.ndarray  # (N+1,) microgrid column ranges
+    col_off: np.ndarray  # (N+1,) microgrid column ranges (group-balance columns follow)
     eq_off: np.ndarray  # (N+1,) microgrid equality-row ranges (pool rows follow)
     in_off: np.ndarray  # (N+1,) microgrid inequality-row ranges
     deficit_types: tuple[str, ...]
@@ -102,6 +121,14 @@ def build(market: Market, microgrids: Sequence[Microgrid], cooperative: bool) ->
     deficit_types = tuple(f"deficit{k}" for k in range(k_max))
     types = BASE_TYPES + deficit_types
 
+    has_target = np.array(
+        [
+            m.storage is not None
+            and m.storage.e_final_min_wh is not None
+            and m.storage.e_final_min_wh > m.storage.e_min_wh
+            for m in microgrids
+        ]
+    )
     short = green > ren  # green deficit possible without purchases
     surplus = ren > green
     ones = np.ones((n, t_len), dtype=bool)
@@ -114,15 +141,19 @@ def build(market: Market, microgrids: Sequence[Microgrid], cooperative: bool) ->
         "export": ones,
         "sell": surplus & cooperative,
         "buy": ones & cooperative,
+        "short": has_target[:, None] & (np.arange(t_len) == t_len - 1)[None, :],
     }
     for k, name in enumerate(deficit_types):
         presence[name] = short & (n_seg > k)[:, None]
     pres = np.stack([presence[name] for name in types])
     idx_all = _layout(pres)
     index = {name: idx_all[k] for k, name in enumerate(types)}
-    nv = int(pres.sum())
+    nv_mg = int(pres.sum())
     counts = pres.sum(axis=(0, 2))
     col_off = np.concatenate([[0], np.cumsum(counts)])
+    groups = math.isqrt(n - 1) + 1 if cooperative and n >= POOL_GROUP_FROM else 1
+    n_y = groups * t_len if groups > 1 else 0
+    nv = nv_mg + n_y
 
     lb = np.zeros(nv)
     ub = np.full(nv, np.inf)
@@ -152,19 +183,18 @@ def build(market: Market, microgrids: Sequence[Microgrid], cooperative: bool) ->
         dismax = np.array([s.discharge_max_w if s else 0 for s in sto], dtype=float)
         emin = np.array([s.e_min_wh if s else 0 for s in sto], dtype=float)
         emax = np.array([s.e_max_wh if s else 0 for s in sto], dtype=float)
-        efin = np.array(
-            [max(s.e_min_wh, s.e_final_min_wh or 0) if s else 0 for s in sto], dtype=float
-        )
         eta = np.array([s.efficiency_ppm / 1e6 if s else 1.0 for s in sto])
         e0 = np.array([s.soc_wh if s else 0 for s in sto], dtype=float)
         put("charge", (chmax * KW)[:, None], ub)
         put("discharge", (dismax * KW)[:, None], ub)
-        soc_lo = np.repeat((emin * KW)[:, None], t_len, axis=1)
-        soc_lo[:, -1] = efin * KW
-        put("soc", soc_lo, lb)
+        put("soc", (emin * KW)[:, None], lb)
         put("soc", (emax * KW)[:, None], ub)
         put("charge", 2 * eps * QUAD, p_diag)
         put("discharge", 2 * eps * QUAD, p_diag)
+    if has_target.any():
+        kappa = np.array([target_shortfall_price(m) for m in microgrids], dtype=float)
+        put("short", (kappa * CUR)[:, None], c)
+    lb[nv_mg:] = -np.inf
     limit = np.array(
         [np.inf if m.grid_import_limit_w is None else m.grid_import_limit_w for m in microgrids],
         dtype=float,
@@ -229,22 +259,34 @@ def build(market: Market, microgrids: Sequence[Microgrid], cooperative: bool) ->
     add(row_soc, "soc", -1.0, t_shift=1)
     add(row_soc, "charge", -eta[:, None])
     add(row_soc, "discharge", (1.0 / eta)[:, None])
-    b_eq = np.zeros(n_eq_mg + (t_len if cooperative else 0))
+    n_pool = (groups * t_len + t_len if groups > 1 else t_len) if cooperative else 0
+    b_eq = np.zeros(n_eq_mg + n_pool)
     b_eq[row_bal.ravel()] = ((load - ren) * KW).ravel()
     first_soc = row_soc[:, 0]
     b_eq[first_soc[first_soc >= 0]] = (e0 * KW)[first_soc >= 0]
     if cooperative:
-        pool_row = n_eq_mg + np.broadcast_to(np.arange(t_len), (n, t_len))
+        if groups > 1:
+            group = (np.arange(n) * groups // n)[:, None]
+            pool_row = n_eq_mg + group * t_len + np.arange(t_len)[None, :]
+        else:
+            pool_row = n_eq_mg + np.broadcast_to(np.arange(t_len), (n, t_len))
         add(pool_row, "sell", 1.0)
         add(pool_row, "buy", -1.0)
+        if groups > 1:
+            y_col = nv_mg + np.arange(groups * t_len)
+            rows += [n_eq_mg + np.arange(groups * t_len), n_eq_mg + groups * t_len + y_col % t_len]
+            cols += [y_col, y_col]
+            vals += [np.full(groups * t_len, -1.0), np.ones(groups * t_len)]
     a_eq = sp.csc_matrix(
         (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
         shape=(b_eq.shape[0], nv),
     )
 
-    # Inequality rows: green accounting where G > R.
-    in_pres = short[None, :, :]
-    row_green = _layout(in_pres)[0]
+    # Inequality rows: green accounting where G > R, the storage target in the last period.
+    target = presence["short"]
+    in_pres = np.stack([short, target])
+    in_idx = _layout(in_pres)
+    row_green, row_target = in_idx[0], in_idx[1]
     n_in = int(in_pres.sum())
     in_off = np.concatenate([[0], np.cumsum(in_pres.sum(axis=(0, 2)))])
     rows, cols, vals = [], [], []
@@ -252,8 +294,19 @@ def build(market: Market, microgrids: Sequence[Microgrid], cooperative: bool) ->
         add(row_green, name, 1.0)
     if cooperative:
         add(row_green, "buy", 1.0)
+    add(row_target, "soc", 1.0)
+    add(row_target, "short", 1.0)
     l_in = np.zeros(n_in)
     l_in[row_green[short]] = ((green - ren) * KW)[short]
+    if has_target.any():
+        efin_all = np.array(
+            [
+                m.storage.e_final_min_wh if m.storage and m.storage.e_final_min_wh else 0
+                for m in microgrids
+            ],
+            dtype=float,
+        )
+        l_in[row_target[target]] = np.broadcast_to((efin_all * KW)[:, None], target.shape)[target]
     a_in = sp.csc_matrix(
         (
             np.concatenate(vals) if vals else np.zeros(0),
@@ -295,9 +348,17 @@ def _block(matrix: sp.csc_matrix, r0: int, r1: int, c0: int, c1: int) -> sp.csc_
     )
 
 
-def solve_standalone(qp: WindowQP, ids: Sequence[str], solver: str) -> np.ndarray:
-    """Solve each microgrid's own block (the disagreement problems) and stack the solutions."""
+def solve_standalone(
+    qp: WindowQP, ids: Sequence[str], solver: str
+) -> tuple[np.ndarray, dict[str, str]]:
+    """Solve each microgrid's own block (the disagreement problems) and stack the solutions.
+
+    Returns (x, infeasible): ``infeasible`` maps the id of every microgrid whose
+    own block has no solution (both solvers agree) to the reason; its part of
+    x stays 0.
+    """
     x = np.zeros(qp.size)
+    infeasible: dict[str, str] = {}
     for i, mg_id in enumerate(ids):
         c0, c1 = int(qp.col_off[i]), int(qp.col_off[i + 1])
         e0, e1 = int(qp.eq_off[i]), int(qp.eq_off[i + 1])
@@ -320,9 +381,9 @@ def solve_standalone(qp: WindowQP, ids: Sequence[str], solver: str) -> np.ndarra
         )
         try:
             x[c0:c1] = solve(part, solver)
-        except _Infeasible as exc:
-            raise InfeasibleWindow(mg_id, str(exc)) from None
-    return x
+        except Infeasible as exc:
+            infeasible[mg_id] = str(exc)
+    return x, infeasible
 
 
 def _diagonal(values: np.ndarray) -> sp.csc_matrix:
@@ -331,17 +392,30 @@ def _diagonal(values: np.ndarray) -> sp.csc_matrix:
     return sp.csc_matrix((values, ramp[:n], ramp), shape=(n, n))
 
 
-class _Infeasible(MarketError):
-    pass
+class Infeasible(MarketError):
+    """Both solvers found that the constraints of a QP cannot all hold."""
 
 
 def solve(qp: WindowQP, solver: str) -> np.ndarray:
-    """Optimal x of ``qp`` (kW/kWh units) with the named solver."""
-    if solver == "piqp":
-        return _solve_piqp(qp)
-    if solver == "clarabel":
-        return _solve_clarabel(qp)
-    raise MarketError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    """Optimal x of ``qp`` (kW/kWh units): the named solver, the other one if it gives up.
+
+    Raises `Infeasible` only when both solvers say so, `SolverFailure` when
+    neither finds an optimum.
+    """
+    if solver not in SOLVERS:
+        raise MarketError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    try:
+        return _SOLVE[solver](qp)
+    except (Infeasible, SolverFailure) as first:
+        other = SOLVERS[1 - SOLVERS.index(solver)]
+        try:
+            return _SOLVE[other](qp)
+        except Infeasible:
+            if isinstance(first, Infeasible):
+                raise Infeasible(f"constraints cannot all hold ({solver} and {other})") from None
+            raise first from None
+        except SolverFailure:
+            raise first from None
 
 
 def _solve_piqp(qp: WindowQP) -> np.ndarray:
@@ -368,7 +442,7 @@ def _solve_piqp(qp: WindowQP) -> np.ndarray:
     )
     status = engine.solve()
     if status == piqp.Status.PIQP_PRIMAL_INFEASIBLE:
-        raise _Infeasible("constraints cannot all hold")
+        raise Infeasible("constraints cannot all hold")
     if status != piqp.Status.PIQP_SOLVED:
         raise SolverFailure(f"PIQP stopped with status {status.name}")
     return np.asarray(engine.result.x, dtype=float)
@@ -403,7 +477,10 @@ def _solve_clarabel(qp: WindowQP) -> np.ndarray:
     solution = engine.solve()
     status = str(solution.status)
     if "Infeasible" in status and "Almost" not in status:
-        raise _Infeasible("constraints cannot all hold")
+        raise Infeasible("constraints cannot all hold")
     if status not in ("Solved", "AlmostSolved"):
         raise SolverFailure(f"Clarabel stopped with status {status}")
     return np.asarray(solution.x, dtype=float)
+
+
+_SOLVE = {"piqp": _solve_piqp, "clarabel": _solve_clarabel}

@@ -37,7 +37,15 @@ from meterchain.market.clearing import (
     clear,
 )
 from meterchain.market.errors import InvalidModel
-from meterchain.market.model import GasTurbine, GreenLoss, Market, Microgrid, Storage, TradeRequest
+from meterchain.market.model import (
+    Dispatch,
+    GasTurbine,
+    GreenLoss,
+    Market,
+    Microgrid,
+    Storage,
+    TradeRequest,
+)
 from meterchain.market.settlement import MeteredHour, Settlement, metered_from_dispatch, settle
 
 Mode = Literal["rolling", "day_ahead"]
@@ -190,7 +198,7 @@ class HourOutcome:
 
     request: ClearingRequest
     result: ClearingResult
-    executed: ExecutedHour
+    executed: ExecutedHour | None  # None when every microgrid was left out of the clearing
     metered: tuple[MeteredHour, ...]
     settlement: Settlement
 
@@ -211,7 +219,7 @@ class DayOutcome:
 
     @property
     def traded_wh(self) -> int:
-        return sum(t.energy_wh for h in self.hours for t in h.executed.trades)
+        return sum(t.energy_wh for h in self.hours if h.executed for t in h.executed.trades)
 
     def microgrid_net_payments(self) -> int:
         """Money the microgrids paid out, net, over the day (minor units)."""
@@ -224,13 +232,15 @@ class DayOutcome:
         )
 
 
-def _meter(
-    case: DayCase, hour: int, executed: ExecutedHour, ids: tuple[str, ...]
-) -> list[MeteredHour]:
-    by_id = {mg.id: mg for mg in case.microgrids}
+def _meter(case: DayCase, hour: int, result: ClearingResult, k: int = 0) -> list[MeteredHour]:
+    """Meters of every microgrid in the executed hour ``k`` of ``result``; a microgrid left
+    out of the clearing runs no gas or storage (the grid covers it)."""
+    executed = result.executed[k] if result.executed else None
+    rows = {} if executed is None else dict(zip(result.microgrids, executed.dispatch, strict=True))
     out = []
-    for mg_id, d in zip(ids, executed.dispatch, strict=True):
-        mg = by_id[mg_id]
+    for mg in case.microgrids:
+        d = rows.get(mg.id, Dispatch())
+        mg_id = mg.id
         out.append(
             metered_from_dispatch(
                 mg_id,
@@ -253,16 +263,20 @@ def run_day(case: DayCase, mode: Mode = "rolling", *, solver: str = DEFAULT_SOLV
         for first in range(case.hours):
             request = case.request(first, soc)
             result = clear(request, solver=solver)
-            executed = result.executed[0]
-            metered = _meter(case, first, executed, request.ids)
+            metered = _meter(case, first, result)
             settlement = settle(request, result, metered)
+            executed = result.executed[0] if result.executed else None
             hours.append(HourOutcome(request, result, executed, tuple(metered), settlement))
-            soc = {mg_id: d.soc_wh for mg_id, d in zip(request.ids, executed.dispatch, strict=True)}
+            if executed is not None:
+                soc = {**(soc or {}), **{
+                    mg_id: d.soc_wh
+                    for mg_id, d in zip(result.microgrids, executed.dispatch, strict=True)
+                }}  # fmt: skip
     elif mode == "day_ahead":
         request = case.request(0, None, executed_periods=case.hours)
         result = clear(request, solver=solver)
-        for executed in result.executed:
-            metered = _meter(case, executed.period, executed, request.ids)
+        for k, executed in enumerate(result.executed):
+            metered = _meter(case, executed.period, result, k)
             settlement = settle(request, result, metered, period=executed.period)
             hours.append(HourOutcome(request, result, executed, tuple(metered), settlement))
     else:

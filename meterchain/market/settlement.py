@@ -5,6 +5,11 @@ deterministic. ``metered`` has one `MeteredHour` per microgrid of the request
 (integer Wh for the hour). The result must be the committed `ClearingResult`
 of ``request``; ``period`` picks the executed hour (default: the first).
 
+Metered values are checked first: a value no installation of the microgrid
+could produce in one hour (`check_physical`) is refused with the reason.
+Microgrids left out of the clearing (``result.excluded``) are settled for
+their deposit and grid exchange only.
+
 Rules, in the order the ledger lists them:
 
 1. Deposits (SC1): every requesting microgrid's deposit moves to the reserve
@@ -20,7 +25,8 @@ Rules, in the order the ledger lists them:
    lambda_t - pi_ij): the buyer's green loss coefficient plus what it pays
    the grid above the cleared price for the replacement energy.
 5. Wheeling (M4): phi/2 per delivered kWh from each side to the grid company;
-   zero-volume bargaining transfers (`clearing.Transfer`) are paid as cleared.
+   bargaining transfers (`clearing.Transfer`, the Nash equalisation on top of
+   the energy price) are paid as cleared ("bargaining-transfer").
 6. Grid: the microgrid's exchange with the grid company is its metered net
    import minus its net inter-microgrid position (received - delivered):
    bought at its retail price lambda_t, or sold at the feed-in tariff gamma.
@@ -44,7 +50,7 @@ from typing import Any
 from meterchain import codec
 from meterchain.market.clearing import ClearingRequest, ClearingResult, ExecutedHour
 from meterchain.market.errors import SettlementError
-from meterchain.market.model import GRID_COMPANY, RESERVE
+from meterchain.market.model import GRID_COMPANY, MAX_POWER_W, RESERVE, Microgrid
 from meterchain.market.units import WH_PER_KWH, div_round, energy_money, pro_rata, split_pro_rata
 
 
@@ -183,9 +189,17 @@ def settle(
     """Settle one executed hour of ``result`` against ``metered`` values (see module doc)."""
     if result.request_digest != request.digest:
         raise SettlementError("clearing result does not belong to this request")
-    if result.microgrids != request.ids:
+    left_out = [mg_id for mg_id, _ in result.excluded]
+    if sorted((*result.microgrids, *left_out)) != list(request.ids) or set(result.microgrids) & set(
+        left_out
+    ):
         raise SettlementError("clearing result lists other microgrids than the request")
-    h, hour = _executed(result, period)
+    if result.microgrids:
+        _, hour = _executed(result, period)
+        hour_period, trades, transfers = hour.period, hour.trades, hour.transfers
+    else:  # nobody could take part: only the grid and the deposits are settled
+        hour_period = request.first_period if period is None else period
+        trades, transfers = (), ()
     by_id: dict[str, MeteredHour] = {}
     for m in metered:
         if not isinstance(m, MeteredHour):
@@ -195,7 +209,7 @@ def settle(
         by_id[m.microgrid] = m
     missing = [mg_id for mg_id in request.ids if mg_id not in by_id]
     if missing:
-        raise SettlementError(f"microgrid {missing[0]}: no metered values for hour {hour.period}")
+        raise SettlementError(f"microgrid {missing[0]}: no metered values for hour {hour_period}")
     extra = sorted(set(by_id) - set(request.ids))
     if extra:
         raise SettlementError(f"microgrid {extra[0]}: metered but not in the clearing")
@@ -203,7 +217,11 @@ def settle(
     market = request.market
     models = {r.microgrid.id: r.microgrid for r in request.requests}
     deposits = {r.microgrid.id: r.deposit for r in request.requests}
-    t = hour.period - request.first_period
+    t = hour_period - request.first_period
+    if not 0 <= t < request.periods:
+        raise SettlementError(f"hour {hour_period} is outside the clearing window")
+    for mg_id in request.ids:
+        check_physical(by_id[mg_id], models[mg_id])
     entries: list[LedgerEntry] = []
 
     def pay(payer: str, payee: str, amount: int, reason: str) -> None:
@@ -216,14 +234,14 @@ def settle(
         pay(mg_id, RESERVE, deposits[mg_id], "deposit")
 
     # Deliveries: green generation after own green demand, pro rata over the seller's trades.
-    delivered = [0] * len(hour.trades)
+    delivered = [0] * len(trades)
     by_seller: dict[str, list[int]] = {}
-    for k, trade in enumerate(hour.trades):
+    for k, trade in enumerate(trades):
         by_seller.setdefault(trade.seller, []).append(k)
     for seller, ks in by_seller.items():
         m = by_id[seller]
         available = max(0, m.green_generation_wh - m.green_demand_wh)
-        cleared = [hour.trades[k].energy_wh for k in ks]
+        cleared = [trades[k].energy_wh for k in ks]
         parts = split_pro_rata(min(available, sum(cleared)), cleared)
         for k, part in zip(ks, parts, strict=True):
             delivered[k] = part
@@ -231,7 +249,7 @@ def settle(
     received_wh = dict.fromkeys(request.ids, 0)
     delivered_wh = dict.fromkeys(request.ids, 0)
     deliveries = []
-    for trade, done in zip(hour.trades, delivered, strict=True):
+    for trade, done in zip(trades, delivered, strict=True):
         deliveries.append(Delivery(trade.seller, trade.buyer, trade.energy_wh, done))
         received_wh[trade.buyer] += done
         delivered_wh[trade.seller] += done
@@ -246,8 +264,8 @@ def settle(
         fee_side = div_round(done * market.wheeling_fee_per_kwh, 2 * WH_PER_KWH)
         pay(trade.seller, GRID_COMPANY, fee_side, "wheeling")
         pay(trade.buyer, GRID_COMPANY, fee_side, "wheeling")
-    for transfer in hour.transfers:
-        pay(transfer.payer, transfer.payee, transfer.amount, "transfer")
+    for transfer in transfers:
+        pay(transfer.payer, transfer.payee, transfer.amount, "bargaining-transfer")
 
     for mg_id in request.ids:
         m = by_id[mg_id]
@@ -263,7 +281,7 @@ def settle(
 
     forfeited = []
     cleared_sales: dict[str, int] = {}
-    for trade in hour.trades:
+    for trade in trades:
         cleared_sales[trade.seller] = cleared_sales.get(trade.seller, 0) + trade.energy_wh
     for mg_id in request.ids:
         sold = cleared_sales.get(mg_id, 0)
@@ -274,12 +292,42 @@ def settle(
         pay(RESERVE, mg_id, deposits[mg_id], "deposit-refund")
 
     return Settlement(
-        period=hour.period,
+        period=hour_period,
         clearing_digest=result.digest,
         deliveries=tuple(deliveries),
         entries=tuple(entries),
         forfeited=tuple(forfeited),
     )
+
+
+METER_SLACK = 10
+"""How far above its model a metered value may go before it is refused as physically impossible."""
+
+
+def check_physical(metered: MeteredHour, model: Microgrid) -> None:
+    """Refuse metered values no installation of this microgrid can produce in one hour.
+
+    Each value is compared with the microgrid's size in its own model (its
+    largest load, renewable output, gas turbine, storage power and grid import
+    limit over the window): more than ``METER_SLACK`` times that size plus
+    1 MWh, or more than 10 GWh, is a meter or unit fault, not energy.
+    Deviations from the forecast are normal and stay far below this.
+    """
+    size = max(model.load_w) + max(model.renewable_w)
+    if model.gas is not None:
+        size += model.gas.p_max_w
+    if model.storage is not None:
+        size += max(model.storage.charge_max_w, model.storage.discharge_max_w)
+    if model.grid_import_limit_w is not None:
+        size += model.grid_import_limit_w
+    limit = min(METER_SLACK * size + 1_000_000, MAX_POWER_W)
+    for name in MeteredHour.FIELDS:
+        value = getattr(metered, name)
+        if value > limit:
+            raise SettlementError(
+                f"microgrid {metered.microgrid}: metered {name} ({value} Wh) is physically "
+                f"impossible in one hour (limit {limit} Wh from its model)"
+            )
 
 
 def metered_from_dispatch(
@@ -314,6 +362,7 @@ __all__ = [
     "LedgerEntry",
     "MeteredHour",
     "Settlement",
+    "check_physical",
     "metered_from_dispatch",
     "parties_sum",
     "settle",

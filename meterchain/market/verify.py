@@ -32,6 +32,7 @@ What is checked, and how strictly:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ from meterchain.market.clearing import (
     MicrogridPlan,
     assemble,
     clear,
+    participants,
     soc_series,
 )
 from meterchain.market.errors import MarketError
@@ -61,8 +63,8 @@ class Tolerance:
 
     cost_rel: float = 1e-6
     cost_per_period: int = 4
-    power_w: int = 200
-    power_rel: float = 2e-3
+    power_w: int = 50
+    power_rel: float = 1e-4
     energy_wh: int = 30
 
 
@@ -152,13 +154,6 @@ def _check_plan(
         for t in range(mg.periods):
             where = f"microgrid {mg.id} period {request.first_period + t}"
             problems += _check_row(mg, t, plan.at(t), None, where, tol)
-        sto = mg.storage
-        if sto is not None and sto.e_final_min_wh is not None:
-            if plan.soc_wh[-1] < sto.e_final_min_wh - tol.energy_wh:
-                problems.append(
-                    f"microgrid {mg.id}: final soc_wh {plan.soc_wh[-1]} below e_final_min_wh "
-                    f"{sto.e_final_min_wh}"
-                )
     for t in range(request.periods):
         sold = sum(p.sell_w[t] for p in plans)
         bought = sum(p.buy_w[t] for p in plans)
@@ -214,6 +209,18 @@ def _compare_with_own(
                 f"microgrid {mg.id}: disagreement cost {theirs} differs from {mine} "
                 f"(allowed {allowed_i:.0f})"
             )
+    for hour, my_hour in zip(proposed.executed, own.executed, strict=True):
+        mine_members = set(my_hour.coalition)
+        for i, mg in enumerate(request.microgrids):
+            if mg.id not in mine_members or mg.id not in hour.coalition:
+                continue
+            mine, theirs = my_hour.continuation_cost[i], hour.continuation_cost[i]
+            allowed_i = tol.cost_rel * max(abs(mine), 1) + tol.cost_per_period * periods
+            if not _near(theirs, mine, allowed_i):
+                problems.append(
+                    f"microgrid {mg.id}: continuation cost {theirs} differs from {mine} "
+                    f"(allowed {allowed_i:.0f})"
+                )
     for h, (hour, my_hour) in enumerate(zip(proposed.executed, own.executed, strict=True)):
         for i, mg in enumerate(request.microgrids):
             allowed_w = tol.power_w + tol.power_rel * _scale_w(mg)
@@ -229,7 +236,55 @@ def _compare_with_own(
                             f"microgrid {mg.id} period {hour.period} ({label}): {name} {a} "
                             f"is not optimal (expected {b} +- {allowed_w:.0f})"
                         )
+                a, b = theirs_d.soc_wh, mine_d.soc_wh
+                if not _near(a, b, tol.energy_wh + allowed_w):
+                    problems.append(
+                        f"microgrid {mg.id} period {hour.period} ({label}): soc_wh {a} "
+                        f"is not optimal (expected {b} +- {tol.energy_wh + allowed_w:.0f})"
+                    )
     return problems
+
+
+def shave_bound(
+    request: ClearingRequest, result: ClearingResult, microgrid: str, tolerance: Tolerance
+) -> int:
+    """The most a proposer can lower ``microgrid``'s stage-2 payment in the first executed
+    hour with a forgery `check` accepts (money minor units).
+
+    Payments follow from values every node checks exactly (plans, trades,
+    prices, the split) and from three kinds of solver values checked within
+    ``tolerance``: C_non_i and V_i (each at most its cost allowance off) and the
+    executed row of the plan (each flow at most its power allowance off, which
+    moves the hour cost by at most the flow times the dearest marginal rate of
+    that hour). So a lie gains at most those allowances plus one minor unit of
+    the equal split. A property test forges proposals to the edge of every
+    allowance and checks that no accepted one gains more.
+    """
+    sub = participants(request, result.excluded)
+    i = sub.ids.index(microgrid)
+    mg = sub.microgrids[i]
+    hour = result.executed[0]
+    t = hour.period - sub.first_period
+    periods = sub.periods
+    c_non = result.standalone_cost[i]
+    v = hour.continuation_cost[i]
+    allowed_costs = (
+        tolerance.cost_rel * max(abs(c_non), 1)
+        + tolerance.cost_rel * max(abs(v), 1)
+        + 2 * tolerance.cost_per_period * periods
+    )
+    allowed_w = tolerance.power_w + tolerance.power_rel * _scale_w(mg)
+    rate = (
+        mg.retail_price_per_kwh[t]
+        + max(slope for _, slope in mg.green_loss.segments)
+        + sub.market.wheeling_fee_per_kwh
+    ) / 1000
+    quad = sub.market.flow_wear_per_mw2h
+    if mg.gas is not None:
+        rate += mg.gas.b_per_kwh / 1000
+        quad += mg.gas.a_per_mw2h
+    rate += 2 * quad * (_scale_w(mg) + allowed_w) / 1e12
+    return math.ceil(allowed_costs + 5 * allowed_w * rate) + 1
 
 
 def _diff_executed(got: ExecutedHour, want: ExecutedHour, ids: Sequence[str]) -> list[str]:
@@ -273,30 +328,62 @@ def _diff_executed(got: ExecutedHour, want: ExecutedHour, ids: Sequence[str]) ->
     return problems
 
 
-def _check_bargain(hour: ExecutedHour, ids: Sequence[str]) -> list[str]:
+def _check_bargain(
+    request: ClearingRequest, hour: ExecutedHour, standalone_cost: Sequence[int]
+) -> list[str]:
     """Stage-2 invariants stated directly on the proposal (clear messages for the usual lies)."""
+    ids = request.ids
+    index = {mg_id: i for i, mg_id in enumerate(ids)}
     problems = []
     if sum(hour.payments) != 0:
         problems.append(f"hour {hour.period}: payments sum to {sum(hour.payments)}, not 0")
-    members = [ids.index(m) for m in hour.coalition if m in ids]
-    gains = [hour.standalone_cost[i] - hour.cost[i] - hour.payments[i] for i in members]
+    members = {index[m] for m in hour.coalition if m in index}
+    ordered = sorted(members)
+    if request.executed_periods == 1:
+        gains = [
+            standalone_cost[i]
+            - hour.cost[i]
+            - hour.payments[i]
+            - hour.continuation_cost[i]
+            + hour.investment_credit[i]
+            for i in ordered
+        ]
+    else:
+        gains = [hour.standalone_cost[i] - hour.cost[i] - hour.payments[i] for i in ordered]
     if gains and max(gains) - min(gains) > 1:
         problems.append(
             f"hour {hour.period}: savings not split equally "
-            f"({', '.join(f'{ids[i]} {g}' for i, g in zip(members, gains, strict=True))})"
+            f"({', '.join(f'{ids[i]} {g}' for i, g in zip(ordered, gains, strict=True))})"
         )
     for i, mg_id in enumerate(ids):
         if i not in members and hour.payments[i]:
             problems.append(
                 f"hour {hour.period}: {mg_id} pays {hour.payments[i]} outside the coalition"
             )
+    t = hour.period - request.first_period
+    mgs = request.microgrids
     money_in: dict[str, int] = {}
-    for t in hour.trades:
-        money_in[t.seller] = money_in.get(t.seller, 0) + t.amount
-        money_in[t.buyer] = money_in.get(t.buyer, 0) - t.amount
-    for t in hour.transfers:
-        money_in[t.payee] = money_in.get(t.payee, 0) + t.amount
-        money_in[t.payer] = money_in.get(t.payer, 0) - t.amount
+    for tr in hour.trades:
+        s, b = index.get(tr.seller), index.get(tr.buyer)
+        if s is None or b is None:
+            problems.append(f"hour {hour.period}: trade {tr.seller}->{tr.buyer} names a stranger")
+            continue
+        if tr.price_per_kwh != hour.price_per_kwh:
+            problems.append(
+                f"hour {hour.period}: trade {tr.seller}->{tr.buyer} at {tr.price_per_kwh}/kWh, "
+                f"not the hour's price {hour.price_per_kwh}"
+            )
+        low, high = mgs[s].feed_in_tariff_per_kwh, mgs[b].retail_price_per_kwh[t]
+        if low <= high and not low <= tr.price_per_kwh <= high:
+            problems.append(
+                f"hour {hour.period}: trade {tr.seller}->{tr.buyer} price {tr.price_per_kwh} "
+                f"outside the band [{low}, {high}]"
+            )
+        money_in[tr.seller] = money_in.get(tr.seller, 0) + tr.amount
+        money_in[tr.buyer] = money_in.get(tr.buyer, 0) - tr.amount
+    for tf in hour.transfers:
+        money_in[tf.payee] = money_in.get(tf.payee, 0) + tf.amount
+        money_in[tf.payer] = money_in.get(tf.payer, 0) - tf.amount
     for i, mg_id in enumerate(ids):
         if money_in.get(mg_id, 0) != -hour.payments[i]:
             problems.append(
@@ -332,6 +419,12 @@ def _check(
     problems: list[str] = []
     if proposed.request_digest != request.digest:
         problems.append("result is for a different request (request digest mismatch)")
+    left_out = [mg_id for mg_id, _ in proposed.excluded]
+    if not set(left_out) <= set(request.ids) or len(set(left_out)) != len(left_out):
+        return Verdict(False, (f"excluded {left_out} are not distinct requesting microgrids",))
+    if len(left_out) == len(request.ids):
+        return _check_nobody(request, proposed, own, solver, problems)
+    whole, request = request, participants(request, proposed.excluded)
     if proposed.microgrids != request.ids:
         problems.append(f"microgrids {list(proposed.microgrids)} should be {list(request.ids)}")
     if proposed.first_period != request.first_period or proposed.periods != request.periods:
@@ -350,13 +443,15 @@ def _check(
     problems += _check_plan(request, proposed.plan, tol)
     problems += _check_standalone_rows(request, proposed.executed, tol)
     for hour in proposed.executed:
-        problems += _check_bargain(hour, request.ids)
+        problems += _check_bargain(request, hour, proposed.standalone_cost)
     try:
         expected = assemble(
-            request,
+            whole,
             proposed.plan,
             standalone_rows=[hour.standalone for hour in proposed.executed],
             standalone_cost=proposed.standalone_cost,
+            continuation_cost=proposed.executed[0].continuation_cost,
+            excluded=proposed.excluded,
             solver=proposed.solver,
         )
     except (MarketError, ValueError, ZeroDivisionError) as exc:
@@ -375,9 +470,36 @@ def _check(
 
     if own is None:
         try:
+            own = clear(whole, solver=solver)
+        except MarketError as exc:
+            problems.append(f"own clearing failed: {exc}")
+            return Verdict(False, tuple(problems))
+    if [e[0] for e in own.excluded] != left_out:
+        problems.append(
+            f"excluded microgrids {left_out} should be {[e[0] for e in own.excluded]} "
+            "(only a microgrid with no feasible schedule of its own is left out)"
+        )
+        return Verdict(False, tuple(problems))
+    problems += _compare_with_own(request, proposed, expected.cooperative_cost, own, tol)
+    return Verdict(not problems, tuple(problems))
+
+
+def _check_nobody(
+    request: ClearingRequest,
+    proposed: ClearingResult,
+    own: ClearingResult | None,
+    solver: str,
+    problems: list[str],
+) -> Verdict:
+    """A result that leaves every microgrid out: true only if nobody can run alone."""
+    if proposed.microgrids or proposed.plan or proposed.executed or proposed.window_trades:
+        problems.append("a result that leaves everyone out carries no plan or executed hour")
+    if own is None:
+        try:
             own = clear(request, solver=solver)
         except MarketError as exc:
             problems.append(f"own clearing failed: {exc}")
             return Verdict(False, tuple(problems))
-    problems += _compare_with_own(request, proposed, expected.cooperative_cost, own, tol)
+    if own.microgrids:
+        problems.append(f"microgrids {list(own.microgrids)} can run alone: they take part")
     return Verdict(not problems, tuple(problems))

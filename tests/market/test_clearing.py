@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,8 @@ from meterchain.market.clearing import (
     clear,
     equal_shares,
     north_west_corner,
-    tree_money,
 )
-from meterchain.market.errors import InfeasibleWindow, InvalidRequest, InvalidResult
+from meterchain.market.errors import InvalidRequest, InvalidResult
 from meterchain.market.model import GasTurbine, Market, Storage, TradeRequest
 from meterchain.market.verify import check
 
@@ -36,7 +36,9 @@ def test_two_microgrids_by_hand() -> None:
     most phi (500); beyond 60 it only swaps grid energy and loses phi: a sells 60 kWh,
     covering its own 50 kWh surplus and importing 10 kWh.
     a: 10 * 8000 + 250 * 60 + 0.05 * 60^2 = 95 180; b: 20 * 8000 + 15 000 + 180 = 175 180.
-    Savings 484 640, 242 320 each: a receives 462 500, b pays it; price 7708 per kWh.
+    Savings 484 640, 242 320 each: a receives 462 500, b pays it. Energy is priced in the
+    middle of the band (2500 + 8000) / 2 = 5250 per kWh: 315 000 for 60 kWh; the other
+    147 500 is the labelled bargaining transfer from b to a.
     """
     result = clear(two_microgrids())
     hour = result.executed[0]
@@ -47,8 +49,10 @@ def test_two_microgrids_by_hand() -> None:
     assert hour.saving == 484_640
     assert hour.payments == (-462_500, 462_500)
     assert [(t.seller, t.buyer, t.energy_wh, t.amount, t.price_per_kwh) for t in hour.trades] == [
-        ("a", "b", 60_000, 462_500, 7_708)
+        ("a", "b", 60_000, 315_000, 5_250)
     ]
+    assert hour.price_per_kwh == 5_250
+    assert [(t.payer, t.payee, t.amount) for t in hour.transfers] == [("b", "a", 147_500)]
     assert hour.coalition == ("a", "b") and hour.individually_rational
     a, b = hour.dispatch
     assert (a.sell_w, a.grid_w, b.buy_w, b.grid_w) == (60_000, 10_000, 60_000, 20_000)
@@ -95,32 +99,31 @@ def test_wheeling_fee_above_gain_stops_trade() -> None:
 def test_north_west_corner_degenerate_cells_form_a_tree() -> None:
     cells = north_west_corner([("A", 50), ("B", 50)], [("X", 50), ("Y", 50)])
     assert cells == [(0, 0, 50), (1, 0, 0), (1, 1, 50)]
-    # A receives 30, B 70; X pays 60, Y 40: the zero cell B-X must carry 10
-    assert tree_money(cells, [30, 70], [60, 40]) == [30, 30, 40]
     cells = north_west_corner([("A", 10), ("B", 100)], [("X", 55), ("Y", 55)])
     assert cells == [(0, 0, 10), (1, 0, 45), (1, 1, 55)]
     with pytest.raises(ValueError):
         north_west_corner([("A", 10)], [("X", 11)])
-    with pytest.raises(ValueError):
-        tree_money(cells, [1, 1], [1, 2])
 
 
-def test_degenerate_split_pays_a_transfer() -> None:
-    """Two identical sellers and two identical buyers: the pool splits into two separate
-    trades; savings flow between the pairs through a zero-volume transfer when needed."""
+def test_equalisation_is_a_labelled_transfer_not_a_price() -> None:
+    """Two identical sellers and two buyers with different loss coefficients: both trades
+    carry the same energy price; the buyer that gains more pays the difference as a
+    bargaining transfer, so every member's cost falls by the same amount."""
     seller = dict(renewable=100_000, load=40_000, green=20_000)
     buyers = [microgrid(f"b{k}", 0, 80_000, 60_000, loss=4_000 + 2_000 * k) for k in range(2)]
     result = clear(
         request(microgrid("s0", **seller), microgrid("s1", **seller), *buyers)  # type: ignore[arg-type]
     )
     hour = result.executed[0]
-    # s0 -> b0 and s1 -> b1 carry energy; b1 gains more (higher loss coefficient), so money
-    # must cross between the pairs on the zero-volume cell s1-b0
     assert [(t.seller, t.buyer, t.energy_wh) for t in hour.trades] == [
         ("s0", "b0", 60_000),
         ("s1", "b1", 60_000),
     ]
-    assert [(t.payer, t.payee) for t in hour.transfers] == [("s1", "b0")]
+    assert {t.price_per_kwh for t in hour.trades} == {hour.price_per_kwh}
+    assert 2_500 <= hour.price_per_kwh <= 8_000
+    assert hour.transfers and all(t.amount > 0 for t in hour.transfers)
+    gains = [hour.standalone_cost[i] - hour.final_cost(i) for i in range(4)]
+    assert max(gains) - min(gains) <= 1
     money_in = {mg: 0 for mg in result.microgrids}
     for t in hour.trades:
         money_in[t.seller] += t.amount
@@ -177,10 +180,27 @@ def test_day_ahead_mode_executes_every_hour(reference_request: ClearingRequest) 
     assert check(day_ahead, result)
 
 
-def test_infeasible_microgrid_is_named() -> None:
+def test_microgrid_that_cannot_run_alone_is_left_out_with_a_reason() -> None:
+    """Finding 2: an import limit below its load used to abort everyone's clearing."""
     island = microgrid("island", 0, 50_000, 0, import_limit=10_000)
-    with pytest.raises(InfeasibleWindow, match="microgrid island: no feasible schedule"):
-        clear(request(microgrid("a", 100_000, 50_000, 20_000), island))
+    req = request(microgrid("a", 100_000, 50_000, 20_000), island)
+    result = clear(req)
+    assert [mg for mg, _ in result.excluded] == ["island"]
+    assert "no feasible schedule of its own" in result.excluded[0][1]
+    assert result.microgrids == ("a",) and len(result.executed) == 1
+    assert check(req, result).accepted
+    assert ClearingResult.from_cbor(result.to_cbor()) == result
+    # a backup that is told someone else is left out refuses
+    lie = dataclasses.replace(result, excluded=(("a", "made up"),))
+    assert not check(req, lie).accepted
+
+
+def test_nobody_able_to_run_alone_clears_an_empty_market() -> None:
+    req = request(microgrid("island", 0, 50_000, 0, import_limit=10_000))
+    result = clear(req)
+    assert result.microgrids == () and result.executed == ()
+    assert [mg for mg, _ in result.excluded] == ["island"]
+    assert check(req, result).accepted
 
 
 def test_request_validation() -> None:
@@ -268,22 +288,36 @@ def small_requests(draw: st.DrawFn) -> ClearingRequest:
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(small_requests())
 def test_equal_split_and_individual_rationality(req: ClearingRequest) -> None:
+    """M3 over the window: members gain the same, valued as if the market stopped after the
+    executed hour (C_non_i - final cost - V_i, plus the investment credit of an hour that
+    pays off only later), and nobody gains less than zero."""
     result = clear(req)
     hour = result.executed[0]
     n = len(req.ids)
     assert sum(hour.payments) == 0
-    # nobody ends worse off than alone (M3 individual rationality), by construction
     assert hour.individually_rational
-    assert all(hour.final_cost(i) <= hour.standalone_cost[i] for i in range(n))
-    gains = [hour.standalone_cost[i] - hour.final_cost(i) for i in range(n)]
     members = [req.ids.index(m) for m in hour.coalition]
+    gains = [
+        result.standalone_cost[i]
+        - hour.final_cost(i)
+        - hour.continuation_cost[i]
+        + hour.investment_credit[i]
+        for i in members
+    ]
     if members:
-        member_gains = [gains[i] for i in members]
-        assert max(member_gains) - min(member_gains) <= 1  # equal split, to the minor unit
-        assert min(member_gains) > 0
+        assert hour.window_saving > 0
+        assert max(gains) - min(gains) <= 1  # equal split, to the minor unit
+        assert min(gains) >= 0
+        assert sum(gains) == hour.saving + sum(hour.investment_credit)
+        assert sum(hour.investment_credit) in (0, -hour.saving)
     for i in range(n):
         if i not in members:  # outside the coalition: own disagreement hour, no money
-            assert gains[i] == 0 and hour.dispatch[i] == hour.standalone[i]
+            assert hour.payments[i] == 0 and hour.dispatch[i] == hour.standalone[i]
+    # energy is priced inside the band, the rest is a labelled transfer
+    for t in hour.trades:
+        s, b = req.ids.index(t.seller), req.ids.index(t.buyer)
+        low = req.microgrids[s].feed_in_tariff_per_kwh
+        assert low <= t.price_per_kwh <= req.microgrids[b].retail_price_per_kwh[0]
     # the cooperative optimum is never worse than everyone alone (within rounding)
     assert sum(result.cooperative_cost) <= sum(result.standalone_cost) + 2 * n * req.periods
     # a backup accepts the honest result, also when it was solved by another solver

@@ -23,7 +23,7 @@ DEPOSIT = 1_000
 
 @pytest.fixture(scope="module")
 def pair() -> tuple[ClearingRequest, ClearingResult]:
-    """a sells b 60 kWh for 462 500 minor units (7708 per kWh); see test_clearing."""
+    """a sells b 60 kWh for 315 000 (5250 per kWh) plus a 147 500 bargaining transfer."""
     req = two_microgrids(deposit=DEPOSIT)
     return req, clear(req)
 
@@ -46,9 +46,10 @@ def test_full_delivery_by_hand(pair: tuple[ClearingRequest, ClearingResult]) -> 
     assert _entries(s) == [
         ("a", RESERVE, 1_000, "deposit"),
         ("b", RESERVE, 1_000, "deposit"),
-        ("b", "a", 462_500, "energy"),
+        ("b", "a", 315_000, "energy"),
         ("a", GRID_COMPANY, 15_000, "wheeling"),  # 60 kWh * 500 / 2
         ("b", GRID_COMPANY, 15_000, "wheeling"),
+        ("b", "a", 147_500, "bargaining-transfer"),
         ("a", GRID_COMPANY, 80_000, "retail"),  # a imports 10 kWh for its own grey load
         ("b", GRID_COMPANY, 160_000, "retail"),  # b imports the other 20 kWh at 8000
         (RESERVE, "a", 1_000, "deposit-refund"),
@@ -63,19 +64,21 @@ def test_full_delivery_by_hand(pair: tuple[ClearingRequest, ClearingResult]) -> 
 
 def test_shortfall_pays_loss_and_price_gap(pair: tuple[ClearingRequest, ClearingResult]) -> None:
     """a generates 70 kWh: 20 serve its green demand, 50 reach b, 10 are short.
-    b pays 462 500 * 50/60 = 385 416.7 -> 385 417; a pays b 10 kWh * (4000 + 8000 - 7708)."""
+    b pays 315 000 * 50/60 = 262 500; a pays b 10 kWh * (4000 + 8000 - 5250) = 67 500.
+    The bargaining transfer is paid as cleared: the penalty already makes b whole."""
     req, result = pair
     s = settle(req, result, _meters(70_000))
     assert [(d.cleared_wh, d.delivered_wh, d.short_wh) for d in s.deliveries] == [
         (60_000, 50_000, 10_000)
     ]
     entries = _entries(s)
-    assert ("b", "a", 385_417, "energy") in entries
-    assert ("a", "b", 42_920, "shortfall") in entries
+    assert ("b", "a", 262_500, "energy") in entries
+    assert ("a", "b", 67_500, "shortfall") in entries
+    assert ("b", "a", 147_500, "bargaining-transfer") in entries
     assert ("a", GRID_COMPANY, 12_500, "wheeling") in entries
     # a exported 20 kWh but delivered 50: it bought 30 kWh from the grid
     assert ("a", GRID_COMPANY, 240_000, "retail") in entries
-    assert s.penalty_total == 42_920 and s.short_wh == 10_000
+    assert s.penalty_total == 67_500 and s.short_wh == 10_000
     assert parties_sum(s) == 0 and s.forfeited == ()
 
 
@@ -125,6 +128,24 @@ def test_bad_meter_data_is_refused(pair: tuple[ClearingRequest, ClearingResult])
         settle(two_microgrids(deposit=7), result, _meters(100_000))
     with pytest.raises(SettlementError, match="hour 3 was not executed"):
         settle(req, result, _meters(100_000), period=3)
+
+
+def test_physically_impossible_meter_values_are_refused(
+    pair: tuple[ClearingRequest, ClearingResult],
+) -> None:
+    """Finding 8: 10^12 Wh imported and exported in one hour used to settle."""
+    req, result = pair
+    huge = [
+        MeteredHour("a", 100_000, 20_000, 50_000, 10**12, 10**12),
+        _meters(100_000)[1],
+    ]
+    with pytest.raises(SettlementError, match="microgrid a: metered grid_import_wh .* impossible"):
+        settle(req, result, huge)
+    # a meter that reads far beyond the microgrid's own size is refused too
+    too_big = [MeteredHour("a", 100_000, 20_000, 50_000, 5_000_000, 0), _meters(100_000)[1]]
+    # a: 50 kW load + 100 kW PV -> limit 10 * 150 kWh + 1 MWh = 2.5 MWh
+    with pytest.raises(SettlementError, match="physically impossible"):
+        settle(req, result, too_big)
 
 
 metered_values = st.integers(0, 800_000)

@@ -14,8 +14,7 @@ from meterchain.market.clearing import (
     Trade,
     assemble,
     clear,
-    solve_plans,
-    window_costs,
+    solve_window,
 )
 from meterchain.market.units import price_per_kwh
 from meterchain.market.verify import Verdict, check
@@ -85,7 +84,8 @@ def test_a_changed_volume_is_rejected(
 def test_primary_raising_its_price_and_lowering_another_sellers_is_rejected() -> None:
     """M7 scenario: seller s1 (the primary) moves 20 000 minor units from s0's sale to buyer b1
     onto its own sale to b1: b1 pays the same, payments still sum to zero, every trader's
-    money still matches its payment -- only the equal split is broken."""
+    money still matches its payment -- but the equal split is broken and the two trades no
+    longer carry the hour's one energy price."""
     req = _two_sellers()
     honest = clear(req)
     hour = honest.executed[0]
@@ -110,6 +110,7 @@ def test_primary_raising_its_price_and_lowering_another_sellers_is_rejected() ->
     verdict = check(req, tampered, own=honest)
     assert not verdict.accepted
     assert any("not split equally" in p for p in verdict.problems), verdict.problems
+    assert any("not the hour's price" in p for p in verdict.problems), verdict.problems
     assert not any("does not settle its payment" in p for p in verdict.problems)
     assert check(req, honest, own=honest).accepted
 
@@ -122,17 +123,25 @@ def test_consistent_lie_about_the_disagreement_point_is_rejected() -> None:
     """A primary that inflates its own disagreement cost and re-derives everything exactly
     (so the equal split holds on its numbers) is caught by the backup's own solve."""
     req = _two_sellers()
-    alone, coop = solve_plans(req)
+    solved = solve_window(req)
+    coop = solved.coop_plans
     honest = clear(req)
     ids = list(req.ids)
     rows = [list(h.standalone) for h in honest.executed]
-    cost = window_costs(req, alone)
+    cost = list(solved.standalone_cost)
     liar = ids.index("s1")
     cost[liar] += 50_000
     # lie also about the executed hour: pretend s1 would have exported less
     d = rows[0][liar]
     rows[0][liar] = dataclasses.replace(d, grid_w=d.grid_w + 10_000, gas_w=d.gas_w)
-    forged = assemble(req, coop, standalone_rows=rows, standalone_cost=cost, solver="piqp")
+    forged = assemble(
+        req,
+        coop,
+        standalone_rows=rows,
+        standalone_cost=cost,
+        continuation_cost=solved.continuation_cost,
+        solver="piqp",
+    )
     verdict = check(req, forged, own=honest)
     assert not verdict.accepted
     text = " ".join(verdict.problems)
