@@ -7,7 +7,7 @@ import importlib
 import json
 import sys
 
-BENCHMARKS = ("sign", "verify", "clear", "consensus", "ingest", "ledger", "board")
+BENCHMARKS = ("sign", "verify", "clear", "rolling", "consensus", "ingest", "ledger", "board")
 
 
 def _print_human(name: str, result: dict, indent: str = "") -> None:

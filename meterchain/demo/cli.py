@@ -17,6 +17,7 @@ from typing import TextIO
 
 from meterchain.demo.run import DemoOptions, DemoReport, run_demo
 from meterchain.errors import MeterChainError
+from meterchain.market.explain import glossary_lines
 
 MONEY_SCALE = 10_000  # minor units per currency unit (meterchain.market.units)
 
@@ -26,10 +27,6 @@ def money(amount: int) -> str:
     sign = "-" if amount < 0 else ""
     cents = (abs(amount) + 50) // 100
     return f"{sign}{cents // 100:,}.{cents % 100:02d}"
-
-
-def kwh(wh: int) -> str:
-    return f"{wh / 1000:,.1f} kWh"
 
 
 class ProgressBar:
@@ -68,11 +65,8 @@ def render(report: DemoReport, out: TextIO) -> None:
             w(f"{head}  no trade (no saving to share)\n")
             continue
         w(f"{head}  saving {money(h.saving)}, penalties {money(h.penalty)}\n")
-        for t in h.trades:
-            if t.energy_wh == 0:
-                continue
-            w(f"         {t.seller:>15} -> {t.buyer:<15} {kwh(t.energy_wh):>12} green  "
-              f"at {money(t.price_per_kwh)}/kWh  = {money(t.amount)}\n")  # fmt: skip
+        for line in h.explanation:
+            w(f"         {line}\n")
     w("\nSettlement per microgrid (currency units; Nash split of each hour's saving):\n")
     w(f"  {'microgrid':<16} {'role':<12} {'without trading':>16} {'with trading':>14} "
       f"{'improvement':>12} {'hours traded':>13} {'settled net':>13}\n")  # fmt: skip
@@ -95,6 +89,9 @@ def render(report: DemoReport, out: TextIO) -> None:
     w(f"  rolling is {c.get('reduction_pct')} % lower (lower on {c.get('rolling_lower_days')} "
       f"of {c.get('scenarios')} days); this run's settlements on the ledger: "
       f"{money(sum(h.penalty for h in report.hours))}\n")  # fmt: skip
+    w("\nGlossary:\n")
+    for line in glossary_lines():
+        w(f"  {line}\n")
     w("\nReadings:\n")
     w(f"  published (acknowledged by the broker) {report.readings_published}\n")
     w(f"  on the ledger                          {report.readings_on_ledger}\n")

@@ -48,9 +48,11 @@ from meterchain.keys import PublicKey
 from meterchain.ledger.chain import verify_store
 from meterchain.ledger.review import BlockReviewer, Proposal, encode_committed, parse_reply
 from meterchain.ledger.sandbox import Sandbox
+from meterchain.ledger.settle import decode_clearing
 from meterchain.ledger.store import open_store
 from meterchain.ledger.transactions import Tx, signed
 from meterchain.market.clearing import ClearingResult
+from meterchain.market.explain import explain_hour, hour_gain, hour_shared_saving
 from meterchain.market.reference import compare_rolling_vs_day_ahead, reference_case
 from meterchain.market.rolling import DayCase
 from meterchain.quorum import Member, Membership
@@ -95,6 +97,7 @@ class HourLine:
     coalition: tuple[str, ...]
     trades: tuple[TradeLine, ...]
     saving: int  # total stage-2 saving of the hour (minor units)
+    explanation: tuple[str, ...]  # prices and bargaining transfers (market.explain)
     penalty: int  # M5 shortfall payments in the settlement on the ledger (minor units)
     short_wh: int
 
@@ -168,6 +171,7 @@ class DemoReport:
                     "view": h.view,
                     "coalition": list(h.coalition),
                     "saving": h.saving,
+                    "explanation": list(h.explanation),
                     "penalty": h.penalty,
                     "short_wh": h.short_wh,
                     "trades": [
@@ -516,6 +520,7 @@ def _hour_lines(
 ) -> list[HourLine]:
     """Each hour's committed clearing and its settlement, read back from the ledger."""
     results: dict[int, tuple[int, ClearingResult]] = {}
+    explanations: dict[int, tuple[str, ...]] = {}
     settlements: dict[int, dict[str, Any]] = {}
     for stored in store.stored_blocks():
         for kind, _, raw in stored.txs:
@@ -523,6 +528,8 @@ def _hour_lines(
                 body = Tx.decode(raw).body
                 results[body["hour"] - h0] = (body["view"],
                                               ClearingResult.from_cbor(body["result"]))  # fmt: skip
+                request, result = decode_clearing(body["request"], body["result"])
+                explanations[body["hour"] - h0] = tuple(explain_hour(request, result))
             elif kind == "settlement":
                 body = Tx.decode(raw).body
                 settlements[body["hour"] - h0] = codec.decode(body["result"])
@@ -542,7 +549,8 @@ def _hour_lines(
                     TradeLine(t.seller, t.buyer, t.energy_wh, t.amount, t.price_per_kwh)
                     for t in executed.trades
                 ),
-                saving=executed.saving,
+                saving=hour_shared_saving(executed),
+                explanation=explanations[h],
                 penalty=sum(e[2] for e in settlement["entries"] if e[3] == "shortfall"),
                 short_wh=sum(d[2] - d[3] for d in settlement["deliveries"]),
             )
@@ -565,7 +573,8 @@ def _microgrid_totals(store: Any, ids: list[str], members: list[str]) -> list[Mi
                 result = ClearingResult.from_cbor(body["result"])
                 hour = result.executed[0]
                 for i, mg in enumerate(result.microgrids):
-                    without[mg] += hour.standalone_cost[i]
+                    # the cost the hour would have had alone, stored energy valued (M3)
+                    without[mg] += hour.final_cost(i) + hour_gain(result, i)
                     with_trading[mg] += hour.final_cost(i)
                     in_coalition[mg] += mg in hour.coalition
             else:
