@@ -36,6 +36,7 @@ from meterchain.ledger.readings import HOUR
 from meterchain.ledger.state import LedgerState
 from meterchain.ledger.store import LedgerStore, StoreError, open_store
 from meterchain.ledger.transactions import Tx
+from meterchain.market.explain import hour_gain
 from meterchain.market.model import RESERVE
 
 MONEY_SCALE = 10_000  # minor units per currency unit
@@ -177,7 +178,8 @@ def _hour_of_trade(tx: Tx) -> HourOfTrade:
         {},
         {mg.id: mg.retail_price_per_kwh[t] for mg in request.microgrids},
         {mg.id: mg.feed_in_tariff_per_kwh for mg in request.microgrids},
-        dict(zip(ids, executed.standalone_cost, strict=True)),
+        # the hour alone, stored energy valued as the bargain values it (market.explain)
+        {mg: executed.final_cost(i) + hour_gain(result, i) for i, mg in enumerate(ids)},
         {mg: executed.final_cost(i) for i, mg in enumerate(ids)},
     )
 
@@ -362,7 +364,7 @@ def _transfers(report: MarketReport) -> dict[str, dict[int, int]]:
     out: dict[str, dict[int, int]] = {}
     for s in report.statements:
         if s.party in report.microgrids:
-            out.setdefault(s.party, {})[s.hour] = s.money["transfer"]
+            out.setdefault(s.party, {})[s.hour] = s.money["bargaining-transfer"]
     return out
 
 

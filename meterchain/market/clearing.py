@@ -293,15 +293,20 @@ class ExecutedHour:
     dispatch: tuple[Dispatch, ...]
     standalone_cost: tuple[int, ...]
     cost: tuple[int, ...]
-    continuation_cost: tuple[int, ...]
-    investment_credit: tuple[int, ...]
     saving: int
-    window_saving: int
     payments: tuple[int, ...]
-    price_per_kwh: int
     trades: tuple[Trade, ...]
     transfers: tuple[Transfer, ...]
     individually_rational: bool
+    continuation_cost: tuple[int, ...] = ()  # () reads as all zeros
+    investment_credit: tuple[int, ...] = ()  # () reads as all zeros
+    window_saving: int = 0
+    price_per_kwh: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("continuation_cost", "investment_credit"):
+            if not getattr(self, name):
+                object.__setattr__(self, name, (0,) * len(self.payments))
 
     def final_cost(self, index: int) -> int:
         return self.cost[index] + self.payments[index]
