@@ -38,6 +38,7 @@ from meterchain.ledger.store import LedgerStore, StoreError, open_store
 from meterchain.ledger.transactions import Tx
 from meterchain.market.explain import hour_gain
 from meterchain.market.model import RESERVE
+from meterchain.times import iso_utc
 
 MONEY_SCALE = 10_000  # minor units per currency unit
 SETTLEMENT_REASONS = (
@@ -425,7 +426,7 @@ def _hours_table(report: MarketReport) -> str:
         cleared = sum(w for _, _, w, _ in h.trades)
         delivered = sum(h.delivered.values()) if h.settled else None
         rows.append(
-            f"<tr><td>{charts.utc_iso(h.hour * HOUR)}</td><td>{cleared / 1000:,.1f}</td>"
+            f"<tr><td>{iso_utc(h.hour * HOUR)}</td><td>{cleared / 1000:,.1f}</td>"
             f"<td>{'not settled yet' if delivered is None else f'{delivered / 1000:,.1f}'}</td>"
             f"<td>{len(h.trades)}</td></tr>"
         )
@@ -439,8 +440,8 @@ def render_html(report: MarketReport) -> str:
     """One self-contained HTML page: the charts (inline SVG), an hour table and the glossary."""
     title = f"MeterChain market {escape(report.market)}"
     span = (
-        f"{charts.utc_iso(report.hours[0].hour * HOUR)} to "
-        f"{charts.utc_iso((report.hours[-1].hour + 1) * HOUR)}"
+        f"{iso_utc(report.hours[0].hour * HOUR)} to "
+        f"{iso_utc((report.hours[-1].hour + 1) * HOUR)}"
         if report.hours else "no cleared hours"
     )  # fmt: skip
     figures = []

@@ -14,8 +14,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from aggregator.config import ledger_target
-from meterchain.service import Health, iso_utc
+from meterchain.service import Health
 from meterchain.status import ledger_head, market_clock
+from meterchain.times import iso_utc
 
 if TYPE_CHECKING:
     from aggregator.service import Aggregator

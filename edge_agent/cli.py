@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from edge_agent import config as agent_config
 from meterchain.errors import ConfigError
+from meterchain.times import iso_utc
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -72,12 +73,13 @@ def _energy(ns: argparse.Namespace) -> int:
     rows = view.hourly(owner=ns.owner)
     view.close()
     if ns.json:
-        json.dump([dataclasses.asdict(row) for row in rows], sys.stdout, indent=2)
+        doc = [{**dataclasses.asdict(row), "hour_utc": iso_utc(row.hour)} for row in rows]
+        json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        for row in rows:
+        for row in rows:  # the hour is named by its start (ISO-8601 UTC)
             print(
-                f"{row.hour} {row.owner} {row.meter_id} {row.source} "
+                f"{iso_utc(row.hour)} {row.owner} {row.meter_id} {row.source} "
                 f"import={row.import_wh} Wh export={row.export_wh} Wh"
             )
     return 0

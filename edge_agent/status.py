@@ -19,8 +19,9 @@ from edge_agent.rounds import RoundOutcome
 from meterchain import codec
 from meterchain.errors import MeterChainError
 from meterchain.market.model import Dispatch
-from meterchain.service import Health, iso_utc
+from meterchain.service import Health
 from meterchain.status import ledger_head, market_clock
+from meterchain.times import iso_utc
 
 if TYPE_CHECKING:
     from edge_agent.agent import Agent

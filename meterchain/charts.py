@@ -21,6 +21,8 @@ from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from meterchain.times import iso_utc
+
 HOUR_S = 3600
 WIDTH_IN, HEIGHT_IN = 10.0, 4.4  # one chart; the HTML report scales it to its box
 
@@ -64,16 +66,6 @@ def colours(names: Iterable[str]) -> dict[str, str]:
     return out
 
 
-def utc_iso(seconds: int) -> str:
-    """Unix seconds as ISO-8601 UTC to the second, e.g. 2026-01-01T11:00:00Z."""
-    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def local_iso(seconds: int) -> str:
-    """Unix seconds as ISO-8601 local time with its UTC offset, e.g. 2026-01-01T12:00:00+01:00."""
-    return dt.datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="seconds")
-
-
 def figure(rows: int = 1) -> tuple[Figure, list[Axes]]:
     """A report-sized figure with `rows` stacked axes sharing the x axis, laid out to fit."""
     fig = Figure(figsize=(WIDTH_IN, HEIGHT_IN), layout="constrained")
@@ -103,7 +95,7 @@ def hour_axis(ax: Axes, hours: Sequence[int]) -> None:
     ax.xaxis.set_major_locator(mdates.HourLocator(interval=step, tz=dt.UTC))
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(_hour_label))
     ax.set_xlabel(
-        f"hour (UTC), {utc_iso(first * HOUR_S)} to {utc_iso(last * HOUR_S)}; "
+        f"hour (UTC), {iso_utc(first * HOUR_S)} to {iso_utc(last * HOUR_S)}; "
         "each bar covers its hour"
     )
 

@@ -14,7 +14,6 @@ status` reads it); any other path is 404.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import os
@@ -141,13 +140,6 @@ class Health:
 
 StatusSource = Callable[[], Mapping[str, Any]]
 HealthSource = Callable[[], Health]
-
-
-def iso_utc(seconds: float | None) -> str | None:
-    """Unix seconds as ISO-8601 UTC to the second (`...Z`), None stays None."""
-    if seconds is None:
-        return None
-    return dt.datetime.fromtimestamp(int(seconds), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def register_build_info(registry: CollectorRegistry, service_name: str) -> None:

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from meterchain.errors import ConfigError, MeterChainError
-from meterchain.service import iso_utc
 from meterchain.site.clock import MarketClock
+from meterchain.times import iso_local, iso_utc
 
 DEFAULT_URL = "http://127.0.0.1:9464"
 _ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
@@ -95,7 +95,7 @@ def fetch(url: str, timeout_s: float) -> dict[str, Any]:
 def _value(key: str, value: Any) -> str:
     if isinstance(value, str) and _ISO_UTC.match(value):
         when = dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
-        return f"{value} (local {when.astimezone().isoformat(timespec='seconds')})"
+        return f"{value} (local {iso_local(when.timestamp())})"
     if key.endswith("_s") and isinstance(value, int | float) and not isinstance(value, bool):
         return f"{value:,.1f} s"
     if value is None:

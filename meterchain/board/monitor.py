@@ -25,6 +25,7 @@ from meterchain.board.provision import parse_broker_url
 from meterchain.errors import MeterChainError, RejectedReading
 from meterchain.reading import Reading, verify
 from meterchain.registry import Registry
+from meterchain.times import iso_utc
 
 _READING_PREFIX = "MC-R "
 
@@ -37,7 +38,7 @@ class MonitorStats:
 
 def describe(reading: Reading) -> str:
     return (
-        f"OK {reading.meter_id} seq={reading.seq} time={reading.time} "
+        f"OK {reading.meter_id} seq={reading.seq} time={iso_utc(reading.time)} "
         f"import={reading.import_wh}Wh export={reading.export_wh}Wh power={reading.power_w}W "
         f"flags=0x{reading.flags:02x} source={reading.source}"
     )

@@ -23,6 +23,7 @@ from meterchain.ledger.proof import build_proof, check_proof, resolve_reading
 from meterchain.ledger.store import LedgerStore, StoreError, open_store
 from meterchain.ledger.transactions import Tx, TxError
 from meterchain.quorum import Membership, QuorumCertificate, QuorumError
+from meterchain.times import iso_utc
 
 
 def _open(target: str) -> LedgerStore:
@@ -115,6 +116,7 @@ def summary(store: LedgerStore, last: int = 10) -> dict[str, Any]:
                 "height": header.height,
                 "hash": stored.hash.hex(),
                 "time": header.time,
+                "time_utc": iso_utc(header.time),
                 "round": header.round,
                 "proposer": header.proposer,
                 "signers": list(qc.signers),
@@ -152,7 +154,7 @@ def _cmd_show(ns: argparse.Namespace) -> int:
     for b in info["last_blocks"]:
         txs = ", ".join(f"{k} {v}" for k, v in sorted(b["transactions"].items()))
         print(
-            f"  {b['height']:>6}  {b['hash'][:16]}  t={b['time']}  by {b['proposer']}  "
+            f"  {b['height']:>6}  {b['hash'][:16]}  {iso_utc(b['time'])}  by {b['proposer']}  "
             f"signed {','.join(b['signers'])}  [{txs}]"
         )
     return 0

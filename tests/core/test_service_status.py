@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from meterchain import __version__, service
 from meterchain.status import main as status_main
+from meterchain.times import iso_utc
 
 
 class Service:
@@ -27,11 +28,11 @@ class Service:
             "node_id": "mg1",
             "role": "node",
             "market": "m1",
-            "market_clock": {"now": service.iso_utc(1_767_225_600), "speed": 1.0},
+            "market_clock": {"now": iso_utc(1_767_225_600), "speed": 1.0},
             "ledger": {"height": 7, "head_hash": b"\xab\xcd"},
-            "meters": [{"id": "mg1-pv", "last_reading": service.iso_utc(1_767_225_590),
+            "meters": [{"id": "mg1-pv", "last_reading": iso_utc(1_767_225_590),
                         "last_reading_age_s": 10.0}],  # fmt: skip
-            "peers_seen": {"mg2": service.iso_utc(1_767_225_599)},
+            "peers_seen": {"mg2": iso_utc(1_767_225_599)},
         }
         self.fail_status = False
         self.fail_health = False
