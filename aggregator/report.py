@@ -36,6 +36,7 @@ from meterchain.ledger.readings import HOUR
 from meterchain.ledger.state import LedgerState
 from meterchain.ledger.store import LedgerStore, StoreError, open_store
 from meterchain.ledger.transactions import Tx
+from meterchain.market.explain import GLOSSARY as MARKET_TERMS
 from meterchain.market.explain import hour_gain
 from meterchain.market.model import RESERVE
 from meterchain.times import iso_utc
@@ -224,8 +225,9 @@ def statements_json(report: MarketReport) -> str:
 
 # --- the HTML report -------------------------------------------------------------------
 
-# Every figure the report shows, in words (the README's glossary says the same).
-GLOSSARY: tuple[tuple[str, str], ...] = (
+# Every figure the report shows, in words (the README's glossary says the same); prices,
+# bargaining transfers and gains in the market's own words (meterchain.market.explain).
+_REPORT_TERMS: tuple[tuple[str, str], ...] = (
     ("cleared energy",
      "Energy a seller agreed to deliver to a buyer in the committed clearing of an hour "
      "(the plan, signed by the consensus agents before the hour)."),
@@ -233,12 +235,6 @@ GLOSSARY: tuple[tuple[str, str], ...] = (
      "Energy the meters show the seller actually delivered to that buyer in the hour, as "
      "settled after it (M5): local demand is served first, a seller with several buyers "
      "delivers pro rata. Cleared minus delivered is the shortfall."),
-    ("energy price",
-     "What the buyer pays per kWh of delivered energy, per seller -> buyer pair; meant to lie "
-     "between the feed-in tariff and the retail price (M3), which the chart draws beside it."),
-    ("bargaining transfer",
-     "Money moved between microgrids with no energy, so that every trading microgrid's cost "
-     "falls by the same amount (Nash bargaining, M3). Kept apart from the energy price."),
     ("cost without trading",
      "A microgrid's own cost if it traded with nobody (the disagreement point): gas, "
      "storage wear, grid purchases minus feed-in sales. Negative means it earns money."),
@@ -260,6 +256,7 @@ GLOSSARY: tuple[tuple[str, str], ...] = (
      "ISO-8601 in UTC (the Z suffix); an hour is named by its start and covers the next "
      "60 minutes."),
 )  # fmt: skip
+GLOSSARY = _REPORT_TERMS[:2] + tuple(MARKET_TERMS.items()) + _REPORT_TERMS[2:]
 
 # The page lays charts out in fixed boxes, so a screenshot can be checked chart by chart.
 PAGE_W, HEADER_H, CHART_H, CHART_GAP = 1000, 150, 440, 20

@@ -74,6 +74,8 @@ def render(report: DemoReport, out: TextIO) -> None:
         w(f"  {m.id:<16} {m.role:<12} {money(m.cost_without_trading):>16} "
           f"{money(m.cost_with_trading):>14} {money(m.improvement):>12} "
           f"{m.hours_in_coalition:>13} {money(m.settled_net):>13}\n")  # fmt: skip
+    w("  costs: + spent, - earned (feed-in sales); settled net: money the microgrid received "
+      "(+) or paid (-) in this run's settlements on the ledger, all reasons together\n")
     shared = {m.hours_in_coalition for m in report.microgrids}
     if len(shared) == 1:
         w("  every microgrid traded in every hour: the improvements are equal (to the minor "
@@ -82,8 +84,8 @@ def render(report: DemoReport, out: TextIO) -> None:
         w("  each hour's saving is split equally among the microgrids that trade in it; a "
           "microgrid that gains nothing in an hour is not forced to trade\n")
     c = report.comparison
-    w(f"\nDeviation penalties (M5), reference day, {c.get('scenarios')} seeded forecast-error "
-      "days pooled:\n")  # fmt: skip
+    w(f"\nDeviation penalties (M5), the whole 24-hour reference day whatever --hours says, "
+      f"{c.get('scenarios')} seeded forecast-error days pooled:\n")  # fmt: skip
     w(f"  rolling clearing   {money(report.penalty_rolling):>14}\n")
     w(f"  day-ahead clearing {money(report.penalty_day_ahead):>14}\n")
     w(f"  rolling is {c.get('reduction_pct')} % lower (lower on {c.get('rolling_lower_days')} "
