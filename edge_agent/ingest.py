@@ -57,7 +57,9 @@ class Guard(Protocol):
 
     def state(self, meter_id: str) -> MeterState | None: ...
 
-    def admit_many(self, readings: Iterable[Reading]) -> list[Admission | RejectedReading]:
+    def admit_many(
+        self, readings: Iterable[Reading], *, received: int | None = None
+    ) -> list[Admission | RejectedReading]:
         """Record each reading in the open transaction, or say which RejectedReading it is."""
         ...
 
@@ -272,7 +274,8 @@ class Ingest:
         ):
             return [r for r in slots if r is not None]
         with self.store.transaction():
-            admissions = zip(readings, self.guard.admit_many(readings), strict=True)
+            outcomes = self.guard.admit_many(readings, received=received)
+            admissions = zip(readings, outcomes, strict=True)
             results = [
                 slot if slot is not None else self._fold(*next(admissions)) for slot in slots
             ]
@@ -336,21 +339,19 @@ class Ingest:
         if meter is None:  # verify() looked it up a moment ago; a registry swap raced us
             raise MeterChainError(f"meter {reading.meter_id!r} vanished from the registry")
         if admission.previous_time is not None:
-            if admission.counter_reset:
-                # The registers restarted: what they hold now was measured since the reset.
-                d_import, d_export = reading.import_wh, reading.export_wh
-            else:
-                assert admission.import_delta_wh is not None
-                assert admission.export_delta_wh is not None
-                d_import, d_export = admission.import_delta_wh, admission.export_delta_wh
+            # Register by register (a restarted one counts from zero) over the booking
+            # interval of meterchain.sequence's time rules, not the time the reading claims.
+            assert admission.time is not None
+            assert admission.import_delta_wh is not None
+            assert admission.export_delta_wh is not None
             self.store.fold(
                 reading.meter_id,
                 meter.owner,
                 reading.source,
                 admission.previous_time,
-                reading.time,
-                d_import,
-                d_export,
+                admission.time,
+                admission.import_delta_wh,
+                admission.export_delta_wh,
             )
         return Result(Outcome.ACCEPTED, reading, owner=meter.owner)
 

@@ -11,11 +11,26 @@ in a recent window of sequence numbers. For a verified reading:
 - seq already accepted, other bytes     -> ReplayedReading;
 - seq below the last accepted, never accepted (or older than the window)
                                         -> OutOfOrder;
-- import or export register below the last accepted one -> CounterBackwards,
-  unless the reading carries FLAG_COUNTER_RESET (then it is accepted and the
-  admission says `counter_reset`);
+- a register below the last accepted one -> CounterBackwards, unless the
+  reading carries FLAG_COUNTER_RESET or follows a gap in seq (the flagged
+  reading may be the one that was lost: thinned on the board, or refused
+  here); then that register restarted, and what it holds now is the energy
+  measured since the restart. Each register is judged on its own: one that
+  did not run backwards keeps its plain difference, flag or not;
 - otherwise admitted. Gaps in seq are allowed (the board thins its spool when
   it overflows) and reported as `Admission.gap`.
+
+Time rules (what `Admission.previous_time` .. `Admission.time` books energy
+into): a reading from a synced clock is booked at its own time, which
+`meterchain.reading.verify` bounds (2020 .. 2100, and at most
+`max_clock_ahead_s` ahead of the verifier when it is given its clock). A
+reading whose board says its clock is not synced is booked at the time it
+was received (`received`, the ingesting node's clock), never at the time it
+claims, and never before the meter's previous booking time; without
+`received` it is booked at the previous booking time. One interval spreads
+over at most MAX_SPREAD_S (31 days): the energy of a longer one is booked
+into its last 31 days, so no reading can make a writer touch more than 745
+hourly rows. Energy is never dropped by these rules, only placed.
 
 `check_and_accept` checks and records in one IMMEDIATE transaction and returns
 only after the commit reached the disk, so an acknowledgement sent after it
@@ -64,6 +79,8 @@ from meterchain.reading import FLAG_COUNTER_RESET, Reading
 
 SCHEMA_VERSION = 1
 DEFAULT_WINDOW = 1024
+# The longest interval (s) one reading's energy is spread over: 31 days, 745 hourly rows.
+MAX_SPREAD_S = 31 * 24 * 3600
 _BUSY_TIMEOUT_MS = 5000
 
 _SCHEMA = """
@@ -106,10 +123,13 @@ class Admission:
     """What accepting a reading means relative to the meter's last accepted one.
 
     `gap` counts the sequence numbers skipped (0 when contiguous or first).
-    The deltas are the energy (Wh) since the last accepted reading; None for a
-    meter's first reading and after a counter reset, where no difference is
-    meaningful. `time_backwards` notes a clock step back (accepted: the
-    cumulative registers, not the clock, carry the energy).
+    The deltas are the energy (Wh) since the last accepted reading, register by
+    register (for a register that restarted, its new value); None only for a
+    meter's first reading. `import_reset` / `export_reset` say which register
+    restarted, `counter_reset` that one did. `previous_time` .. `time` is the
+    interval the energy is booked into (see the module's time rules);
+    `time_backwards` notes a clock step back (accepted: the cumulative
+    registers, not the clock, carry the energy).
     """
 
     meter_id: str
@@ -120,7 +140,10 @@ class Admission:
     import_delta_wh: int | None
     export_delta_wh: int | None
     time_backwards: bool
-    previous_time: int | None = None  # the last accepted reading's time (None for the first)
+    previous_time: int | None = None  # start of the booking interval (None for the first)
+    time: int | None = None  # end of the booking interval: when this reading's energy ends
+    import_reset: bool = False
+    export_reset: bool = False
 
 
 def _u64(value: int) -> str:
@@ -208,42 +231,46 @@ class SequenceGuard:
         with self._lock, self._transaction("DEFERRED"):
             return self._state(meter_id)
 
-    def check(self, reading: Reading) -> Admission:
+    def check(self, reading: Reading, *, received: int | None = None) -> Admission:
         """What `check_and_accept` would do now, without recording anything."""
         # A read transaction, so both lookups see one snapshot even while
         # another process writes.
         with self._lock, self._transaction("DEFERRED"):
-            return self._admit(reading, self._state(reading.meter_id), {}, {})
+            return self._admit(reading, self._state(reading.meter_id), {}, {}, received)
 
     # --- recording -----------------------------------------------------------------
 
-    def check_and_accept(self, reading: Reading) -> Admission:
+    def check_and_accept(self, reading: Reading, *, received: int | None = None) -> Admission:
         """Check and record `reading` in one transaction, durable when this returns.
 
         Raises a RejectedReading subclass (and records nothing) if the reading
         is a replay, out of order, or has registers running backwards.
+        `received` (Unix s) is when it arrived: the booking time of a reading
+        from an unsynced clock.
         """
         with self._lock:
             with self._transaction():
-                (outcome,) = self._admit_many((reading,))
+                (outcome,) = self._admit_many((reading,), received)
             self._promote()
         if isinstance(outcome, RejectedReading):
             raise outcome
         return outcome
 
-    def admit(self, reading: Reading) -> Admission:
+    def admit(self, reading: Reading, *, received: int | None = None) -> Admission:
         """Check and record `reading` inside the caller's open transaction.
 
         For a guard sharing the caller's connection: the caller's COMMIT makes
         the admission durable together with its own rows; a rejection raises
         before anything is written, so the transaction stays clean.
         """
-        (outcome,) = self.admit_many((reading,))
+        (outcome,) = self.admit_many((reading,), received=received)
         if isinstance(outcome, RejectedReading):
             raise outcome
         return outcome
 
-    def admit_many(self, readings: Iterable[Reading]) -> list[Admission | RejectedReading]:
+    def admit_many(
+        self, readings: Iterable[Reading], *, received: int | None = None
+    ) -> list[Admission | RejectedReading]:
         """`admit` each reading in the caller's open transaction; each outcome in input order.
 
         Later readings are checked against earlier ones of the same batch, and
@@ -258,7 +285,7 @@ class SequenceGuard:
                     "use check_and_accept() to let the guard commit"
                 )
             try:
-                return self._admit_many(readings)
+                return self._admit_many(readings, received)
             except sqlite3.Error as exc:
                 raise self._store_error("access", exc) from exc
 
@@ -272,7 +299,7 @@ class SequenceGuard:
     accept = check_and_accept
 
     def check_and_accept_many(
-        self, readings: Iterable[Reading]
+        self, readings: Iterable[Reading], *, received: int | None = None
     ) -> list[Admission | RejectedReading]:
         """Admit a batch in one transaction (one disk sync); each outcome in input order.
 
@@ -281,7 +308,7 @@ class SequenceGuard:
         """
         with self._lock:
             with self._transaction():
-                outcomes = self._admit_many(readings)
+                outcomes = self._admit_many(readings, received)
             self._promote()
         return outcomes
 
@@ -361,7 +388,9 @@ class SequenceGuard:
         self._cache.update(self._pending)
         self._pending.clear()
 
-    def _admit_many(self, readings: Iterable[Reading]) -> list[Admission | RejectedReading]:
+    def _admit_many(
+        self, readings: Iterable[Reading], received: int | None = None
+    ) -> list[Admission | RejectedReading]:
         """Check and record a batch in the open transaction (caller holds the lock)."""
         # States pending from a call whose commit nobody confirmed may have been
         # rolled back: forget them, the database knows.
@@ -382,16 +411,17 @@ class SequenceGuard:
             meter_id = reading.meter_id
             last = pending.get(meter_id) or self._cache.get(meter_id) or self._state(meter_id)
             try:
-                admission = self._admit(reading, last, digests, pruned)
+                admission = self._admit(reading, last, digests, pruned, received)
             except RejectedReading as exc:
                 if last is not None:
                     pending[meter_id] = last
                 outcomes.append(exc)
                 continue
+            assert admission.time is not None
             pending[meter_id] = MeterState(
                 meter_id,
                 reading.seq,
-                reading.time,
+                admission.time,
                 reading.import_wh,
                 reading.export_wh,
                 reading.digest,
@@ -410,15 +440,20 @@ class SequenceGuard:
         last: MeterState | None,
         digests: dict[tuple[str, int], bytes],
         pruned: dict[str, int],
+        received: int | None,
     ) -> Admission:
         reset_flag = bool(reading.flags & FLAG_COUNTER_RESET)
         if last is None:
-            return Admission(reading.meter_id, reading.seq, True, 0, reset_flag, None, None, False)
+            booked = reading.time if received is None or reading.clock_synced else received
+            return Admission(
+                reading.meter_id, reading.seq, True, 0, reset_flag, None, None, False, None, booked
+            )
         if reading.seq <= last.seq:
             self._refuse_old_seq(reading, last, digests, pruned)
-        if (reading.import_wh < last.import_wh or reading.export_wh < last.export_wh) and (
-            not reset_flag
-        ):
+        gap = reading.seq - last.seq - 1
+        import_reset = reading.import_wh < last.import_wh
+        export_reset = reading.export_wh < last.export_wh
+        if (import_reset or export_reset) and not reset_flag and not gap:
             backwards = [
                 f"{name} {new} < {old}"
                 for name, new, old in (
@@ -429,19 +464,25 @@ class SequenceGuard:
             ]
             raise CounterBackwards(
                 f"meter {reading.meter_id!r} seq {reading.seq}: {', '.join(backwards)} "
-                f"(last accepted seq {last.seq}) without the counter-reset flag"
+                f"(last accepted seq {last.seq}) without the counter-reset flag or a gap"
             )
-        deltas_known = not reset_flag
+        if reading.clock_synced:
+            booked = reading.time
+        else:
+            booked = last.time if received is None else max(received, last.time)
         return Admission(
             reading.meter_id,
             reading.seq,
             False,
-            reading.seq - last.seq - 1,
-            reset_flag,
-            reading.import_wh - last.import_wh if deltas_known else None,
-            reading.export_wh - last.export_wh if deltas_known else None,
-            reading.time < last.time,
-            last.time,
+            gap,
+            import_reset or export_reset,
+            reading.import_wh if import_reset else reading.import_wh - last.import_wh,
+            reading.export_wh if export_reset else reading.export_wh - last.export_wh,
+            booked < last.time,
+            max(last.time, booked - MAX_SPREAD_S),
+            booked,
+            import_reset,
+            export_reset,
         )
 
     def _accepted_digest(

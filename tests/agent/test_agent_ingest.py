@@ -12,7 +12,7 @@ from edge_agent.energy import HOUR_S
 from edge_agent.ingest import Ingest, IngestCounts, Outcome
 from edge_agent.store import AgentStore, StoreView
 from meterchain.keys import PrivateKey
-from meterchain.reading import FLAG_COUNTER_RESET
+from meterchain.reading import FLAG_CLOCK_NOT_SYNCED, FLAG_COUNTER_RESET, MAX_TIME
 from meterchain.registry import Registry
 from meterchain.sequence import SequenceGuard
 
@@ -54,6 +54,18 @@ def test_energy_is_folded_per_hour_from_register_deltas(setup, board) -> None:
     assert counts.accepted_n == 3
 
 
+def test_unsynced_clock_times_are_not_trusted_for_hours(setup, board) -> None:
+    """Time 0, then 2099, from an unsynced board: one interval at arrival, not 1.1M hours."""
+    ingest, _, view = setup
+    unsynced = FLAG_CLOCK_NOT_SYNCED
+    results = ingest.process_batch(
+        [board.reading(0, 100, flags=unsynced), board.reading(MAX_TIME - 1, 160, flags=unsynced)]
+    )
+    assert [r.outcome for r in results] == [Outcome.ACCEPTED] * 2
+    # both arrived at the agent's clock (T0 + 10 h): the 60 Wh go into that hour
+    assert _energy(view) == {T0 + 10 * HOUR_S: (60, 0)}
+
+
 def test_duplicates_change_nothing_and_rejections_are_counted(setup, board) -> None:
     ingest, counts, view = setup
     first = board.reading(T0, 100)
@@ -70,7 +82,7 @@ def test_duplicates_change_nothing_and_rejections_are_counted(setup, board) -> N
             bytes(forged),
             other_key.reading(T0 + 130, 180, seq=9),  # signed by a key not registered
             BoardMeter("mg9-x", PrivateKey.generate(), "mg9", "load", "").reading(T0, 1),
-            board.reading(T0 + 200, 120),  # counter runs backwards
+            board.reading(T0 + 200, 120, seq=3),  # counter runs backwards, right after seq 2
             b"\xd2\x84\x43",  # truncated COSE_Sign1
         ]
     )
@@ -227,18 +239,20 @@ def test_watermark_covers_only_what_is_committed_without_a_gap(acked, board) -> 
 def test_refusals_for_good_are_handled_logged_and_acknowledged(acked, board) -> None:
     ingest, counts, view, acks = acked
     _send(ingest, board, board.reading(T0, 500), board.reading(T0 + 60, 600))
+    # backwards right after the last accepted reading (after a gap it would be a restart
+    # whose flagged reading was lost: meterchain.sequence)
+    backwards = board.reading(T0 + 180, 10)
     forged = bytearray(board.reading(T0 + 120, 700))
     forged[-1] ^= 1
-    backwards = board.reading(T0 + 180, 10)
-    outcomes = _send(ingest, board, bytes(forged), backwards)
+    outcomes = _send(ingest, board, backwards, bytes(forged))
     assert outcomes == [Outcome.REJECTED, Outcome.REJECTED]
     assert view.watermarks() == {"mg1-load": 4} and acks.published[-1] == {"mg1-load": 4}
     log = view.rejections()
     assert [(r.meter_id, r.seq, r.reason, r.sender) for r in log] == [
-        ("mg1-load", 3, "bad_signature", "mg1-load"),
-        ("mg1-load", 4, "counter_backwards", "mg1-load"),
+        ("mg1-load", 3, "counter_backwards", "mg1-load"),
+        ("mg1-load", 4, "bad_signature", "mg1-load"),
     ]
-    assert log[0].payload == bytes(forged) and log[1].payload == backwards
+    assert log[0].payload == backwards and log[1].payload == bytes(forged)
     assert _energy(view) == {T0: (100, 0)}
 
 

@@ -9,11 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
+from edge_agent.energy import split_interval
 from meterchain import errors, reading
-from meterchain.reading import FLAG_COUNTER_RESET, Reading
+from meterchain.reading import (
+    FLAG_CLOCK_NOT_SYNCED,
+    FLAG_COUNTER_RESET,
+    MAX_TIME,
+    MIN_SYNCED_TIME,
+    Reading,
+)
 from meterchain.registry import Registry
-from meterchain.sequence import Admission, SequenceGuard, SequenceStateError
+from meterchain.sequence import MAX_SPREAD_S, Admission, SequenceGuard, SequenceStateError
 
 from .conftest import DEFAULTS, LOAD_KEY, LOAD_METER, PV_KEY, PV_METER, T0
 
@@ -57,7 +66,7 @@ def _refused(guard: SequenceGuard, r: Reading, cls: type[errors.RejectedReading]
 
 def test_first_reading_then_contiguous_then_gap(guard: SequenceGuard, make: Make) -> None:
     first = guard.check_and_accept(make(10, import_wh=1000, export_wh=50))
-    assert first == Admission(PV_METER, 10, True, 0, False, None, None, False)
+    assert first == Admission(PV_METER, 10, True, 0, False, None, None, False, None, T0 + 600)
     nxt = guard.check_and_accept(make(11, import_wh=1250, export_wh=50))
     assert (nxt.first, nxt.gap, nxt.import_delta_wh, nxt.export_delta_wh) == (False, 0, 250, 0)
     # The board thinned its spool: 12..14 never arrive. Allowed, and reported.
@@ -130,17 +139,40 @@ def test_counter_running_backwards_is_refused(
     guard.check_and_accept(make(1, import_wh=5000, export_wh=700))
     lower = {"import_wh": 5000, "export_wh": 700, register: 4999 if register == "import_wh" else 1}
     message = _refused(guard, make(2, **lower), errors.CounterBackwards)
-    assert f"{register} " in message and "without the counter-reset flag" in message
+    assert f"{register} " in message and "without the counter-reset flag or a gap" in message
     assert guard.state(PV_METER).seq == 1  # type: ignore[union-attr]
 
 
 def test_counter_reset_flag_admits_lower_registers(guard: SequenceGuard, make: Make) -> None:
     guard.check_and_accept(make(1, import_wh=5000, export_wh=700))
     admitted = guard.check_and_accept(make(2, import_wh=3, export_wh=0, flags=FLAG_COUNTER_RESET))
-    assert admitted.counter_reset and admitted.import_delta_wh is None
+    assert admitted.counter_reset and admitted.import_reset and admitted.export_reset
+    # what a restarted register holds was measured since the restart
+    assert (admitted.import_delta_wh, admitted.export_delta_wh) == (3, 0)
     assert guard.state(PV_METER).import_wh == 3  # type: ignore[union-attr]
     # Counting resumes from the new baseline.
     assert guard.check_and_accept(make(3, import_wh=10, export_wh=0)).import_delta_wh == 7
+
+
+def test_each_register_is_judged_on_its_own(guard: SequenceGuard, make: Make) -> None:
+    """Only export restarted: import keeps its plain difference (it was booked whole)."""
+    guard.check_and_accept(make(1, import_wh=5_000_000, export_wh=900))
+    admitted = guard.check_and_accept(
+        make(2, import_wh=5_000_100, export_wh=300, flags=FLAG_COUNTER_RESET)
+    )
+    assert (admitted.import_reset, admitted.export_reset) == (False, True)
+    assert (admitted.import_delta_wh, admitted.export_delta_wh) == (100, 300)
+
+
+def test_a_lost_flagged_reading_does_not_stall_the_meter(guard: SequenceGuard, make: Make) -> None:
+    """The flagged reading (seq 2) never arrives: seq 3 follows a gap, so a lower register
+    is a restart, not a forgery; without a gap it stays refused."""
+    guard.check_and_accept(make(1, import_wh=5000, export_wh=700))
+    admitted = guard.check_and_accept(make(3, import_wh=40, export_wh=720))
+    assert admitted.gap == 1 and admitted.import_reset and not admitted.export_reset
+    assert (admitted.import_delta_wh, admitted.export_delta_wh) == (40, 20)
+    assert guard.check_and_accept(make(4, import_wh=50, export_wh=720)).import_delta_wh == 10
+    _refused(guard, make(5, import_wh=49, export_wh=720), errors.CounterBackwards)
 
 
 def test_clock_step_back_is_accepted_and_noted(guard: SequenceGuard, make: Make) -> None:
@@ -372,3 +404,110 @@ def test_batch_pruning_matches_one_reading_at_a_time(tmp_path: Path, make: Make)
     expected = ["ok"] * 3 + ["out_of_order"] * 3 + ["ok", "out_of_order", "duplicate"]
     assert together == apart == expected
     assert rows_batched == rows_single
+
+
+# --- time rules --------------------------------------------------------------------------
+
+
+def test_unsynced_readings_are_booked_when_received(guard: SequenceGuard, make: Make) -> None:
+    """Two unsynced readings claiming 1970 and 2099: booked at their arrival, one hour."""
+    unsynced = FLAG_CLOCK_NOT_SYNCED
+    first = guard.check_and_accept(make(1, time=0, flags=unsynced), received=T0)
+    assert first.time == T0
+    late = make(2, time=MAX_TIME - 1, import_wh=DEFAULTS["import_wh"] + 50, flags=unsynced)
+    second = guard.check_and_accept(late, received=T0 + 60)
+    assert (second.previous_time, second.time, second.import_delta_wh) == (T0, T0 + 60, 50)
+    # received earlier than the last booking (a slow node): never before the last booking
+    more = DEFAULTS["import_wh"] + 50
+    third = guard.check_and_accept(
+        make(3, time=5, import_wh=more, flags=unsynced), received=T0 - 999
+    )
+    assert (third.previous_time, third.time) == (T0 + 60, T0 + 60)
+    # no arrival time given: booked at the previous booking time, never at its own
+    fourth = make(4, time=7, import_wh=more, flags=unsynced)
+    assert guard.check_and_accept(fourth).time == T0 + 60
+    # a synced reading is booked at its own (verified) time
+    assert guard.check_and_accept(make(5, time=T0 + 3600, import_wh=more)).time == T0 + 3600
+
+
+def test_one_interval_spreads_over_at_most_31_days(guard: SequenceGuard, make: Make) -> None:
+    guard.check_and_accept(make(1, time=MIN_SYNCED_TIME))
+    years_later = guard.check_and_accept(make(2, time=MIN_SYNCED_TIME + 10 * 365 * 86400))
+    assert years_later.time - years_later.previous_time == MAX_SPREAD_S  # type: ignore[operator]
+    hours = split_interval(years_later.previous_time, years_later.time, 10**9, 0)  # type: ignore[arg-type]
+    assert len(hours) <= MAX_SPREAD_S // 3600 + 1
+    assert sum(h.import_wh for h in hours) == 10**9  # placed, never dropped
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.integers(0, 5000),  # import Wh measured in the interval
+            st.integers(0, 5000),  # export Wh
+            st.sampled_from(["", "", "import", "export", "both"]),  # registers that restart
+            st.booleans(),  # the reading is lost (thinned on the board or refused)
+        ),
+        min_size=1,
+        max_size=25,
+    )
+)
+def test_booked_energy_equals_true_energy_across_resets_and_losses(
+    tmp_path_factory: pytest.TempPathFactory, make: Make, steps: list[tuple[int, int, str, bool]]
+) -> None:
+    """Registers restart (from 0) at the start of an interval that follows a delivered
+    reading, like a meter swapped between two samples; the flagged reading itself may be
+    lost. Booked energy per register equals what the meter measured. (A restart inside a
+    span of lost readings loses the energy counted before it on the meter itself: only a
+    board that continues its registers across restarts can carry that, see the README.)"""
+    guard = SequenceGuard(tmp_path_factory.mktemp("seq") / "s.db")
+    start = 10**9
+    registers = {"import": start, "export": start}
+    guard.check_and_accept(make(1, import_wh=start, export_wh=start))
+    true = {"import": 0, "export": 0}
+    booked = {"import": 0, "export": 0}
+    flag_pending = previous_lost = False
+    delivered = dict(registers)  # the registers of the last delivered reading
+    restarted: set[str] = set()  # since the last delivered reading
+    for seq, (d_import, d_export, restart, lost) in enumerate(steps, start=2):
+        flag = flag_pending
+        measured = {"import": d_import, "export": d_export}
+        for name in ("import", "export") if restart == "both" else (restart,) if restart else ():
+            # Only a restart that leaves the register lower is one anybody can see (the
+            # board flags exactly those); one that counts past the old value is invisible.
+            if not previous_lost and measured[name] < registers[name]:
+                registers[name] = 0
+                restarted.add(name)
+                flag = True
+        registers["import"] += d_import
+        registers["export"] += d_export
+        true["import"] += d_import
+        true["export"] += d_export
+        previous_lost = lost
+        if lost:  # the energy stays in the cumulative registers for the next reading
+            flag_pending = False  # the board flags only the sample right after the restart
+            continue
+        flag_pending = False
+        # ... and after lost readings, still lower when the next reading gets through
+        assume(all(registers[name] < delivered[name] for name in restarted))
+        restarted.clear()
+        reading = make(
+            seq,
+            import_wh=registers["import"],
+            export_wh=registers["export"],
+            flags=FLAG_COUNTER_RESET if flag else 0,
+        )
+        admitted = guard.check_and_accept(reading)
+        booked["import"] += admitted.import_delta_wh  # type: ignore[operator]
+        booked["export"] += admitted.export_delta_wh  # type: ignore[operator]
+        delivered = dict(registers)
+    for d_import, d_export, _, lost in reversed(steps):
+        if not lost:
+            break
+        # measured after the last delivered reading: booked with the next one to arrive
+        true["import"] -= d_import
+        true["export"] -= d_export
+    assert booked == true
+    guard.close()
