@@ -80,3 +80,16 @@ def test_readme_marks_some_blocks() -> None:
     """Not a silent pass: the README must mark at least one block for this harness."""
     if not BLOCKS:
         pytest.skip("README.md marks no ```sh block with <!-- test --> yet (the lead marks them)")
+
+
+def test_readme_command_blocks_call_the_venv_meterchain() -> None:
+    """Blocks are copied into shells without the venv active: `.venv/bin/meterchain`, never bare."""
+    bare = []
+    in_block = False
+    for number, line in enumerate((REPO / "README.md").read_text().splitlines(), 1):
+        if line.strip().startswith("```"):
+            in_block = not in_block
+            continue
+        if in_block and re.search(r"(^|[\s$(|;&])meterchain\s", line):
+            bare.append(f"README.md:{number}: {line.strip()}")
+    assert not bare, "bare `meterchain` in a command block:\n" + "\n".join(bare)
