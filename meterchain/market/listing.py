@@ -21,13 +21,16 @@ Trading rules
 
 Escrow settlement (M17), per take of Q Wh at price pi, with metered delivery Q_s
 (seller, attributed to this take) and metered use Q_b (buyer):
-- the seller is paid for min(Q_s, Q) at pi, the buyer is refunded the rest of the
-  prepayment, and the fee goes to the grid account;
-- the contract itself is settled at the agreed price; deviations are settled with
-  the balancing reserve at the two-price rule: a long position (over-delivery
-  Q_s > Q, under-use Q_b < Q) is paid a * |dQ| by the reserve (a = down-regulation
-  price), a short position (under-delivery Q_s < Q, over-use Q_b > Q) pays
-  a' * |dQ| to the reserve (a' = up-regulation price), a <= a';
+- first the contract: the agreed quantity Q is settled at the listing price pi, so
+  the seller is paid Q at pi out of the prepayment, the buyer is refunded whatever
+  it prepaid beyond that amount, and the fee goes to the grid account;
+- then the deviations, with the balancing reserve at the two-price rule (the
+  listing-platform paper, eqs. 2-3): a long position (over-delivery Q_s > Q,
+  under-use Q_b < Q) is paid a * |dQ| by the reserve (a = down-regulation price),
+  a short position (under-delivery Q_s < Q, over-use Q_b > Q) pays a' * |dQ| to
+  the reserve (a' = up-regulation price), a <= a'. So a seller short by dQ pays
+  a' * dQ (the reserve delivered that energy to the buyer, who paid pi for it),
+  not pi + a';
 - a failed take (vetoed, not executed) returns the whole prepayment and fee.
 Every event that moves money lists its `flows` (account -> change, with the pseudo
 account ESCROW for money the book holds); they sum to zero except for deposits and
@@ -860,11 +863,10 @@ def settlement_flows(rules: BookRules, take: TakeRecord, delivered: int, consume
     def move(account: str, delta: int) -> None:
         changes[account] = changes.get(account, 0) + delta
 
-    short = take.quantity - min(delivered, take.quantity)
-    refund = min(take.prepaid, _amount(take.price, short, per))
+    agreed = min(take.prepaid, _amount(take.price, take.quantity, per))
     move(ESCROW, -(take.prepaid + take.fee))
-    move(take.seller, take.prepaid - refund)
-    move(take.buyer, refund)
+    move(take.seller, agreed)
+    move(take.buyer, take.prepaid - agreed)
     move(GRID, take.fee)
     for party, surplus in (
         (take.seller, delivered - take.quantity),

@@ -213,11 +213,24 @@ def test_settlement_exact_delivery() -> None:
     assert book.balance("bob") == 9800 and book.balance("alice") == 200
 
 
-def test_under_delivery_refunds_buyer_and_charges_seller_up_regulation() -> None:
+def test_under_delivery_settles_the_agreed_quantity_then_charges_up_regulation() -> None:
+    """Finding 6 (M17): the contract settles first at the agreed 1000 Wh and the listing
+    price (200 to alice); alice is 300 Wh short and pays the reserve a' = 300/kWh for
+    it (90), the reserve's energy that bob used. Before, alice lost pi + a' per short kWh
+    (60 + 90) and bob got the reserve's 300 Wh for nothing (60 refunded)."""
     book, flows = escrowed_take(700, 1000)
-    # Seller paid for 700 Wh (140), buyer refunded 60; 300 Wh short at a' = 300/kWh = 90.
-    assert flows == {ESCROW: -200, "alice": 140 - 90, "bob": 60, RESERVE: 90}
+    assert flows == {ESCROW: -200, "alice": 200 - 90, RESERVE: 90}
     assert book.balance(RESERVE) == 90
+    assert book.balance("bob") == 10_000 - 200  # bob paid pi for all the energy it used
+
+
+def test_prepayment_beyond_the_agreed_amount_is_refunded() -> None:
+    take = lm.TakeRecord("T9", "L9", "bob", "alice", 1, 1000, 200, 260, 5, (), 0, 0)
+    flows = dict(lm.settlement_flows(RULES, take, 1000, 1000))
+    assert flows == {ESCROW: -265, "alice": 200, "bob": 60, GRID: 5}
+    # short delivery and over-use: both pay a' on their own deviation, nothing else moves
+    flows = dict(lm.settlement_flows(RULES, take, 900, 1100))
+    assert flows == {ESCROW: -265, "alice": 200 - 30, "bob": 60 - 30, GRID: 5, RESERVE: 60}
 
 
 def test_over_delivery_is_paid_down_regulation_by_the_reserve() -> None:
