@@ -300,8 +300,8 @@ def energy_figure(report: MarketReport) -> Figure:
                         ha="center", va="bottom", color="#616161")  # fmt: skip
     if not pairs:
         charts.empty_note(ax, "no energy traded between microgrids in these hours")
-        ax.set_ylim(0, 1)
-    ax.margins(y=0.08)
+    # Explicit: zero-height bars stacked on the tallest would pin the top (sticky edges).
+    ax.set_ylim(0, max([*cleared_base, *delivered_base, 0.0]) * 1.08 or 1.0)
     charts.hour_axis(ax, hours)
     charts.legend_outside(ax, "seller → buyer", extra=(
         Patch(facecolor="#bdbdbd", edgecolor="#616161", hatch="//", label="left bar: cleared"),

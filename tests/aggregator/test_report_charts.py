@@ -165,6 +165,12 @@ def test_cleared_and_delivered_are_both_drawn_and_labelled() -> None:
     tall = sorted(round(p.get_height(), 1) for p in ax.patches if p.get_x() < first_hour)
     assert 100.0 in tall and 90.0 in tall
     assert any(t.get_text() == "not settled yet" for t in ax.texts)
+    # The tallest stack is not cut by the frame, even with an empty pair stacked on it.
+    tall_hour = report.hours[23]
+    tall_hour.trades = [t for t in tall_hour.trades if t[0] == "mg3-solar-park"]
+    tall_hour.trades = [(s, b, 900_000, p) for s, b, _, p in tall_hour.trades]
+    ax = energy_figure(report).axes[0]
+    assert ax.get_ylim()[1] > 900 * 1.05
 
 
 def test_series_keep_their_colours_across_reports() -> None:
