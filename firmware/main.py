@@ -6,7 +6,19 @@ timer keeps feeding it for ten minutes (enough for `meterchain board deploy`), a
 which the board resets back into the app unless something reset it earlier.
 """
 
-from mc import app, hal
+import gc
+
+from mc import p256
+
+try:
+    # First, while the heap is empty: the signer's 16 KB table is one contiguous block,
+    # and the temporary objects of its build are reclaimed before any code is loaded.
+    p256.precompute()
+except MemoryError:
+    pass  # app.boot tries again and says so; the first signature builds it otherwise
+gc.collect()
+
+from mc import app, hal  # noqa: E402
 
 _MAINTENANCE_MS = 600000
 

@@ -11,7 +11,8 @@ and the emulated board use it to run the real firmware without an ESP32.
   PUBLISH QoS 1, PUBACK, SUBSCRIBE, retained messages, PINGREQ) with a stand-in edge
   agent that acknowledges readings end to end; it can go down, refuse credentials,
   swallow PUBACKs or hold acknowledgements back.
-- `CutFlash`: a flash that loses power after a given number of bytes written.
+- `CutFlash`: a flash that loses power after a given number of bytes written;
+  `FullFlash`: one that refuses writes with OSError while `full` is set.
 - `FakeAtm90e32Spi`, `FakePin`, `FakeWatchdog`.
 """
 
@@ -159,6 +160,34 @@ class CutFlash(Flash):
         f.flush()
 
 
+class FullFlash(Flash):
+    """A Flash that refuses every write, rename and removal with OSError(ENOSPC) while
+    `full` is set (the LittleFS error a worn or full flash gives), and works otherwise."""
+
+    def __init__(self, root: str = "") -> None:
+        super().__init__(root)
+        self.full = False
+        self.refused = 0
+
+    def _refuse(self) -> None:
+        if self.full:
+            self.refused += 1
+            raise OSError(28)
+
+    def open(self, name: str, mode: str):
+        if "r" not in mode or "+" in mode:
+            self._refuse()
+        return super().open(name, mode)
+
+    def replace(self, src: str, dst: str) -> None:
+        self._refuse()
+        super().replace(src, dst)
+
+    def remove(self, name: str) -> None:
+        self._refuse()
+        super().remove(name)
+
+
 # -- Modbus meter ----------------------------------------------------------------
 
 
@@ -248,20 +277,31 @@ class SimulatedSdm:
 
 
 class SdmUart:
-    """A UART wired to a SimulatedSdm, with injectable faults.
+    """A UART wired to a SimulatedSdm at `baud`, as unkind as the wire, with injectable faults.
 
-    `corrupt_next(n)` flips a byte in the next n replies, `drop_next(n)` makes the meter
-    stay silent n times, `unplug()` / `plug()` cut the wire.  An empty read costs the
-    UART timeout in virtual time (or real time on a real clock).
+    Bytes take their wire time: the request goes out at 11 bits per character, the meter
+    answers `latency_ms` after its last byte, and each reply byte becomes readable only
+    when it has arrived.  A request sent less than 3.5 characters after the end of the
+    previous frame runs into it, and the meter ignores it (`merged` counts them).
+    `echo=True` is a transceiver whose receiver is always on: our own request comes back
+    first.  `corrupt_next(n)` flips a byte in the next n replies, `drop_next(n)` makes the
+    meter stay silent n times, `unplug()` / `plug()` cut the wire.  A read with nothing
+    arriving within the UART timeout costs that timeout in virtual (or real) time.
     """
 
-    def __init__(self, meter: SimulatedSdm, board, timeout_ms: int = 20) -> None:
+    def __init__(self, meter: SimulatedSdm, board, timeout_ms: int = 20, baud: int = 9600,
+                 echo: bool = False, latency_ms: int = 5) -> None:
         self.meter = meter
         self._board = board
         self._timeout_ms = timeout_ms
-        self._rx = bytearray()
+        self._char_us = 11000000 // baud
+        self._latency_us = latency_ms * 1000
+        self.echo = echo
+        self._segments = []  # [first byte's arrival (us), bytearray], in arrival order
+        self._quiet_us = -(10**9)  # when the last frame on the wire ended
         self._corrupt = 0
         self._drop = 0
+        self.merged = 0
         self.plugged = True
 
     def corrupt_next(self, n: int = 1) -> None:
@@ -276,8 +316,18 @@ class SdmUart:
     def plug(self) -> None:
         self.plugged = True
 
+    def _now_us(self) -> int:
+        return self._board.ticks_ms() * 1000
+
     def write(self, buf) -> int:
-        reply = self.meter.respond(bytes(buf)) if self.plugged else b""
+        now = self._now_us()
+        char = self._char_us
+        sent = now + len(buf) * char
+        if now < self._quiet_us + 35 * char // 10:
+            self.merged += 1  # no 3.5-character gap: one long garbled frame to the meter
+            reply = b""
+        else:
+            reply = self.meter.respond(bytes(buf)) if self.plugged else b""
         if reply and self._drop:
             self._drop -= 1
             reply = b""
@@ -285,24 +335,60 @@ class SdmUart:
             self._corrupt -= 1
             reply = bytearray(reply)
             reply[len(reply) // 2] ^= 0x5A
-        self._rx += reply
+        if self.echo:
+            self._segments.append([now + char, bytearray(buf)])
+        end = sent
+        if reply:
+            first = sent + self._latency_us + char
+            self._segments.append([first, bytearray(reply)])
+            end = first + (len(reply) - 1) * char
+        self._quiet_us = end
         return len(buf)
 
+    def _arrived(self, now: int) -> int:
+        n = 0
+        for first, data in self._segments:
+            if now < first:
+                break
+            k = (now - first) // self._char_us + 1
+            if k < len(data):
+                return n + k
+            n += len(data)
+        return n
+
+    def _take(self, n: int) -> bytes:
+        out = bytearray()
+        while n:
+            seg = self._segments[0]
+            k = min(n, len(seg[1]))
+            out += seg[1][:k]
+            seg[1] = seg[1][k:]
+            seg[0] += k * self._char_us
+            if not seg[1]:
+                self._segments.pop(0)
+            n -= k
+        return bytes(out)
+
     def any(self) -> int:
-        return len(self._rx)
+        return self._arrived(self._now_us())
 
     def read(self):
-        data = bytes(self._rx)
-        self._rx = bytearray()
-        return data
+        n = self.any()
+        return self._take(n) if n else None
 
     def readinto(self, buf):
-        if not self._rx:
-            self._board.sleep_ms(self._timeout_ms)
-            return None
-        n = min(len(buf), len(self._rx))
-        buf[:n] = self._rx[:n]
-        self._rx = self._rx[n:]
+        now = self._now_us()
+        n = self._arrived(now)
+        if not n:
+            if self._segments and self._segments[0][0] <= now + self._timeout_ms * 1000:
+                # Wait for the first byte (rounded up to whole ms of the virtual clock).
+                self._board.sleep_ms((self._segments[0][0] - now + 999) // 1000)
+                n = self._arrived(self._now_us())
+            else:
+                self._board.sleep_ms(self._timeout_ms)
+                return None
+        n = min(len(buf), n)
+        buf[:n] = self._take(n)
         return n
 
 
@@ -687,6 +773,7 @@ class FakeBoard:
         self.cert_valid = (1704067200, 2082758400)  # 2024-01-01 .. 2036-01-01
         self.connect_error = None
         self.connect_ms = 100  # what a failing connect costs in time
+        self.peripheral_error = None  # raised by uart/spi/pulse_counter/pin_in (a wrong pin)
         self.wifi_up = True
         self.wifi_resets = 0
         self.echo = echo
@@ -781,20 +868,28 @@ class FakeBoard:
             self.meter_uart = SdmUart(self.meter, self)
         return self.meter_uart
 
+    def _peripheral(self) -> None:
+        if self.peripheral_error is not None:
+            raise self.peripheral_error
+
     def uart(self, uart_id: int, baud: int, tx: int, rx: int, de: int):
+        self._peripheral()
         return self._sdm_uart(1)
 
     def sim_meter_uart(self, cfg: dict):
         return self._sdm_uart(cfg["meter.unit"])
 
     def pulse_counter(self, pin: int, debounce_ms: int):
+        self._peripheral()
         self.s0 = Debouncer(debounce_ms, self.ticks_diff)
         return self.s0
 
     def spi(self, bus: int, sck: int, mosi: int, miso: int, cs: int):
+        self._peripheral()
         return self.atm, self.atm.cs
 
     def pin_in(self, pin: int):
+        self._peripheral()
         if pin not in self.pins:
             self.pins[pin] = FakePin(0)
         return self.pins[pin]

@@ -160,7 +160,33 @@ BAD_CONFIGS = [
     ({"brokr": {"host": "x"}}, "config.json: brokr.host: unknown key"),
     ({"wdt_s": 5}, "config.json: wdt_s: must be 0 (off) or at least 60"),
     ({"broker.tls": True}, "config.json: broker.ca: ca.pem not found in flash"),
+    ({"broker.reboot_after_s": 60}, "config.json: broker.reboot_after_s: must be 0 (never) or"),
+    # Pins and buses the chip lacks or its module uses (per-chip checks).
+    ({"chip": "esp32-wrover", "meter.tx": 17, "meter.rx": 16},
+     "config.json: meter.tx: GPIO17 is wired to the module's flash or PSRAM on esp32-wrover"),
+    ({"meter.tx": 6}, "config.json: meter.tx: GPIO6 is wired to the module's flash or PSRAM"),
+    ({"meter.tx": 35}, "config.json: meter.tx: GPIO35 is input-only on esp32"),
+    ({"meter.de": 24}, "config.json: meter.de: GPIO24 does not exist on esp32"),
+    ({"meter.de": 16}, "config.json: meter.rx: GPIO16 is already meter.de"),
+    ({"chip": "esp32c3", "meter.uart": 2}, "config.json: meter.uart: esp32c3 has no UART2"),
+    ({"chip": "esp32c3", "meter.tx": 22}, "config.json: meter.tx: GPIO22 does not exist on esp32c3"),
+    ({"chip": "esp32c3", "meter": {"type": "atm90e32", "spi": 2}},
+     "config.json: meter.spi: SPI(2) does not exist on esp32c3"),
+    ({"chip": "esp32c3", "meter": {"type": "s0", "pin": 14}},
+     "config.json: meter.pin: GPIO14 is wired to the module's flash or PSRAM on esp32c3"),
+    ({"meter.uart": 0}, "config.json: meter.uart: must be between 1 and 2"),
+    ({"chip": "esp8266"}, "config.json: chip: must be one of"),
 ]
+
+
+@pytest.mark.parametrize("chip", ["esp32", "esp32-wrover", "esp32s3", "esp32c3"])
+@pytest.mark.parametrize("meter", ["sdm630", "s0", "atm90e32"])
+def test_every_chips_default_pins_pass_its_own_checks(chip: str, meter: str) -> None:
+    from mc import config
+
+    cfg = config.validate({"chip": chip, "meter_id": "m", "market": "m1", "meter.type": meter,
+                           "broker.host": "b"})
+    assert all(v != "chip default" for v in cfg.values())
 
 
 @pytest.mark.parametrize(("change", "message"), BAD_CONFIGS, ids=[m for _, m in BAD_CONFIGS])

@@ -183,3 +183,48 @@ def test_atm90e32_missing_chip_is_a_meter_error(tmp_path: Path) -> None:
     meter = Atm90e32(chip, chip.cs, Flash(str(tmp_path)), None)
     with pytest.raises(MeterError, match="not responding"):
         meter.sample()
+
+
+@pytest.mark.parametrize("baud", [2400, 9600, 19200, 115200])
+def test_requests_keep_three_and_a_half_characters_of_silence(baud: int) -> None:
+    board = mcfakes.FakeBoard(echo=False)
+    meter = mcfakes.SimulatedSdm(board, unit=1)
+    uart = mcfakes.SdmUart(meter, board, baud=baud)
+    sdm = Sdm(ModbusRtu(uart, board, unit=1, timeout_ms=500, retries=0, baud=baud), "sdm630")
+    for _ in range(20):
+        sdm.poll()
+        sdm.sample()  # energy and power back to back: two transactions
+    assert uart.merged == 0 and sdm.bus.errors == 0
+    # Without the gap the second request runs into the first reply: the meter ignores it.
+    hasty = ModbusRtu(uart, board, unit=1, timeout_ms=100, retries=0, baud=baud)
+    hasty.gap_ms = 0
+    board.sleep_ms(100)
+    hasty.read_input(0x0048, 4)
+    with pytest.raises(MeterError, match="timeout"):
+        hasty.read_input(0x0034, 2)
+    assert uart.merged == 1
+
+
+def test_echo_of_an_always_on_receiver_is_skipped() -> None:
+    board = mcfakes.FakeBoard(echo=False, meter_power_w=1200)
+    meter = mcfakes.SimulatedSdm(board, unit=3, power_w=1200)
+    uart = mcfakes.SdmUart(meter, board, echo=True)
+    bus = ModbusRtu(uart, board, unit=3, timeout_ms=300, retries=0)
+    import_wh, export_wh, power, _ = Sdm(bus, "sdm630").sample()
+    assert power == 1200 and import_wh == 1234500 and bus.echoes == 2 and bus.errors == 0
+
+
+def test_garbled_echo_is_a_meter_error() -> None:
+    board = mcfakes.FakeBoard(echo=False)
+    uart = mcfakes.SdmUart(mcfakes.SimulatedSdm(board, unit=3), board, echo=True)
+    bus = ModbusRtu(uart, board, unit=3, timeout_ms=300, retries=0)
+    real_write = uart.write
+
+    def garble(buf) -> int:
+        n = real_write(buf)
+        uart._segments[0][1][5] ^= 0xFF  # a bit error in the echoed count
+        return n
+
+    uart.write = garble  # type: ignore[method-assign]
+    with pytest.raises(MeterError, match="garbled echo"):
+        bus.read_input(0x0048, 4)

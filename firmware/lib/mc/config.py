@@ -26,12 +26,36 @@ BAUDS = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
 _MODBUS = ("sdm120", "sdm630")
 _ALL = METER_TYPES
 _REQUIRED = "required"
+_CHIP = "chip default"
+
+# Per chip: (highest GPIO, GPIOs that do not exist, GPIOs the module's flash / PSRAM
+# use, input-only GPIOs, highest UART id for a meter (UART0 is the REPL console),
+# SPI buses, default pins).  ESP32-WROVER modules wire PSRAM to GPIO16/17, the ESP32's
+# usual UART2 pins; on the C3, GPIO12-17 are the SPI flash and only SPI(1) exists.
+_CHIPS = {
+    "esp32": (39, (20, 24, 28, 29, 30, 31), (6, 7, 8, 9, 10, 11), (34, 35, 36, 37, 38, 39), 2, (1, 2),
+              {"meter.tx": 17, "meter.rx": 16, "meter.pin": 4, "meter.spi": 2, "meter.sck": 18,
+               "meter.mosi": 23, "meter.miso": 19, "meter.cs": 5}),
+    "esp32-wrover": (39, (20, 24, 28, 29, 30, 31), (6, 7, 8, 9, 10, 11, 16, 17), (34, 35, 36, 37, 38, 39),
+                     2, (1, 2),
+                     {"meter.tx": 27, "meter.rx": 26, "meter.pin": 4, "meter.spi": 2, "meter.sck": 18,
+                      "meter.mosi": 23, "meter.miso": 19, "meter.cs": 5}),
+    "esp32s3": (48, (22, 23, 24, 25), (26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36, 37), (), 2, (1, 2),
+                {"meter.tx": 17, "meter.rx": 18, "meter.pin": 4, "meter.spi": 2, "meter.sck": 12,
+                 "meter.mosi": 11, "meter.miso": 13, "meter.cs": 10}),
+    "esp32c3": (21, (), (12, 13, 14, 15, 16, 17), (), 1, (1,),
+                {"meter.tx": 7, "meter.rx": 6, "meter.pin": 4, "meter.spi": 1, "meter.sck": 4,
+                 "meter.mosi": 5, "meter.miso": 3, "meter.cs": 10}),
+}
+_OUTPUT_PINS = ("meter.tx", "meter.de", "meter.sck", "meter.mosi", "meter.cs")
+_PIN_KEYS = _OUTPUT_PINS + ("meter.rx", "meter.pin", "meter.miso", "tamper_pin")
 _NAME_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-"
 
 
 # (key, type, default, rule, meter types the key applies to or None for all)
 # rule: (lo, hi) for ints, a tuple of allowed strings, "name", "pin" or None.
 _SCHEMA = (
+    ("chip", str, "esp32", tuple(_CHIPS), None),
     ("meter_id", str, _REQUIRED, "name", None),
     ("market", str, _REQUIRED, "name", None),
     ("source", str, "load", SOURCES, None),
@@ -42,23 +66,23 @@ _SCHEMA = (
     ("tamper_pin", int, -1, "pin", None),
     ("console_readings", bool, True, None, None),
     ("meter.type", str, _REQUIRED, METER_TYPES, None),
-    ("meter.uart", int, 1, (0, 2), _MODBUS + ("sim",)),
-    ("meter.tx", int, 17, "pin", _MODBUS),
-    ("meter.rx", int, 16, "pin", _MODBUS),
+    ("meter.uart", int, 1, (1, 2), _MODBUS + ("sim",)),
+    ("meter.tx", int, _CHIP, "pin", _MODBUS),
+    ("meter.rx", int, _CHIP, "pin", _MODBUS),
     ("meter.de", int, -1, "pin", _MODBUS),
     ("meter.baud", int, 9600, BAUDS, _MODBUS + ("sim",)),
     ("meter.unit", int, 1, (1, 247), _MODBUS + ("sim",)),
     ("meter.timeout_ms", int, 500, (50, 5000), _MODBUS + ("sim",)),
     ("meter.retries", int, 2, (0, 5), _MODBUS + ("sim",)),
-    ("meter.pin", int, 4, "pin", ("s0",)),
+    ("meter.pin", int, _CHIP, "pin", ("s0",)),
     ("meter.pulses_per_kwh", int, 1000, (1, 100000), ("s0",)),
     ("meter.debounce_ms", int, 20, (1, 1000), ("s0",)),
     ("meter.direction", str, "import", ("import", "export"), ("s0",)),
-    ("meter.spi", int, 2, (1, 2), ("atm90e32",)),
-    ("meter.sck", int, 18, "pin", ("atm90e32",)),
-    ("meter.mosi", int, 23, "pin", ("atm90e32",)),
-    ("meter.miso", int, 19, "pin", ("atm90e32",)),
-    ("meter.cs", int, 5, "pin", ("atm90e32",)),
+    ("meter.spi", int, _CHIP, (1, 2), ("atm90e32",)),
+    ("meter.sck", int, _CHIP, "pin", ("atm90e32",)),
+    ("meter.mosi", int, _CHIP, "pin", ("atm90e32",)),
+    ("meter.miso", int, _CHIP, "pin", ("atm90e32",)),
+    ("meter.cs", int, _CHIP, "pin", ("atm90e32",)),
     ("meter.constant", int, 3200, (100, 100000), ("atm90e32",)),
     ("meter.sim_w", int, 1500, (-1000000, 1000000), ("sim",)),
     ("broker.host", str, _REQUIRED, None, None),
@@ -144,6 +168,33 @@ def _check_int(file: str, key: str, rule, value: int) -> int:
     return value
 
 
+def _check_chip(file: str, cfg: dict) -> None:
+    """Fill the chip's default pins and refuse pins and buses this chip cannot use."""
+    chip = cfg["chip"]
+    top, missing, reserved, inputs, uarts, buses, defaults = _CHIPS[chip]
+    for key in defaults:
+        if cfg.get(key) == _CHIP:
+            cfg[key] = defaults[key]
+    if cfg.get("meter.uart", 1) > uarts:
+        raise ConfigError(file, "meter.uart", "%s has no UART%d for a meter" % (chip, cfg["meter.uart"]))
+    if cfg.get("meter.spi", buses[0]) not in buses:
+        raise ConfigError(file, "meter.spi", "SPI(%d) does not exist on %s" % (cfg["meter.spi"], chip))
+    used = {}
+    for key in _PIN_KEYS:
+        pin = cfg.get(key, -1)
+        if pin == -1:
+            continue
+        if pin > top or pin in missing:
+            raise ConfigError(file, key, "GPIO%d does not exist on %s" % (pin, chip))
+        if pin in reserved:
+            raise ConfigError(file, key, "GPIO%d is wired to the module's flash or PSRAM on %s" % (pin, chip))
+        if key in _OUTPUT_PINS and pin in inputs:
+            raise ConfigError(file, key, "GPIO%d is input-only on %s" % (pin, chip))
+        if pin in used:
+            raise ConfigError(file, key, "GPIO%d is already %s" % (pin, used[pin]))
+        used[pin] = key
+
+
 def validate(raw: dict, file: str = CONFIG_FILE) -> dict:
     """Flat, validated settings with defaults filled in, from a flat dict of raw settings."""
     mtype = raw.get("meter.type")
@@ -163,6 +214,7 @@ def validate(raw: dict, file: str = CONFIG_FILE) -> dict:
     for key in raw:
         if key not in known:
             raise ConfigError(file, key, "unknown key")
+    _check_chip(file, cfg)
     if not cfg["broker.username"]:
         cfg["broker.username"] = cfg["meter_id"]
     if 0 < cfg["wdt_s"] < 60:

@@ -61,7 +61,7 @@ _GATHER = const(0x2000000040000000800000010000000200000004000000080000001)
 _GATHER_SHIFT = const(217)
 # Points are normalised to affine in batches of this many (one inversion per batch)
 # while the table is built, which bounds the temporary memory of the build.
-_BATCH = const(32)
+_BATCH = const(8)
 
 # Bytes of randomness `secret_from_random` needs: FIPS 186-4 B.4.1 asks for 64 bits more
 # than the order's 256 so that reducing them leaves a bias below 2**-64.

@@ -135,7 +135,8 @@ class Spool:
         self._end = end
         if end < size:
             self.repaired = size - end
-            self._compact()
+            self._torn = True  # appending after the torn tail would be lost at the next open
+            self._try_compact()
 
     def _read_record(self, f, off: int, size: int) -> int:
         """Read the record at `off` into the buffer; its total size, or 0 if invalid."""
@@ -322,16 +323,18 @@ class Spool:
     def commit(self) -> None:
         """Make every queued reading, acknowledgement and counter durable, in one append.
 
-        Raises SpoolError if flash refused the write; nothing already kept is lost and
-        the queued readings stay queued for the next attempt.
+        Raises SpoolError if flash refused the write (or the rewrite a failed write or a
+        failed compaction left due); nothing already kept is lost and the queued readings
+        stay queued for the next attempt.  Never raises OSError.
         """
-        if self._torn:
-            self._compact()
+        if self._torn and not self._try_compact():
+            raise SpoolError("flash refused the spool rewrite")
         if not (self._pending or self._acks or self._meta_dirty):
             return
         if not self._pending and self._live == 0:
             # Everything durable has been acknowledged: a rewrite is shorter than tombstones.
-            self._compact()
+            if not self._try_compact():
+                raise SpoolError("flash refused the spool rewrite")
             return
         off = self._end
         added = []
@@ -366,7 +369,16 @@ class Spool:
         self._acks = []
         self._meta_dirty = False
         if self._dead >= _COMPACT_MIN and self._dead * 2 >= self._end:
+            self._try_compact()  # the append is durable either way; a failure retries later
+
+    def _try_compact(self) -> bool:
+        """Compact; on a flash error keep the log as it is and retry before the next append."""
+        try:
             self._compact()
+            return True
+        except OSError:
+            self._torn = True
+            return False
 
     def _compact(self) -> None:
         """Rewrite the log with only the live readings (and counters), then swap it in."""
@@ -441,4 +453,4 @@ class Spool:
             self._pending = kept
         self.overflow = True
         self._meta_dirty = True
-        self._compact()
+        self._try_compact()

@@ -51,7 +51,8 @@ def make(board, cfg: dict, flash):
         else:
             uart = board.uart(cfg["meter.uart"], cfg["meter.baud"], cfg["meter.tx"], cfg["meter.rx"],
                               cfg["meter.de"])
-        bus = ModbusRtu(uart, board, cfg["meter.unit"], cfg["meter.timeout_ms"], cfg["meter.retries"])
+        bus = ModbusRtu(uart, board, cfg["meter.unit"], cfg["meter.timeout_ms"], cfg["meter.retries"],
+                        cfg["meter.baud"])
         return Sdm(bus, "sdm120" if kind == "sdm120" else "sdm630")
     if kind == "s0":
         from .s0 import S0Meter

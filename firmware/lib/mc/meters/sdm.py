@@ -4,6 +4,12 @@ Layers: `crc16` (framing check) → `ModbusRtu` (one read-input-registers transa
 on a UART, with timeout, retries and a reason for every failure) → `Sdm` (the register
 map, converted to integer Wh and W without floating point).
 
+Framing on the bus (Modbus over serial line, V1.02, 2.5.1.1): a request starts only
+after at least 3.5 character times of silence since the last frame (1.75 ms fixed above
+19200 baud), or the meter takes it for the tail of the previous one.  An RS-485
+transceiver whose receiver is always enabled hears our own request: an exact echo of it
+before the reply is recognised and skipped.
+
 Registers (0-based PDU addresses, Eastron's published tables; both models):
 0x0048 import active energy kWh, 0x004A export active energy kWh; power is 0x000C
 (SDM120 active power) or 0x0034 (SDM630 total system power), in W.
@@ -48,12 +54,18 @@ class ModbusRtu:
     transaction keeps its own deadline with the board's ticks.
     """
 
-    def __init__(self, uart, board, unit: int, timeout_ms: int = 500, retries: int = 2) -> None:
+    def __init__(self, uart, board, unit: int, timeout_ms: int = 500, retries: int = 2,
+                 baud: int = 9600) -> None:
         self._uart = uart
         self._board = board
         self.unit = unit
         self.timeout_ms = timeout_ms
         self.retries = retries
+        # 3.5 characters of 11 bits, rounded up to whole ms, plus one: ticks_ms() only
+        # says that at least (difference - 1) ms have passed.
+        self.gap_ms = (38500 + baud - 1) // baud + 1 if baud <= 19200 else 3
+        self._quiet_since = board.ticks_add(board.ticks_ms(), -self.gap_ms)
+        self.echoes = 0  # requests heard back from our own transceiver
         self._req = bytearray(8)
         self._resp = bytearray(5 + 2 * _MAX_REGS)
         self._rv = memoryview(self._resp)
@@ -72,19 +84,41 @@ class ModbusRtu:
             n = self._uart.readinto(self._rv[got:end])
             if n:
                 got += n
+                self._quiet_since = board.ticks_ms()
             elif board.ticks_diff(deadline, board.ticks_ms()) <= 0:
                 raise MeterError("timeout (%d of %d bytes)" % (got, end))
+
+    def _wait_gap(self) -> None:
+        """Keep 3.5 characters of silence after the last frame on the bus."""
+        board = self._board
+        left = self.gap_ms - board.ticks_diff(board.ticks_ms(), self._quiet_since)
+        if left > 0:
+            board.sleep_ms(left)
 
     def _attempt(self, address: int, count: int):
         req = self._req
         struct.pack_into(">BBHH", req, 0, self.unit, _FC_READ_INPUT, address, count)
         struct.pack_into("<H", req, 6, crc16(req, 6))
         self._drain()
+        self._wait_gap()
         self._uart.write(req)
         board = self._board
+        self._quiet_since = board.ticks_ms()
         deadline = board.ticks_add(board.ticks_ms(), self.timeout_ms)
         resp = self._resp
         self._read_exact(0, 3, deadline)
+        have = 3
+        if resp[0] == req[0] and resp[1] == req[1] and resp[2] == req[2]:
+            # Our own request (a receiver that is always on), or a reply whose byte count
+            # equals our address's high byte: the next five bytes tell them apart.
+            self._read_exact(3, 8, deadline)
+            have = 8
+            if resp[:8] == req:
+                self.echoes += 1
+                self._read_exact(0, 3, deadline)
+                have = 3
+            elif req[2] != 2 * count:
+                raise MeterError("garbled echo of the request")
         if resp[0] != self.unit:
             raise MeterError("reply from unit %d, expected %d" % (resp[0], self.unit))
         if resp[1] == _FC_READ_INPUT | 0x80:
@@ -97,7 +131,7 @@ class ModbusRtu:
         if resp[2] != 2 * count:
             raise MeterError("reply with %d data bytes, expected %d" % (resp[2], 2 * count))
         end = 3 + 2 * count
-        self._read_exact(3, end + 2, deadline)
+        self._read_exact(have, end + 2, deadline)
         if crc16(resp, end) != resp[end] | (resp[end + 1] << 8):
             raise MeterError("CRC error")
         return self._rv[3:end]

@@ -1,0 +1,120 @@
+"""Hardware faults degrade the board instead of restart-looping it: flash that refuses writes
+(sequence reservation, spool append, compaction), a pin the chip lacks, flash that cannot
+open the spool at boot.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mcfakes
+from conftest import board_config
+from mc import app as firmware_app
+from mc.spool import Spool, SpoolError
+
+from meterchain.reading import verify
+from meterchain.registry import Registry
+
+
+def _board(folder: Path, cfg: dict, flash=None) -> mcfakes.FakeBoard:
+    flash = flash if flash is not None else mcfakes.FullFlash(str(folder))
+    board = mcfakes.FakeBoard(flash=flash, broker=mcfakes.FakeBroker(), echo=False)
+    mcfakes.write_config(board.flash, cfg)
+    return board
+
+
+def test_full_flash_mid_run_loses_samples_not_the_board(make_board_dir, tmp_path: Path) -> None:
+    from conftest import public_key_of
+
+    cfg = board_config(**{"seq_block": 4, "spool.batch": 2, "spool.max_records": 16})
+    folder = make_board_dir(cfg=cfg)
+    flash = mcfakes.FullFlash(str(folder))
+    board = mcfakes.FakeBoard(flash=flash, broker=mcfakes.FakeBroker(), echo=False)
+    app = firmware_app.boot(board)
+    assert app is not None
+    app.run(cycles=6)
+    board.broker.stop()  # nothing leaves the spool while the flash is full
+    flash.full = True
+    app.run(cycles=30)  # must not raise: readings skipped or held in RAM, thinned if need be
+    assert flash.refused > 0 and app.skipped > 0
+    assert any("sequence reservation failed" in line for line in board.console_lines)
+    assert any("spool write failed" in line for line in board.console_lines)
+    flash.full = False
+    board.broker.start()
+    app.run(cycles=40)  # reconnect backoff is up to 5 min after the outage
+    assert len(app.spool) == 0, "drained once the flash works again"
+    registry = Registry()
+    registry.add(cfg["meter_id"], public_key_of(folder), "mg1", cfg["source"])
+    seqs = [verify(p, registry).seq for _, p in board.broker.messages]
+    assert max(seqs) == app.last_seq and app.readings == 76 - app.skipped
+    # No sequence number was ever given to two different readings.
+    by_seq: dict[int, set[bytes]] = {}
+    for _, p in board.broker.messages:
+        by_seq.setdefault(verify(p, registry).seq, set()).add(bytes(p))
+    assert all(len(v) == 1 for v in by_seq.values())
+
+
+def test_compaction_on_a_full_flash_keeps_the_log_and_retries(tmp_path: Path) -> None:
+    flash = mcfakes.FullFlash(str(tmp_path))
+    spool = Spool(flash, max_records=8)
+    for seq in range(1, 8):
+        spool.add(seq, b"reading %d" % seq)
+    spool.commit()
+    flash.full = True
+    spool.add(8, b"reading 8")
+    spool.add(9, b"reading 9")  # at the limit: thinning wants a compaction, flash refuses
+    try:
+        spool.commit()
+        raise AssertionError("commit must report the refused write")
+    except SpoolError:
+        pass
+    kept = []
+    seq = spool.next_unsent(0)
+    while seq >= 0:
+        kept.append(seq)
+        seq = spool.next_unsent(seq)
+    flash.full = False
+    spool.commit()
+    reopened = Spool(mcfakes.FullFlash(str(tmp_path)), max_records=8)
+    again = []
+    seq = reopened.next_unsent(0)
+    while seq >= 0:
+        again.append(seq)
+        assert reopened.payload(seq) == b"reading %d" % seq
+        seq = reopened.next_unsent(seq)
+    assert again == kept and 9 in again and reopened.dropped == spool.dropped > 0
+
+
+def test_a_pin_the_chip_lacks_is_safe_mode_not_a_restart_loop(tmp_path: Path) -> None:
+    board = _board(tmp_path, board_config())
+    from mc import keystore
+
+    keystore.ensure(board.flash, mcfakes.host_random)
+    board.peripheral_error = ValueError("invalid pin")
+    assert firmware_app.main(board, cycles=1) == 2
+    assert any("SAFE MODE: ValueError: invalid pin" in line for line in board.console_lines)
+
+
+def test_flash_that_cannot_open_the_spool_is_safe_mode(tmp_path: Path) -> None:
+    board = _board(tmp_path, board_config())
+    from mc import keystore
+
+    keystore.ensure(board.flash, mcfakes.host_random)
+    (tmp_path / "spool.log").mkdir()  # opening it for reading raises OSError, as bad flash does
+    assert firmware_app.main(board, cycles=1) == 2
+    assert any("SAFE MODE: " in line and "Error" in line for line in board.console_lines)
+
+
+def test_wrong_pin_is_safe_mode_under_micropython(mpy, make_board_dir) -> None:
+    folder = make_board_dir(cfg=board_config())
+    code = """
+import json, mcfakes
+from mc import app
+board = mcfakes.FakeBoard(broker=mcfakes.FakeBroker(), echo=False)
+board.peripheral_error = ValueError("invalid pin")
+print(json.dumps({"status": app.main(board, cycles=1), "console": board.console_lines}))
+"""
+    out = json.loads(mpy(code, fs_dir=folder).check().stdout.strip().splitlines()[-1])
+    assert out["status"] == 2
+    assert any("SAFE MODE: ValueError: invalid pin" in line for line in out["console"])
