@@ -93,8 +93,8 @@ for i in range(chunks):
     free[i] = gc.mem_free()
     print("CHUNK", i)
     micropython.mem_info()
-print(json.dumps({"runtime": runtime, "base": base, "code": code, "live": list(live), "free": list(free),
-                  "readings": a.readings, "published": a.uplink.published,
+print(json.dumps({"runtime": runtime, "base": base, "code": code, "live": list(live),
+                  "free": list(free), "readings": a.readings, "published": a.uplink.published,
                   "freed": a.uplink.freed, "dropped": a.spool.dropped,
                   "connects": a.uplink.connects, "rewinds": a.uplink.rewinds,
                   "spooled": len(a.spool)}))
