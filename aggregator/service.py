@@ -10,7 +10,9 @@ the aggregator connects with `node_acl(market, node_id)`):
   the clearing of a final round, so a second clearing of an hour already
   cleared (on the ledger or pending) is a duplicate, counted and dropped;
 - writes `c/<node_id>/block` proposals and reads `c/+/block-vote` answers;
-- writes `c/<node_id>/committed` each certified block (retained).
+- writes `c/<node_id>/committed` each certified block (retained), and
+  `c/<node_id>/sealed` the same with its readings (block 0 also retained on
+  `c/<node_id>/genesis`), from which members that did not vote apply it.
 
 Everything touching the store runs on one thread (the service loop); the MQTT
 client's thread only queues messages. Block rounds follow the market clock
@@ -41,7 +43,13 @@ from meterchain.errors import MeterChainError
 from meterchain.ledger.block import BlockError
 from meterchain.ledger.chain import StoreReadings, verify_store
 from meterchain.ledger.readings import LedgerReading
-from meterchain.ledger.review import Proposal, ProposalError, encode_committed, parse_reply
+from meterchain.ledger.review import (
+    Proposal,
+    ProposalError,
+    encode_committed,
+    encode_sealed,
+    parse_reply,
+)
 from meterchain.ledger.state import LedgerState, TxContext, membership_fields
 from meterchain.ledger.store import LedgerStore, open_store
 from meterchain.ledger.transactions import Tx, TxError
@@ -439,6 +447,13 @@ class Aggregator:
             qos=1,
             retain=True,
         )
+        # With its readings, for members that did not vote for it (edge_agent.reviewer).
+        sealed = encode_sealed(block, r.proposal.readings)
+        self.client.publish(consensus_topic(self.market, self.node_id, "sealed"), sealed, qos=1)
+        if block.height == 0:
+            self.client.publish(
+                consensus_topic(self.market, self.node_id, "genesis"), sealed, qos=1, retain=True
+            )
         log.info(
             "block committed",
             extra={"height": block.height, "hash": block.hash.hex()[:16],

@@ -4,8 +4,14 @@
 full ledger) with a paho client: it answers each proposal the aggregator
 publishes on `mc/<market>/c/<aggregator>/block` with a signed vote or refusal on
 `mc/<market>/c/<node>/block-vote`, and applies each certified block announced on
-`.../committed`. The edge agent (role "node") runs one next to its SDBFT node
-(`start_reviewer`); the store is only touched from the link's own worker thread.
+`.../committed`. A block it did not vote for (it was down, or not yet subscribed)
+it applies from `.../sealed`, where the aggregator sends every certified block
+with its readings (`meterchain.ledger.review.encode_sealed`; genesis is also
+retained on `.../genesis`): the agent's session is persistent, so blocks
+sealed while it was down wait at the broker and are applied in order when it
+is back. The edge agent (role "node")
+runs one next to its SDBFT node (`start_reviewer`); the store is only touched
+from the link's own worker thread.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import paho.mqtt.client as mqtt
 
 from meterchain.errors import MeterChainError
-from meterchain.ledger.review import BlockReviewer
+from meterchain.ledger.review import BlockReviewer, ProposalError, accept_block, decode_sealed
 from meterchain.ledger.store import open_store
 from meterchain.mqtt_auth import consensus_topic
 
@@ -45,6 +51,8 @@ class ReviewerLink:
         self.market = market
         self.proposals = consensus_topic(market, aggregator_id, "block")
         self.committed = consensus_topic(market, aggregator_id, "committed")
+        self.sealed = consensus_topic(market, aggregator_id, "sealed")
+        self.genesis = consensus_topic(market, aggregator_id, "genesis")
         self.replies = consensus_topic(market, reviewer.node_id, "block-vote")
         self.clock = clock
         self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
@@ -56,7 +64,9 @@ class ReviewerLink:
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
     ) -> None:
         if not rc.is_failure:
-            client.subscribe([(self.proposals, 1), (self.committed, 1)])
+            client.subscribe(
+                [(self.proposals, 1), (self.committed, 1), (self.sealed, 1), (self.genesis, 1)]
+            )
 
     def start(self) -> None:
         self._worker.start()
@@ -84,10 +94,38 @@ class ReviewerLink:
                     self.client.publish(self.replies, reply, qos=1)
                     log.debug("answered a proposal: %s", reply[:120])
                 elif topic == self.committed:
-                    height = self.reviewer.committed(payload)
-                    log.debug("committed block %d", height)
+                    self._committed(payload)
+                elif topic in (self.sealed, self.genesis):
+                    self._sealed(payload)
             except MeterChainError as exc:
                 log.warning("block message on %s not handled: %s", topic, exc)
+
+    def _committed(self, payload: bytes) -> None:
+        try:
+            height = self.reviewer.committed(payload)
+        except ProposalError as exc:
+            # Not voted for (or not reviewed): the sealed copy with its readings follows.
+            log.debug("committed block not applied yet: %s", exc)
+            return
+        log.debug("committed block %d", height)
+
+    def _sealed(self, payload: bytes) -> None:
+        """Apply a certified block we do not hold yet (checked like any block: QC, readings)."""
+        block, readings = decode_sealed(payload)
+        reviewer = self.reviewer
+        head = reviewer.store.head()
+        if head is not None and block.height <= head[0]:
+            return  # applied already (we voted for it, or saw it before)
+        if block.height != (head[0] + 1 if head is not None else 0):
+            raise ProposalError(
+                f"block {block.height} sealed, but this ledger copy ends at "
+                f"{head[0] if head else -1}: blocks in between are missing"
+            )
+        reviewer.state = accept_block(
+            reviewer.state, block, readings, reviewer.source, regulator=reviewer.regulator
+        )
+        reviewer.store.append(block, readings)
+        log.info("applied sealed block %d (not voted for here)", block.height)
 
 
 def start_reviewer(config: AgentConfig) -> ReviewerLink:
@@ -111,6 +149,7 @@ def start_reviewer(config: AgentConfig) -> ReviewerLink:
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=f"review-{cfg.agent.node_id}",
         protocol=mqtt.MQTTv311,
+        clean_session=False,  # sealed blocks wait at the broker while the agent is down
     )
     if cfg.broker.review_username:
         client.username_pw_set(cfg.broker.review_username, cfg.broker_password)

@@ -149,8 +149,9 @@ class RoundDriver:
             await self.execute(outcome)
 
     async def _sleep_until(self, t: float) -> None:
-        delay = self.wall_until(t)
-        if delay > 0:
+        # Ask the clock again after each sleep: a market clock may stand still until its
+        # site starts it, or run at another speed than the wall clock.
+        while (delay := self.wall_until(t)) > 0:
             await asyncio.sleep(delay)
 
 

@@ -21,7 +21,7 @@ also rewritten every few seconds while the lab runs.
     [clock]                            # meterchain.site.clock
     start = 1718061600
     speed = 1440.0
-    anchor = 1764669000.0
+    anchor_file = "../run/clock-anchor"
     [[meter]]
     id = "mg1-pv"
     board = "boards/mg1-pv"            # the board's folder
@@ -111,25 +111,17 @@ class LabBoard:
     """One emulated meter on its own RTU line and the board reading it, on threads."""
 
     def __init__(self, meter: LabMeter, clock: MarketClock, interval_ms: int) -> None:
-        from hil.emulated_meter import MeterThread, NullModem
+        from hil.rig_boards import MeterLink
 
         self.meter = meter
-        self.modem = NullModem()
-        self.sdm = MeterThread(
-            profile=HourlyTable(meter.power_w),
-            serial_port=self.modem.port_b,
-            baudrate=19200,
-            start_time=clock.now(),
-            speed=1.0,
-            wall=clock.now,
-            seed=meter.seed,
-            import_kwh=1000.0 + meter.seed,
-            export_kwh=500.0 + meter.seed,
-        ).start()
+        self.link = MeterLink(clock.now, meter.seed, HourlyTable(meter.power_w))
         self.settings = {
-            "meter": f"serial:{self.modem.port_a}",
+            "meter": f"serial:{self.link.port}",
             "interval_ms": interval_ms,
-            "clock": {"start": clock.start, "speed": clock.speed, "anchor": clock.anchor},
+            "clock": {
+                "start": clock.start, "speed": clock.speed, "anchor": clock.anchor,
+                "anchor_file": str(clock.anchor_file) if clock.anchor_file else None,
+            },  # fmt: skip
             "ntp": True,
             "wifi": True,
             "console": False,
@@ -162,8 +154,7 @@ class LabBoard:
     def stop(self) -> None:
         self.stop_event.set()
         self.thread.join(10)
-        self.sdm.stop()
-        self.modem.close()
+        self.link.close()
 
 
 def write_status(path: Path, boards: list[LabBoard], running: bool) -> None:

@@ -8,23 +8,31 @@ Conformance (against the rig's boards and meters):
 * modbus_faults_flagged -- a cut RS-485 line gives readings flagged "meter read
   error" that repeat the last good registers; corrupted frames never yield wrong values.
 
-Fault scenarios (SDBFT agents and the ledger, on the rig's broker):
+Fault scenarios. The consensus ones drive three SDBFT members on the rig's
+broker exactly as the agent runs them (`edge_agent.consensus`: the `Node`
+state machine on its `NodeRunner` MQTT transport with an fsynced round log):
 * byzantine_primary -- the primary raises its own payment and lowers another's: the
   backups refuse, change primary, and the round commits the honest result;
 * crashed_agent -- a backup is down: the round still commits (2 of 3);
 * broker_restart -- the broker restarts between rounds: boards and agents reconnect,
-  readings and the next round go through;
-* aggregator_kill9 -- the block former is killed with SIGKILL mid-run: the ledger
-  verifies, and a restarted former completes it with every batch exactly once.
+  readings and the next round go through.
+The service ones run a lab site of the real processes (`meterchain.site`: Mosquitto,
+the aggregator service, four agent services, the emulated lab) on an accelerated
+market clock and kill the services themselves with SIGKILL mid-run:
+* aggregator_kill9 -- the aggregator service dies; the site's supervisor restarts it,
+  it verifies its ledger and goes on landing blocks;
+* agent_kill9 -- a consensus member's agent service dies and comes back; the market
+  keeps clearing and settling throughout. After both, `site down`: every reading the
+  broker acknowledged is on the ledger exactly once, and the ledger verifies.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
-import subprocess
-import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,8 +74,10 @@ class Session:
 
     AGENTS = ("rig-node-a", "rig-node-b", "rig-node-c")
 
+    site_run: dict[str, Any] | None = None  # the service scenarios' shared site run
+
     def address(self, user: str) -> Any:
-        from meterchain.demo.agents import BrokerAddress
+        from hil.collector import BrokerAddress
 
         b = self.rig.broker
         if b.kind == "mosquitto":
@@ -88,13 +98,7 @@ class Session:
         )
 
     def start(self) -> Session:
-        from meterchain.demo.site import (
-            Board,
-            MeterLink,
-            MeterSpec,
-            VirtualClock,
-            write_board_config,
-        )
+        from hil.rig_boards import Board, MeterLink, MeterSpec, VirtualClock, write_board_config
 
         rig = self.rig
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -121,7 +125,7 @@ class Session:
                 continue
             meter = rig.meters[b.meter]
             spec = MeterSpec(b.id, b.owner, meter.source)
-            link = MeterLink(spec, self.clock, seed=k + 1)
+            link = MeterLink(self.clock.now, seed=k + 1)
             self._closers.append(link.close)
             link.profile.default_w = meter.power_w
             self.meters[b.id] = link
@@ -154,7 +158,7 @@ class Session:
 
     def ensure_collector(self) -> Any:
         if self.collector is None:
-            from meterchain.demo.collector import ReadingCollector
+            from hil.collector import ReadingCollector
 
             self.collector = ReadingCollector(
                 self.rig.market, self.registry(), self.workdir / "guard.db",
@@ -297,30 +301,73 @@ def modbus_faults_flagged(s: Session, result: CheckResult) -> None:
     )
 
 
-# --- fault scenarios: SDBFT agents on the rig's broker -----------------------------------
+# --- fault scenarios: SDBFT members on the rig's broker, as the agent runs them ----------
 
 
-def _agents(s: Session, node_factory: dict[str, Any] | None = None) -> tuple[Any, list[Any]]:
-    from meterchain.demo.agents import ConsensusAgent, keyring_for
+class Member:
+    """One consensus member: the agent's `Node` on its `NodeRunner` (MQTT, fsynced round log)."""
+
+    def __init__(self, node: Any, folder: Path, address: Any) -> None:
+        from edge_agent.consensus.transport import MqttSettings, NodeRunner, open_store
+
+        store, _ = open_store(folder)
+        settings = MqttSettings(address.host, address.port, address.username, address.password,
+                                address.ca_file, client_id=f"sdbft-{node.node_id}")  # fmt: skip
+        self.node = node
+        self.node_id = node.node_id
+        self.commits: dict[Any, Any] = {}
+        self._changed = threading.Condition()
+        self.runner = NodeRunner(node, store, settings, on_commit=self._committed).start()
+
+    def _committed(self, commit: Any) -> None:
+        with self._changed:
+            self.commits[commit.round] = commit
+            self._changed.notify_all()
+
+    def open(self, rid: Any, trade: Any) -> None:
+        deposit = f"deposit:{self.node_id}:{rid.seq}".encode()
+        self.runner.open_round(rid, deposit=deposit, body=trade.to_dict())
+
+    def wait_commit(self, rid: Any, timeout: float) -> Any:
+        with self._changed:
+            self._changed.wait_for(lambda: rid in self.commits, timeout)
+            return self.commits.get(rid)
+
+    def close(self) -> None:
+        self.runner.stop()
+
+
+def _members(s: Session, node_class: dict[str, Any] | None = None) -> tuple[Any, list[Member]]:
+    from edge_agent.consensus.messages import Decoder
+    from edge_agent.consensus.node import Node
+    from edge_agent.consensus.signing import Keyring, P256Signer
+    from edge_agent.consensus_clearing import clearing_contracts
     from meterchain.ledger.sandbox import named_key
     from meterchain.market.reference import reference_case
-    from meterchain.quorum import Member, Membership
+    from meterchain.quorum import Member as Listed
+    from meterchain.quorum import Membership
 
     case = reference_case()
     market_name = s.rig.market
     keys = {a: named_key(f"{market_name}/{a}") for a in s.AGENTS}
     regulator = named_key(f"{market_name}/regulator")
     membership = Membership(
-        market_name, 1, tuple(Member(a, keys[a].public_key()) for a in s.AGENTS)
+        market_name, 1, tuple(Listed(a, keys[a].public_key()) for a in s.AGENTS)
     ).signed_by(regulator)
-    keyring = keyring_for(membership, {a: k.public_key() for a, k in keys.items()})
-    agents = []
+    members = []
     for a in s.AGENTS:
-        extra = {"node_factory": node_factory[a]} if node_factory and a in node_factory else {}
-        agents.append(ConsensusAgent(a, keys[a], keyring, case.market, s.address(a),
-                                     s.workdir / "agents" / f"{a}-{time.monotonic_ns()}",
-                                     delta_ms=DELTA_MS, **extra))  # fmt: skip
-    return case, agents
+        cls = (node_class or {}).get(a, Node)
+        node = cls(P256Signer(a, keys[a]), Keyring(membership), clearing_contracts(case.market),
+                   delta_ms=DELTA_MS, decoder=Decoder())  # fmt: skip
+        folder = s.workdir / "agents" / f"{a}-{time.monotonic_ns()}"
+        members.append(Member(node, folder, s.address(a)))
+    return case, members
+
+
+def _round_id(seq: int) -> Any:
+    from edge_agent.consensus.messages import RoundId
+
+    return RoundId(seq, f"clear-{seq % 24:02d}")
 
 
 def _trade_requests(case: Any, hour: int, ids: tuple[str, ...]) -> dict[str, Any]:
@@ -336,25 +383,23 @@ def _trade_requests(case: Any, hour: int, ids: tuple[str, ...]) -> dict[str, Any
     }
 
 
-def _round(agents: list[Any], case: Any, seq: int, timeout: float = 60) -> dict[str, Any]:
-    from edge_agent.consensus.messages import RoundId
-
-    rid = RoundId(seq, "clear")
-    trades = _trade_requests(case, seq % 24, tuple(a.node_id for a in agents))
-    for agent in agents:
-        agent.open(rid, trades[agent.node_id])
+def _round(members: list[Member], case: Any, seq: int, timeout: float = 60) -> dict[str, Any]:
+    rid = _round_id(seq)
+    trades = _trade_requests(case, seq % 24, tuple(m.node_id for m in members))
+    for member in members:
+        member.open(rid, trades[member.node_id])
     out = {}
-    for agent in agents:
-        got = agent.wait_commit(rid, timeout)
-        assert got is not None, f"round {rid} did not commit at {agent.node_id}"
-        out[agent.node_id] = got
-    assert len({c.value.digest for c in out.values()}) == 1, "agents committed different values"
+    for member in members:
+        got = member.wait_commit(rid, timeout)
+        assert got is not None, f"round {rid} did not commit at {member.node_id}"
+        out[member.node_id] = got
+    assert len({c.value.digest for c in out.values()}) == 1, "members committed different values"
     return out
 
 
-def _close(agents: list[Any]) -> None:
-    for a in agents:
-        a.close()
+def _close(members: list[Member]) -> None:
+    for m in members:
+        m.close()
 
 
 def byzantine_primary(s: Session, result: CheckResult) -> None:
@@ -376,51 +421,51 @@ def byzantine_primary(s: Session, result: CheckResult) -> None:
             payments[victim] += 50_000  # ... and makes another pay 5 more
             return {**honest, "result": {**res, "executed": [{**hour, "payments": payments}]}}
 
-    case, agents = _agents(s, {liar_id: TamperingNode})
+    case, members = _members(s, {liar_id: TamperingNode})
     try:
-        commits = _round(agents, case, 0)
+        commits = _round(members, case, 0)
         honest = [c for a, c in commits.items() if a != liar_id]
-        view = honest[0].view
+        decided = [c for c in honest if c.view >= 0]
+        assert decided, "no honest member decided the round by its own votes"
+        view = decided[0].view
         assert view >= 1, f"committed in view {view}: the tampered proposal was accepted"
-        contract = agents[1].contract.contract(0)
-        value = honest[0].value
+        value = decided[0].value
+        contract = members[1].node.contracts[value.requests[0].env.round.kind]
         assert contract.check(value.requests, value.result), "committed result is not honest"
-        new_primary = agents[1].node.primary(honest[0].round, view)
+        new_primary = members[1].node.primary(decided[0].round, view)
         assert new_primary != liar_id
         result.details.append(f"tampering primary {liar_id} replaced; {new_primary} committed "
                               f"the honest result in view {view}")  # fmt: skip
     finally:
-        _close(agents)
+        _close(members)
 
 
 def crashed_agent(s: Session, result: CheckResult) -> None:
-    case, agents = _agents(s)
+    case, members = _members(s)
     try:
-        crashed = agents[2]
+        crashed = members[2]
         crashed.close()
-        live = agents[:2]
-        from edge_agent.consensus.messages import RoundId
-
-        rid = RoundId(0, "clear")
-        trades = _trade_requests(case, 0, tuple(a.node_id for a in agents))
-        for agent in live:
-            agent.open(rid, trades[agent.node_id])
-        for agent in live:
-            got = agent.wait_commit(rid, 60)
-            assert got is not None, f"no commit at {agent.node_id} with {crashed.node_id} down"
+        live = members[:2]
+        rid = _round_id(0)
+        trades = _trade_requests(case, 0, tuple(m.node_id for m in members))
+        for member in live:
+            member.open(rid, trades[member.node_id])
+        for member in live:
+            got = member.wait_commit(rid, 60)
+            assert got is not None, f"no commit at {member.node_id} with {crashed.node_id} down"
             assert got.certificate is None or len(got.certificate.signers) >= 2
         result.details.append(f"{crashed.node_id} down: {live[0].node_id} and {live[1].node_id} "
                               "committed")  # fmt: skip
     finally:
-        _close(agents[:2])
+        _close(members[:2])
 
 
 def broker_restart(s: Session, result: CheckResult) -> None:
     if s.rig.broker.kind != "mosquitto":
         raise Skip("needs the rig's own Mosquitto to restart (broker.kind = \"mosquitto\")")
-    case, agents = _agents(s)
+    case, members = _members(s)
     try:
-        _round(agents, case, 0)
+        _round(members, case, 0)
         before = s.ensure_collector().accepted
         s.broker.restart()
         assert s.collector.wait_subscribed(20), "the aggregator did not reconnect"
@@ -428,78 +473,118 @@ def broker_restart(s: Session, result: CheckResult) -> None:
             s.sample(2)
             s.wait_all(30)
             assert s.collector.accepted - before == 2 * len(s.boards)
-        time.sleep(0.5)  # let the agents' clients reconnect and resubscribe
-        commits = _round(agents, case, 1)
+        time.sleep(0.5)  # let the members' clients reconnect and resubscribe
+        commits = _round(members, case, 1)
         result.details.append(f"after the restart: {2 * len(s.boards)} readings and round 1 "
                               f"committed (view {next(iter(commits.values())).view})")  # fmt: skip
     finally:
-        _close(agents)
+        _close(members)
 
 
-# --- aggregator kill -9: the block former's ledger survives a SIGKILL -------------------
+# --- service scenarios: kill -9 of the real aggregator and agent services ----------------
 
-CHILD_BATCHES = 40
-CHILD_METERS = ("k1", "k2", "k3")
-T0 = 1_718_064_000
+SITE_HOURS = 3  # market hours the site settles around each kill
 
 
-def _child(ledger: str, batches: int) -> int:
-    """Block former for `aggregator_kill9`: one block of readings per hour until `batches`."""
-    from meterchain.ledger.chain import verify_store
-    from meterchain.ledger.sandbox import Chain, Sandbox
+def _settled(ledger: Path) -> int:
+    """How many hours the aggregator has settled on the ledger so far."""
     from meterchain.ledger.store import open_store
 
-    sb = Sandbox(market="kill9", members=3)
-    store = open_store(ledger)
-    state = None
-    if store.head() is not None:
-        state, _ = verify_store(store, signatures=False)
-    chain = Chain(sb, store, state)
-    if store.head() is None:
-        t = T0 - 3600
-        owner = sb.participant("owner", "microgrid", t)
-        chain.genesis(t, [owner, *(sb.meter(m, "owner", "load", t) for m in CHILD_METERS)])
-    done = store.head()[0]  # type: ignore[index]
-    for k in range(done, batches):
-        hour = T0 // 3600 + k
-        rs = [sb.reading(m, k + 1, hour * 3600 + 60, 1000 * (k + 1), 0, "load")
-              for m in CHILD_METERS]  # fmt: skip
-        chain.commit_readings(rs, hour * 3600 + 120)
-        print(f"block {k + 1}", flush=True)
-    store.close()
-    return 0
+    if not ledger.exists():
+        return 0
+    try:
+        with open_store(str(ledger), create=False) as store:
+            return sum(
+                kind == "settlement" for b in store.stored_blocks() for kind, _, _ in b.txs
+            )
+    except Exception:  # noqa: BLE001 - being written: look again
+        return -1
+
+
+def _until(what: str, done: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _kill9(site: Any, name: str) -> int:
+    from meterchain.site import supervisor
+
+    pid = supervisor.status(site)["processes"][name]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    _until(f"{name} to be restarted",
+           lambda: supervisor.status(site)["processes"][name]["restarts"] >= 1
+           and supervisor.status(site)["processes"][name]["alive"], 30)  # fmt: skip
+    return int(pid)
+
+
+def run_site_with_kills(workdir: Path, market: str = "rig") -> dict[str, Any]:
+    """A lab site of the real services; SIGKILL the aggregator, then a member's agent, each
+    mid-run while hours keep settling; then `site down`. What happened, for the checks."""
+    from meterchain.ledger.chain import verify_store
+    from meterchain.ledger.store import open_store
+    from meterchain.site import supervisor
+    from meterchain.site.init import InitOptions, init_site
+
+    site = init_site(workdir / f"site-{time.monotonic_ns()}",
+                     InitOptions(market=market, emulated=True, speed=1440.0))  # fmt: skip
+    run: dict[str, Any] = {"site": str(site.root)}
+    supervisor.up(site.root, settle_s=8.0)
+    try:
+        per_hour = 3600 / site.clock.speed
+        _until("a first settled hour", lambda: _settled(site.ledger) >= 1, 60)
+        run["aggregator_pid"] = _kill9(site, "aggregator")
+        at = _settled(site.ledger)
+        _until(f"{SITE_HOURS} hours settled after the aggregator's kill",
+               lambda: _settled(site.ledger) >= at + SITE_HOURS, 30 + 6 * per_hour * SITE_HOURS)
+        victim = f"agent-{site.site.members[1]}"
+        run["agent_pid"] = _kill9(site, victim)
+        at = _settled(site.ledger)
+        _until(f"{SITE_HOURS} hours settled after {victim}'s kill",
+               lambda: _settled(site.ledger) >= at + SITE_HOURS, 30 + 6 * per_hour * SITE_HOURS)
+        run["killed_agent"] = victim
+    finally:
+        final = supervisor.down(site.root)
+    run["final"] = final
+    with open_store(str(site.ledger), create=False) as store:
+        _, report = verify_store(store)
+        run["blocks"], run["readings"] = report.blocks, report.readings
+        run["settlements"] = report.kinds.get("settlement", 0)
+        run["stored_readings"] = store.reading_count()
+    run["published"] = json.loads(site.lab_status.read_text())["published"]
+    return run
+
+
+def _site_run(s: Session) -> dict[str, Any]:
+    if s.site_run is None:
+        s.site_run = run_site_with_kills(s.workdir, s.rig.market)
+    return s.site_run
 
 
 def aggregator_kill9(s: Session, result: CheckResult) -> None:
-    from meterchain.ledger.chain import verify_store
-    from meterchain.ledger.store import open_store
-
-    s.workdir.mkdir(parents=True, exist_ok=True)
-    ledger = str(s.workdir / f"kill9-{time.monotonic_ns()}.db")
-    cmd = [sys.executable, "-m", "hil.scenarios", "aggregator-child", ledger, str(CHILD_BATCHES)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    assert child.stdout is not None
-    for line in child.stdout:
-        if line.startswith("block 8"):
-            break
-    child.send_signal(signal.SIGKILL)
-    child.wait(10)
-    with open_store(ledger) as store:
-        _, report = verify_store(store)
-        killed_at = report.blocks
-    assert killed_at < CHILD_BATCHES + 1, "the former finished before it was killed"
-    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    assert rerun.returncode == 0, f"restarted former failed: {rerun.stderr[-500:]}"
-    with open_store(ledger) as store:
-        _, report = verify_store(store)
-        expected = CHILD_BATCHES * len(CHILD_METERS)
-        assert report.readings == expected == store.reading_count(), (
-            f"{report.readings} readings on the ledger, {expected} expected"
-        )
+    run = _site_run(s)
+    procs = run["final"]["processes"]
+    assert procs["aggregator"]["restarts"] >= 1 and -9 in procs["aggregator"]["exits"]
+    assert run["published"] == run["readings"] == run["stored_readings"], (
+        f"{run['published']} readings published, {run['readings']} on the ledger"
+    )
     result.details.append(
-        f"killed with {killed_at} blocks stored (verified); the restarted former completed "
-        f"{report.blocks} blocks, {expected} readings once"
+        f"aggregator (pid {run['aggregator_pid']}) killed and restarted; ledger verifies: "
+        f"{run['blocks']} blocks, {run['settlements']} hours settled, {run['readings']} of "
+        f"{run['published']} published readings, each once"
+    )
+
+
+def agent_kill9(s: Session, result: CheckResult) -> None:
+    run = _site_run(s)
+    name = run["killed_agent"]
+    procs = run["final"]["processes"]
+    assert procs[name]["restarts"] >= 1 and -9 in procs[name]["exits"]
+    assert run["published"] == run["readings"]
+    result.details.append(
+        f"{name} (pid {run['agent_pid']}) killed and restarted; {SITE_HOURS} more hours "
+        f"settled meanwhile; {run['readings']} readings on a verifying ledger"
     )
 
 
@@ -512,11 +597,5 @@ CHECKS: tuple[Check, ...] = (
     Check("crashed_agent", "fault", crashed_agent),
     Check("broker_restart", "fault", broker_restart),
     Check("aggregator_kill9", "fault", aggregator_kill9),
+    Check("agent_kill9", "fault", agent_kill9),
 )
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "aggregator-child":
-        sys.exit(_child(sys.argv[2], int(sys.argv[3])))
-    print("usage: python -m hil.scenarios aggregator-child LEDGER BATCHES", file=sys.stderr)
-    sys.exit(2)

@@ -15,7 +15,7 @@ Settings that only make sense for an emulation live in `emulator.json` in the fo
                                    whose source generates (pv, wind)
      "interval_ms": 200,           sampling interval override (tests, benchmarks)
      "ntp": true, "wifi": true,    whether NTP / WiFi "work"
-     "clock": {"start": ..., "speed": ..., "anchor": ...},
+     "clock": {"start": ..., "speed": ..., "anchor" or "anchor_file": ...},
                                    the real-time clock reads this market clock
                                    (meterchain.site.clock; a lab's accelerated day)
      "console": true}              also echo the console to stdout
@@ -216,10 +216,15 @@ class EmulatedBoard:
         self.stop_event = stop_event if stop_event is not None else threading.Event()
         self._t0 = time.monotonic()
         self._market_clock: Any = None
-        if self.settings.get("clock"):
+        clock = self.settings.get("clock")
+        if clock:
             from meterchain.site.clock import MarketClock
 
-            self._market_clock = MarketClock(**self.settings["clock"])
+            anchor_file = clock.get("anchor_file")
+            self._market_clock = MarketClock(
+                int(clock["start"]), float(clock["speed"]), float(clock.get("anchor", 0.0)),
+                Path(anchor_file) if anchor_file else None,
+            )  # fmt: skip
         self._console_lock = threading.Lock()
         self._console: TextIO = open(self.folder / CONSOLE_FILE, "a", buffering=1)  # noqa: SIM115
         self._wdt: EmulatedWatchdog | None = None

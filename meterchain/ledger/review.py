@@ -384,3 +384,20 @@ class BlockReviewer:
         self.store.append(block, proposal.readings)
         del self._proposals[block.hash]
         return block.height
+
+
+def encode_sealed(block: Block, readings: Any) -> bytes:
+    """A certified block with its reading batches: [committed block, proposal]."""
+    return codec.encode([encode_committed(block), Proposal(block, readings).encode()])
+
+
+def decode_sealed(data: bytes) -> tuple[Block, dict[int, tuple[LedgerReading, ...]]]:
+    try:
+        committed, proposal = codec.decode(data)
+        block = decode_committed(committed)
+        readings = Proposal.decode(proposal)
+    except (CodecError, TypeError, ValueError) as exc:
+        raise ProposalError(f"malformed sealed block: {exc}") from exc
+    if readings.block.hash != block.hash:
+        raise ProposalError("sealed block: the readings belong to another block")
+    return block, dict(readings.readings)

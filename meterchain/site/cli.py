@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_init)
     p = sub.add_parser("up", help="start the site's processes")
     p.add_argument("dir", type=Path)
-    p.add_argument("--settle", type=float, default=10.0,
-                   help="real seconds from now until the market day starts")  # fmt: skip
+    p.add_argument("--settle", type=float, default=2.0,
+                   help="real seconds between genesis and the start of the market day")  # fmt: skip
     p.set_defaults(func=_up)
     p = sub.add_parser("status", help="the site's processes and ledger height")
     p.add_argument("dir", type=Path)

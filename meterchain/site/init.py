@@ -99,11 +99,12 @@ def toml_table(name: str, values: dict[str, object], *, array: bool = False) -> 
     return f"{head}\n{body}\n"
 
 
-def clock_table(clock: MarketClock) -> str:
-    """The `[clock]` table; always the last table of a service config (`site up` rewrites it)."""
+def clock_table(clock: MarketClock, root: Path, folder: Path) -> str:
+    """The `[clock]` table of a config in `folder`: started by `site up` (its anchor file)."""
     if clock.real_time:
-        return "[clock]\n# real time\n"
-    return toml_table("clock", {"start": clock.start, "speed": clock.speed, "anchor": clock.anchor})
+        return "[clock]\n# real time\n\n"
+    anchor = os.path.relpath(root / "run" / "clock-anchor", folder)
+    return toml_table("clock", {"start": clock.start, "speed": clock.speed, "anchor_file": anchor})
 
 
 def lab_timing(speed: float) -> Timing:
@@ -199,7 +200,8 @@ def init_site(root: Path, opts: InitOptions) -> Site:
     if opts.speed != 1.0:
         # The day starts with the bids for 00:00 (a submitter bids 2 delta ahead of the nodes).
         lead = timing.bid_lead_s + 2 * timing.delta_s * opts.speed + 300
-        clock = MarketClock(start=DAY_START - int(lead), speed=opts.speed, anchor=0.0)
+        anchor = root / "run" / "clock-anchor"
+        clock = MarketClock(DAY_START - int(lead), opts.speed, anchor_file=anchor)
     site_toml = (
         "# Written by `meterchain site init`; `meterchain site up` starts what it describes.\n"
         + toml_table(
@@ -211,7 +213,7 @@ def init_site(root: Path, opts: InitOptions) -> Site:
             },
         )
         + toml_table("timing", {k: getattr(timing, k) for k in Timing.__dataclass_fields__})
-        + clock_table(clock)
+        + clock_table(clock, root, root)
     )  # fmt: skip
     _public(root / SITE_FILE, site_toml)
     from meterchain.site.layout import load
@@ -428,7 +430,7 @@ def _provision_boards(
         "# The emulated meters and boards of this site (python -m hil.lab lab.toml).\n"
         + toml_table("lab", {"status": "status.json", "interval_ms": interval_ms})
         + "".join(meters_toml)
-        + clock_table(site.clock),
+        + clock_table(site.clock, site.root, lab),
     )
     return keys
 
@@ -519,7 +521,7 @@ def _write_agent(
              "efficiency_ppm": s.efficiency_ppm, "e_min_wh": s.e_min_wh, "e_max_wh": s.e_max_wh,
              "soc_wh": s.soc_wh},
         )  # fmt: skip
-    text += toml_table("consensus", consensus) + clock_table(site.clock)
+    text += toml_table("consensus", consensus) + clock_table(site.clock, site.root, folder)
     _public(folder / "agent.toml", text)
 
 
@@ -547,7 +549,7 @@ def _write_aggregator(site: Site, regulator: PrivateKey, ca: Path | None, ext_us
              "username": ext_user or AGGREGATOR_ID,
              "password_file": rel(site.secret(f"{AGGREGATOR_ID}.pass"), folder)},
         )
-        + clock_table(site.clock)
+        + clock_table(site.clock, site.root, folder)
     )  # fmt: skip
     _public(folder / "aggregator.toml", text)
     site.ledger.parent.mkdir(parents=True, exist_ok=True)
@@ -562,17 +564,3 @@ def _write_units(site: Site) -> None:
     _public(folder / "meterchain-aggregator.service", aggregator_unit(site))
     for mg in site.microgrids:
         _public(folder / f"meterchain-agent-{mg}.service", agent_unit(site, mg))
-
-
-def set_clock_anchor(site: Site, anchor: float) -> None:
-    """Rewrite the `[clock]` table (the last one) of every service config with `anchor`."""
-    if site.clock.real_time:
-        return
-    clock = MarketClock(site.clock.start, site.clock.speed, anchor)
-    for path in [site.root / SITE_FILE, *site.service_configs()]:
-        text = path.read_text()
-        head, sep, _ = text.rpartition("[clock]\n")
-        if not sep:
-            raise SiteError(f"{path}: no [clock] table to set")
-        path.write_text(head + clock_table(clock))
-

@@ -19,7 +19,7 @@ apart from the configurations that point at them:
     systemd/                  units for this site's paths
     lab/                      --emulated: lab.toml and boards/<meter>/ (each board's flash)
     state/                    what the services write (ledgers, agent databases)
-    run/                      site up: pids, logs, the supervisor's status
+    run/                      site up: pids, logs, the supervisor's status, clock-anchor
 """
 
 from __future__ import annotations
@@ -110,6 +110,11 @@ class Site:
     def run_dir(self) -> Path:
         return self.root / "run"
 
+    @property
+    def clock_anchor(self) -> Path:
+        """Written by `site up` when the market day starts (meterchain.site.clock)."""
+        return self.run_dir / "clock-anchor"
+
     def service_configs(self) -> list[Path]:
         """Every config file that carries the market clock."""
         configs = [self.aggregator_config, *(self.agent_config(m) for m in self.microgrids)]
@@ -130,5 +135,5 @@ def load(root: Path) -> Site:
     site: SiteSection = check.table(doc.get("site", {}), SiteSection, "site")
     check.require(site, "site", "market", "members", "broker_url")
     timing: Timing = check.table(doc.get("timing", {}), Timing, "timing")
-    clock = check_clock(check, doc.get("clock", {}), require_anchor=False)
+    clock = check_clock(check, doc.get("clock", {}))
     return Site(root, site, timing, clock)

@@ -26,7 +26,7 @@ from meterchain.site.layout import REGULATOR_ID, Site, SiteError
 def transaction(site: Site, kind: str, terms: dict[str, Any], key: PrivateKey) -> Tx:
     """A regulator-signed `kind` transaction, stamped with the market clock's time."""
     body = dict(terms)
-    body["time"] = int(site.clock.now()) if site.clock.anchor else int(site.clock.start or 0)
+    body["time"] = int(site.clock.now())
     return signed(site.market, kind, body, key)
 
 

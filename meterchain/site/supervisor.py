@@ -1,12 +1,14 @@
 """`meterchain site up|down`: the whole site as real processes, kept running like systemd would.
 
-`up` anchors the market clock (`meterchain.site.clock`: the day starts
-`settle_s` from now, so every service has started by then) and starts the
-supervisor, which runs the site's processes with their own configurations:
+`up` starts the supervisor, which runs the site's processes with their own
+configurations:
 Mosquitto (when the site runs its own broker), the aggregator and one edge
 agent per microgrid (`meterchain aggregator|agent run --config ...`); once
-the genesis block is on the ledger (the members signed it), the lab of an
-`--emulated` site (`python -m hil.lab`: emulated SDM630s and boards). A
+the genesis block is on the ledger (the members signed it), it starts the
+market clock (`meterchain.site.clock`: the anchor file, `settle_s` ahead, so
+every service begins the day together; a site started again keeps its clock)
+and the lab of an `--emulated` site (`python -m hil.lab`: emulated SDM630s and
+boards). A
 process that dies is started again after `RESTART_S`, as systemd's
 `Restart=on-failure` does, unless it exited with status 2 (a configuration
 error). Logs go to `run/<name>.log`; `run/status.json` holds every process's
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from meterchain.site import layout
+from meterchain.site.clock import start_clock
 from meterchain.site.layout import Site, SiteError
 
 RESTART_S = 1.0
@@ -99,8 +102,9 @@ def _python(*args: str) -> list[str]:
 class Supervisor:
     """Starts, watches and stops the processes of one site."""
 
-    def __init__(self, site: Site, *, drain_s: float = 60.0) -> None:
+    def __init__(self, site: Site, *, settle_s: float = 2.0, drain_s: float = 60.0) -> None:
         self.site = site
+        self.settle_s = settle_s
         self.drain_s = drain_s
         site.run_dir.mkdir(exist_ok=True)
         self.children: dict[str, Child] = {}
@@ -219,13 +223,16 @@ class Supervisor:
                 if child.name == "mosquitto":
                     self._wait_broker()
             self.write_status()
+            deadline = time.monotonic() + 120
+            while self.ledger_height() < 0 and not self.stop_event.is_set():
+                self._watch()
+                self.write_status()
+                if time.monotonic() > deadline:
+                    raise SiteError("no genesis block after 120 s: see run/aggregator.log")
+                time.sleep(POLL_S)
+            if not self.site.clock.real_time:
+                start_clock(self.site.clock_anchor, time.time() + self.settle_s)
             if self.site.site.emulated:
-                deadline = time.monotonic() + 120
-                while self.ledger_height() < 0 and not self.stop_event.is_set():
-                    self._watch()
-                    if time.monotonic() > deadline:
-                        raise SiteError("no genesis block after 120 s: see run/aggregator.log")
-                    time.sleep(POLL_S)
                 lab = self._child("lab", _python("-m", "hil.lab", str(self.site.lab_config)))
                 lab.start()
             self.state = "up"
@@ -309,20 +316,16 @@ def status(site: Site) -> dict[str, Any]:
         return {"state": "down"}
 
 
-def up(root: Path, *, settle_s: float = 10.0, timeout: float = 180.0) -> Site:
-    """Anchor the clock and start the supervisor in the background; return once the site is up."""
-    from meterchain.site.init import set_clock_anchor
-
+def up(root: Path, *, settle_s: float = 2.0, timeout: float = 180.0) -> Site:
+    """Start the supervisor in the background; return once the site is up (see the module doc)."""
     site = layout.load(root)
     if supervisor_pid(site) is not None:
         raise SiteError(f"{site.root} is already up (supervisor {supervisor_pid(site)})")
-    set_clock_anchor(site, time.time() + settle_s)
-    site = layout.load(root)
     site.run_dir.mkdir(exist_ok=True)
     (site.run_dir / "status.json").unlink(missing_ok=True)
     with open(site.run_dir / "supervisor.log", "ab") as log:
         proc = subprocess.Popen(
-            _python("-m", "meterchain.site.supervisor", str(site.root)),
+            _python("-m", "meterchain.site.supervisor", str(site.root), str(settle_s)),
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip
@@ -358,10 +361,10 @@ def down(root: Path, *, timeout: float = 180.0) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m meterchain.site.supervisor DIR`: run the site until SIGTERM/SIGINT."""
+    """`python -m meterchain.site.supervisor DIR [SETTLE_S]`: run the site until SIGTERM."""
     args = sys.argv[1:] if argv is None else argv
     site = layout.load(Path(args[0]))
-    supervisor = Supervisor(site)
+    supervisor = Supervisor(site, settle_s=float(args[1]) if len(args) > 1 else 2.0)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: supervisor.stop_event.set())
     return supervisor.run()

@@ -1,7 +1,14 @@
-"""`meterchain demo`: a short run of the whole pipeline and the invariants of the issue."""
+"""`meterchain demo`: the reference day on a lab site of the real services, and its invariants.
+
+The demo is `site init --emulated` + `site up` + `site down` (separate
+processes: Mosquitto, the aggregator, three consensus agents and one
+submitter, twelve emulated boards on emulated SDM630s); these tests check what
+it reports against the ledger it leaves.
+"""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -11,11 +18,11 @@ from typing import Any
 import pytest
 
 from hil.broker import MosquittoBroker
-from meterchain.demo.run import DemoError, DemoOptions, parse_broker_url, run_demo
+from meterchain.demo.run import DemoError, DemoOptions, check_broker_url, run_demo
 from meterchain.market.reference import reference_case
-from meterchain.market.rolling import run_day
 
 HOURS = 3
+METERS = 12
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -39,10 +46,10 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], 
 
 def test_every_published_reading_is_on_the_ledger(demo_run: tuple[dict[str, Any], Path, Path]):
     report, _, _ = demo_run
-    # 12 meters, one reading before the day and four per hour
-    assert report["readings_published"] == 12 * (1 + 4 * HOURS)
+    # 12 boards sample every 15 market minutes; the site runs a little beyond the hours asked
+    assert report["readings_published"] >= METERS * 4 * HOURS
     assert report["readings_on_ledger"] == report["readings_published"]
-    assert report["readings_refused"] == 0
+    assert all(n == 0 for n in report["restarts"].values()), report["restarts"]
 
 
 def test_the_ledger_verifies(demo_run: tuple[dict[str, Any], Path, Path]) -> None:
@@ -57,18 +64,25 @@ def test_the_ledger_verifies(demo_run: tuple[dict[str, Any], Path, Path]) -> Non
     assert verdict["blocks"] == report["ledger_blocks"]
 
 
-def test_improvements_are_equal_by_the_nash_split(demo_run: tuple[dict[str, Any], Path, Path]):
+def test_the_services_cleared_and_settled_every_hour(demo_run: tuple[dict[str, Any], Path, Path]):
     report, _, _ = demo_run
+    ids = [mg.id for mg in reference_case().microgrids]
+    assert [h["hour"] for h in report["hours"]] == list(range(HOURS))
+    for hour in report["hours"]:
+        # final by more than half of the three consensus members, never by the submitter
+        assert 2 <= len(hour["certified_by"]) <= 3 and set(hour["certified_by"]) <= set(ids[:3])
+        assert hour["trades"] and hour["saving"] > 0
+        assert all(t["seller"] in ids and t["buyer"] in ids for t in hour["trades"])
     mgs = report["microgrids"]
-    assert [m["id"] for m in mgs] == [mg.id for mg in reference_case().microgrids]
+    assert [m["id"] for m in mgs] == ids
+    assert [m["role"] for m in mgs] == ["consensus"] * 3 + ["submit-only"]
     for m in mgs:
         assert m["improvement"] == m["cost_without_trading"] - m["cost_with_trading"]
         assert m["improvement"] > 0  # nobody is worse off, and here everybody gains
-        assert m["hours_in_coalition"] == HOURS
-    improvements = [m["improvement"] for m in mgs]
+    improvements = [m["improvement"] for m in mgs if m["hours_in_coalition"] == HOURS]
     # each hour's saving is split equally; integer rounding moves at most 1 minor unit per hour
-    assert max(improvements) - min(improvements) <= HOURS
-    assert sum(h["saving"] for h in report["hours"]) == sum(improvements)
+    assert improvements and max(improvements) - min(improvements) <= HOURS
+    assert sum(h["saving"] for h in report["hours"]) == sum(m["improvement"] for m in mgs)
 
 
 def test_rolling_clearing_has_lower_penalties(demo_run: tuple[dict[str, Any], Path, Path]):
@@ -77,39 +91,12 @@ def test_rolling_clearing_has_lower_penalties(demo_run: tuple[dict[str, Any], Pa
     assert report["penalty_scenarios"] == 8
 
 
-def test_committed_clearings_are_the_market_contracts(demo_run: tuple[dict[str, Any], Path, Path]):
-    """The pipeline (forecasts, SDBFT, ledger) commits exactly what the contract clears."""
-    report, _, _ = demo_run
-    reference = run_day(reference_case(), "rolling")
-    for line, outcome in zip(report["hours"], reference.hours[:HOURS], strict=False):
-        expected = [
-            {"seller": t.seller, "buyer": t.buyer, "energy_wh": t.energy_wh, "amount": t.amount,
-             "price_per_kwh": t.price_per_kwh}
-            for t in outcome.executed.trades
-        ]  # fmt: skip
-        assert line["trades"] == expected
-        assert line["saving"] == outcome.executed.saving
-    assert [h["primary"] for h in report["hours"]] == ["mg1-campus", "mg2-hospital",
-                                                         "mg3-solar-park"]  # fmt: skip
-
-
-def test_plot_is_an_svg_of_the_day(demo_run: tuple[dict[str, Any], Path, Path]) -> None:
+def test_plot_is_an_svg_of_the_hours(demo_run: tuple[dict[str, Any], Path, Path]) -> None:
     _, _, plot = demo_run
     text = plot.read_text()
     assert text.startswith("<svg")
-    # Both axes are labelled (matplotlib keeps SVG text as text), and every hour is a tick.
     assert "energy cleared (kWh)" in text and "saving (currency units)" in text
     assert all(f"{h:02d}:00" in text for h in range(HOURS))
-
-
-def test_text_report_names_every_part(tmp_path: Path) -> None:
-    proc = meterchain("demo", "--hours", "1", "--ledger", str(tmp_path / "l.db"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
-    for needle in ("Per-hour clearing", "mg4-wind-farm ->", "Settlement per microgrid",
-                   "rolling clearing", "day-ahead clearing", "published (acknowledged by the "
-                   "broker) 60", "on the ledger                          60", "valid"):  # fmt: skip
-        assert needle in out, needle
 
 
 def test_an_existing_ledger_is_never_overwritten(tmp_path: Path) -> None:
@@ -125,17 +112,35 @@ def test_bad_options_are_named() -> None:
     with pytest.raises(DemoError, match="--hours must be 1..24"):
         run_demo(DemoOptions(hours=25))
     with pytest.raises(DemoError, match="expected mqtt://"):
-        parse_broker_url("http://example")
-    assert parse_broker_url("mqtt://u:p%40ss@h:1884").password == "p@ss"
+        check_broker_url("http://example")
+    with pytest.raises(DemoError, match="--broker"):
+        check_broker_url("mqtt://host:99999")
+    assert check_broker_url("mqtt://u:p%40ss@h:1884") == "mqtt://u:p%40ss@h:1884"
+
+
+def test_the_core_never_imports_the_services() -> None:
+    """meterchain/ (the shared core, the demo and the site tools) imports neither
+    edge_agent nor aggregator: the demo starts them as processes."""
+    offenders = []
+    for path in (REPO / "meterchain").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.relative_to(REPO)}: {n}" for n in names
+                          if n.split(".")[0] in ("edge_agent", "aggregator", "hil")]  # fmt: skip
+    assert not offenders, offenders
 
 
 def test_external_broker(tmp_path: Path) -> None:
-    """`--broker URL`: the same run against a real Mosquitto with password authentication."""
+    """`--broker URL`: the same site against a Mosquitto the demo did not start (one user)."""
     with MosquittoBroker(tmp_path / "broker", users={"demo": "s3cret"}, plain_port=True) as b:
         url = f"mqtt://demo:s3cret@127.0.0.1:{b.plain_port}"
         proc = meterchain("demo", "--hours", "1", "--ledger", str(tmp_path / "l.db"),
                           "--broker", url, "--json")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
-    assert report["broker"] == url
-    assert report["readings_on_ledger"] == report["readings_published"] == 60
+    assert report["broker"] == url and report["ledger_valid"]
+    assert report["readings_on_ledger"] == report["readings_published"] >= METERS * 4

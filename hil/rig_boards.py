@@ -1,14 +1,13 @@
-"""The physical side of the demo: emulated SDM630 meters on Modbus RTU and the boards reading them.
+"""A rig's emulated boards on command: SDM630s on Modbus RTU and boards the checks drive.
 
-Every microgrid has three meters: its renewable plant (export register), its
-load (import register) and the point of common coupling to the grid (bidir).
 Each meter is an `hil.emulated_meter.EmulatedSdm630` behind a `NullModem`
 (a pair of pseudo-terminals, so the board speaks real Modbus RTU with CRCs),
-driven by an hourly power table the demo fills as the day goes on. Each board
-is `meterchain.board.emulated.EmulatedBoard` running the real firmware `App`
+driven by an hourly power table. Each board is
+`meterchain.board.emulated.EmulatedBoard` running the real firmware `App`
 (sample, sign, spool, publish over MQTT until PUBACK) with one change: its
-real-time clock reads the demo's virtual clock, so readings carry the
-simulated time.
+real-time clock reads the rig's virtual clock, and the conformance checks
+(`hil.scenarios`) say when it samples and publishes. (A site's lab, where
+boards run on their own, is `hil.lab`.)
 """
 
 from __future__ import annotations
@@ -21,17 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meterchain.errors import MeterChainError
-
 HOUR = 3600
 
 
-class SiteError(MeterChainError):
-    """A meter or board of the demo site could not be started or stopped publishing."""
-
-
 class VirtualClock:
-    """Simulated Unix time that only the demo advances (thread-safe)."""
+    """Simulated Unix time that only the rig advances (thread-safe)."""
 
     def __init__(self, start: float) -> None:
         self._now = float(start)
@@ -73,21 +66,25 @@ class MeterSpec:
 
 
 class MeterLink:
-    """One emulated SDM630 on its own thread, reachable over RTU at `port` (the board's end)."""
+    """One emulated SDM630 on its own thread, reachable over RTU at `port` (the board's end).
 
-    def __init__(self, spec: MeterSpec, clock: VirtualClock, seed: int) -> None:
+    Its power follows `profile` (a `hil.profiles.PowerProfile`, by default an
+    `HourlyPower` table to fill) at the time `wall()` reads (the rig's or the
+    site's clock).
+    """
+
+    def __init__(self, wall: Callable[[], float], seed: int, profile: Any = None) -> None:
         from hil.emulated_meter import MeterThread, NullModem
 
-        self.spec = spec
-        self.profile = HourlyPower()
+        self.profile = profile if profile is not None else HourlyPower()
         self.modem = NullModem()
         self.thread = MeterThread(
             profile=self.profile,
             serial_port=self.modem.port_b,
             baudrate=19200,
-            start_time=clock.now(),
+            start_time=wall(),
             speed=1.0,
-            wall=clock.now,
+            wall=wall,
             seed=seed,
             import_kwh=1000.0 + seed,
             export_kwh=500.0 + seed,
@@ -107,7 +104,7 @@ def _board_class() -> type:
     from meterchain.board.emulated import EmulatedBoard
 
     class DemoBoard(EmulatedBoard):  # type: ignore[misc, valid-type]
-        """The emulated board with its RTC on the demo's virtual clock."""
+        """The emulated board with its RTC on the rig's virtual clock."""
 
         virtual: Callable[[], float] = time.time
 
@@ -161,7 +158,7 @@ def write_board_config(
 
 
 class Board:
-    """One emulated board running the firmware App, sampled when the demo says so."""
+    """One emulated board running the firmware App, sampled when the rig says so."""
 
     def __init__(self, folder: Path, clock: VirtualClock) -> None:
         from meterchain.board.emulated import load_settings

@@ -1,29 +1,92 @@
-"""Readings from MQTT into the aggregator: verified, sequence-checked, then into the ledger inbox.
+"""A rig's observer of the meters' topics: every reading verified, sequence-checked, kept by hour.
 
 `ReadingCollector` subscribes to every meter topic, verifies each reading
 (`meterchain.reading.verify` against the registry, then the SQLite
 `SequenceGuard`: no replay, no gap in order, no register running backwards),
-and keeps it by hour until the demo hands it to the ledger store's inbox, from
-which the aggregator's block former (`aggregator.former`) takes it.
+and keeps it by hour for the conformance checks of `hil.scenarios`.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
+
 from meterchain import reading
-from meterchain.demo.agents import BrokerAddress, mqtt_client
 from meterchain.errors import MeterChainError, RejectedReading
 from meterchain.ledger.readings import LedgerReading
 from meterchain.registry import Registry
 from meterchain.sequence import SequenceGuard
 
 
-class BlockRefused(MeterChainError):
-    """Too few consensus agents signed a proposed block; the message has their reasons."""
+class RigLinkError(MeterChainError):
+    """A rig client could not reach the broker or was refused."""
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    username: str = ""
+    password: str = ""
+    ca_file: str | None = None
+
+
+def mqtt_client(
+    client_id: str,
+    broker: BrokerAddress,
+    subscriptions: Sequence[str] = (),
+    on_message: Any = None,
+    *,
+    persistent: bool = False,
+) -> mqtt.Client:
+    """A connected paho client with its network loop running (raises AgentError if refused).
+
+    `subscriptions` are (re)subscribed at QoS 1 on every connect, so the client
+    keeps receiving after a broker restart; the first connect waits for SUBACK.
+    `persistent` asks the broker to keep the session (and queue QoS 1 messages)
+    while the client is away. `client.mc_subscribed` is set while subscribed.
+    """
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not persistent
+    )
+    if broker.username:
+        client.username_pw_set(broker.username, broker.password)
+    if broker.ca_file:
+        client.tls_set(ca_certs=broker.ca_file)
+    connected = threading.Event()
+    subscribed = threading.Event()
+
+    def on_connect(c: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        if getattr(rc, "is_failure", False):
+            return
+        for topic in subscriptions:
+            c.subscribe(topic, qos=1)
+        connected.set()
+
+    client.on_connect = on_connect  # type: ignore[assignment]
+    if on_message is not None:
+        client.on_message = on_message
+    client.on_subscribe = lambda *args: subscribed.set()  # type: ignore[assignment]
+    client.on_disconnect = lambda *args: subscribed.clear()  # type: ignore[assignment]
+    client.mc_subscribed = subscribed  # type: ignore[attr-defined]
+    client.reconnect_delay_set(0.05, 1)
+    try:
+        client.connect(broker.host, broker.port, keepalive=30)
+    except OSError as exc:
+        raise RigLinkError(f"{client_id}: cannot reach the broker {broker.host}:{broker.port}: "
+                         f"{exc}") from exc  # fmt: skip
+    client.loop_start()
+    if not connected.wait(10) or (subscriptions and not subscribed.wait(10)):
+        client.loop_stop()
+        raise RigLinkError(f"{client_id}: broker {broker.host}:{broker.port} did not accept us")
+    return client
+
+
 
 
 class ReadingCollector:
