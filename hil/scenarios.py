@@ -483,7 +483,7 @@ def broker_restart(s: Session, result: CheckResult) -> None:
 
 # --- service scenarios: kill -9 of the real aggregator and agent services ----------------
 
-SITE_HOURS = 3  # market hours the site settles around each kill
+SITE_HOURS = 2  # market hours the site settles after each kill
 
 
 def _settled(ledger: Path) -> int:

@@ -33,8 +33,8 @@ def test_emulated_rig_passes_every_check(tmp_path: Path) -> None:
         assert not bad, f"{name}: {ET.tostring(case, encoding='unicode')}"
     suites = {s.get("name"): s for s in root.iter("testsuite")}
     assert suites["emulated.conformance"].get("tests") == "4"
-    assert suites["emulated.fault"].get("tests") == "4"
-    assert "8 passed, 0 failed, 0 errors, 0 skipped" in proc.stdout
+    assert suites["emulated.fault"].get("tests") == "5"
+    assert "9 passed, 0 failed, 0 errors, 0 skipped" in proc.stdout
 
 
 def test_example_bench_is_a_valid_rig_of_real_boards() -> None:
