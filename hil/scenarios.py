@@ -488,17 +488,9 @@ SITE_HOURS = 2  # market hours the site settles after each kill
 
 def _settled(ledger: Path) -> int:
     """How many hours the aggregator has settled on the ledger so far."""
-    from meterchain.ledger.store import open_store
+    from meterchain.site.supervisor import settled_hours
 
-    if not ledger.exists():
-        return 0
-    try:
-        with open_store(str(ledger), create=False) as store:
-            return sum(
-                kind == "settlement" for b in store.stored_blocks() for kind, _, _ in b.txs
-            )
-    except Exception:  # noqa: BLE001 - being written: look again
-        return -1
+    return len(settled_hours(ledger))
 
 
 def _until(what: str, done: Callable[[], bool], timeout: float) -> None:

@@ -240,26 +240,10 @@ def run_demo(
     return report
 
 
-def _settled_hours(ledger: Path) -> set[int]:
-    if not ledger.exists():
-        return set()
-    try:
-        with open_store(str(ledger), create=False) as store:
-            return {
-                Tx.decode(raw).body["hour"]
-                for stored in store.stored_blocks()
-                for kind, _, raw in stored.txs
-                if kind == "settlement"
-            }
-    except MeterChainError:
-        return set()  # being written: look again
-
-
 def _wait_settled(site: layout.Site, hours: int, note: Callable[[int, int, str], None]) -> None:
     """Until the aggregator settled hours 0 .. hours-1 of the day (a stall is an error)."""
     h0 = DAY_START // HOUR
-    per_hour = HOUR / site.clock.speed
-    deadline = time.monotonic() + SETTLE_S + 60 + 6 * per_hour * hours
+    deadline = time.monotonic() + 60 + 6 * HOUR / site.clock.speed * hours
     done = 0
     while done < hours:
         if time.monotonic() > deadline:
@@ -268,7 +252,7 @@ def _wait_settled(site: layout.Site, hours: int, note: Callable[[int, int, str],
         state = supervisor.status(site)
         if state.get("state") not in ("up", "starting"):
             raise DemoError(f"the site is {state.get('state')}: {state.get('note')}")
-        settled = _settled_hours(site.ledger)
+        settled = supervisor.settled_hours(site.ledger)
         now = sum(1 for h in range(h0, h0 + hours) if h in settled)
         if now != done:
             done = now

@@ -3,12 +3,14 @@
     meterchain site init DIR [--microgrids N] [--members K1] [--emulated] [--speed X]
                              [--market NAME] [--broker URL --ca FILE]
     meterchain site up DIR [--settle S]      start every process (returns once it is up)
+    meterchain site wait DIR --hours N [--timeout S]   until N market hours are settled
     meterchain site status DIR [--json]
     meterchain site down DIR                 stop in order, after the ledger has every reading
     meterchain site admit DIR ID --key HEX [--role microgrid]
     meterchain site exit DIR ID --mode voluntary|inactive|expelled|banned --reason TEXT
     meterchain site register-meter DIR METER --owner ID --source pv|wind|load|bidir|... --key HEX
     meterchain site veto DIR TX_HASH --reason TEXT
+    meterchain site keygen FILE              a new P-256 key (0600); prints its public key
 
 Exit status 0 on success, 1 when the site refused or failed, 2 on bad input.
 """
@@ -49,6 +51,32 @@ def _up(ns: argparse.Namespace) -> int:
 
     site = up(ns.dir, settle_s=ns.settle)
     print(f"site {site.root} is up (logs and status in {site.run_dir})")
+    return 0
+
+
+def _wait(ns: argparse.Namespace) -> int:
+    from meterchain.site import layout
+    from meterchain.site.supervisor import wait_settled
+
+    site = layout.load(ns.dir)
+    done = wait_settled(
+        site, ns.hours, ns.timeout, note=lambda n: print(f"{n} hour(s) settled", flush=True)
+    )
+    print(f"{done} market hours settled on {site.ledger}")
+    return 0
+
+
+def _keygen(ns: argparse.Namespace) -> int:
+    from meterchain.keys import PrivateKey
+
+    if ns.file.exists():
+        print(f"meterchain site keygen: {ns.file} exists; a key is never overwritten",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    key = PrivateKey.generate()
+    ns.file.parent.mkdir(parents=True, exist_ok=True)
+    key.save(ns.file)
+    print(key.public_key().point.hex())
     return 0
 
 
@@ -117,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settle", type=float, default=2.0,
                    help="real seconds between genesis and the start of the market day")  # fmt: skip
     p.set_defaults(func=_up)
+    p = sub.add_parser("wait", help="wait until the aggregator has settled N market hours")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--hours", type=int, required=True)
+    p.add_argument("--timeout", type=float, default=300.0, help="real seconds")
+    p.set_defaults(func=_wait)
+    p = sub.add_parser("keygen", help="write a new P-256 private key (0600), print its public key")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=_keygen)
     p = sub.add_parser("status", help="the site's processes and ledger height")
     p.add_argument("dir", type=Path)
     p.add_argument("--json", action="store_true")

@@ -223,12 +223,10 @@ def init_site(root: Path, opts: InitOptions) -> Site:
     # --- identities -------------------------------------------------------------------
     regulator = PrivateKey.generate()
     regulator.save(site.secret("regulator.key"))
-    site.secret("regulator.key").chmod(0o600)
     node_keys = {}
     for node_id in ids:
         key = PrivateKey.generate()
         key.save(site.secret(f"{node_id}.key"))
-        site.secret(f"{node_id}.key").chmod(0o600)
         node_keys[node_id] = key
     membership = Membership(
         opts.market, 1, tuple(Member(n, node_keys[n].public_key()) for n in members)

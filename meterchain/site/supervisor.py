@@ -290,6 +290,47 @@ class Supervisor:
         self.note = f"drain: not every published reading reached the ledger in {self.drain_s} s"
 
 
+def settled_hours(ledger: Path) -> set[int]:
+    """The hours (Unix s // 3600) the aggregator has settled on `ledger` so far."""
+    from meterchain.errors import MeterChainError
+    from meterchain.ledger.store import open_store
+    from meterchain.ledger.transactions import Tx
+
+    if not ledger.exists():
+        return set()
+    try:
+        with open_store(str(ledger), create=False) as store:
+            return {
+                Tx.decode(raw).body["hour"]
+                for stored in store.stored_blocks()
+                for kind, _, raw in stored.txs
+                if kind == "settlement"
+            }
+    except (MeterChainError, OSError):
+        return set()  # being written right now: look again
+
+
+def wait_settled(site: Site, hours: int, timeout: float, note: Any = None) -> int:
+    """Until `hours` hours are settled on the site's ledger (SiteError after `timeout` s or
+    when the site stops); returns how many are."""
+    deadline = time.monotonic() + timeout
+    done = -1
+    while True:
+        count = len(settled_hours(site.ledger))
+        if count != done and note is not None:
+            note(count)
+        done = count
+        if done >= hours:
+            return done
+        state = status(site).get("state")
+        if state not in ("up", "starting"):
+            raise SiteError(f"the site is {state}: {status(site).get('note') or 'see run/'}")
+        if time.monotonic() > deadline:
+            raise SiteError(f"{done} of {hours} hours settled after {timeout:.0f} s; see the "
+                            f"logs in {site.run_dir}")  # fmt: skip
+        time.sleep(0.2)
+
+
 def _running(pid: int) -> bool:
     """True while `pid` runs (a zombie, exited but not yet reaped by its parent, does not)."""
     try:
