@@ -20,7 +20,7 @@ import io
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,9 +36,11 @@ from meterchain.ledger.readings import HOUR
 from meterchain.ledger.state import LedgerState
 from meterchain.ledger.store import LedgerStore, StoreError, open_store
 from meterchain.ledger.transactions import Tx
+from meterchain.market import congestion
 from meterchain.market.explain import GLOSSARY as MARKET_TERMS
 from meterchain.market.explain import hour_gain
 from meterchain.market.model import RESERVE
+from meterchain.market.network import Network, load_network
 from meterchain.times import iso_utc
 
 MONEY_SCALE = 10_000  # minor units per currency unit
@@ -90,6 +92,8 @@ class HourOfTrade:
     standalone_cost: dict[str, int]  # cost alone (minor units)
     final_cost: dict[str, int]  # cost with trading, after bargaining payments
     settled: bool = False  # a settlement of this hour is on the ledger
+    # line -> (DC flow W, thermal limit W) of the cleared dispatch, with a network site file
+    loadings: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,8 +116,14 @@ def _stored_txs(store: LedgerStore) -> list[Tx]:
     return [Tx.decode(body) for b in store.stored_blocks() for _, _, body in b.txs]
 
 
-def build(store: LedgerStore, *, signatures: bool = False) -> MarketReport:
-    """Verify the ledger, then gather statements and chart series from it."""
+def build(
+    store: LedgerStore, *, signatures: bool = False, network: Network | None = None
+) -> MarketReport:
+    """Verify the ledger, then gather statements and chart series from it.
+
+    With the market's `network` (its site file, M25) each cleared hour's DC
+    line flows are computed for the line-loading chart.
+    """
     state, report = verify_store(store, signatures=signatures)
     if state is None:
         return MarketReport("", [], [], {}, 0)
@@ -126,7 +136,7 @@ def build(store: LedgerStore, *, signatures: bool = False) -> MarketReport:
     orders: dict[str, dict[str, Any]] = {}
     for tx in _stored_txs(store):
         if tx.kind == "clearing":
-            hours[tx.body["hour"]] = _hour_of_trade(tx)
+            hours[tx.body["hour"]] = _hour_of_trade(tx, network)
         elif tx.kind == "settlement":
             hour = tx.body["hour"]
             settled = codec.decode(tx.body["result"])
@@ -167,13 +177,17 @@ def build(store: LedgerStore, *, signatures: bool = False) -> MarketReport:
     )
 
 
-def _hour_of_trade(tx: Tx) -> HourOfTrade:
+def _hour_of_trade(tx: Tx, network: Network | None) -> HourOfTrade:
     from meterchain.ledger.settle import decode_clearing
 
     request, result = decode_clearing(tx.body["request"], tx.body["result"])
     executed = result.executed[0]
     t = executed.period - request.first_period
     ids = result.microgrids
+    loadings = {}
+    if network is not None:
+        flows = congestion.check(network, result)  # MarketError: the site file does not fit
+        loadings = {ld.line: (ld.flow_w, ld.limit_w) for ld in flows.loadings}
     return HourOfTrade(
         tx.body["hour"],
         [(tr.seller, tr.buyer, tr.energy_wh, tr.price_per_kwh) for tr in executed.trades],
@@ -183,6 +197,7 @@ def _hour_of_trade(tx: Tx) -> HourOfTrade:
         # the hour alone, stored energy valued as the bargain values it (market.explain)
         {mg: executed.final_cost(i) + hour_gain(result, i) for i, mg in enumerate(ids)},
         {mg: executed.final_cost(i) for i, mg in enumerate(ids)},
+        loadings=loadings,
     )
 
 
@@ -250,6 +265,10 @@ _REPORT_TERMS: tuple[tuple[str, str], ...] = (
     ("money unit",
      f"Ledgers hold integer minor units, 1/{MONEY_SCALE:,} of a currency unit; charts show "
      "currency units."),
+    ("line loading",
+     "The DC power flow on a line in the cleared dispatch as a percentage of its thermal "
+     "limit, from the network site file (M25); above 100 % the line is overloaded and "
+     "congestion management cuts trades."),
     ("green certificate",
      "One per MWh of verified renewable generation (M22); held until retired, once."),
     ("times",
@@ -409,12 +428,46 @@ def certificates_figure(report: MarketReport) -> Figure:
     return fig
 
 
+def line_figure(report: MarketReport) -> Figure:
+    """Each line's loading per hour: |DC flow| as a percentage of its thermal limit (M25)."""
+    fig, (ax,) = charts.figure()
+    ax.set_title("Line loading per hour: |DC flow| / thermal limit (M25)")
+    ax.set_ylabel("loading (% of the limit)")
+    hours = [h.hour for h in report.hours]
+    edges = charts.hour_edges(hours)
+    centres = [(a + b) / 2 for a, b in zip(edges, edges[1:], strict=False)]
+    lines = sorted({line for h in report.hours for line in h.loadings})
+    palette = charts.colours(lines)
+    nan = float("nan")
+    for line in lines:
+        pct = [100 * abs(h.loadings[line][0]) / h.loadings[line][1] if line in h.loadings else nan
+               for h in report.hours]  # fmt: skip
+        ax.plot(centres, pct, marker="o", color=palette[line], label=line)
+        over = [(x, v) for x, v in zip(centres, pct, strict=True) if v > 100]
+        if over:
+            ax.scatter(*zip(*over, strict=True), s=90, facecolors="none", edgecolors="#c62828",
+                       linewidths=1.5, zorder=3)  # fmt: skip
+    ax.axhline(100, color="#c62828", linestyle="--", linewidth=1, label="thermal limit (100 %)")
+    ax.set_ylim(bottom=0)
+    ax.margins(y=0.1)
+    charts.hour_axis(ax, hours)
+    charts.legend_outside(ax, "line (circled: overloaded)")
+    return fig
+
+
 FIGURES = (
     ("energy", energy_figure),
     ("prices", price_figure),
     ("costs", cost_figure),
     ("certificates", certificates_figure),
+    ("lines", line_figure),
 )
+
+
+def figures_for(report: MarketReport) -> list[tuple[str, Callable[[MarketReport], Figure]]]:
+    """The charts this report draws: line loading only when the line flows are known."""
+    known = any(h.loadings for h in report.hours)
+    return [(name, draw) for name, draw in FIGURES if name != "lines" or known]
 
 
 def _hours_table(report: MarketReport) -> str:
@@ -442,10 +495,15 @@ def render_html(report: MarketReport) -> str:
         if report.hours else "no cleared hours"
     )  # fmt: skip
     figures = []
-    for name, build_figure in FIGURES:
+    for name, build_figure in figures_for(report):
         figures.append(f'<figure class="chart" id="chart-{name}">'
                        f"{charts.svg(build_figure(report))}</figure>")  # fmt: skip
     glossary = "\n".join(f"<dt>{escape(t)}</dt><dd>{escape(d)}</dd>" for t, d in GLOSSARY)
+    lines_note = (
+        "Line loading is computed from the network site file (DC power flow)."
+        if any(h.loadings for h in report.hours)
+        else "Line loading is not shown: give the network site file (--network) to see it."
+    )
     style = (
         f"body{{margin:0;font-family:sans-serif;width:{PAGE_W}px}}"
         f"header{{height:{HEADER_H}px;overflow:hidden;padding:0 16px;box-sizing:border-box}}"
@@ -460,9 +518,8 @@ def render_html(report: MarketReport) -> str:
         f"<title>{title}</title><style>{style}</style></head>\n<body>\n<header>"
         f"<h1>{title}</h1>\n<p>{report.blocks} blocks, {len(report.hours)} cleared hour(s), "
         f"{span}. Every figure is read from a ledger that verified (hashes, Merkle roots, "
-        "quorum certificates, re-executed settlement). Line loading is not shown: this "
-        "ledger records no line limits. Terms and sign conventions are explained below the "
-        "charts.</p></header>\n"
+        f"quorum certificates, re-executed settlement). {lines_note} Terms and sign "
+        "conventions are explained below the charts.</p></header>\n"
         + "\n".join(figures)
         + f"\n<section><h2>Hours</h2>\n{_hours_table(report)}\n"
         f"<h2>What the figures mean</h2>\n<dl>\n{glossary}\n</dl></section>\n</body></html>\n"
@@ -485,14 +542,19 @@ def main(argv: list[str]) -> int:
     p.add_argument("ledger")
     p.add_argument("--out", type=Path, required=True, help="the HTML file to write")
     p.add_argument("--signatures", action="store_true")
+    p.add_argument(
+        "--network", type=Path, metavar="SITE.toml",
+        help="the market's network site file: adds line loading per hour (M25)",
+    )  # fmt: skip
     ns = parser.parse_args(argv)
     target = ns.ledger
     if "://" not in target and not Path(target).exists():
         print(f"meterchain report: {target}: no such ledger file", file=sys.stderr)
         return 2
     try:
+        network = load_network(ns.network) if getattr(ns, "network", None) else None
         with open_store(target, create=False) as store:
-            report = build(store, signatures=ns.signatures)
+            report = build(store, signatures=ns.signatures, network=network)
     except ChainError as exc:
         print(f"meterchain report: the ledger does not verify: {exc}", file=sys.stderr)
         return 1

@@ -37,6 +37,8 @@ from aggregator.report import (  # noqa: E402
     certificates_figure,
     cost_figure,
     energy_figure,
+    figures_for,
+    line_figure,
     price_figure,
     render_html,
 )
@@ -77,6 +79,9 @@ def day_market() -> MarketReport:
             {"mg1-campus": 380_000, "mg2-hospital": 470_000, "mg3-solar-park": -110_000,
              "mg4-wind-farm": -20_000},
             settled=k < 22,
+            # the feeder line runs hot at noon: over its limit from 11:00 to 13:00
+            loadings={"sub-n1": (-(300_000 + 20_000 * min(k, 24 - k)), 500_000),
+                      "n1-n2": (40_000 * (k % 12), 400_000)},
         ))  # fmt: skip
         for j, mg in enumerate(MGS):
             line = Statement(hour, mg)
@@ -173,6 +178,19 @@ def test_cleared_and_delivered_are_both_drawn_and_labelled() -> None:
     assert ax.get_ylim()[1] > 900 * 1.05
 
 
+def test_line_loading_marks_overloads_against_the_limit() -> None:
+    fig = line_figure(day_market())
+    ax = fig.axes[0]
+    feeder = next(ln for ln in ax.get_lines() if ln.get_label() == "sub-n1")
+    loading = list(feeder.get_ydata())
+    assert loading[0] == pytest.approx(60.0) and loading[12] == pytest.approx(108.0)
+    circled = [y for c in ax.collections for _, y in c.get_offsets()]
+    # sub-n1 at 11:00, 12:00, 13:00 (104-108 %), n1-n2 at 11:00 and 23:00 (110 %)
+    assert sorted(round(y) for y in circled) == [104, 104, 108, 110, 110]
+    assert any(ln.get_label() == "thermal limit (100 %)" for ln in ax.get_lines())
+    assert ax.get_ylim()[1] > 108
+
+
 def test_series_keep_their_colours_across_reports() -> None:
     one = charts.colours(["mg1 → mg2", "mg4-wind-farm → mg1-campus"])
     other = charts.colours(["mg4-wind-farm → mg1-campus", "mg3 → mg1", "mg9 → mg2"])
@@ -182,7 +200,7 @@ def test_series_keep_their_colours_across_reports() -> None:
     assert len(set(many.values())) == 10  # no two series drawn together share a colour
 
 
-def _screenshot(html: str, name: str, tmp_path: Path) -> Image.Image:
+def _screenshot(html: str, name: str, tmp_path: Path, charts_drawn: int) -> Image.Image:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "chromium is missing: `make setup` installs it (Makefile system-deps)"
     page = tmp_path / f"{name}.html"
@@ -190,7 +208,7 @@ def _screenshot(html: str, name: str, tmp_path: Path) -> Image.Image:
     SHOTS.mkdir(parents=True, exist_ok=True)
     shot = SHOTS / f"{name}.png"
     shot.unlink(missing_ok=True)
-    height = HEADER_H + len(FIGURES) * (CHART_H + CHART_GAP)
+    height = HEADER_H + charts_drawn * (CHART_H + CHART_GAP)
     subprocess.run(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
          "--no-first-run", "--disable-background-networking", "--disable-component-update",
@@ -205,9 +223,11 @@ def _screenshot(html: str, name: str, tmp_path: Path) -> Image.Image:
 @pytest.mark.parametrize("which", ["one_hour", "day"])
 def test_the_report_renders_in_chromium(which: str, one_hour: MarketReport, tmp_path) -> None:
     report = one_hour if which == "one_hour" else day_market()
-    image = _screenshot(render_html(report), f"report-{which}", tmp_path)
+    drawn = figures_for(report)
+    assert [n for n, _ in drawn] == [n for n, _ in FIGURES if n != "lines" or which == "day"]
+    image = _screenshot(render_html(report), f"report-{which}", tmp_path, len(drawn))
     assert image.width == PAGE_W
-    for k, (name, _) in enumerate(FIGURES):
+    for k, (name, _) in enumerate(drawn):
         top = HEADER_H + k * (CHART_H + CHART_GAP)
         box = image.crop((0, top, PAGE_W, top + CHART_H)).resize((PAGE_W // 4, CHART_H // 4))
         pixels = np.asarray(box, dtype=int).reshape(-1, 3)
