@@ -232,6 +232,9 @@ def statements_json(report: MarketReport) -> str:
     doc = {
         "market": report.market,
         "money_unit": f"1/{MONEY_SCALE} currency unit",
+        "sign_convention": "money: + received, - paid by the party; net: the sum over every "
+        "reason; energy in Wh (bought, sold, and short: cleared but not delivered)",
+        "time": "the start of the hour, ISO-8601 UTC",
         "statements": [s.row() for s in report.statements],
         "totals": totals,
     }

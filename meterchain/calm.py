@@ -53,11 +53,16 @@ class CalmLog:
     def failure(self, subject: str, kind: str, message: str) -> None:
         now = self._clock()
         known = self._failing.get(subject)
-        if known is None or (self._per_kind and known.kind != kind):
+        if known is None:
             self._failing[subject] = _Failing(kind, now, next_summary=now + self._every)
             self._log.error("%s: %s (%s)", subject, message, kind)
             return
         known.count += 1
+        if self._per_kind and known.kind != kind:  # news: logged, the outage goes on counting
+            known.kind, known.reported = kind, known.count
+            known.next_summary = now + self._every
+            self._log.error("%s: %s (%s)", subject, message, kind)
+            return
         known.kind = kind
         if now >= known.next_summary:
             self._log.warning(
@@ -79,7 +84,7 @@ class CalmLog:
             )  # fmt: skip
 
     def failures(self, subject: str) -> int:
-        """Failures of `subject` since it started failing (0 when it is not failing)."""
+        """Failures of `subject` since it started failing, whatever their kinds (0: not failing)."""
         known = self._failing.get(subject)
         return known.count if known else 0
 

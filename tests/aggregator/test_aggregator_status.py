@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -40,3 +41,29 @@ def test_status_names_the_ledger_head_waiting_work_and_each_members_last_answer(
     status.loop_turned = time.monotonic() - 60
     health = status.health()
     assert not health.live and "has not turned for 60 s" in health.reasons[0]
+
+
+def test_forty_failed_proposals_make_one_error_per_reason_and_a_count(
+    site: Site,  # noqa: F811 - the fixture imported above
+    caplog,
+) -> None:
+    from types import SimpleNamespace
+
+    site.tick(T0, 0)
+    agg = site.aggregator
+
+    def failed(height: int, refusals: dict[str, str]) -> SimpleNamespace:
+        block = SimpleNamespace(height=height)
+        return SimpleNamespace(proposal=SimpleNamespace(block=block), votes={},
+                               refusals=refusals)  # fmt: skip
+
+    with caplog.at_level(logging.DEBUG, logger="meterchain.aggregator"):
+        for _ in range(40):
+            agg._give_up(failed(1, {}))  # noqa: SLF001 - the loop's own step, driven here
+        agg._give_up(failed(1, {"node1": "settlement differs"}))  # noqa: SLF001
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == ["proposals: proposal failed: block 1 got 0 vote(s): no answer (no answer)",
+                      "proposals: proposal failed: block 1 got 0 vote(s): node1: settlement "
+                      "differs (node1: settlement differs)"]  # fmt: skip
+    assert agg.status.document()["proposals_failed_in_a_row"] == 41
+    assert agg.metrics.refused._value.get() == 41  # noqa: SLF001 - every failure is counted

@@ -65,6 +65,7 @@ def test_json_statements_and_a_party_filter(ledger: Path, tmp_path: Path) -> Non
     doc = json.loads(out.read_text())
     assert doc["market"] == "m1" and list(doc["totals"]) == ["mg2"]
     assert doc["totals"]["mg2"]["net"] == sum(s["net"] for s in doc["statements"])
+    assert doc["sign_convention"].startswith("money: + received, - paid by the party")
 
 
 def test_html_report_has_every_chart_the_hour_table_and_the_glossary(

@@ -61,6 +61,8 @@ def test_a_new_kind_of_failure_is_news_only_when_asked(caplog) -> None:
             calm.failure("mg1-pv", "replayed", "replayed sequence")
     errors = [r.name for r in caplog.records if r.levelno == logging.ERROR]
     assert errors == ["test.kind", "test.kind", "test.outage"]
+    # Either way the outage goes on counting, whatever the reasons.
+    assert per_kind.failures("mg1-pv") == one_outage.failures("mg1-pv") == 3
 
 
 def test_the_consensus_link_backs_off_from_a_refusing_broker(mosquitto_factory, caplog) -> None:
