@@ -59,6 +59,11 @@ class AggregatorSection:
     log_level: str = "info"
     metrics_port: int = 0  # 0: no /metrics endpoint
     metrics_host: str = "127.0.0.1"
+    # The weak centre: "adjust" cuts trades over a line limit by the least total energy,
+    # "price" sets congestion prices and asks for re-bids (M25); remedies for trades
+    # that fell short, in the order to try them (M21; [] turns them off).
+    congestion_method: str = "adjust"
+    remedies: tuple[str, ...] = ("reassign", "storage", "ftr")
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,13 @@ def _check_aggregator(check: TableChecker, agg: AggregatorSection, has_membershi
     check.positive(agg.max_readings_per_block, "aggregator.max_readings_per_block")
     if agg.log_level not in LOG_LEVELS:
         check.fail("aggregator.log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+    from meterchain.market.congestion import METHODS
+    from meterchain.market.failed_execution import REMEDIES
+
+    if agg.congestion_method not in METHODS:
+        check.fail("aggregator.congestion_method", f"must be one of {', '.join(METHODS)}")
+    if len(set(agg.remedies)) != len(agg.remedies) or not set(agg.remedies) <= set(REMEDIES):
+        check.fail("aggregator.remedies", f"must list distinct remedies of {', '.join(REMEDIES)}")
     if not 0 <= agg.metrics_port <= 65535:
         check.fail("aggregator.metrics_port", "must be 0 (off) or a TCP port 1-65535")
 

@@ -4,7 +4,11 @@
 (registrations, exits, orders, vetoes, committed clearings, certificate
 transfers and retirements) that still pass the ledger rules; the verified
 readings in the inbox, one batch per hour; the settlement of every cleared
-hour that ended more than `settle_grace_s` ago (SC2 at v+2); certificate issues
+hour that ended more than `settle_grace_s` ago (SC2 at v+2), each preceded by the
+weak centre's congestion record when the cleared schedule breaks a line limit of
+the recorded grid network (M25, `congestion_method` "adjust" or "price") and
+followed by the remedies for trades that fell short (M21, `remedies` in the
+order to try them, `meterchain.ledger.weakcentre`); certificate issues
 for renewable meters whose new readings earn a certificate; and the contract
 client's firings and forfeits (M26). Each piece is applied to a working copy of
 the state, so the proposal is exactly what reviewers will re-execute.
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 
 from meterchain import reading
 from meterchain.errors import MeterChainError
-from meterchain.ledger import settle
+from meterchain.ledger import settle, weakcentre
 from meterchain.ledger.block import GENESIS_PREV, Block, BlockError
 from meterchain.ledger.chain import StoreReadings
 from meterchain.ledger.contracts import due_actions
@@ -29,6 +33,7 @@ from meterchain.ledger.review import Proposal, accept_block, genesis_state
 from meterchain.ledger.state import LedgerState, TxContext
 from meterchain.ledger.store import LedgerStore
 from meterchain.ledger.transactions import Tx, TxError, reading_batch
+from meterchain.market import congestion, failed_execution
 from meterchain.quorum import QuorumCertificate
 
 log = logging.getLogger("meterchain.aggregator.former")
@@ -53,8 +58,13 @@ class BlockFormer:
         proposer: str,
         settle_grace_s: int = 300,
         max_readings: int = 50_000,
+        congestion_method: str = congestion.ADJUST,
+        remedies: tuple[str, ...] = failed_execution.REMEDIES,
     ) -> None:
         self.store = store
+        self.congestion_method = congestion_method
+        self.remedies = remedies
+        self._within_limits: set[tuple[bytes, bytes]] = set()  # (clearing, network) checked
         self.state = state
         self.proposer = proposer
         self.settle_grace_s = settle_grace_s
@@ -113,6 +123,8 @@ class BlockFormer:
             batch_tx, ordered = reading_batch(hour, group)
             if include(batch_tx, ordered):
                 formation.readings += len(ordered)
+        for tx in self._congestion_records(work):
+            include(tx)
         for hour in sorted(work.clearings):
             if hour in work.settlements or time < (hour + 1) * HOUR + self.settle_grace_s:
                 continue
@@ -123,6 +135,14 @@ class BlockFormer:
                 continue
             if include(tx):
                 formation.settled_hours.append(hour)
+        for hour in formation.settled_hours:
+            try:
+                remedy = weakcentre.remedy_tx(work, hour, self.remedies)
+            except TxError as exc:
+                log.error("remedies of hour %d: %s", hour, exc)
+                continue
+            if remedy is not None:
+                include(remedy)
         for tx in self._certificate_issues(work, height):
             include(tx)
         for tx in due_actions(work, time):
@@ -136,6 +156,25 @@ class BlockFormer:
         )  # fmt: skip
         formation.proposal = Proposal(block, batches)
         return formation
+
+    def _congestion_records(self, work: LedgerState) -> Iterable[Tx]:
+        """The weak centre's check of every cleared, unsettled hour against the line limits."""
+        if work.network is None:
+            return
+        network = weakcentre.network_from(work.network).digest
+        for hour, clearing in sorted(work.clearings.items()):
+            key = (clearing.tx, network)
+            if hour in work.settlements or hour in work.congestion or key in self._within_limits:
+                continue
+            try:
+                tx = weakcentre.congestion_tx(work, hour, self.congestion_method)
+            except TxError as exc:
+                log.error("congestion check of hour %d: %s", hour, exc)
+                continue
+            if tx is None:
+                self._within_limits.add(key)
+            else:
+                yield tx
 
     def _inbox(self, work: LedgerState, time: int) -> list[LedgerReading]:
         """Inbox readings of registered meters (others wait), no more than one block holds."""

@@ -191,6 +191,8 @@ class Aggregator:
             store, state, proposer=self.node_id,
             settle_grace_s=self.cfg.aggregator.settle_grace_s,
             max_readings=self.cfg.aggregator.max_readings_per_block,
+            congestion_method=self.cfg.aggregator.congestion_method,
+            remedies=self.cfg.aggregator.remedies,
         )  # fmt: skip
         self.metrics.height.set(report.blocks - 1)
 

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "board": ("meterchain.board.cli", "provision, deploy and monitor meter boards"),
     "ledger": ("meterchain.ledger.cli", "verify, show and prove entries of a ledger"),
     "report": ("aggregator.report", "settlement statements and market reports"),
+    "monitor": ("meterchain.ledger.monitor", "violation monitoring report of a ledger (M19)"),
     "status": ("meterchain.status", "live status of a running agent or aggregator"),
     "hil": ("hil.cli", "hardware-in-the-loop rigs and emulated meters"),
     "bench": ("bench.cli", "run a benchmark against its anchor"),

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from meterchain.demo.run import DemoOptions, DemoReport, run_demo
+from meterchain.demo.run import DemoOptions, DemoReport, HourLine, run_demo
 from meterchain.errors import MeterChainError
 from meterchain.market.explain import glossary_lines
 
@@ -29,6 +29,10 @@ def money(amount: int) -> str:
     sign = "-" if amount < 0 else ""
     cents = (abs(amount) + 50) // 100
     return f"{sign}{cents // 100:,}.{cents % 100:02d}"
+
+
+def kwh(wh: int) -> str:
+    return f"{wh / 1000:,.1f} kWh"
 
 
 class ProgressBar:
@@ -56,6 +60,21 @@ class ProgressBar:
             self.stream.flush()
 
 
+def _feeder(h: HourLine) -> str:
+    """The hour's line loading (M25): the most loaded line, or every line over its limit."""
+    if not h.loadings:
+        return "no network"
+    over = [(line, flow, limit) for line, flow, limit in h.loadings if abs(flow) > limit]
+    if not over:
+        line, flow, limit = max(h.loadings, key=lambda ld: abs(ld[1]) * 1000 // ld[2])
+        return f"within limits (most loaded {line} {kwh(abs(flow))[:-1]} of {kwh(limit)[:-1]})"
+    text = ", ".join(
+        f"{line} {kwh(abs(flow))[:-1]} > {kwh(limit)[:-1]} ({abs(flow) * 100 // limit} %)"
+        for line, flow, limit in over
+    )
+    return f"OVERLOADED {text}; trades cut by {kwh(h.cut_wh)} to restore the limit"
+
+
 def render(report: DemoReport, out: TextIO) -> None:
     w = out.write
     w("\nPer-hour clearing (SDBFT-committed, on the ledger):\n")
@@ -67,6 +86,10 @@ def render(report: DemoReport, out: TextIO) -> None:
         w(f"{head}  saving {money(h.saving)}, penalties {money(h.penalty)}\n")
         for line in h.explanation:
             w(f"         {line}\n")
+        w(f"         feeder: {_feeder(h)}\n")
+        for kind, seller, buyer, provider, wh in h.remedies:
+            w(f"         remedy ({kind}): {kwh(wh)} short of {seller} -> {buyer} "
+              f"{'compensated to' if kind == 'ftr' else 'taken over by'} {provider}\n")
     w("\nSettlement per microgrid (currency units; Nash split of each hour's saving):\n")
     w(f"  {'microgrid':<16} {'role':<12} {'without trading':>16} {'with trading':>14} "
       f"{'improvement':>12} {'hours traded':>13} {'settled net':>13}\n")  # fmt: skip

@@ -35,8 +35,10 @@ from meterchain.ledger.chain import verify_store
 from meterchain.ledger.settle import decode_clearing
 from meterchain.ledger.store import open_store
 from meterchain.ledger.transactions import Tx
+from meterchain.market import congestion
 from meterchain.market.clearing import ClearingResult
 from meterchain.market.explain import explain_hour, hour_gain, hour_shared_saving
+from meterchain.market.network import reference_network
 from meterchain.market.reference import compare_rolling_vs_day_ahead, reference_case
 from meterchain.quorum import QuorumCertificate
 from meterchain.site import layout, supervisor
@@ -47,6 +49,9 @@ HOUR = 3600
 CONSENSUS_MEMBERS = 3  # n = K + 1 pre-elected consensus microgrids; the rest only submit
 PENALTY_SCENARIOS = 8  # seeded forecast-error days pooled in the rolling/day-ahead comparison
 SETTLE_S = 2.0  # real seconds between the genesis block and the start of the market day
+
+
+NETWORK = reference_network()
 
 
 class DemoError(MeterChainError):
@@ -81,6 +86,13 @@ class HourLine:
     explanation: tuple[str, ...]  # prices and bargaining transfers (market.explain)
     penalty: int  # M5 shortfall payments in the settlement on the ledger (minor units)
     short_wh: int
+    # The weak centre (M25): each feeder line's flow and limit (W) under the cleared schedule,
+    # the energy cut back to restore the limits (Wh), and the published reason.
+    loadings: tuple[tuple[str, int, int], ...] = ()
+    cut_wh: int = 0
+    congestion: str = ""
+    # Failed execution (M21): (remedy, seller, buyer, provider, Wh) recorded on the ledger.
+    remedies: tuple[tuple[str, str, str, str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -153,6 +165,16 @@ class DemoReport:
                     "explanation": list(h.explanation),
                     "penalty": h.penalty,
                     "short_wh": h.short_wh,
+                    "line_loading": [
+                        {"line": line, "flow_w": flow, "limit_w": limit}
+                        for line, flow, limit in h.loadings
+                    ],
+                    "congestion_cut_wh": h.cut_wh,
+                    "congestion": h.congestion,
+                    "remedies": [
+                        {"remedy": k, "seller": s, "buyer": b, "provider": p, "energy_wh": wh}
+                        for k, s, b, p, wh in h.remedies
+                    ],
                     "trades": [
                         {
                             "seller": t.seller,
@@ -307,8 +329,18 @@ def _hour_lines(store: Any, h0: int, wanted: range) -> list[HourLine]:
     results: dict[int, tuple[tuple[str, ...], ClearingResult]] = {}
     explanations: dict[int, tuple[str, ...]] = {}
     settlements: dict[int, dict[str, Any]] = {}
+    records: dict[int, congestion.Adjustment] = {}
+    remedies: dict[int, list[Any]] = {}
     for stored in store.stored_blocks():
         for kind, _, raw in stored.txs:
+            if kind == "congestion":
+                body = Tx.decode(raw).body
+                records[body["hour"] - h0] = congestion.Adjustment.from_cbor(body["record"])
+                continue
+            if kind == "remedy":
+                body = Tx.decode(raw).body
+                remedies[body["hour"] - h0] = codec.decode(body["result"])["remedies"]
+                continue
             if kind not in ("clearing", "settlement"):
                 continue
             body = Tx.decode(raw).body
@@ -326,6 +358,8 @@ def _hour_lines(store: Any, h0: int, wanted: range) -> list[HourLine]:
         signers, result = results[h]
         executed = result.executed[0]
         settlement = settlements[h]
+        record = records.get(h)
+        flows = record.before if record else congestion.check(NETWORK, result).loadings
         lines.append(
             HourLine(
                 hour=h,
@@ -339,6 +373,10 @@ def _hour_lines(store: Any, h0: int, wanted: range) -> list[HourLine]:
                 explanation=explanations[h],
                 penalty=sum(e[2] for e in settlement["entries"] if e[3] == "shortfall"),
                 short_wh=sum(d[2] - d[3] for d in settlement["deliveries"]),
+                loadings=tuple((ld.line, ld.flow_w, ld.limit_w) for ld in flows),
+                cut_wh=record.total_cut_wh if record else 0,
+                congestion=record.reason if record else "",
+                remedies=tuple(tuple(r[:5]) for r in remedies.get(h, [])),
             )
         )
     return lines

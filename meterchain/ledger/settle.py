@@ -60,6 +60,19 @@ def decode_clearing(request: bytes, result: bytes) -> tuple[ClearingRequest, Cle
     return req, res
 
 
+def committed_clearing(state: LedgerState, hour: int) -> tuple[ClearingRequest, ClearingResult]:
+    """The committed clearing of `hour` as settlement sees it: with the weak centre's
+    recorded congestion cut (M25, `meterchain.ledger.weakcentre`) applied."""
+    clearing = state.clearings[hour]
+    request, result = decode_clearing(clearing.request, clearing.result)
+    record = state.congestion.get(hour)
+    if record is not None:
+        from meterchain.market.congestion import Adjustment, adjusted_result
+
+        result = adjusted_result(result, Adjustment.from_cbor(record))
+    return request, result
+
+
 def _binds(value: Any, result: bytes) -> bool:
     """True when the agreed value is, or names, exactly this clearing result."""
     result_value = codec.decode(result)
@@ -157,7 +170,7 @@ def settlement_tx(state: LedgerState, hour: int) -> Any:
     clearing = state.clearings.get(hour)
     if clearing is None:
         raise TxError(f"hour {hour} has no committed clearing to settle")
-    request, result = decode_clearing(clearing.request, clearing.result)
+    request, result = committed_clearing(state, hour)
     metered = metered_for(state, hour, request, result)
     return Tx.make(
         "settlement",

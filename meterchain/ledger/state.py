@@ -146,6 +146,12 @@ class LedgerState:
     latest_hour: int = 0
     pending_membership: Membership | None = None
     pending_forfeits: dict[str, list[tuple[str, int, str]]] = field(default_factory=dict)
+    # The weak centre (M25, M21) and monitoring (M19): records by hour / report hash.
+    network: bytes | None = None  # canonical CBOR of the recorded grid network
+    congestion: dict[int, bytes] = field(default_factory=dict)  # hour -> congestion record
+    remedies: dict[int, bytes] = field(default_factory=dict)  # hour -> remedy tx hash
+    reports: dict[bytes, tuple[str, ...]] = field(default_factory=dict)  # report -> suspects
+    decisions: dict[tuple[bytes, str], bytes] = field(default_factory=dict)
     height: int = -1
     time: int = 0
     _registry: Registry | None = None
@@ -182,6 +188,10 @@ class LedgerState:
         other.txs = dict(self.txs)
         other.snapshots = {m: dict(h) for m, h in self.snapshots.items()}
         other.pending_forfeits = {k: list(v) for k, v in self.pending_forfeits.items()}
+        other.congestion = dict(self.congestion)
+        other.remedies = dict(self.remedies)
+        other.reports = dict(self.reports)
+        other.decisions = dict(self.decisions)
         return other
 
     def registry(self) -> Registry:
@@ -465,7 +475,7 @@ class LedgerState:
             raise TxError(f"settlement of hour {hour} does not refer to its committed clearing")
         if self.txs[clearing.tx].vetoed_by is not None:
             raise TxError(f"the clearing of hour {hour} was vetoed; it cannot be settled")
-        request, result = settle.decode_clearing(clearing.request, clearing.result)
+        request, result = settle.committed_clearing(self, hour)
         metered = settle.metered_for(self, hour, request, result)
         if settle.encode_metered(metered) != body["metered"]:
             raise TxError(
@@ -475,6 +485,61 @@ class LedgerState:
             raise TxError(f"re-executed settlement of hour {hour} differs from the recorded one")
         self.settlements[hour] = tx.hash
         self._prune_snapshots()
+
+    # --- the weak centre (M24, M25, M21) and violation monitoring (M19) -----------------
+    def _apply_grid_network(self, tx: Tx, ctx: TxContext) -> None:
+        from meterchain.ledger.weakcentre import network_from
+
+        self._regulator_signed(tx)
+        network_from(tx.body["network"])
+        self.network = tx.body["network"]
+
+    def _apply_congestion(self, tx: Tx, ctx: TxContext) -> None:
+        from meterchain.ledger.weakcentre import check_congestion
+
+        check_congestion(self, dict(tx.body))
+        self.congestion[tx.body["hour"]] = tx.body["record"]
+
+    def _apply_remedy(self, tx: Tx, ctx: TxContext) -> None:
+        from meterchain.ledger.weakcentre import check_remedy
+
+        check_remedy(self, dict(tx.body))
+        self.remedies[tx.body["hour"]] = tx.hash
+
+    def _apply_suspect_report(self, tx: Tx, ctx: TxContext) -> None:
+        from meterchain.market.monitoring import MonitoringError, parse_suspect_report
+
+        reporter = tx.body["reporter"]
+        if reporter not in self.membership.node_ids and reporter not in self.participants:
+            raise TxError(f"reporter {reporter} is neither a consensus member nor a participant")
+        try:
+            report = parse_suspect_report(tx.body["report"])
+        except MonitoringError as exc:
+            raise TxError(f"suspect report: {exc}") from exc
+        if report["to_hour"] * HOUR > ctx.time:
+            raise TxError("suspect report covers hours that have not ended")
+        self.reports[tx.hash] = tuple(row[0] for row in report["suspects"])
+
+    def _apply_regulator_decision(self, tx: Tx, ctx: TxContext) -> None:
+        self._regulator_signed(tx)
+        b = tx.body
+        suspects = self.reports.get(b["report"])
+        if suspects is None:
+            raise TxError(f"report {b['report'].hex()[:16]} is not a recorded suspect report")
+        if b["participant"] not in suspects:
+            raise TxError(f"participant {b['participant']} is not a suspect of that report")
+        if (b["report"], b["participant"]) in self.decisions:
+            raise TxError(f"the regulator already decided on {b['participant']} for that report")
+        if (b["action"] == "fine") != (b["fine"] > 0):
+            raise TxError("a fine needs a positive amount, and only a fine has one")
+        if b["action"] == "expel":
+            current = self._active_participant(b["participant"])
+            self.participants[current.id] = replace(current, active=False, exit_mode="expelled")
+            for meter in list(self.meters.values()):
+                if meter.owner == current.id and meter.active:
+                    self.meters[meter.id] = replace(meter, active=False)
+                    self._registry = None
+        self.decisions[(b["report"], b["participant"])] = tx.hash
 
     def _prune_snapshots(self) -> None:
         oldest = self.latest_hour - SNAPSHOT_WINDOW_HOURS

@@ -31,6 +31,7 @@ _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 ROLES = ("microgrid", "generator", "consumer", "dispatch", "grid", "consensus", "observer")
 EXIT_MODES = ("voluntary", "inactive", "expelled", "banned")
+DECISIONS = ("dismiss", "warn", "fine", "expel")  # a regulator's answer to a suspect (M19)
 SOURCES = tuple(sorted(reading.SOURCES))
 SIGNATURE_FIELDS = frozenset({"regulator_sig", "audit", "security", "signatures", "owner_sig"})
 
@@ -227,6 +228,37 @@ SCHEMAS: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
         "party": (_name, "the defaulting participant id"),
         "amount": (_uint, "forfeited deposit in minor units"),
         "reason": (_text, "a non-empty reason"),
+    },
+    # The weak centre (M24, M25, M21) and violation monitoring (M19).
+    "grid_network": {
+        "network": (_bytes, "canonical CBOR of the distribution network model"),
+        "time": (_uint, "Unix seconds"),
+        "regulator_sig": (_SIG, "a 64-byte signature"),
+    },
+    "congestion": {
+        "hour": (_uint, "the delivery hour index"),
+        "clearing": (_H32, "the 32-byte hash of the clearing transaction"),
+        "record": (_bytes, "canonical CBOR of the congestion record (check, cut or prices)"),
+    },
+    "remedy": {
+        "hour": (_uint, "the settled hour index"),
+        "settlement": (_H32, "the 32-byte hash of the settlement transaction"),
+        "case": (_bytes, "canonical CBOR of the failed-execution case"),
+        "result": (_bytes, "canonical CBOR of the remedies and their settlement"),
+    },
+    "suspect_report": {
+        "reporter": (_name, "the reporting node's id"),
+        "report": (_bytes, "canonical CBOR of the monitoring report's suspects"),
+        "time": (_uint, "Unix seconds"),
+    },
+    "regulator_decision": {
+        "report": (_H32, "the 32-byte hash of the suspect report"),
+        "participant": (_name, "the suspected participant's id"),
+        "action": (_one_of(DECISIONS), f"one of {', '.join(DECISIONS)}"),
+        "fine": (_uint, "fine from the bond in minor units (0 unless fined)"),
+        "reason": (_text, "a non-empty published reason"),
+        "time": (_uint, "Unix seconds"),
+        "regulator_sig": (_SIG, "a 64-byte signature"),
     },
 }
 

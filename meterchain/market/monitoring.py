@@ -38,6 +38,7 @@ from functools import cached_property
 from typing import Any
 
 from meterchain import codec
+from meterchain.errors import CodecError
 from meterchain.market.errors import MarketError
 
 INDICATORS = ("deviation", "wash", "price_outlier", "unpaid", "withheld")
@@ -271,12 +272,14 @@ class MonitoringReport:
         return tuple(s for s in self.scores if s.suspect)
 
     def suspect_dict(self) -> dict[str, Any]:
-        """The canonical suspect report: window, model and each suspect's indicator values."""
+        """The canonical suspect report: window, model, the related accounts it was given and
+        each suspect's indicator values and events (INDICATORS order)."""
         return {
             "model": self.model_version,
             "model_digest": self.model_digest,
             "from_hour": self.from_hour,
             "to_hour": self.to_hour,
+            "related": [list(pair) for pair in self.related],
             "suspects": [
                 [s.participant, s.score, list(s.values), list(s.events)] for s in self.suspects
             ],
@@ -406,6 +409,48 @@ def monitor(activity: Activity, model: ScoringModel = CURRENT) -> MonitoringRepo
     )
 
 
+def parse_suspect_report(data: bytes) -> dict[str, Any]:
+    """A recorded suspect report (``MonitoringReport.suspect_dict`` as canonical CBOR), checked
+    for shape and for naming a released model; raises MonitoringError."""
+    try:
+        value = codec.decode(data)
+    except CodecError as exc:
+        raise MonitoringError(f"suspect report is not canonical CBOR: {exc}") from exc
+    keys = {"model", "model_digest", "from_hour", "to_hour", "related", "suspects"}
+    if not isinstance(value, dict) or set(value) != keys:
+        raise MonitoringError(f"a suspect report must be a map with keys {sorted(keys)}")
+    if not isinstance(value["model"], str) or not isinstance(value["model_digest"], bytes):
+        raise MonitoringError("a suspect report names its model by version and digest")
+    model_for(value["model"], value["model_digest"])
+    _uint(value["from_hour"], "from_hour")
+    _uint(value["to_hour"], "to_hour")
+    if value["to_hour"] <= value["from_hour"]:
+        raise MonitoringError("a suspect report's window is empty")
+    related = value["related"]
+    if not isinstance(related, list) or not all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) and x for x in p)
+        for p in related
+    ):
+        raise MonitoringError("a suspect report's related accounts are pairs of ids")
+    rows = value["suspects"]
+    if not isinstance(rows, list) or not rows:
+        raise MonitoringError("a suspect report lists at least one suspect")
+    for row in rows:
+        if (
+            not isinstance(row, list)
+            or len(row) != 4
+            or not isinstance(row[0], str)
+            or not row[0]
+            or not all(isinstance(v, list) and len(v) == len(INDICATORS) for v in row[2:])
+        ):
+            raise MonitoringError(f"malformed suspect row {row!r}")
+        for v in (row[1], *row[2], *row[3]):
+            _uint(v, f"suspect {row[0]} value")
+    if len({row[0] for row in rows}) != len(rows):
+        raise MonitoringError("a suspect report names a participant twice")
+    return value
+
+
 def check_report(activity: Activity, recorded: Mapping[str, Any]) -> None:
     """A node's check of a recorded suspect report: re-run the monitor, compare exactly."""
     model = model_for(recorded.get("model", ""), recorded.get("model_digest", b""))
@@ -430,5 +475,6 @@ __all__ = [
     "indicator_values",
     "model_for",
     "monitor",
+    "parse_suspect_report",
     "score",
 ]

@@ -199,6 +199,28 @@ class Network:
         return codec.digest(self.to_dict())
 
 
+def reference_network() -> Network:
+    """The reference day's feeder (``deploy/network.example.toml``): the solar park hangs on a
+    250 kW section that its midday export overloads; everything else has headroom."""
+    return Network(
+        "reference-feeder",
+        "sub",
+        ("sub", "b1", "b2", "b3", "b4"),
+        (
+            Line("sub-b1", "sub", "b1", 60, 1_000_000),
+            Line("b1-b2", "b1", "b2", 80, 600_000),
+            Line("b1-b3", "b1", "b3", 150, 250_000),
+            Line("sub-b4", "sub", "b4", 90, 600_000),
+        ),
+        (
+            ("mg1-campus", "b1"),
+            ("mg2-hospital", "b2"),
+            ("mg3-solar-park", "b3"),
+            ("mg4-wind-farm", "b4"),
+        ),
+    )
+
+
 def _check_name(value: object, key: str) -> None:
     if not isinstance(value, str):
         raise NetworkError(key, f"must be a name, not {value!r}")

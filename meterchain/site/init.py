@@ -281,6 +281,12 @@ def init_site(root: Path, opts: InitOptions) -> Site:
         for p in plans
         if p.id in meter_keys
     ]  # fmt: skip
+    from meterchain.market.network import reference_network
+
+    feeder = reference_network()
+    if {mg for mg, _ in feeder.sites} == set(ids):  # the reference day sits on its feeder (M25)
+        terms = {"network": feeder.to_cbor(), "time": t0}
+        genesis.append(signed(opts.market, "grid_network", terms, regulator))
     (root / "genesis.cbor").write_bytes(codec.encode([tx.raw for tx in genesis]))
 
     # --- service configurations --------------------------------------------------------
