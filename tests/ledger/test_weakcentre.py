@@ -1,0 +1,164 @@
+"""The weak centre on the ledger: congestion records re-checked and settled (M25), suspect
+reports and the regulator's decisions (M19)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from ledger_world import H0, World, build_world, hour_readings, two_microgrid_clearing
+
+from meterchain import codec
+from meterchain.ledger import weakcentre
+from meterchain.ledger.chain import verify_store
+from meterchain.ledger.readings import HOUR
+from meterchain.ledger.settle import settlement_tx
+from meterchain.ledger.store import open_store
+from meterchain.ledger.transactions import Tx, TxError, signed
+from meterchain.market import congestion
+from meterchain.market.monitoring import CURRENT, INDICATORS
+from meterchain.market.network import Line, Network
+
+HOUR5 = H0 + 5
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    w = build_world(open_store(str(tmp_path / "ledger.db")))
+    yield w
+    w.store.close()
+
+
+def _feeder(limit_w: int) -> Network:
+    """mg1 (the seller) at the end of a section with ``limit_w``; mg2 at the substation."""
+    return Network(
+        "test-feeder",
+        "sub",
+        ("sub", "far"),
+        (Line("sub-far", "sub", "far", 100, limit_w),),
+        (("mg1", "far"), ("mg2", "sub")),
+    )
+
+
+def _network_tx(world: World, network: Network, time: int) -> Tx:
+    terms = {"network": network.to_cbor(), "time": time}
+    return signed("m1", "grid_network", terms, world.sandbox.regulator)
+
+
+def test_congestion_record_is_rechecked_and_its_cut_settled(world: World) -> None:
+    chain, sb = world.chain, world.sandbox
+    request, result = two_microgrid_clearing(HOUR5 % 24)
+    flow = congestion.check(_feeder(10**9), result).loadings[0].flow_w
+    network = _feeder(abs(flow) - 20_000)
+    t = (H0 + 4) * HOUR
+    chain.commit([_network_tx(world, network, t), sb.clearing(HOUR5, request, result, round=9)], t)
+    assert chain.state is not None
+    tx = weakcentre.congestion_tx(chain.state, HOUR5, congestion.ADJUST)
+    assert tx is not None
+    record = congestion.Adjustment.from_cbor(tx.body["record"])
+    assert record.total_cut_wh == 20_000  # radial: exactly the overload
+    # A record that cuts too little is refused by every node (it re-runs the flow).
+    short = replace(record, cuts=(replace(record.cuts[0], kept_wh=record.cuts[0].kept_wh + 5),))
+    lying = Tx.make("congestion", {**tx.body, "record": short.to_cbor()})
+    with pytest.raises(TxError, match="after the cut differ|still carries"):
+        chain.commit([lying], t + 1)
+    chain.commit([tx], t + 1)
+    with pytest.raises(TxError, match="already has a congestion record"):
+        chain.commit([lying], t + 2)
+    # The hour is metered and settled: the settlement settles the cut trades, not the cleared.
+    chain.commit_readings(hour_readings(sb, HOUR5, 1000), (HOUR5 + 1) * HOUR + 1)
+    settlement = settlement_tx(chain.state, HOUR5)
+    settled = codec.decode(settlement.body["result"])
+    kept = [c.kept_wh for c in record.cuts]
+    assert [d[2] for d in settled["deliveries"]] == kept
+    balances: dict[str, int] = {}
+    for payer, payee, amount, _ in settled["entries"]:
+        balances[payer] = balances.get(payer, 0) - amount
+        balances[payee] = balances.get(payee, 0) + amount
+    assert sum(balances.values()) == 0
+    chain.commit([settlement], (HOUR5 + 1) * HOUR + 2)
+    verify_store(world.store)
+
+
+def test_congestion_needs_a_network_and_an_unsettled_hour(world: World) -> None:
+    chain, sb = world.chain, world.sandbox
+    request, result = two_microgrid_clearing(HOUR5 % 24)
+    t = (H0 + 4) * HOUR
+    chain.commit([sb.clearing(HOUR5, request, result, round=9)], t)
+    assert chain.state is not None
+    assert weakcentre.congestion_tx(chain.state, HOUR5, congestion.ADJUST) is None
+    record = congestion.adjust(_feeder(1_000), result)
+    body = {"hour": HOUR5, "clearing": chain.state.clearings[HOUR5].tx, "record": record.to_cbor()}
+    with pytest.raises(TxError, match="no grid network is recorded"):
+        chain.commit([Tx.make("congestion", body)], t + 1)
+    unsigned = Tx.make(
+        "grid_network",
+        {"network": _feeder(1_000).to_cbor(), "time": t, "regulator_sig": b"\x00" * 64},
+    )
+    with pytest.raises(TxError, match="regulator signature"):
+        chain.commit([unsigned], t + 1)
+    bad = signed("m1", "grid_network", {"network": b"\xa0", "time": t}, sb.regulator)
+    with pytest.raises(TxError, match="grid network"):
+        chain.commit([bad], t + 1)
+
+
+def _report(suspect: str, to_hour: int) -> bytes:
+    n = len(INDICATORS)
+    return codec.encode(
+        {
+            "model": CURRENT.version,
+            "model_digest": CURRENT.digest,
+            "from_hour": H0,
+            "to_hour": to_hour,
+            "related": [],
+            "suspects": [[suspect, 600, [900] * n, [10] * n]],
+        }
+    )
+
+
+def _decision(world: World, report: bytes, who: str, action: str, fine: int, t: int) -> Tx:
+    terms = {
+        "report": report,
+        "participant": who,
+        "action": action,
+        "fine": fine,
+        "reason": "repeated deviations",
+        "time": t,
+    }
+    return signed("m1", "regulator_decision", terms, world.sandbox.regulator)
+
+
+def test_suspect_report_and_the_regulators_decision(world: World) -> None:
+    chain = world.chain
+    t = (H0 + 4) * HOUR
+    report = Tx.make(
+        "suspect_report", {"reporter": "node0", "report": _report("mg2", H0 + 2), "time": t}
+    )
+    future = Tx.make(
+        "suspect_report", {"reporter": "node0", "report": _report("mg2", H0 + 9), "time": t}
+    )
+    with pytest.raises(TxError, match="not ended"):
+        chain.commit([future], t)
+    stranger = Tx.make("suspect_report", {**report.body, "reporter": "mallory"})
+    with pytest.raises(TxError, match="neither a consensus member nor a participant"):
+        chain.commit([stranger], t)
+    retrained = codec.decode(report.body["report"])
+    retrained["model_digest"] = b"\x01" * 32
+    with pytest.raises(TxError, match="needs a new version"):
+        chain.commit(
+            [Tx.make("suspect_report", {**report.body, "report": codec.encode(retrained)})], t
+        )
+    chain.commit([report], t)
+    with pytest.raises(TxError, match="not a suspect of that report"):
+        chain.commit([_decision(world, report.hash, "mg1", "warn", 0, t)], t + 1)
+    with pytest.raises(TxError, match="a fine needs a positive amount"):
+        chain.commit([_decision(world, report.hash, "mg2", "fine", 0, t)], t + 1)
+    chain.commit([_decision(world, report.hash, "mg2", "expel", 0, t)], t + 1)
+    assert chain.state is not None
+    assert chain.state.participants["mg2"].active is False
+    assert chain.state.participants["mg2"].exit_mode == "expelled"
+    with pytest.raises(TxError, match="already decided"):
+        chain.commit([_decision(world, report.hash, "mg2", "fine", 5, t + 2)], t + 2)
+    verify_store(world.store)
