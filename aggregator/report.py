@@ -49,7 +49,8 @@ SETTLEMENT_REASONS = (
     "deposit-refund",
 )  # fmt: skip
 ORDER_REASONS = ("order-payment", "order-forfeit")
-REASONS = SETTLEMENT_REASONS + ORDER_REASONS
+REMEDY_REASON = "remedy"  # every entry of a failed-execution remedy (M21), summed
+REASONS = SETTLEMENT_REASONS + ORDER_REASONS + (REMEDY_REASON,)
 
 
 @dataclass
@@ -94,6 +95,8 @@ class HourOfTrade:
     settled: bool = False  # a settlement of this hour is on the ledger
     # line -> (DC flow W, thermal limit W) of the cleared dispatch, with a network site file
     loadings: dict[str, tuple[int, int]] = field(default_factory=dict)
+    cut_wh: int = 0  # trades cut back by the weak centre to restore line limits
+    remedied_wh: int = 0  # short energy taken over by other sellers or storage (M21)
 
 
 @dataclass
@@ -121,12 +124,17 @@ def build(
 ) -> MarketReport:
     """Verify the ledger, then gather statements and chart series from it.
 
-    With the market's `network` (its site file, M25) each cleared hour's DC
-    line flows are computed for the line-loading chart.
+    With the market's `network` (its site file, M25), or else the grid network
+    the regulator recorded on the ledger, each cleared hour's DC line flows are
+    computed for the line-loading chart.
     """
     state, report = verify_store(store, signatures=signatures)
     if state is None:
         return MarketReport("", [], [], {}, 0)
+    if network is None and state.network is not None:
+        from meterchain.ledger.weakcentre import network_from
+
+        network = network_from(state.network)
     statements: dict[tuple[int, str], Statement] = {}
 
     def line(hour: int, party: str) -> Statement:
@@ -137,6 +145,19 @@ def build(
     for tx in _stored_txs(store):
         if tx.kind == "clearing":
             hours[tx.body["hour"]] = _hour_of_trade(tx, network)
+        elif tx.kind == "congestion" and tx.body["hour"] in hours:
+            record = congestion.Adjustment.from_cbor(tx.body["record"])
+            hours[tx.body["hour"]].cut_wh = record.total_cut_wh
+        elif tx.kind == "remedy":
+            hour = tx.body["hour"]
+            for kind, _seller, _buyer, _provider, wh, entries in codec.decode(
+                tx.body["result"]
+            )["remedies"]:
+                if hour in hours and kind != "ftr":
+                    hours[hour].remedied_wh += wh
+                for payer, payee, amount, _reason in entries:
+                    line(hour, payer).money[REMEDY_REASON] -= amount
+                    line(hour, payee).money[REMEDY_REASON] += amount
         elif tx.kind == "settlement":
             hour = tx.body["hour"]
             settled = codec.decode(tx.body["result"])
@@ -272,6 +293,13 @@ _REPORT_TERMS: tuple[tuple[str, str], ...] = (
      "The DC power flow on a line in the cleared dispatch as a percentage of its thermal "
      "limit, from the network site file (M25); above 100 % the line is overloaded and "
      "congestion management cuts trades."),
+    ("congestion cut",
+     "Energy of the cleared trades the weak centre cut back because a line was over its limit: "
+     "the smallest total cut that restores every limit; settled as the cut trades."),
+    ("remedy",
+     "When a trade delivered short, its energy taken over by another seller's spare energy or "
+     "by storage reserve, or compensated to transmission-right holders (M21); the statements' "
+     "remedy column sums its money."),
     ("green certificate",
      "One per MWh of verified renewable generation (M22); held until retired, once."),
     ("times",
@@ -481,12 +509,25 @@ def _hours_table(report: MarketReport) -> str:
         rows.append(
             f"<tr><td>{iso_utc(h.hour * HOUR)}</td><td>{cleared / 1000:,.1f}</td>"
             f"<td>{'not settled yet' if delivered is None else f'{delivered / 1000:,.1f}'}</td>"
-            f"<td>{len(h.trades)}</td></tr>"
+            f"<td>{len(h.trades)}</td><td>{escape(_most_loaded(h))}</td>"
+            f"<td>{h.cut_wh / 1000:,.1f}</td><td>{h.remedied_wh / 1000:,.1f}</td></tr>"
         )
     return (
         "<table><tr><th>hour starting (UTC)</th><th>cleared kWh</th><th>delivered kWh</th>"
-        "<th>trades</th></tr>\n" + "\n".join(rows) + "\n</table>"
+        "<th>trades</th><th>most loaded line</th><th>congestion cut kWh</th>"
+        "<th>remedied kWh</th></tr>\n" + "\n".join(rows) + "\n</table>"
     )
+
+
+def _most_loaded(h: HourOfTrade) -> str:
+    """The hour's most loaded feeder line as "line: flow / limit kW (percent)" (M25)."""
+    if not h.loadings:
+        return "no network"
+    line, (flow, limit) = max(
+        h.loadings.items(), key=lambda ld: (abs(ld[1][0]) * 1000 // ld[1][1], ld[0])
+    )
+    pct = abs(flow) * 100 // limit
+    return f"{line}: {abs(flow) / 1000:,.1f} / {limit / 1000:,.1f} kW ({pct} %)"
 
 
 def render_html(report: MarketReport) -> str:

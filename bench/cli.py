@@ -7,7 +7,9 @@ import importlib
 import json
 import sys
 
-BENCHMARKS = ("sign", "verify", "clear", "rolling", "consensus", "ingest", "ledger", "board")
+BENCHMARKS = (
+    "sign", "verify", "clear", "rolling", "consensus", "ingest", "ledger", "board", "congestion",
+)  # fmt: skip
 
 
 def _print_human(name: str, result: dict, indent: str = "") -> None:

@@ -193,7 +193,7 @@ class ScoringModel:
         return codec.digest(self.to_dict())
 
 
-# Calibrated on seeded markets (tests/market/test_monitoring.py): one clear abuse
+# Calibrated on seeded markets (tests/market/test_violation_monitoring.py): one clear abuse
 # alone reaches the threshold, two half-strength ones together do too.
 M19_V1 = ScoringModel(
     version="m19-v1",

@@ -77,6 +77,7 @@ class Network:
     lines: tuple[Line, ...]
     sites: tuple[tuple[str, str], ...]  # (microgrid, bus), sorted
     _bus_index: dict[str, int] = field(init=False, repr=False, compare=False)
+    _site_index: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_name(self.name, "name")
@@ -117,6 +118,7 @@ class Network:
                 raise NetworkError(f"microgrids.{mg}", "a microgrid sits at one bus only")
         object.__setattr__(self, "sites", sites)
         object.__setattr__(self, "_bus_index", index)
+        object.__setattr__(self, "_site_index", {mg: index[bus] for mg, bus in sites})
         unreached = _unreached(self.grid_bus, self.buses, self.lines)
         if unreached:
             raise NetworkError(
@@ -125,9 +127,8 @@ class Network:
 
     def bus_of(self, microgrid: str) -> int:
         """Index of the bus ``microgrid`` sits at; NetworkError if it has no site."""
-        for mg, bus in self.sites:
-            if mg == microgrid:
-                return self._bus_index[bus]
+        if microgrid in self._site_index:
+            return self._site_index[microgrid]
         raise NetworkError(f"microgrids.{microgrid}", "microgrid has no site in the network")
 
     @cached_property

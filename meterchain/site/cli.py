@@ -11,6 +11,9 @@
     meterchain site register-meter DIR METER --owner ID --source pv|wind|load|bidir|... --key HEX
     meterchain site veto DIR TX_HASH --reason TEXT
     meterchain site keygen FILE              a new P-256 key (0600); prints its public key
+    meterchain site network DIR FILE         record the grid network (M25 congestion checks)
+    meterchain site decide DIR REPORT_HASH ID --action dismiss|warn|fine|expel [--fine N]
+                             --reason TEXT   answer a suspect report (M19)
 
 Exit status 0 on success, 1 when the site refused or failed, 2 on bad input.
 """
@@ -115,6 +118,10 @@ def _regulator(ns: argparse.Namespace) -> int:
         tx = regulator.exit_participant(site, key, ns.id, ns.mode, ns.reason)
     elif ns.command == "register-meter":
         tx = regulator.register_meter(site, key, ns.id, ns.owner, ns.source, ns.key)
+    elif ns.command == "network":
+        tx = regulator.grid_network(site, key, ns.file)
+    elif ns.command == "decide":
+        tx = regulator.decide(site, key, ns.report, ns.id, ns.action, ns.fine, ns.reason)
     else:
         tx = regulator.veto(site, key, ns.target, ns.reason)
     regulator.publish(site, tx)
@@ -123,7 +130,7 @@ def _regulator(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from meterchain.ledger.transactions import EXIT_MODES, ROLES, SOURCES
+    from meterchain.ledger.transactions import DECISIONS, EXIT_MODES, ROLES, SOURCES
 
     parser = argparse.ArgumentParser(
         prog="meterchain site", description=__doc__,
@@ -162,11 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_down)
     for name, what in (("admit", "admit a participant"), ("exit", "a participant leaves"),
                        ("register-meter", "register a meter to its owner"),
-                       ("veto", "veto a recorded transaction, with a reason")):  # fmt: skip
+                       ("veto", "veto a recorded transaction, with a reason"),
+                       ("network", "record the grid network the weak centre checks"),
+                       ("decide", "decide on a suspect of a recorded report")):  # fmt: skip
         p = sub.add_parser(name, help=f"regulator: {what}")
         p.add_argument("dir", type=Path)
         p.add_argument("--regulator-key", type=Path, help="default: the site's secrets/")
         p.set_defaults(func=_regulator)
+        if name == "network":
+            p.add_argument("file", type=Path, help="the network site file (TOML)")
+            continue
+        if name == "decide":
+            p.add_argument("report", help="hash of the suspect report transaction (hex)")
+            p.add_argument("id", help="the suspect")
+            p.add_argument("--action", required=True, choices=DECISIONS)
+            p.add_argument("--fine", type=int, default=0, help="minor units from the bond")
+            p.add_argument("--reason", required=True)
+            continue
         if name == "veto":
             p.add_argument("target", help="hash of the transaction (hex)")
             p.add_argument("--reason", required=True)

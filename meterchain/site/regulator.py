@@ -55,6 +55,27 @@ def veto(site: Site, key: PrivateKey, target: str, reason: str) -> Tx:
     return transaction(site, "veto", {"target": digest, "reason": reason}, key)
 
 
+def grid_network(site: Site, key: PrivateKey, path: Path) -> Tx:
+    """The distribution network the weak centre checks clearings against (M25), from its
+    site file (checked: ConfigError names the file and the key)."""
+    from meterchain.market.network import load_network
+
+    return transaction(site, "grid_network", {"network": load_network(path).to_cbor()}, key)
+
+
+def decide(
+    site: Site, key: PrivateKey, report: str, participant: str, action: str, fine: int, reason: str
+) -> Tx:
+    """The regulator's decision on a suspect of a recorded suspect report (M19)."""
+    try:
+        digest = bytes.fromhex(report)
+    except ValueError:
+        raise SiteError(f"report {report!r} is not a hex transaction hash") from None
+    terms = {"report": digest, "participant": participant, "action": action, "fine": fine,
+             "reason": reason}  # fmt: skip
+    return transaction(site, "regulator_decision", terms, key)
+
+
 def publish(site: Site, tx: Tx, *, timeout: float = 15.0) -> None:
     """Send `tx` to the aggregator as the regulator (raises SiteError if the broker refuses)."""
     import paho.mqtt.client as mqtt

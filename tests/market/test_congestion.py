@@ -13,7 +13,13 @@ from meterchain.errors import ConfigError
 from meterchain.market import congestion as cg
 from meterchain.market.clearing import clear
 from meterchain.market.model import Dispatch
-from meterchain.market.network import Line, Network, NetworkError, load_network
+from meterchain.market.network import (
+    Line,
+    Network,
+    NetworkError,
+    load_network,
+    reference_network,
+)
 from meterchain.market.reference import reference_case, reference_request
 from meterchain.market.settlement import metered_from_dispatch, parties_sum, settle
 from tests.market.congestion_cases import hour_result, radial_five, triangle
@@ -342,6 +348,11 @@ def test_network_file_errors_name_the_key(
     with pytest.raises(ConfigError, match=problem) as info:
         load_network(_write(tmp_path, text))
     assert info.value.key == key
+
+
+def test_the_example_file_is_the_demo_feeder() -> None:
+    example = Path(__file__).resolve().parents[2] / "deploy" / "network.example.toml"
+    assert load_network(example) == reference_network()
 
 
 def test_disconnected_bus_and_missing_site(tmp_path: Path) -> None:
