@@ -646,7 +646,7 @@ def solve_window(request: ClearingRequest, *, solver: str = DEFAULT_SOLVER) -> S
     coop = _round_plans(coop_qp, x_coop, mgs)
     standalone_cost = window_costs(request, alone)
     if request.executed_periods == 1:
-        continuation = continuation_costs(request, alone, coop, solver)
+        continuation = continuation_costs(request, alone_qp, alone, coop, solver)
     else:
         continuation = [0] * len(mgs)
     return SolvedWindow(excluded, alone, coop, standalone_cost, continuation)
@@ -654,6 +654,7 @@ def solve_window(request: ClearingRequest, *, solver: str = DEFAULT_SOLVER) -> S
 
 def continuation_costs(
     request: ClearingRequest,
+    alone_qp: qp_mod.WindowQP,
     alone: Sequence[MicrogridPlan],
     coop: Sequence[MicrogridPlan],
     solver: str,
@@ -662,59 +663,45 @@ def continuation_costs(
     the storage energy its cooperative plan leaves after period 0 (money minor units).
 
     Where that energy equals the disagreement plan's (or there is no storage) V_i is
-    the disagreement plan's own cost for those periods; otherwise it is solved. The
-    rest of a one-period window is empty: V_i is the end-of-window target cost.
+    the disagreement plan's own cost for those periods; otherwise the microgrid's
+    disagreement problem is solved again with its period-0 storage flows held at the
+    cooperative plan's. The rest of a one-period window is empty: V_i is the
+    end-of-window target cost.
     """
     mgs = request.microgrids
     market = request.market
-    out: list[int] = []
-    solve_for: list[int] = []
-    rest_models: list[Microgrid] = []
-    for i, (mg, a, c) in enumerate(zip(mgs, alone, coop, strict=True)):
-        if mg.storage is None or a.soc_wh[0] == c.soc_wh[0] or mg.periods == 1:
-            soc = c.soc_wh[0] if mg.storage is not None else 0
-            total = target_shortfall_e12(mg, soc) if mg.periods == 1 else 0
-            if mg.periods > 1:
-                total = sum(
-                    period_cost_e12(mg, market, t, a.at(t)) for t in range(1, mg.periods)
-                ) + target_shortfall_e12(mg, a.soc_wh[-1])
-            out.append(div_round(total, COST_SCALE))
-            continue
-        out.append(0)
-        solve_for.append(i)
-        rest_models.append(_rest_of_window(mg, c.soc_wh[0]))
-    if solve_for:
-        rest_qp = qp_mod.build(market, rest_models, cooperative=False)
-        x_rest, infeasible = qp_mod.solve_standalone(rest_qp, [m.id for m in rest_models], solver)
-        rest_plans = _round_plans(rest_qp, x_rest, rest_models)
-        costs = _plan_costs(market, rest_models, rest_plans)
-        for i, m, cost in zip(solve_for, rest_models, costs, strict=True):
-            # A state from which the microgrid cannot go on alone: value it by its own plan.
-            if m.id in infeasible:
-                a = alone[i]
-                mg = mgs[i]
-                cost = div_round(
-                    sum(period_cost_e12(mg, market, t, a.at(t)) for t in range(1, mg.periods))
-                    + target_shortfall_e12(mg, a.soc_wh[-1]),
-                    COST_SCALE,
-                )
-            out[i] = cost
+    periods = request.periods
+    if periods == 1:
+        return [
+            div_round(target_shortfall_e12(mg, c.soc_wh[0]), COST_SCALE) if mg.storage else 0
+            for mg, c in zip(mgs, coop, strict=True)
+        ]
+    rest = list(alone)
+    need = [
+        i
+        for i, (mg, a, c) in enumerate(zip(mgs, alone, coop, strict=True))
+        if mg.storage is not None and a.soc_wh[0] != c.soc_wh[0]
+    ]
+    if need:
+        lb, ub = alone_qp.lb.copy(), alone_qp.ub.copy()
+        for i in need:
+            for name in ("charge", "discharge"):
+                col = alone_qp.index[name][i, 0]
+                lb[col] = ub[col] = getattr(coop[i], f"{name}_w")[0] * qp_mod.KW
+        pinned = replace(alone_qp, lb=lb, ub=ub)
+        x, infeasible = qp_mod.solve_standalone(pinned, request.ids, solver, only=need)
+        # A state from which the microgrid cannot go on alone: value it by its own plan.
+        solved = [i for i in need if mgs[i].id not in infeasible]
+        if solved:
+            for i, plan in zip(solved, _round_plans(pinned, x, mgs, rows=solved), strict=True):
+                rest[i] = plan
+    out = []
+    for mg, plan in zip(mgs, rest, strict=True):
+        total = target_shortfall_e12(mg, plan.soc_wh[-1]) if mg.storage is not None else 0
+        for t in range(1, periods):
+            total += period_cost_e12(mg, market, t, plan.at(t))
+        out.append(div_round(total, COST_SCALE))
     return out
-
-
-def _rest_of_window(mg: Microgrid, soc_wh: int) -> Microgrid:
-    """``mg`` over periods 1.. of its window with storage energy ``soc_wh`` at the start."""
-    storage = mg.storage
-    if storage is not None:
-        storage = replace(storage, soc_wh=min(max(soc_wh, storage.e_min_wh), storage.e_max_wh))
-    return replace(
-        mg,
-        renewable_w=mg.renewable_w[1:],
-        load_w=mg.load_w[1:],
-        green_demand_w=mg.green_demand_w[1:],
-        retail_price_per_kwh=mg.retail_price_per_kwh[1:],
-        storage=storage,
-    )
 
 
 def _column(qp: qp_mod.WindowQP, x: np.ndarray, name: str) -> np.ndarray:
@@ -727,8 +714,16 @@ def _column(qp: qp_mod.WindowQP, x: np.ndarray, name: str) -> np.ndarray:
 
 
 def _round_plans(
-    qp: qp_mod.WindowQP, x: np.ndarray, mgs: Sequence[Microgrid]
+    qp: qp_mod.WindowQP,
+    x: np.ndarray,
+    mgs: Sequence[Microgrid],
+    rows: Sequence[int] | None = None,
 ) -> list[MicrogridPlan]:
+    """Integer plans of ``mgs`` (or of ``mgs[rows]`` only) from the solver's ``x``."""
+    if rows is not None:
+        pick = np.asarray(rows)
+        qp = replace(qp, index={name: idx[pick] for name, idx in qp.index.items()})
+        mgs = [mgs[i] for i in rows]
     n, t_len = len(mgs), mgs[0].periods
     ren = np.array([m.renewable_w for m in mgs], dtype=np.int64)
     load = np.array([m.load_w for m in mgs], dtype=np.int64)
@@ -791,7 +786,8 @@ def keep_storage_in_bounds(mg: Microgrid, charge_w: list[int], discharge_w: list
     (`soc_series`) stays within [e_min, e_max] in every period.
 
     Rounding whole-W flows can leave the energy a fraction of a Wh outside its
-    bounds; the smallest change that fixes it is made in the period where it
+    bounds (exactly, before rounding); the smallest change that fixes it is made in the
+    period where it
     happens (less discharge or more charge below e_min, less charge or more
     discharge above e_max), within the power limits. The grid absorbs it.
     """
@@ -801,8 +797,10 @@ def keep_storage_in_bounds(mg: Microgrid, charge_w: list[int], discharge_w: list
     _, den = sto.energy_step_exact(0, 0, 0)
     dis_unit = PPM_SQ  # numerator change of one W of discharge
     ch_unit = sto.efficiency_ppm * sto.efficiency_ppm
-    low = sto.e_min_wh * den - den // 2  # lowest numerator that rounds to >= e_min
-    high = sto.e_max_wh * den + den // 2 - 1
+    # The exact energy, not only its rounding, stays within bounds: the next window (or the
+    # continuation problem) starts from it and must be feasible.
+    low = sto.e_min_wh * den
+    high = sto.e_max_wh * den
     num = sto.soc_wh * den
     for t in range(len(charge_w)):
         step, _ = sto.energy_step_exact(0, charge_w[t], discharge_w[t])
@@ -839,11 +837,12 @@ def soc_series(mg: Microgrid, charge_w: Sequence[int], discharge_w: Sequence[int
     return out
 
 
-def _plan_costs(
-    market: Market, mgs: Sequence[Microgrid], plans: Sequence[MicrogridPlan]
-) -> list[int]:
+def window_costs(request: ClearingRequest, plans: Sequence[MicrogridPlan]) -> list[int]:
+    """Each microgrid's exact window cost of its plan, money minor units (rounded once),
+    including the planning cost of ending below its storage target."""
+    market = request.market
     out = []
-    for mg, p in zip(mgs, plans, strict=True):
+    for mg, p in zip(request.microgrids, plans, strict=True):
         total = target_shortfall_e12(mg, p.soc_wh[-1]) if mg.storage is not None else 0
         for t in range(mg.periods):
             total += cost_e12(
@@ -859,12 +858,6 @@ def _plan_costs(
             )
         out.append(div_round(total, COST_SCALE))
     return out
-
-
-def window_costs(request: ClearingRequest, plans: Sequence[MicrogridPlan]) -> list[int]:
-    """Each microgrid's exact window cost of its plan, money minor units (rounded once),
-    including the planning cost of ending below its storage target."""
-    return _plan_costs(request.market, request.microgrids, plans)
 
 
 def hour_cost(request: ClearingRequest, index: int, t: int, d: Dispatch) -> int:
@@ -991,13 +984,13 @@ def _executed_hour(
     alone_rows: Sequence[Dispatch],
     standalone_cost: Sequence[int],
     continuation: Sequence[int],
+    window_cost: Sequence[int],
 ) -> ExecutedHour:
     ids = request.ids
     n = len(ids)
     coop_rows = [p.at(h) for p in plans]
     alone_cost = [hour_cost(request, i, h, alone_rows[i]) for i in range(n)]
     coop_cost = [hour_cost(request, i, h, coop_rows[i]) for i in range(n)]
-    window_cost = window_costs(request, plans)
     continuation_cost = [0] * n
     credit = [0] * n
     if request.executed_periods == 1:
@@ -1105,9 +1098,16 @@ def assemble(
                 window_trades.append(
                     WindowTrade(request.first_period + t, sellers[i][0], buyers[j][0], wh)
                 )
+    window_cost = window_costs(taking_part, plans)
     executed = tuple(
         _executed_hour(
-            taking_part, plans, h, standalone_rows[h], standalone_cost, continuation_cost
+            taking_part,
+            plans,
+            h,
+            standalone_rows[h],
+            standalone_cost,
+            continuation_cost,
+            window_cost,
         )
         for h in range(taking_part.executed_periods)
     )
@@ -1120,7 +1120,7 @@ def assemble(
         plan=tuple(plans),
         window_trades=tuple(window_trades),
         standalone_cost=tuple(standalone_cost),
-        cooperative_cost=tuple(window_costs(taking_part, plans)),
+        cooperative_cost=tuple(window_cost),
         executed=executed,
         excluded=tuple(excluded),
     )

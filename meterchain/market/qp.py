@@ -349,17 +349,18 @@ def _block(matrix: sp.csc_matrix, r0: int, r1: int, c0: int, c1: int) -> sp.csc_
 
 
 def solve_standalone(
-    qp: WindowQP, ids: Sequence[str], solver: str
+    qp: WindowQP, ids: Sequence[str], solver: str, only: Sequence[int] | None = None
 ) -> tuple[np.ndarray, dict[str, str]]:
     """Solve each microgrid's own block (the disagreement problems) and stack the solutions.
 
     Returns (x, infeasible): ``infeasible`` maps the id of every microgrid whose
     own block has no solution (both solvers agree) to the reason; its part of
-    x stays 0.
+    x stays 0. ``only`` restricts the solve to those microgrid indices.
     """
     x = np.zeros(qp.size)
     infeasible: dict[str, str] = {}
-    for i, mg_id in enumerate(ids):
+    for i in range(len(ids)) if only is None else only:
+        mg_id = ids[i]
         c0, c1 = int(qp.col_off[i]), int(qp.col_off[i + 1])
         e0, e1 = int(qp.eq_off[i]), int(qp.eq_off[i + 1])
         i0, i1 = int(qp.in_off[i]), int(qp.in_off[i + 1])
@@ -399,8 +400,8 @@ class Infeasible(MarketError):
 def solve(qp: WindowQP, solver: str) -> np.ndarray:
     """Optimal x of ``qp`` (kW/kWh units): the named solver, the other one if it gives up.
 
-    Raises `Infeasible` only when both solvers say so, `SolverFailure` when
-    neither finds an optimum.
+    Raises `Infeasible` only when both solvers say so (or one fails and the other
+    says so), `SolverFailure` when neither finds an optimum.
     """
     if solver not in SOLVERS:
         raise MarketError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
@@ -411,9 +412,11 @@ def solve(qp: WindowQP, solver: str) -> np.ndarray:
         try:
             return _SOLVE[other](qp)
         except Infeasible:
-            if isinstance(first, Infeasible):
-                raise Infeasible(f"constraints cannot all hold ({solver} and {other})") from None
-            raise first from None
+            # Infeasible by both, or by the only solver that could decide.
+            verdict = "infeasible" if isinstance(first, Infeasible) else "failed"
+            raise Infeasible(
+                f"constraints cannot all hold ({solver} {verdict}, {other} infeasible)"
+            ) from None
         except SolverFailure:
             raise first from None
 

@@ -48,7 +48,7 @@ from meterchain.market.clearing import (
     soc_series,
 )
 from meterchain.market.errors import MarketError
-from meterchain.market.model import Dispatch, Microgrid
+from meterchain.market.model import Dispatch, Microgrid, target_shortfall_price
 
 
 @dataclass(frozen=True)
@@ -209,13 +209,21 @@ def _compare_with_own(
                 f"microgrid {mg.id}: disagreement cost {theirs} differs from {mine} "
                 f"(allowed {allowed_i:.0f})"
             )
-    for hour, my_hour in zip(proposed.executed, own.executed, strict=True):
+    for h, (hour, my_hour) in enumerate(zip(proposed.executed, own.executed, strict=True)):
         mine_members = set(my_hour.coalition)
         for i, mg in enumerate(request.microgrids):
             if mg.id not in mine_members or mg.id not in hour.coalition:
                 continue
             mine, theirs = my_hour.continuation_cost[i], hour.continuation_cost[i]
-            allowed_i = tol.cost_rel * max(abs(mine), 1) + tol.cost_per_period * periods
+            # V is valued from the plan's storage energy after the hour, which honest
+            # solvers may leave a few Wh apart (that is checked below): each Wh moves V by
+            # at most kappa per kWh.
+            moved_wh = abs(proposed.plan[i].soc_wh[h] - own.plan[i].soc_wh[h])
+            allowed_i = (
+                tol.cost_rel * max(abs(mine), 1)
+                + tol.cost_per_period * periods
+                + moved_wh * target_shortfall_price(mg) / 1000
+            )
             if not _near(theirs, mine, allowed_i):
                 problems.append(
                     f"microgrid {mg.id}: continuation cost {theirs} differs from {mine} "
@@ -253,10 +261,11 @@ def shave_bound(
 
     Payments follow from values every node checks exactly (plans, trades,
     prices, the split) and from three kinds of solver values checked within
-    ``tolerance``: C_non_i and V_i (each at most its cost allowance off) and the
-    executed row of the plan (each flow at most its power allowance off, which
-    moves the hour cost by at most the flow times the dearest marginal rate of
-    that hour). So a lie gains at most those allowances plus one minor unit of
+    ``tolerance``: C_non_i and V_i (each at most its cost allowance off; V also
+    by the storage-energy allowance times kappa, the most a stored kWh is worth)
+    and the executed row of the plan (each flow at most its power allowance off,
+    which moves the hour cost by at most the flow times the dearest marginal
+    rate of that hour). So a lie gains at most those allowances plus one minor unit of
     the equal split. A property test forges proposals to the edge of every
     allowance and checks that no accepted one gains more.
     """
@@ -274,6 +283,8 @@ def shave_bound(
         + 2 * tolerance.cost_per_period * periods
     )
     allowed_w = tolerance.power_w + tolerance.power_rel * _scale_w(mg)
+    # V may sit off by the storage allowance times kappa (see `_compare_with_own`)
+    allowed_costs += (tolerance.energy_wh + allowed_w) * target_shortfall_price(mg) / 1000
     rate = (
         mg.retail_price_per_kwh[t]
         + max(slope for _, slope in mg.green_loss.segments)
