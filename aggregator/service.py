@@ -38,6 +38,7 @@ from aggregator.config import AggregatorConfig, ledger_target
 from aggregator.former import BlockFormer, verify_for_ingest
 from aggregator.status import AggregatorStatus
 from meterchain import service
+from meterchain.backoff import paho_backoff
 from meterchain.calm import CalmLog
 from meterchain.errors import MeterChainError
 from meterchain.ledger.block import BlockError
@@ -150,7 +151,7 @@ class Aggregator:
             "broker", "connect", f"cannot connect to {self.cfg.host}:{self.cfg.port}"
         )
         client.on_message = lambda c, u, msg: self.inbox.put(msg)
-        client.reconnect_delay_set(1, 30)
+        paho_backoff(client, 1, 30)
         return client
 
     def _on_connect(

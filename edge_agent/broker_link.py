@@ -35,6 +35,7 @@ from edge_agent.delivery import ack_payload
 from edge_agent.gateway import gateway_subscription
 from edge_agent.store import StoreView
 from edge_agent.worker import Delivery, IngestWorker
+from meterchain.backoff import paho_backoff
 from meterchain.calm import CalmLog
 from meterchain.mqtt_auth import ack_topic, check_name
 
@@ -92,7 +93,7 @@ class BrokerLink:
             self._client.username_pw_set(username, password)
         if self.tls:
             self._client.tls_set(ca_certs=ca_file, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        paho_backoff(self._client, 1, 30)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_connect_fail = self._on_connect_fail

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import random
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -37,6 +36,7 @@ from pymodbus.framer import FramerType
 from edge_agent import sdm630
 from edge_agent.config import ModbusBusSection
 from edge_agent.errors import ModbusLinkError
+from meterchain.backoff import Backoff
 from meterchain.calm import CalmLog
 
 log = logging.getLogger("meterchain.agent.modbus")
@@ -50,24 +50,6 @@ class LinkState(enum.Enum):
     CONNECTED = "connected"
     BACKING_OFF = "backing_off"
     CLOSED = "closed"
-
-
-class Backoff:
-    """Capped exponential backoff with +/-20 % jitter; `reset()` after a success."""
-
-    def __init__(self, initial_s: float, max_s: float, rng: random.Random | None = None) -> None:
-        self.initial_s = initial_s
-        self.max_s = max_s
-        self._next = initial_s
-        self._rng = rng or random.Random()
-
-    def next_delay(self) -> float:
-        delay = self._next
-        self._next = min(self.max_s, self._next * 2)
-        return min(self.max_s, delay * self._rng.uniform(0.8, 1.2))
-
-    def reset(self) -> None:
-        self._next = self.initial_s
 
 
 class ModbusBus:

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 
+from meterchain.backoff import paho_backoff
+from meterchain.calm import CalmLog
 from meterchain.errors import MeterChainError
 from meterchain.ledger.review import BlockReviewer, ProposalError, accept_block, decode_sealed
 from meterchain.ledger.store import open_store
@@ -58,15 +60,22 @@ class ReviewerLink:
         self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="block-reviewer", daemon=True)
         client.on_connect = self._on_connect
+        client.on_connect_fail = lambda c, u: self._calm.failure(
+            "review broker", "connect", "cannot connect to the broker"
+        )
+        self._calm = CalmLog(log, per_kind=False)
         client.on_message = lambda c, u, msg: self._queue.put((msg.topic, msg.payload))
 
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
     ) -> None:
-        if not rc.is_failure:
-            client.subscribe(
-                [(self.proposals, 1), (self.committed, 1), (self.sealed, 1), (self.genesis, 1)]
-            )
+        if rc.is_failure:
+            self._calm.failure("review broker", "refused", f"broker refused the connection: {rc}")
+            return
+        self._calm.success("review broker")
+        client.subscribe(
+            [(self.proposals, 1), (self.committed, 1), (self.sealed, 1), (self.genesis, 1)]
+        )
 
     def start(self) -> None:
         self._worker.start()
@@ -155,7 +164,7 @@ def start_reviewer(config: AgentConfig) -> ReviewerLink:
         client.username_pw_set(cfg.broker.review_username, cfg.broker_password)
     if cfg.broker.ca_file is not None:
         client.tls_set(ca_certs=str(cfg.broker.ca_file), tls_version=ssl.PROTOCOL_TLS_CLIENT)
-    client.reconnect_delay_set(0.1, 5)
+    paho_backoff(client, 0.1, 5)
     link = ReviewerLink(
         reviewer, client, cfg.agent.market, cfg.consensus.aggregator, clock=cfg.clock.now
     )

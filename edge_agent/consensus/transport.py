@@ -49,6 +49,7 @@ from edge_agent.consensus.node import (
     Tick,
 )
 from edge_agent.consensus.store import RoundLog
+from meterchain.backoff import paho_backoff
 from meterchain.calm import CalmLog
 from meterchain.mqtt_auth import check_name, consensus_topic
 
@@ -104,13 +105,8 @@ class MqttLink:
         self._jitter_backoff()
 
     def _jitter_backoff(self) -> None:
-        # paho doubles the wait from min up to max after each failed attempt; a random
-        # first wait keeps nodes that lost the broker together from returning in lockstep
-        low = self.settings.backoff_min_s
-        self.client.reconnect_delay_set(
-            min_delay=self._rng.uniform(low, 2 * low),  # type: ignore[arg-type]
-            max_delay=self.settings.backoff_max_s,  # type: ignore[arg-type]
-        )
+        s = self.settings
+        paho_backoff(self.client, s.backoff_min_s, s.backoff_max_s, self._rng)
 
     def start(self) -> None:
         # a persistent session: the broker keeps our subscription and queues QoS 1

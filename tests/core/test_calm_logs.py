@@ -81,3 +81,26 @@ def test_the_consensus_link_backs_off_from_a_refusing_broker(mosquitto_factory, 
     # Waits double from 50-100 ms: about 6 attempts in 4 s (it was one every 50-100 ms).
     assert 3 <= len(attempts) <= 9, [r.getMessage() for r in attempts]
     assert not link.connected.is_set()
+
+
+def test_every_paho_client_starts_from_a_jittered_first_wait() -> None:
+    import random
+
+    from meterchain.backoff import paho_backoff
+
+    class Client:
+        def reconnect_delay_set(self, min_delay: float, max_delay: float) -> None:
+            self.delays = (min_delay, max_delay)
+
+    firsts = set()
+    rng = random.Random(5)
+    for _ in range(50):
+        client = Client()
+        paho_backoff(client, 1, 30, rng)
+        first, cap = client.delays
+        assert 1 <= first < 2 and cap == 30
+        firsts.add(round(first, 3))
+    assert len(firsts) > 40  # clients that lost the broker together come back spread out
+    client = Client()
+    paho_backoff(client, 20, 30, rng)
+    assert client.delays[1] >= client.delays[0]  # the cap never undercuts the first wait
