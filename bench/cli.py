@@ -8,7 +8,8 @@ import json
 import sys
 
 BENCHMARKS = (
-    "sign", "verify", "clear", "rolling", "consensus", "ingest", "ledger", "board", "congestion",
+    "sign", "verify", "clear", "rolling", "consensus", "ingest", "ingest-e2e", "ledger", "board",
+    "congestion",
 )  # fmt: skip
 
 
@@ -34,9 +35,10 @@ def main(argv: list[str]) -> int:
     )
     ns = parser.parse_args(argv)
     try:
-        module = importlib.import_module(f"bench.{ns.name}")
+        module_name = f"bench.{ns.name.replace('-', '_')}"
+        module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name != f"bench.{ns.name}":
+        if exc.name != module_name:
             raise
         print(f"meterchain bench: {ns.name!r} is not available in this build yet", file=sys.stderr)
         return 2

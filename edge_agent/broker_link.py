@@ -41,6 +41,8 @@ from meterchain.mqtt_auth import ack_topic, check_name
 
 log = logging.getLogger("meterchain.agent.mqtt")
 
+ACKS_IN_FLIGHT = 1000
+
 
 class BrokerLink:
     def __init__(
@@ -82,6 +84,13 @@ class BrokerLink:
         self._epoch = 0
         self._lock = threading.Lock()
         self._in_flight: dict[int, int] = {}  # mid -> outbox row id
+        # Acknowledgements: at most one in flight per meter, the newest watermark waiting
+        # behind it (a retained topic only keeps the last one anyway).
+        self._ack_lock = threading.Lock()
+        self._ack_due: dict[str, int] = {}  # meter -> watermark to publish next
+        self._ack_busy: set[str] = set()  # meters with an acknowledgement in flight
+        self._ack_mids: dict[int, str] = {}  # mid -> meter
+        self._ack_early: set[int] = set()  # PUBACKed before publish() returned its mid
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -89,6 +98,8 @@ class BrokerLink:
             protocol=mqtt.MQTTv311,
             manual_ack=True,
         )
+        # Acknowledgements and outbox rows in flight at once (paho's default is 20).
+        self._client.max_inflight_messages_set(ACKS_IN_FLIGHT)
         if username:
             self._client.username_pw_set(username, password)
         if self.tls:
@@ -190,24 +201,63 @@ class BrokerLink:
     ) -> None:
         with self._lock:
             row_id = self._in_flight.pop(mid, None)
-        if row_id is not None and self.outbox is not None:
-            self.outbox.delete_outbox(row_id)
+        if row_id is not None:
+            if self.outbox is not None:
+                self.outbox.delete_outbox(row_id)
+            return
+        with self._ack_lock:
+            meter_id = self._ack_mids.pop(mid, None)
+            if meter_id is None:
+                self._ack_early.add(mid)
+                return
+            next_ack = self._next_ack(meter_id)
+        if next_ack is not None:
+            self._send_ack(*next_ack)
 
     # -- end-to-end acknowledgements -------------------------------------------------
 
     def publish_acks(self, watermarks: dict[str, int]) -> None:
         """Publish each meter's committed watermark, retained, QoS 1 (any thread).
 
-        While the link is down paho keeps them queued; a board that misses
-        one resends and gets the next (a duplicate is acknowledged again).
+        One acknowledgement per meter is in flight at a time; a newer
+        watermark waits behind it and replaces any older one still waiting,
+        so a busy broker gets fewer, fresher acknowledgements instead of a
+        growing queue. paho keeps what is in flight across reconnects; a board
+        that misses one resends and gets the next (a duplicate is
+        acknowledged again).
         """
-        for meter_id, watermark in watermarks.items():
-            self._client.publish(
-                ack_topic(self.market, meter_id),
-                ack_payload(meter_id, watermark),
-                qos=1,
-                retain=True,
-            )
+        with self._ack_lock:
+            due = self._ack_due
+            for meter_id, watermark in watermarks.items():
+                if watermark >= due.get(meter_id, 0):
+                    due[meter_id] = watermark
+            ready = [self._next_ack(m) for m in watermarks if m not in self._ack_busy]
+        for meter_id, watermark in filter(None, ready):
+            self._send_ack(meter_id, watermark)
+
+    def _next_ack(self, meter_id: str) -> tuple[str, int] | None:
+        """Take the meter's waiting watermark and mark it in flight (holding the ack lock)."""
+        watermark = self._ack_due.pop(meter_id, None)
+        if watermark is None:
+            self._ack_busy.discard(meter_id)
+            return None
+        self._ack_busy.add(meter_id)
+        return meter_id, watermark
+
+    def _send_ack(self, meter_id: str, watermark: int) -> None:
+        # Outside the ack lock: paho calls _on_publish holding its own message lock,
+        # which publish() takes too.
+        info = self._client.publish(
+            ack_topic(self.market, meter_id), ack_payload(meter_id, watermark), qos=1, retain=True
+        )
+        with self._ack_lock:
+            if info.mid not in self._ack_early:
+                self._ack_mids[info.mid] = meter_id
+                return
+            self._ack_early.discard(info.mid)
+            next_ack = self._next_ack(meter_id)
+        if next_ack is not None:
+            self._send_ack(*next_ack)
 
     # -- outbox ----------------------------------------------------------------------
 

@@ -180,8 +180,16 @@ class Ingest:
         self.max_clock_ahead_s = max_clock_ahead_s
         self.calm = CalmLog(log)
         self.acknowledge = acknowledge
-        self.watermarks = Watermarks(store.watermark, gap_hold_s=gap_hold_s, clock=monotonic)
+        self.watermarks = Watermarks(self._stored_watermark, gap_hold_s=gap_hold_s, clock=monotonic)
         self.on_watermarks = on_watermarks or (lambda watermarks: None)
+
+    def _stored_watermark(self, meter_id: str) -> int | None:
+        """The committed watermark; for a meter accepted before acknowledgements, its last seq."""
+        watermark = self.store.watermark(meter_id)
+        if watermark is None:
+            state = self.guard.state(meter_id)
+            watermark = state.seq if state is not None else None
+        return watermark
 
     def process(self, payload: bytes) -> Result:
         return self.process_batch([payload])[0]

@@ -71,6 +71,9 @@ CREATE TABLE IF NOT EXISTS rejection_log (
 """
 
 
+REJECTED_PAYLOAD_MAX = 4096  # bytes of a refused message the rejection log keeps
+
+
 @dataclass(frozen=True, slots=True)
 class HourlyEnergy:
     """Energy one meter measured in the UTC hour starting at `hour` (Unix s), in Wh."""
@@ -200,12 +203,25 @@ class AgentStore:
         )
 
     def log_rejections(self, rejections: list[Rejection]) -> None:
-        """Keep refused readings (in the transaction); bounded, the oldest dropped and counted."""
+        """Keep refused readings (in the transaction); bounded, the oldest dropped and counted.
+
+        A payload is kept up to REJECTED_PAYLOAD_MAX bytes (a signed reading is
+        about 200): a sender of huge messages cannot fill the disk.
+        """
         assert self.conn.in_transaction, "log_rejections() must run inside transaction()"
         self.conn.executemany(
             "INSERT INTO rejection_log (received, sender, meter_id, seq, reason, detail, payload) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(*r[:3], None if r.seq is None else str(r.seq), *r[4:]) for r in rejections],
+            [
+                (
+                    *r[:3],
+                    None if r.seq is None else str(r.seq),
+                    r.reason,
+                    r.detail[:1000],
+                    r.payload[:REJECTED_PAYLOAD_MAX],
+                )
+                for r in rejections
+            ],
         )
         (first, last) = self.conn.execute("SELECT min(id), max(id) FROM rejection_log").fetchone()
         excess = last - first + 1 - self.rejection_limit

@@ -114,7 +114,7 @@ class MosquittoBroker:
             "persistence true",
             f"persistence_location {persistence}/",
             f"autosave_interval {self.autosave_interval_s}",
-            "max_inflight_messages 100",
+            "max_inflight_messages 1000",
             # Consensus messages are small and latency-bound: without this Mosquitto's
             # writes wait for the previous segment's delayed ACK (Nagle, ~40 ms).
             "set_tcp_nodelay true",

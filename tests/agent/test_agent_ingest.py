@@ -350,3 +350,29 @@ def test_claimed_identity_reads_only_a_canonical_cose_sign1(board) -> None:
         wrapped({2: 7}),
     ):
         assert claimed_identity(bad) is None, bad
+
+
+def test_the_rejection_log_is_bounded_in_rows_and_bytes(acked, board) -> None:
+    ingest, _, view, _ = acked
+    ingest.store.rejection_limit = 3
+    huge = b"\xd2" + b"\x00" * 1_000_000
+    for _ in range(5):
+        _send(ingest, board, huge)
+    log = view.rejections()
+    assert len(log) == 3 and ingest.store.rejections_dropped == 2
+    assert all(r.reason == "not_cose_sign1" and len(r.payload) == 4096 for r in log)
+
+
+def test_a_meter_accepted_before_acknowledgements_starts_from_its_last_seq(tmp_path, board) -> None:
+    registry = Registry()
+    registry.add(board.meter_id, board.key.public_key(), board.owner, board.source)
+    store = AgentStore(tmp_path / "agent.sqlite")
+    guard = SequenceGuard(store.conn)
+    plain = Ingest(store, registry, guard, clock=lambda: T0 + HOUR_S)
+    plain.process_batch([board.reading(T0 + i, i) for i in range(3)])  # no acknowledgements
+    acks = Acks()
+    upgraded = Ingest(
+        store, registry, guard, clock=lambda: T0 + HOUR_S, acknowledge="mg1", on_watermarks=acks
+    )
+    assert upgraded.process(board.reading(T0 + 10, 10)).outcome is Outcome.ACCEPTED
+    assert acks.published == [{"mg1-load": 4}]

@@ -1,0 +1,474 @@
+"""`meterchain bench ingest-e2e`: signed readings of 10,000 meters via TLS Mosquitto into the agent.
+
+Everything real: a Mosquitto broker with TLS and passwords (hil.broker), the
+agent as its own process (`meterchain agent run`, SQLite WAL with
+synchronous=FULL, acknowledgement after commit), and meter fleets in
+processes of their own that behave like boards towards the end-to-end
+acknowledgement: each meter keeps what it produced until the agent's
+retained watermark on `mc/<market>/ack/<meter_id>` covers it, and resends
+everything above the watermark when it has not moved for `ACK_TIMEOUT_S`.
+Readings are signed before the clock starts (a board signs on its own CPU).
+
+Two phases: `sustained` offers the target rate for `sustain_s`; `overload`
+offers twice that for `overload_s`, then production stops and the run waits
+until every meter is acknowledged. Figures:
+- `committed_per_second`: readings the agent committed and acknowledged per
+  second over the sustained phase (after a warm-up), from the fleets' view
+  of the watermarks; `lag_at_end` is what was offered but not yet committed;
+- `zero_lost`: after the overload every produced reading of every meter is
+  in the agent's database exactly once (its sequence guard holds 1..n per
+  meter), with `resent` counting what the fleets had to send again (what the
+  broker dropped or the agent held above a gap);
+- `scrape_bytes` / `scrape_seconds`: one /metrics scrape with every meter known.
+
+Anchor (same run): bare OpenSSL ECDSA verification of the same readings on
+one thread; `ratio_to_raw_verify` = committed_per_second / anchor. Target:
+10,000 readings/s sustained, zero lost at 2x. The machine is shared while
+this runs (see `load_average`), so figures vary between runs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import sqlite3
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.ingest import prepare_anchor, raw_verify_seconds
+from edge_agent.energy import HOUR_S, hour_start
+from hil.broker import MosquittoBroker, free_port
+from meterchain import codec
+from meterchain.errors import CodecError
+from meterchain.keys import PrivateKey
+from meterchain.reading import sign_reading
+from meterchain.registry import Registry, entry_text, make_meter
+
+TARGET_READINGS_PER_SECOND = 10_000
+MARKET = "m1"
+NODE = "mg1"
+ACK_TIMEOUT_S = 30.0  # boards resend the unacknowledged after this (firmware: 5..86400 s, 120)
+FLEETS = 2  # meter fleet processes (each one MQTT connection, like a gateway of boards)
+_WARMUP_S = 3
+
+
+def _meter_id(i: int) -> str:
+    return f"{NODE}-m{i:05d}"
+
+
+def _key(i: int) -> PrivateKey:
+    return PrivateKey.from_secret(0xE2E + 104_729 * i)
+
+
+@dataclass(frozen=True)
+class Plan:
+    meters: int
+    rate: int  # offered readings/s in the sustained phase (twice this in the overload)
+    sustain_s: float
+    overload_s: float
+    drain_s: float
+    t0: int  # time of each meter's reading 0 (Unix s)
+
+    def per_meter(self) -> int:
+        total = self.rate * self.sustain_s + 2 * self.rate * self.overload_s
+        return int(total // self.meters) + 1
+
+
+# -- the meter fleets (child processes) ---------------------------------------------
+
+
+class Fleet:
+    """Meters `ids` behind one MQTT connection, acting as boards towards the acknowledgement."""
+
+    def __init__(self, ids: list[int], plan: Plan, broker: dict[str, Any]) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.plan = plan
+        self.ids = ids
+        self.names = [_meter_id(i) for i in ids]
+        self.index = {name: k for k, name in enumerate(self.names)}
+        n = plan.per_meter()
+        self.signed = [
+            [
+                sign_reading(
+                    _key(i), _meter_id(i), s + 1, plan.t0 + 10 * s, 1000 + 3 * s, 0, 400, 0, "load"
+                )
+                for s in range(n)
+            ]
+            for i in ids
+        ]
+        self.produced = [0] * len(ids)  # readings 1..produced exist
+        self.watermark = [0] * len(ids)
+        self.progress = [0.0] * len(ids)  # when the watermark last moved (or a rewind)
+        self.resent = 0
+        self.published = 0
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"fleet-{ids[0]}",
+            protocol=mqtt.MQTTv311,
+            clean_session=True,
+        )
+        self.client.username_pw_set(broker["user"], broker["password"])
+        self.client.tls_set(ca_certs=broker["ca"], tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        self.client.max_inflight_messages_set(1000)
+        self.client.max_queued_messages_set(0)
+        subscribed = threading.Event()
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"mc/{MARKET}/ack/+", qos=1)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: subscribed.set()
+        self.client.on_message = self._on_ack
+        self.client.connect(broker["host"], broker["port"], keepalive=30)
+        self.client.loop_start()
+        if not subscribed.wait(30):
+            raise RuntimeError("fleet could not subscribe to acknowledgements")
+
+    def _on_ack(self, client: Any, userdata: Any, message: Any) -> None:
+        k = self.index.get(message.topic.rsplit("/", 1)[-1])
+        if k is None:
+            return
+        try:
+            ack = codec.decode(bytes(message.payload))
+        except CodecError:
+            return
+        watermark = ack.get(2) if isinstance(ack, Mapping) else None
+        with self.lock:
+            if type(watermark) is int and self.watermark[k] < watermark <= self.produced[k]:
+                self.watermark[k] = watermark
+                self.progress[k] = time.monotonic()
+
+    def _publish(self, k: int, seq: int) -> None:
+        self.client.publish(
+            f"mc/{MARKET}/r/{self.names[k]}", self.signed[k][seq - 1], qos=1
+        )
+        self.published += 1
+
+    def _rewind_stuck(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            stuck = [
+                (k, self.watermark[k], self.produced[k])
+                for k in range(len(self.ids))
+                if self.watermark[k] < self.produced[k] and now - self.progress[k] > ACK_TIMEOUT_S
+            ]
+            for k, _, _ in stuck:
+                self.progress[k] = now
+        for k, low, high in stuck:
+            for seq in range(low + 1, high + 1):
+                self._publish(k, seq)
+                self.resent += 1
+
+    def acknowledged(self) -> int:
+        with self.lock:
+            return sum(self.watermark)
+
+    def run(self, start_at: float) -> dict[str, Any]:
+        plan = self.plan
+        share = len(self.ids) / plan.meters
+        phases = [
+            (plan.sustain_s, plan.rate * share),
+            (plan.overload_s, 2 * plan.rate * share),
+        ]
+        while time.time() < start_at:
+            time.sleep(0.001)
+        begin = time.monotonic()
+        timeline: list[tuple[float, int, int]] = []  # (s since start, produced, acknowledged)
+        made = 0
+        next_tick = 0.0
+        phase_start = 0.0
+        for duration, rate in phases:
+            made_before = made
+            while (elapsed := time.monotonic() - begin) < phase_start + duration:
+                due = made_before + int(rate * (elapsed - phase_start))
+                while made < due:
+                    k = made % len(self.ids)
+                    with self.lock:
+                        if self.produced[k] >= len(self.signed[k]):
+                            break
+                        self.produced[k] += 1
+                        if self.watermark[k] == self.produced[k] - 1:
+                            self.progress[k] = time.monotonic()
+                        seq = self.produced[k]
+                    self._publish(k, seq)
+                    made += 1
+                if elapsed >= next_tick:
+                    timeline.append((elapsed, made, self.acknowledged()))
+                    self._rewind_stuck()
+                    next_tick += 0.5
+                time.sleep(0.002)
+            phase_start += duration
+        deadline = time.monotonic() + plan.drain_s
+        while self.acknowledged() < made and time.monotonic() < deadline:
+            timeline.append((time.monotonic() - begin, made, self.acknowledged()))
+            self._rewind_stuck()
+            time.sleep(0.5)
+        timeline.append((time.monotonic() - begin, made, self.acknowledged()))
+        self.client.disconnect()
+        self.client.loop_stop()
+        return {
+            "produced": list(zip(self.names, self.produced, strict=True)),
+            "made": made,
+            "acknowledged": self.acknowledged(),
+            "published": self.published,
+            "resent": self.resent,
+            "timeline": timeline,
+        }
+
+
+def _fleet_main(ids: list[int], plan: Plan, broker: dict[str, Any], ready: Any, go: Any,
+                results: Any) -> None:
+    try:
+        fleet = Fleet(ids, plan, broker)
+        ready.put(True)
+        results.put(fleet.run(go.get()))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the run
+        ready.put(False)
+        results.put({"error": repr(exc)})
+
+
+# -- the site: broker, agent ---------------------------------------------------------
+
+
+def _write_site(root: Path, broker: MosquittoBroker, meters: int, metrics_port: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    PrivateKey.from_secret(0x5EED).save(root / "node.key")
+    secret = root / "broker.pass"
+    secret.write_text("agent-pw\n")
+    secret.chmod(0o600)
+    (root / "registry.toml").write_text(
+        "\n".join(
+            entry_text(make_meter(_meter_id(i), _key(i).public_key(), NODE, "load"))
+            for i in range(meters)
+        )
+    )
+    config = root / "agent.toml"
+    config.write_text(
+        "\n".join(
+            [
+                "[agent]",
+                f'node_id = "{NODE}"',
+                f'market = "{MARKET}"',
+                'key_file = "node.key"',
+                'registry = "registry.toml"',
+                'state_dir = "state"',
+                'log_level = "warning"',
+                f"metrics_port = {metrics_port}",
+                "",
+                "[broker]",
+                f'url = "{broker.url}"',
+                f'ca_file = "{broker.ca_file}"',
+                'password_file = "broker.pass"',
+                "batch_max = 256",
+                "",
+            ]
+        )
+    )
+    return config
+
+
+def _scrape(port: int) -> tuple[str, float]:
+    started = time.perf_counter()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return text, time.perf_counter() - started
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def _agent_ready(port: int) -> bool:
+    try:
+        text, _ = _scrape(port)
+    except OSError:
+        return False
+    return "meterchain_agent_mqtt_connected 1.0" in text
+
+
+def _accepted_total(port: int) -> float:
+    text, _ = _scrape(port)
+    prefix = "meterchain_agent_readings_accepted_total"
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+class Sampler(threading.Thread):
+    """The agent's accepted-readings counter, scraped every half second."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.samples: list[tuple[float, float]] = []  # (time.time(), accepted)
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            try:
+                self.samples.append((time.time(), _accepted_total(self.port)))
+            except OSError:
+                continue
+
+    def rate(self, start: float, end: float) -> float:
+        inside = [(t, n) for t, n in self.samples if start <= t <= end]
+        if len(inside) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = inside[0], inside[-1]
+        return (n1 - n0) / (t1 - t0)
+
+
+def _committed(database: Path) -> dict[str, tuple[int, int]]:
+    """Per meter: (readings the guard holds, highest sequence)."""
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+        rows = db.execute(
+            "SELECT meter_id, count(*), max(CAST(seq AS INTEGER)) FROM accepted GROUP BY meter_id"
+        ).fetchall()
+    return {meter: (count, top) for meter, count, top in rows}
+
+
+def _acknowledged_rate(timelines: list[list[tuple[float, int, int]]], plan: Plan) -> float:
+    """Acknowledged readings per second between the warm-up and the end of the sustained phase."""
+
+    def acked_at(t: float) -> float:
+        total = 0.0
+        for timeline in timelines:
+            before = [a for s, _, a in timeline if s <= t]
+            total += before[-1] if before else 0
+        return total
+
+    start = min(_WARMUP_S, plan.sustain_s / 3)
+    return (acked_at(plan.sustain_s) - acked_at(start)) / (plan.sustain_s - start)
+
+
+def run(quick: bool = False) -> dict:
+    meters = 1000 if quick else 10_000
+    rate = 2000 if quick else TARGET_READINGS_PER_SECOND
+    plan = Plan(
+        meters=meters,
+        rate=rate,
+        sustain_s=6 if quick else 60,
+        overload_s=3 if quick else 20,
+        drain_s=120 if quick else 900,
+        t0=hour_start(int(time.time())) - 6 * HOUR_S,
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="bench-ingest-e2e-"))
+    broker = MosquittoBroker(
+        workdir / "broker", users={NODE: "agent-pw", "fleet": "fleet-pw"}, acl=None
+    )
+    agent: subprocess.Popen[bytes] | None = None
+    ctx = multiprocessing.get_context("spawn")
+    fleets: list[Any] = []
+    try:
+        broker.start()
+        metrics_port = free_port()
+        config = _write_site(workdir / "site", broker, meters, metrics_port)
+        log = open(workdir / "agent.log", "wb")  # noqa: SIM115 - closed with the process
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "meterchain.cli", "agent", "run", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        _wait(lambda: _agent_ready(metrics_port), 60, "the agent to connect")
+        time.sleep(1.0)  # its subscription is in place before the fleets publish
+        ready, go, results = ctx.Queue(), ctx.Queue(), ctx.Queue()
+        endpoint = {
+            "host": broker.host,
+            "port": broker.port,
+            "ca": str(broker.ca_file),
+            "user": "fleet",
+            "password": "fleet-pw",
+        }
+        for f in range(FLEETS):
+            ids = list(range(f, meters, FLEETS))
+            proc = ctx.Process(target=_fleet_main, args=(ids, plan, endpoint, ready, go, results))
+            proc.start()
+            fleets.append(proc)
+        if not all(ready.get(timeout=1800) for _ in fleets):
+            raise RuntimeError(f"a meter fleet failed: {results.get(timeout=10)}")
+        start_at = time.time() + 1.0
+        sampler = Sampler(metrics_port)
+        sampler.start()
+        for _ in fleets:
+            go.put(start_at)
+        load_before = os.getloadavg()[0]
+        outcomes = [results.get(timeout=plan.sustain_s + plan.overload_s + plan.drain_s + 120)]
+        outcomes += [results.get(timeout=120) for _ in fleets[1:]]
+        errors = [o["error"] for o in outcomes if "error" in o]
+        if errors:
+            raise RuntimeError(f"meter fleet failed: {errors}")
+        sampler.done.set()
+        scrape, scrape_s = _scrape(metrics_port)
+        committed = _committed(workdir / "site" / "state" / "agent.sqlite")
+    finally:
+        for proc in fleets:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+        if agent is not None:
+            agent.terminate()
+            try:
+                agent.wait(30)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+        broker.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    produced = {name: n for o in outcomes for name, n in o["produced"]}
+    lost = {
+        m: (n, committed.get(m, (0, 0))) for m, n in produced.items() if committed.get(m) != (n, n)
+    }
+    made = sum(o["made"] for o in outcomes)
+    warm = min(_WARMUP_S, plan.sustain_s / 3)
+    sustained = sampler.rate(start_at + warm, start_at + plan.sustain_s)
+    acknowledged = _acknowledged_rate([o["timeline"] for o in outcomes], plan)
+    offered_sustained = sum(
+        max(m for s, m, _ in o["timeline"] if s <= plan.sustain_s) for o in outcomes
+    ) / plan.sustain_s
+    lag = sum(
+        [m - a for s, m, a in o["timeline"] if s <= plan.sustain_s][-1] for o in outcomes
+    )
+    registry = Registry()
+    sample = []
+    for i in range(min(meters, 2000)):
+        registry.add(_meter_id(i), _key(i).public_key(), NODE, "load")
+        sample.append((_meter_id(i), sign_reading(_key(i), _meter_id(i), 1, plan.t0, 1, 0, 0, 0,
+                                                  "load")))
+    prepared = prepare_anchor(registry, sample)
+    raw_rate = len(prepared) / min(raw_verify_seconds(prepared) for _ in range(3))
+    return {
+        "meters": meters,
+        "fleets": FLEETS,
+        "offered_per_second": {"sustained": rate, "overload": 2 * rate},
+        "offered_sustained_achieved_per_second": round(offered_sustained),
+        "sustain_s": plan.sustain_s,
+        "overload_s": plan.overload_s,
+        "committed_per_second": round(sustained),
+        "acknowledged_per_second": round(acknowledged),
+        "lag_at_end_of_sustained": lag,
+        "readings_produced": made,
+        "readings_committed": sum(count for count, _ in committed.values()),
+        "resent": sum(o["resent"] for o in outcomes),
+        "zero_lost": not lost,
+        "meters_short": len(lost),
+        "scrape_bytes": len(scrape.encode()),
+        "scrape_seconds": round(scrape_s, 3),
+        "raw_verify_per_second": round(raw_rate),
+        "ratio_to_raw_verify": round(sustained / raw_rate, 3),
+        "load_average": round(load_before, 2),
+        "target_readings_per_second": TARGET_READINGS_PER_SECOND,
+        "meets_target": sustained >= TARGET_READINGS_PER_SECOND and not lost,
+    }
