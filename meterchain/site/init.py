@@ -348,7 +348,6 @@ def _write_broker(
         # The broker runs as the user that owns passwd and acl (0600): no one else reads them.
         f"user {run_as}",
         "allow_anonymous false",
-        "use_username_as_clientid true",
         f"password_file {broker / 'passwd'}",
         f"acl_file {broker / 'acl'}",
         "persistence true",
@@ -366,6 +365,8 @@ def _write_broker(
         f"certfile {broker / 'server.crt'}",
         f"keyfile {broker / 'server.key'}",
         "tls_version tlsv1.2",
+        # A listener option: before the `listener` line Mosquitto ignores it.
+        "use_username_as_clientid true",
     ]
     _public(broker / "mosquitto.conf", "\n".join(conf) + "\n")
     return ca_cert

@@ -11,6 +11,7 @@ every reading above it.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -163,3 +164,58 @@ def test_client_id_takeover_loses_no_reading(site_with_boards, agents) -> None:
         )
         assert deferred > 0, "no reading was lost at the broker: this test exercises nothing"
     _nothing_lost(site, boards)
+
+
+def test_the_deployed_broker_config_binds_client_ids(tmp_path) -> None:
+    """deploy/mosquitto/mosquitto.conf, run as written (paths moved here): no takeover."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from hil.broker import find_mosquitto, free_port, make_test_pki
+    from meterchain.mqtt_auth import password_line
+
+    pki = make_test_pki(tmp_path / "pki")
+    (tmp_path / "passwd").write_text(password_line("mg1", "a") + "\n" + password_line("m2", "b"))
+    (tmp_path / "acl").write_text("pattern readwrite #\n")
+    (tmp_path / "persistence").mkdir()
+    port = free_port()
+    text = (Path(__file__).parents[2] / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
+    for name, path in (("ca.crt", pki["ca"]), ("server.crt", pki["cert"]),
+                       ("server.key", pki["key"])):
+        text = text.replace(f"/etc/mosquitto/meterchain/{name}", str(path))
+    text = text.replace("/etc/mosquitto/meterchain/", f"{tmp_path}/")
+    text = text.replace("/var/lib/mosquitto/", f"{tmp_path}/persistence/")
+    text = re.sub(r"^listener 8883$", f"listener {port} 127.0.0.1", text, flags=re.M)
+    assert "use_username_as_clientid true" in text
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(text + ("user root\n" if os.geteuid() == 0 else ""))
+    broker = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: _listening(port), 10, "the broker to listen")
+        clients = []
+        for user, password in (("mg1", "a"), ("m2", "b")):
+            client = mqtt.Client(
+                mqtt.CallbackAPIVersion.VERSION2, client_id="agent-mg1", protocol=mqtt.MQTTv311
+            )
+            client.username_pw_set(user, password)
+            client.tls_set(ca_certs=str(pki["ca"]))
+            client.connect("127.0.0.1", port)
+            client.loop_start()
+            wait_until(client.is_connected, 10, f"{user} to connect")
+            clients.append(client)
+        time.sleep(0.5)
+        assert all(c.is_connected() for c in clients), "one client id kicked the other off"
+        for client in clients:
+            client.disconnect()
+            client.loop_stop()
+    finally:
+        broker.kill()
+        broker.wait()
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
