@@ -148,6 +148,7 @@ class BrokerLink:
             self._status_mid = client.subscribe(self._status_prefix + "+", 1)[1]
         self.on_connected(True)
         self.pump_outbox()
+        self._resume_acks()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         self._calm.failure("broker", "connect", f"cannot connect to {self.host}:{self.port}")
@@ -232,6 +233,20 @@ class BrokerLink:
                 if watermark >= due.get(meter_id, 0):
                     due[meter_id] = watermark
             ready = [self._next_ack(m) for m in watermarks if m not in self._ack_busy]
+        for meter_id, watermark in filter(None, ready):
+            self._send_ack(meter_id, watermark)
+
+    def _resume_acks(self) -> None:
+        """After a (re)connect nothing is waited for: send every watermark still due.
+
+        paho resends what was in flight itself; forgetting it here means a
+        lost PUBACK can never keep a meter's acknowledgements stuck.
+        """
+        with self._ack_lock:
+            self._ack_busy.clear()
+            self._ack_mids.clear()
+            self._ack_early.clear()
+            ready = [self._next_ack(m) for m in list(self._ack_due)]
         for meter_id, watermark in filter(None, ready):
             self._send_ack(meter_id, watermark)
 

@@ -219,3 +219,52 @@ def _listening(port: int) -> bool:
 
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_acknowledgements_are_coalesced_and_never_go_backwards(mosquitto_factory) -> None:
+    """Many commits in a burst: each meter's acks arrive in order, the last is the newest."""
+    import threading
+
+    from edge_agent.broker_link import BrokerLink
+    from meterchain import codec
+    from meterchain.mqtt_auth import node_acl, observer_acl
+
+    broker = mosquitto_factory(
+        users={NODE: "pw", "observer": "pw"},
+        acl=node_acl("m1", NODE) + observer_acl("m1", "observer"),
+    )
+    got: dict[str, list[int]] = {}
+    lock = threading.Lock()
+
+    def on_message(client, userdata, message) -> None:  # type: ignore[no-untyped-def]
+        ack = codec.decode(bytes(message.payload))
+        with lock:
+            got.setdefault(ack[1], []).append(ack[2])
+
+    observer = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="obs")
+    observer.username_pw_set("observer", "pw")
+    observer.tls_set(ca_certs=str(broker.ca_file))
+    observer.on_message = on_message
+    observer.connect(broker.host, broker.port)
+    observer.subscribe("mc/m1/ack/#", qos=1)
+    observer.loop_start()
+    link = BrokerLink(
+        url=broker.url, client_id="agent-mg1", market="m1", node_id=NODE,
+        worker=None,  # type: ignore[arg-type]  # acknowledgements only
+        username=NODE, password="pw", ca_file=str(broker.ca_file),
+    )
+    link.start()
+    try:
+        wait_until(lambda: link.connected, 10, "the link to connect")
+        meters = [f"mg1-m{i}" for i in range(3)]
+        for watermark in range(1, 501):
+            link.publish_acks({m: watermark for m in meters})
+        wait_until(lambda: all(got.get(m, [0])[-1] == 500 for m in meters), 20, "the last acks")
+    finally:
+        link.stop()
+        observer.disconnect()
+        observer.loop_stop()
+    for meter in meters:
+        seen = got[meter]
+        assert seen == sorted(set(seen)), f"{meter}: acks out of order or repeated"
+        assert len(seen) < 500, "nothing was coalesced"
