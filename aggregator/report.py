@@ -544,9 +544,11 @@ def render_html(report: MarketReport) -> str:
                        f"{charts.svg(build_figure(report))}</figure>")  # fmt: skip
     glossary = "\n".join(f"<dt>{escape(t)}</dt><dd>{escape(d)}</dd>" for t, d in GLOSSARY)
     lines_note = (
-        "Line loading is computed from the network site file (DC power flow)."
+        "Line loading is a DC power flow over the grid network (the --network site file, or "
+        "the one the regulator recorded on the ledger)."
         if any(h.loadings for h in report.hours)
-        else "Line loading is not shown: give the network site file (--network) to see it."
+        else "Line loading is not shown: the ledger records no grid network; give the network "
+        "site file (--network) to see it."
     )
     style = (
         f"body{{margin:0;font-family:sans-serif;width:{PAGE_W}px}}"

@@ -145,7 +145,7 @@ def test_line_loading_from_the_network_site_file(ledger: Path, tmp_path: Path, c
     assert report_main(["plot", str(ledger), "--out", str(out), "--network", str(site)]) == 0
     html = out.read_text()
     assert 'id="chart-lines"' in html and "Line loading per hour" in html
-    assert "computed from the network site file" in html
+    assert "Line loading is a DC power flow over the grid network" in html
     # The figures are the cleared dispatch's DC flows against the file's limits.
     with open_store(str(ledger), create=False) as store:
         report = build(store, network=load_network(site))
