@@ -19,7 +19,7 @@ and the emulated board use it to run the real firmware without an ESP32.
 import struct
 
 from mc.flash import Flash
-from mc.meters.s0 import Debouncer
+from mc.meters.s0 import EdgeCounter
 
 
 def host_random(n: int) -> bytes:
@@ -396,10 +396,16 @@ class SdmUart:
 
 
 class FakeAtm90e32Spi:
-    """The ATM90E32's SPI register protocol with read-clear energy counters."""
+    """The ATM90E32's SPI register protocol with read-clear energy counters.
+
+    Configuration and calibration registers (below 0x7F) take a write only while
+    CfgRegAccEn (0x7F) holds 0x55AA; `power_cycle()` returns every register to its reset
+    value (the chip keeps its calibration in registers, not in non-volatile memory).
+    """
 
     def __init__(self) -> None:
         self.regs = {}
+        self.ignored_writes = 0
         self.selected = False
         self._phase = 0
         self._address = 0
@@ -415,6 +421,9 @@ class FakeAtm90e32Spi:
         self.regs[0x80] = (self.regs.get(0x80, 0) + forward) & 0xFFFF
         self.regs[0x84] = (self.regs.get(0x84, 0) + reverse) & 0xFFFF
 
+    def power_cycle(self) -> None:
+        self.regs = {}
+
     def set_power(self, counts: int) -> None:
         raw = counts & 0xFFFFFFFF
         self.regs[0xB0] = raw >> 16
@@ -428,6 +437,9 @@ class FakeAtm90e32Spi:
             self._address = ((buf[0] & 0x03) << 8) | buf[1]
             self._phase = 1
         elif not self._read:
+            if self._address < 0x7F and self.regs.get(0x7F) != 0x55AA:
+                self.ignored_writes += 1  # locked: configuration needs CfgRegAccEn first
+                return
             self.regs[self._address] = (buf[0] << 8) | buf[1]
 
     def readinto(self, buf, write_byte: int = 0) -> None:
@@ -776,6 +788,7 @@ class FakeBoard:
         self.peripheral_error = None  # raised by uart/spi/pulse_counter/pin_in (a wrong pin)
         self.wifi_up = True
         self.wifi_resets = 0
+        self.key_draws = 0
         self.echo = echo
         self.keep_console = True  # False: drop console lines (heap measurements)
         self.console_lines = []
@@ -813,6 +826,10 @@ class FakeBoard:
 
     # misc
     def urandom(self, n: int) -> bytes:
+        return host_random(n)
+
+    def key_entropy(self, n: int) -> bytes:
+        self.key_draws += 1  # the hardware's "RF on" draw: only keys come from here
         return host_random(n)
 
     def console(self, line: str) -> None:
@@ -879,9 +896,9 @@ class FakeBoard:
     def sim_meter_uart(self, cfg: dict):
         return self._sdm_uart(cfg["meter.unit"])
 
-    def pulse_counter(self, pin: int, debounce_ms: int):
+    def pulse_counter(self, pin: int, filter_us: int):
         self._peripheral()
-        self.s0 = Debouncer(debounce_ms, self.ticks_diff)
+        self.s0 = EdgeCounter()
         return self.s0
 
     def spi(self, bus: int, sck: int, mosi: int, miso: int, cs: int):

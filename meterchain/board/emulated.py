@@ -270,6 +270,9 @@ class EmulatedBoard:
     def urandom(self, n: int) -> bytes:
         return os.urandom(n)
 
+    def key_entropy(self, n: int) -> bytes:
+        return os.urandom(n)  # the host's CSPRNG (a board switches its RF on for this)
+
     def console(self, line: str) -> None:
         with self._console_lock:
             self._console.write(line + "\n")
@@ -371,10 +374,10 @@ class EmulatedBoard:
         self._uart = self._sim_uart(int(cfg["meter.unit"]), cfg.get("source"))
         return self._uart
 
-    def pulse_counter(self, pin: int, debounce_ms: int) -> Any:
-        from mc.meters.s0 import Debouncer
+    def pulse_counter(self, pin: int, filter_us: int) -> Any:
+        from mc.meters.s0 import EdgeCounter
 
-        self.s0 = Debouncer(debounce_ms, self.ticks_diff)
+        self.s0 = EdgeCounter()
         return self.s0
 
     def spi(self, bus: int, sck: int, mosi: int, miso: int, cs: int) -> tuple[Any, Any]:

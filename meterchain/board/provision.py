@@ -338,7 +338,8 @@ def provision(
     current = board_public_key(driver, generate=False) if has_firmware else None
     if current is None:
         step(
-            "key", "generate the signing key on the board (os.urandom; only the public key is read)"
+            "key", "generate the signing key on the board (hardware RNG with the RF on; only the "
+            "public key is read)",
         )
         public = None if dry else board_public_key(driver, generate=True)
     else:

@@ -172,3 +172,16 @@ def test_bad_settings_are_refused_before_anything_is_written(
     assert main(args) == 2
     assert "config.json: meter.baud: must be one of" in capsys.readouterr().err
     assert not board.exists()
+
+
+def test_key_comes_from_the_rf_on_entropy_source_not_urandom(tmp_path: Path) -> None:
+    import mcfakes
+    from mc import keystore
+    from mc.flash import Flash
+
+    board = mcfakes.FakeBoard(flash=Flash(str(tmp_path)), echo=False)
+    board.urandom = None  # type: ignore[method-assign]  # must not be used for a key
+    keystore.provision(board)
+    assert board.key_draws == 1 and (tmp_path / "key.bin").stat().st_size == 40
+    keystore.provision(board)
+    assert board.key_draws == 1, "an existing key is never replaced"

@@ -76,7 +76,7 @@ _SCHEMA = (
     ("meter.retries", int, 2, (0, 5), _MODBUS + ("sim",)),
     ("meter.pin", int, _CHIP, "pin", ("s0",)),
     ("meter.pulses_per_kwh", int, 1000, (1, 100000), ("s0",)),
-    ("meter.debounce_ms", int, 20, (1, 1000), ("s0",)),
+    ("meter.filter_us", int, 12, (0, 12), ("s0",)),
     ("meter.direction", str, "import", ("import", "export"), ("s0",)),
     ("meter.spi", int, _CHIP, (1, 2), ("atm90e32",)),
     ("meter.sck", int, _CHIP, "pin", ("atm90e32",)),
@@ -84,6 +84,24 @@ _SCHEMA = (
     ("meter.miso", int, _CHIP, "pin", ("atm90e32",)),
     ("meter.cs", int, _CHIP, "pin", ("atm90e32",)),
     ("meter.constant", int, 3200, (100, 100000), ("atm90e32",)),
+    # ATM90E32 calibration registers (mc.meters.atm90e32.CALIBRATION), -1: chip default.
+    ("meter.mmode0", int, -1, (-1, 0xFFFF), ("atm90e32",)),
+    ("meter.mmode1", int, -1, (-1, 0xFFFF), ("atm90e32",)),
+    ("meter.poffset_a", int, -1, (-1, 0xFFFF), ("atm90e32",)),
+    ("meter.poffset_b", int, -1, (-1, 0xFFFF), ("atm90e32",)),
+    ("meter.poffset_c", int, -1, (-1, 0xFFFF), ("atm90e32",)),
+    ("meter.pqgain_a", int, -1, (-1, 0xFFFF), ("atm90e32",)),
+    ("meter.phi_a", int, -1, (-1, 0xFFFF), ("atm90e32",)),
+    ("meter.pqgain_b", int, -1, (-1, 0xFFFF), ("atm90e32",)),
+    ("meter.phi_b", int, -1, (-1, 0xFFFF), ("atm90e32",)),
+    ("meter.pqgain_c", int, -1, (-1, 0xFFFF), ("atm90e32",)),
+    ("meter.phi_c", int, -1, (-1, 0xFFFF), ("atm90e32",)),
+    ("meter.ugain_a", int, -1, (-1, 0xFFFF), ("atm90e32",)),
+    ("meter.igain_a", int, -1, (-1, 0xFFFF), ("atm90e32",)),
+    ("meter.ugain_b", int, -1, (-1, 0xFFFF), ("atm90e32",)),
+    ("meter.igain_b", int, -1, (-1, 0xFFFF), ("atm90e32",)),
+    ("meter.ugain_c", int, -1, (-1, 0xFFFF), ("atm90e32",)),
+    ("meter.igain_c", int, -1, (-1, 0xFFFF), ("atm90e32",)),
     ("meter.sim_w", int, 1500, (-1000000, 1000000), ("sim",)),
     ("broker.host", str, _REQUIRED, None, None),
     ("broker.port", int, 8883, (1, 65535), None),
@@ -177,6 +195,9 @@ def _check_chip(file: str, cfg: dict) -> None:
             cfg[key] = defaults[key]
     if cfg.get("meter.uart", 1) > uarts:
         raise ConfigError(file, "meter.uart", "%s has no UART%d for a meter" % (chip, cfg["meter.uart"]))
+    if cfg["meter.type"] == "s0" and chip == "esp32c3":
+        raise ConfigError(file, "meter.type", "s0 needs a hardware pulse counter (PCNT), which esp32c3 "
+                          "lacks: pulses would be lost while the radio reconnects")
     if cfg.get("meter.spi", buses[0]) not in buses:
         raise ConfigError(file, "meter.spi", "SPI(%d) does not exist on %s" % (cfg["meter.spi"], chip))
     used = {}

@@ -26,6 +26,7 @@ from .flash import Flash
 # ESP32 ports before MicroPython 1.22-ish count from 2000-01-01; readings need Unix time.
 _EPOCH_OFFSET = 946684800 if time.gmtime(0)[0] == 2000 else 0
 _UART_TIMEOUT_MS = 20  # one readinto() waits at most this long for the first byte
+_PCNT_MAX = 32000  # the pulse counter wraps to 0 here (16-bit signed hardware register)
 _RESET_CAUSES = {
     machine.PWRON_RESET: "power-on",
     machine.HARD_RESET: "hard reset",
@@ -155,6 +156,22 @@ class Board:
         # ESP32 hardware RNG (true random while the radio runs; seeded from noise at boot).
         return os.urandom(n)
 
+    def key_entropy(self, n: int) -> bytes:
+        """Random bytes for a key: with the RF on, which ESP-IDF documents as the condition
+        for the hardware RNG to be a true RNG (without it, and without the bootloader's
+        entropy source, its output is pseudo-random).  `mpremote` provisioning runs with
+        WiFi off, so the station interface is switched on for the draw (no association is
+        needed), then back off if it was off."""
+        wlan = network.WLAN(network.STA_IF)
+        was_active = wlan.active()
+        wlan.active(True)
+        try:
+            time.sleep_ms(200)  # let the RF calibrate and feed the RNG
+            return os.urandom(n)
+        finally:
+            if not was_active:
+                wlan.active(False)
+
     def console(self, line: str) -> None:
         print(line)
 
@@ -238,14 +255,26 @@ class Board:
     def sim_meter_uart(self, cfg: dict):
         raise ConfigError("config.json", "meter.type", "sim is for emulated boards only")
 
-    def pulse_counter(self, pin: int, debounce_ms: int):
-        from .meters.s0 import Debouncer
+    def pulse_counter(self, pin: int, filter_us: int):
+        """Falling edges on `pin` (S0 pulls the line low): the hardware counter if there is one."""
+        from .meters.s0 import EdgeCounter, WrapCounter
 
-        counter = Debouncer(debounce_ms, time.ticks_diff)
         p = machine.Pin(pin, machine.Pin.IN, machine.Pin.PULL_UP)
-        # S0 outputs are open collector: a pulse pulls the line low.
-        p.irq(trigger=machine.Pin.IRQ_FALLING, handler=lambda _p: counter.edge(time.ticks_ms()))
         self._keep.append(p)
+        try:
+            import esp32
+
+            pcnt = esp32.PCNT(
+                0, pin=p, falling=esp32.PCNT.INCREMENT, rising=esp32.PCNT.IGNORE,
+                filter=min(filter_us * 80, 1023), min=0, max=_PCNT_MAX,
+            )
+            pcnt.start()
+            self._keep.append(pcnt)
+            return WrapCounter(pcnt.value, _PCNT_MAX)
+        except (ImportError, AttributeError):
+            pass  # a port before 1.27 (no esp32.PCNT): count in a scheduled handler
+        counter = EdgeCounter()
+        p.irq(trigger=machine.Pin.IRQ_FALLING, handler=counter.edge)
         return counter
 
     def spi(self, bus: int, sck: int, mosi: int, miso: int, cs: int):

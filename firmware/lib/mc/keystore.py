@@ -53,8 +53,11 @@ def public_hex(secret: int) -> str:
 
 
 def provision(board) -> None:
-    """Make sure the board has a key and print its public key (and nothing secret)."""
-    print("MC-PUBKEY " + public_hex(ensure(board.flash, board.urandom)))
+    """Make sure the board has a key and print its public key (and nothing secret).
+
+    The key's randomness comes from `board.key_entropy`: on an ESP32 the RF is switched on
+    for it, so the hardware RNG is a true RNG (see mc.hal)."""
+    print("MC-PUBKEY " + public_hex(ensure(board.flash, board.key_entropy)))
 
 
 def show(board) -> None:

@@ -57,12 +57,17 @@ def make(board, cfg: dict, flash):
     if kind == "s0":
         from .s0 import S0Meter
 
-        counter = board.pulse_counter(cfg["meter.pin"], cfg["meter.debounce_ms"])
+        counter = board.pulse_counter(cfg["meter.pin"], cfg["meter.filter_us"])
         return S0Meter(counter, flash, board, cfg["meter.pulses_per_kwh"], cfg["meter.direction"])
     if kind == "atm90e32":
-        from .atm90e32 import Atm90e32
+        from .atm90e32 import CALIBRATION, Atm90e32
 
         spi, cs = board.spi(cfg["meter.spi"], cfg["meter.sck"], cfg["meter.mosi"], cfg["meter.miso"],
                             cfg["meter.cs"])
-        return Atm90e32(spi, cs, flash, board, cfg["meter.constant"])
+        cal = {}
+        for name, _reg in CALIBRATION:
+            value = cfg["meter." + name]
+            if value >= 0:
+                cal[name] = value
+        return Atm90e32(spi, cs, flash, board, cfg["meter.constant"], cal)
     raise MeterError("unknown meter type %s" % kind)

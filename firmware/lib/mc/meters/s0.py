@@ -1,10 +1,20 @@
-"""S0 pulse input (DIN 43864): a debounced pulse counter whose total survives reboots.
+"""S0 pulse input (DIN 43864 / EN 62053-31): a pulse counter whose total survives reboots.
 
-The HAL wires a GPIO interrupt to `Debouncer.edge()`; this module turns pulses into
-Wh with the meter's constant (pulses per kWh) and keeps the running pulse total in a
-crash-safe slot store, written at most every `persist_s` by the app.  After a reboot the
-count resumes from the stored total: it never resets; at worst the pulses since the
-last save are lost, and never counted twice.
+The HAL counts pulses in hardware where the chip and port have it (esp32.PCNT, MicroPython
+1.27+, ESP32 and ESP32-S3): edges are counted while the firmware blocks (a reconnect can
+take tens of seconds) and glitches shorter than the counter's filter are ignored;
+`WrapCounter` turns its 16-bit wrapping value into a running total.  Otherwise a GPIO
+interrupt calls `EdgeCounter.edge()`.  That handler is *scheduled* on the ESP32 port
+(a queue of 8): it runs after the edge, possibly long after and back to back with other
+queued ones, so its run time says nothing about when the edge happened and every call is
+counted (no time-based debouncing, which would discard real pulses); pulses beyond the
+queue's depth during a long blocking call are lost, which is why the config refuses S0
+on a chip without PCNT.
+
+This module turns pulses into Wh with the meter's constant (pulses per kWh) and keeps the
+running pulse total in a crash-safe slot store, written at most every `persist_s` by the
+app.  After a reboot the count resumes from the stored total: it never resets; at worst
+the pulses since the last save are lost, and never counted twice.
 """
 
 from ..slots import SlotStore
@@ -19,23 +29,32 @@ except ImportError:  # CPython: constants are plain module globals
 _MAX_PLAUSIBLE_W = const(1000000)
 
 
-class Debouncer:
-    """Counts edges at least `debounce_ms` apart; `edge()` is cheap enough for an IRQ."""
+class EdgeCounter:
+    """Counts every edge an interrupt handler reports; `edge()` is cheap enough for an IRQ."""
 
-    def __init__(self, debounce_ms: int, ticks_diff) -> None:
-        self.debounce_ms = debounce_ms
-        self._ticks_diff = ticks_diff
-        self._last = None
+    def __init__(self) -> None:
         self.count = 0
-        self.bounces = 0
 
-    def edge(self, now_ms) -> None:
-        last = self._last
-        if last is not None and self._ticks_diff(now_ms, last) < self.debounce_ms:
-            self.bounces += 1
-            return
-        self._last = now_ms
+    def edge(self, _pin=None) -> None:
         self.count += 1
+
+
+class WrapCounter:
+    """A running total from a hardware counter that wraps to 0 at `modulus` (read it at
+    least once per `modulus` pulses: the app reads it every few seconds)."""
+
+    def __init__(self, read, modulus: int) -> None:
+        self._read = read
+        self._modulus = modulus
+        self._last = read()
+        self._total = 0
+
+    @property
+    def count(self) -> int:
+        value = self._read()
+        self._total += (value - self._last) % self._modulus
+        self._last = value
+        return self._total
 
 
 class S0Meter:
@@ -60,7 +79,8 @@ class S0Meter:
         return self._base + self._counter.count - self._boot_count
 
     def poll(self) -> None:
-        """Nothing to do: the interrupt counts."""
+        """Read the counter, so a wrapping hardware counter never wraps twice unseen."""
+        self.total_pulses()
 
     def sample(self):
         """(import Wh, export Wh, average W since the last sample, flags)."""
