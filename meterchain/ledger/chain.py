@@ -45,6 +45,7 @@ class VerifyReport:
     readings: int = 0
     signatures_checked: int = 0
     head: bytes = b""
+    height: int = -1  # of the head block (-1: empty)
     regulator: str = ""
     seconds: float = 0.0
     kinds: dict[str, int] = field(default_factory=dict)
@@ -135,6 +136,10 @@ def verify_store(
     """
     started = _time.perf_counter()
     report = VerifyReport()
+    mistyped = store.mistyped_rows()
+    if mistyped:
+        table, column, height = mistyped[0]
+        raise ChainError(height, f"{table}.{column} holds a value of the wrong type")
     state: LedgerState | None = None
     prev_hash = GENESIS_PREV
     expected = 0
@@ -186,10 +191,65 @@ def verify_store(
         expected += 1
         if progress is not None:
             progress(height)
+    orphans = store.orphan_rows()
+    if orphans:
+        table, height, idx = orphans[0]
+        raise ChainError(
+            height, f"{table} rows of tx {idx} belong to no stored block (a deleted block?)"
+        )
     stray = store.stray_readings()
     if stray:
         height, idx, pos = stray[0]
         raise ChainError(height, f"reading at tx {idx} position {pos} is not in a reading batch")
     report.head = prev_hash if state is not None else b""
+    report.height = expected - 1
     report.seconds = _time.perf_counter() - started
     return state, report
+
+
+def check_head(
+    store: LedgerStore,
+    state: LedgerState | None,
+    report: VerifyReport,
+    *,
+    head: bytes | None = None,
+    min_height: int | None = None,
+    signed_head: QuorumCertificate | None = None,
+) -> None:
+    """Refuse a verified ledger that is shorter than what the caller knows exists.
+
+    A ledger whose top blocks were deleted is still a valid chain; only a head
+    from elsewhere shows it is stale. `head` is a block hash the ledger must
+    hold, `min_height` a height it must reach, and `signed_head` a block
+    certificate (more than n/2 members over ["block", market, height, hash],
+    e.g. from any consensus node) that the ledger must hold: the freshness
+    check of an extension node. Raises ChainError naming what is missing.
+    """
+    top = report.height
+    if min_height is not None and top < min_height:
+        raise ChainError(top + 1, f"ledger ends at height {top}, below the pinned {min_height}")
+    if head is not None and not _holds(store, top, head):
+        raise ChainError(top + 1, f"ledger (head {top}) does not hold pinned block {head.hex()}")
+    if signed_head is None:
+        return
+    if state is None:
+        raise ChainError(0, "an empty ledger cannot match a signed head")
+    try:
+        fields = signed_head.fields()
+        if len(fields) != 4 or fields[0] != "block" or type(fields[2]) is not int:
+            raise QuorumError("not a block certificate")
+        _, _, height, block_hash = fields
+        expect = block_statement(state.market, height, block_hash)
+        signed_head.verify(state.membership, expect=expect)
+    except (QuorumError, CodecError) as exc:
+        raise ChainError(top + 1, f"signed head: {exc}") from exc
+    if top < height:
+        raise ChainError(top + 1, f"stale: ledger ends at height {top}, signed head at {height}")
+    if not _holds(store, top, block_hash, height):
+        raise ChainError(height, "the block at the signed head's height is another block")
+
+
+def _holds(store: LedgerStore, top: int, block_hash: bytes, height: int | None = None) -> bool:
+    """True if the verified chain (heights 0..top) holds `block_hash` (at `height`)."""
+    at = store.height_of(block_hash)
+    return at is not None and at <= top and (height is None or at == height)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import string
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from meterchain import codec
 from meterchain.errors import CodecError, MeterChainError
 from meterchain.keys import PublicKey
 from meterchain.ledger.block import BlockError, Header
-from meterchain.ledger.chain import ChainError, verify_store
+from meterchain.ledger.chain import ChainError, check_head, verify_store
 from meterchain.ledger.merkle import ProofError
 from meterchain.ledger.proof import build_proof, check_proof, resolve_reading
 from meterchain.ledger.store import LedgerStore, StoreError, open_store
@@ -32,11 +33,40 @@ def _open(target: str) -> LedgerStore:
     return open_store(target, create=False)
 
 
+def _signed_head(text: str) -> QuorumCertificate:
+    """A block certificate given as hex of its CBOR, or as the path of a file holding that hex."""
+    raw = text
+    if not all(c in string.hexdigits for c in text):
+        try:
+            raw = Path(text).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--signed-head: cannot read {text}: {exc}") from None
+    try:
+        return QuorumCertificate.from_cbor(codec.decode(bytes.fromhex(raw)))
+    except (CodecError, QuorumError, ValueError) as exc:
+        raise ValueError(f"--signed-head: not a hex CBOR block certificate: {exc}") from None
+
+
 def _cmd_verify(ns: argparse.Namespace) -> int:
     regulator = PublicKey.from_hex(ns.regulator) if ns.regulator else None
+    pinned = bytes.fromhex(ns.head) if ns.head else None
+    if pinned is not None and len(pinned) != 32:
+        raise ValueError("--head must be a 64-hex-digit block hash")
+    signed_head = _signed_head(ns.signed_head) if ns.signed_head else None
     with _open(ns.db) as store:
         try:
-            _, report = verify_store(store, signatures=not ns.no_signatures, regulator=regulator)
+            state, report = verify_store(
+                store, signatures=not ns.no_signatures, regulator=regulator
+            )
+            check_head(
+                store,
+                state,
+                report,
+                head=pinned,
+                min_height=ns.min_height,
+                signed_head=signed_head,
+            )
+            head_qc = store.stored_block(report.height).qc_raw.hex() if report.blocks else ""
         except ChainError as exc:
             if ns.json:
                 print(json.dumps({"valid": False, "height": exc.height, "reason": exc.reason}))
@@ -50,7 +80,9 @@ def _cmd_verify(ns: argparse.Namespace) -> int:
         "transactions": report.transactions,
         "readings": report.readings,
         "reading_signatures_checked": report.signatures_checked,
+        "height": report.height,
         "head": report.head.hex(),
+        "head_certificate": head_qc,
         "regulator": report.regulator,
         "seconds": round(report.seconds, 3),
     }
@@ -63,7 +95,7 @@ def _cmd_verify(ns: argparse.Namespace) -> int:
             print(
                 f"valid: market {report.market}, {report.blocks} blocks, {report.transactions} "
                 f"transactions, {report.readings} readings ({report.signatures_checked} reading "
-                f"signatures checked), head {report.head.hex()[:16]}, regulator "
+                f"signatures checked), head {report.height} {report.head.hex()}, regulator "
                 f"{report.regulator}, {report.seconds:.2f} s"
             )
     return 0
@@ -203,6 +235,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("db", help="SQLite file or postgresql:// URL")
     p.add_argument("--no-signatures", action="store_true", help="skip reading signature checks")
     p.add_argument("--regulator", help="pin the regulator's public key (hex point)")
+    p.add_argument("--head", help="a block hash (hex) the ledger must hold: no truncation")
+    p.add_argument("--min-height", type=int, help="a height the ledger must reach")
+    p.add_argument(
+        "--signed-head",
+        help="a block certificate (hex CBOR, or a file of it; `verify --json` prints one as "
+        "head_certificate) the ledger must hold: freshness against more than n/2 members",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_verify)
     p = sub.add_parser("show", help="summarise a ledger")

@@ -58,6 +58,17 @@ CREATE TABLE IF NOT EXISTS tx_inbox (
 """
 
 
+# The SQLite storage class every value of a ledger table must have (see mistyped_rows).
+_LEDGER_COLUMN_TYPES = {
+    "blocks": {"height": "integer", "hash": "blob", "header": "blob", "qc": "blob"},
+    "txs": {"height": "integer", "idx": "integer", "kind": "text", "hash": "blob",
+            "body": "blob"},
+    "readings": {"height": "integer", "idx": "integer", "pos": "integer", "digest": "blob",
+                 "meter_id": "text", "seq": "integer", "time": "integer",
+                 "import_wh": "integer", "export_wh": "integer", "cose": "blob"},
+}  # fmt: skip
+
+
 class SQLiteStore(LedgerStore):
     """A ledger in one SQLite file (WAL journal, full fsync on commit)."""
 
@@ -134,6 +145,19 @@ class SQLiteStore(LedgerStore):
     def _ignore_insert(self, table: str, columns: Sequence[str]) -> str:
         marks = ", ".join("?" for _ in columns)
         return f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({marks})"
+
+    def mistyped_rows(self) -> list[tuple[str, str, int]]:
+        # SQLite keeps whatever type a value was written with (0.5 in an INTEGER column
+        # stays a REAL), so every column of the ledger tables is checked for its type.
+        checks = []
+        for table, columns in _LEDGER_COLUMN_TYPES.items():
+            for column, kind in columns.items():
+                checks.append(
+                    f"SELECT '{table}', '{column}', height FROM {table} "
+                    f"WHERE typeof({column}) != '{kind}'"
+                )
+        rows = self._execute(" UNION ALL ".join(checks) + " ORDER BY 3 LIMIT 10")
+        return [(str(t), str(c), int(h) if isinstance(h, int | float) else -1) for t, c, h in rows]
 
     def close(self) -> None:
         self._db.close()

@@ -236,6 +236,33 @@ class LedgerStore(abc.ABC):
         # (this is the hot path of chain verification).
         return [(row[0], row[1:]) for row in rows]  # type: ignore[misc]
 
+    def height_of(self, block_hash: bytes) -> int | None:
+        """Height of the stored block with header hash `block_hash`, if there is one."""
+        rows = self._execute("SELECT height FROM blocks WHERE hash = ?", (block_hash,))
+        return int(rows[0][0]) if rows else None
+
+    def orphan_rows(self) -> list[tuple[str, int, int]]:
+        """(table, height, idx) of transactions and readings of a block that is not stored.
+
+        A block's rows are only ever written together; rows whose block row is gone
+        mean someone deleted the block (a truncated head) and left its body behind.
+        """
+        rows = self._execute(
+            "SELECT 'txs', t.height, t.idx FROM txs t LEFT JOIN blocks b ON b.height = t.height "
+            "WHERE b.height IS NULL UNION ALL "
+            "SELECT 'readings', r.height, r.idx FROM readings r LEFT JOIN blocks b "
+            "ON b.height = r.height WHERE b.height IS NULL ORDER BY 2, 3 LIMIT 10"
+        )
+        return [(str(t), int(h), int(i)) for t, h, i in rows]
+
+    def mistyped_rows(self) -> list[tuple[str, str, int]]:
+        """(table, column, height) of stored values whose type is not the column's.
+
+        A typed back end (PostgreSQL) cannot hold one; SQLite can (an edited
+        `txs.idx = 0.5` would read back as a float), so its store overrides this.
+        """
+        return []
+
     def stray_readings(self) -> list[tuple[int, int, int]]:
         """Readings whose (height, idx) is not a reading batch transaction."""
         rows = self._execute(
