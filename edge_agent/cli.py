@@ -11,6 +11,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from edge_agent import config as agent_config
 from meterchain.errors import ConfigError
@@ -37,6 +38,9 @@ def _run(ns: argparse.Namespace) -> int:
 
 
 def _check(ns: argparse.Namespace) -> int:
+    from meterchain.config_files import systemd_directories
+
+    systemd_directories(ns.credentials, ns.state_dir)
     cfg = _load(ns)
     from meterchain.registry import Registry
 
@@ -97,7 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = add("run", _run, "run the agent until SIGTERM")
     run.add_argument("--log-level", choices=agent_config.LOG_LEVELS, default=None)
-    add("check-config", _check, "validate the configuration and exit")
+    check = add("check-config", _check, "validate the configuration and exit")
+    check.add_argument(
+        "--credentials", type=Path, default=Path("/etc/meterchain/secrets"), metavar="DIR",
+        help="$CREDENTIALS_DIRECTORY when unset (the unit's LoadCredential= source)",
+    )  # fmt: skip
+    check.add_argument(
+        "--state-dir", type=Path, default=Path("/var/lib/meterchain-agent"), metavar="DIR",
+        help="$STATE_DIRECTORY when unset (the unit's StateDirectory=)",
+    )  # fmt: skip
     add(
         "gateway-keys",
         _gateway_keys,

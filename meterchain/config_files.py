@@ -253,3 +253,13 @@ def toml_kind(value: Any) -> str:
         list: "an array",
         dict: "a table",
     }.get(type(value), type(value).__name__)
+
+
+def systemd_directories(credentials: Path, state: Path) -> None:
+    """Outside systemd, stand in for what a unit's LoadCredential= and StateDirectory= give
+    the service: `$CREDENTIALS_DIRECTORY` (when that folder exists) and `$STATE_DIRECTORY`,
+    each only when not set already, so `check-config` checks the files the service will use.
+    """
+    if "CREDENTIALS_DIRECTORY" not in os.environ and credentials.is_dir():
+        os.environ["CREDENTIALS_DIRECTORY"] = str(credentials)
+    os.environ.setdefault("STATE_DIRECTORY", str(state))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -252,12 +253,16 @@ def run_demo(
         report.ledger = str(ledger)
         note(options.hours, options.hours, "comparing rolling and day-ahead clearing")
         _summarise(report, ledger, site, options.hours)
-    finally:
+    except BaseException:
         if own:
-            # The site (keys, boards' flash, logs) is scaffolding; the ledger is the result.
-            shutil.rmtree(root / "site", ignore_errors=True)
-            if options.ledger is not None:
-                shutil.rmtree(root, ignore_errors=True)
+            print(f"meterchain demo: the site is kept for a look: {root / 'site'}",
+                  file=sys.stderr)  # fmt: skip
+        raise
+    if own:
+        # The site (keys, boards' flash, logs) is scaffolding; the ledger is the result.
+        shutil.rmtree(root / "site", ignore_errors=True)
+        if options.ledger is not None:
+            shutil.rmtree(root, ignore_errors=True)
     report.seconds = time.monotonic() - started
     return report
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from edge_agent import config as agent_config
 
 UNIT = Path(__file__).resolve().parents[2] / "deploy" / "systemd" / "meterchain-agent.service"
@@ -60,22 +62,29 @@ def test_config_paths_expand_the_directories_systemd_provides(tmp_path: Path, mo
     assert cfg.broker_password == "pw"
 
 
-def test_systemd_analyze_accepts_the_unit(tmp_path: Path) -> None:
+def systemd_verify_problems(unit: Path, tmp_path: Path) -> list[str]:
+    """What `systemd-analyze verify` says about `unit`, with its install path pointed at this
+    checkout's interpreter so the command is checked too ([] when systemd is absent)."""
     analyze = shutil.which("systemd-analyze")
-    if analyze is None:  # not a systemd host: the structural test above still ran
-        return
-    # Point ExecStart at this checkout's interpreter so verify can check the command.
-    text = UNIT.read_text().replace(
-        "/usr/local/bin/meterchain", f"{sys.executable} -m meterchain.cli"
+    if analyze is None:  # not a systemd host: the structural tests still ran
+        return []
+    text = unit.read_text().replace(
+        "/opt/meterchain/bin/meterchain", f"{sys.executable} -m meterchain.cli"
     )
-    unit = tmp_path / UNIT.name
-    unit.write_text(text)
+    copy = tmp_path / unit.name
+    copy.write_text(text)
     proc = subprocess.run(
-        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60
+        [analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60
     )
-    problems = [
+    return [
         line
         for line in (proc.stdout + proc.stderr).splitlines()
-        if UNIT.name in line and "not executable" not in line
+        if unit.name in line and "not executable" not in line
     ]
-    assert not problems, problems
+
+
+@pytest.mark.parametrize("name", ["meterchain-agent.service", "meterchain-aggregator.service"])
+def test_systemd_analyze_accepts_the_unit(name: str, tmp_path: Path) -> None:
+    unit = UNIT.parent / name
+    assert "ExecStart=/opt/meterchain/bin/meterchain " in unit.read_text()  # the README install
+    assert not systemd_verify_problems(unit, tmp_path)
