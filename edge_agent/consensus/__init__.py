@@ -1,5 +1,9 @@
 """SDBFT light consensus among edge agents (SPEC M7 with its safety amendment).
 
+The model, the protocol step by step, the safety and liveness proofs (each
+step naming the code that enforces it) and what the protocol does not promise
+are in docs/consensus.md; this docstring is the summary.
+
 Modules: `node` (the pure state machine), `messages` (wire format), `signing`
 (Signer/Keyring), `contracts` (what a round agrees on), `store` (fsynced
 log), `transport` (MQTT), `process` (one node as an OS process), `sim`
@@ -23,7 +27,8 @@ Round identity and rotation
 
 Messages: [statement, sender, signature, attachment], statement =
 [tag, market, [seq, kind], view, ref, ...], P-256 signature over it
-    req     [.., 0, deposit ref, submitter, body]  a participant's signed bid
+    req     [.., 0, deposit ref, submitter, body]  a participant's signed bid; a
+            member's attaches the requests it held when it opened (relays)
     prop    [.., v, value digest, justification digest]  by the primary; attaches
             the value (exact signed request set + contract result), the
             primary's own vote, and for v > 0 the justification (below)
@@ -36,18 +41,19 @@ Messages: [statement, sender, signature, attachment], statement =
             attaches the node's highest vote certificate and its proposal
     final   [.., 0, value digest]  "I treat this value as final"; q of them
             form the finality certificate; the primary attaches value + QC
-    sync    [.., 0, b""]  a recovering node asks for a decided round
+    sync    [.., 0, b"" or digest]  asks for a decided round (or a certified value)
 Vote and final statements are identical across signers, so they aggregate
 into `meterchain.quorum.QuorumCertificate`s.
 
 A round, fault-free
-    1. Every node opens the round and broadcasts its signed request.
+    1. Every node opens the round and broadcasts its signed request, relaying
+       the requests it already holds (participants' bids sent ahead).
     2. The primary proposes once it holds every member's request, or 2 delta
        + 1 ms after its open, with the exact request set it used.
     3. A backup checks the proposal (signatures, `contract.check` -- it may
        verify rather than re-execute) and votes, forwarding the proposal; a
-       backup whose own request is missing from a fresh proposal votes no
-       (blames) -- censorship.
+       backup votes no (blames) on a fresh proposal missing its own request or
+       any request it relayed -- censorship.
     4. Votes reach everyone; q votes are a vote certificate (QC).
     5. A node treats the value as final when more than 2 delta have passed
        since its own vote, it holds the QC, it saw no conflicting proposal
@@ -59,9 +65,9 @@ A round, fault-free
        the value as final by rule 5).
 
 Timers (delta units; "+1" = 1 ms margins for equal timestamps)
-    primary request collection  2 delta + 1 after its open (view 0)
+    primary request collection  2 delta + 1 after its open (any fresh value)
     blame when no usable proposal  view 0: 4 delta + 2 after open;
-                                   view v > 0: 3 delta + 1 after entering
+                                   view v > 0: 3 delta + 2 after entering
     finality window             more than 2 delta after own vote
     objection forwarding        +1 delta after forwarding the QC (below)
     blame when not final        3 delta + 2 after own vote (10 delta + 2 for a
@@ -85,30 +91,23 @@ Change of primary
     request it holds. The proposal carries those q signed statuses and the
     lock's QC; a backup votes for it only if it is justified that way. A
     node can jump to a view with a justified proposal or on a certificate.
+    Two signed proposals of one view are relayed (as a blame with both) once
+    per view whatever the node's blame state; a decided node answers anyone
+    still working on the round (blame, certificate, status, sync) with its
+    finality certificate.
 
-Why the amendment is safe (sketch)
-    If a correct node h finalises B in view v: (i) any correct node that
-    voted for a different proposal in v did so within delta of h's vote
-    (else it would have seen B forwarded first), so h saw that vote within
-    2 delta -- contradiction; hence no QC for anything else exists in v.
-    (ii) Every correct node holds the QC for B before any correct node
-    sends a status for a later view: if nobody objected before h's window
-    ended, every correct node voted B within delta of h and got every
-    correct vote within 2 delta; if someone objected (e.g. a censored node
-    voting no), h forwarded the QC and waited one more delta. The first
-    correct node to leave v forwards the change certificate, so h leaves
-    within delta and commits only before that; statuses go out one delta
-    after leaving. (iii) Any q statuses contain a correct one, so every
-    later justified proposal is B, by induction over views.
-    Finality certificates contain a correct signer, so they agree too.
-
-Liveness bound (`node.liveness_bound_ms`)
-    Every correct node commits within 7 delta + 2 ms of the round's first
-    open with no faulty node, and within 23 delta + 5 + (f - 1)(16 delta +
-    3) ms with f >= 1 faulty nodes (at most f consecutive faulty primaries;
-    each costs at most 16 delta + 3, view 0 17 delta + 4, then 6 delta + 1
-    under the correct one); the FC follows within one more delta. The
-    simulator checks this on every schedule.
+Safety and liveness (docs/consensus.md)
+    If a correct node h commits B in view v (the smallest such view): no QC
+    for anything else exists in v (any correct voter of another value would
+    have forwarded it to h within the 2-delta window); every correct node
+    holds B's QC, value and proposal before any correct status for a later
+    view goes out (all correct nodes voted B, or h forwarded the QC one delta
+    before committing; named values are always kept; evidence is always
+    relayed); so any q statuses carry B's lock and every later QC is B.
+    Every correct node commits within `node.liveness_bound_ms`: 7 delta + 2 ms
+    of the round's first open with no faulty node, 23 delta + 6 +
+    (f - 1)(16 delta + 4) ms with f >= 1 faulty nodes; the FC follows within
+    one more delta. The simulator checks this on every schedule.
 
 Messages per round and what O(n) means
     Fault-free: n requests + 1 proposal + n-1 votes + at most n finals = at
@@ -130,7 +129,9 @@ Persistence and recovery
     missed messages) but asks (`sync`) and decides on a finality
     certificate -- which is also why a `final` attestation need not wait for
     the disk. A round whose messages overflowed the pre-open buffer is
-    treated the same way.
+    treated the same way. Held messages of rounds not open yet are bounded
+    per sender (16 distinct messages per sender and round, de-duplicated), so
+    a flooding member only loses its own.
 
 Simulation
     `sim.Simulator` drives nodes deterministically from a seed. Tests run

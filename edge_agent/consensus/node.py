@@ -1228,12 +1228,14 @@ class Node:
 
     def _proposal_deadline(self, rs: _Round) -> int:
         # view 0: open skew (delta) + the primary's request collection (2 delta + 1 ms)
-        # + delivery; later views: entry skew + statuses to the primary + delivery.
+        # + delivery; later views: entry skew + statuses to the primary (a fresh value
+        # also waits for the requests, at most 2 delta + 1 ms after the primary's open,
+        # which is at most 2 delta + 1 ms after the first correct entry) + delivery.
         # Blame strictly after the latest time a correct primary's proposal can arrive.
         k = self._backoff(rs.view)
         if rs.view == 0:
             return rs.entered_at + 4 * self.delta + 2
-        return rs.entered_at + k * 3 * self.delta + 1
+        return rs.entered_at + k * 3 * self.delta + 2
 
     def _after_vote_deadline(self, rs: _Round) -> int:
         tv = rs.vote_time[rs.view]
@@ -1304,24 +1306,21 @@ class Node:
 def liveness_bound_ms(delta_ms: int, faulty: int) -> int:
     """Latest commit time after a round's first honest open, with `faulty` < n/2 faulty nodes.
 
-    Derived from the timers above with every delay between correct nodes at
-    most delta and correct nodes opening within delta of each other:
-    with a correct view-0 primary every correct node commits within 7 delta + 2 ms
-    of the round's first open (3 delta + 1 to propose, 1 delta to deliver, the
-    2-delta window, 1 delta more when a certificate must be forwarded). In a
-    view led by a faulty primary every correct node has blamed within
-    P + 11 delta + 2 ms of the view's first correct entry (entries spread over
-    1 delta; P, the proposal deadline, is 4 delta + 2 in view 0 and 3 delta + 1
-    later; a vote just before P, then 10 delta + 2 for a node that is final
-    without a certificate), one more delta brings the change certificate and
-    one more the next entry: view 0 costs at most 17 delta + 4 from the open,
-    a later view 16 delta + 3. A view led by a correct primary after a change
-    commits within 6 delta + 1 ms of its first correct entry. With f faulty
+    Derived in docs/consensus.md ("Liveness") from the timers above with every
+    delay between correct nodes at most delta and correct nodes opening within
+    delta of each other: with a correct view-0 primary every correct node
+    commits within 7 delta + 2 ms of the round's first open. A view led by a
+    faulty primary costs at most 17 delta + 4 ms (view 0, from the open) or
+    16 delta + 4 ms (a later view, from its first correct entry) until the next
+    view's first correct entry; a view led by a correct primary after a change
+    commits within 6 delta + 2 ms of its first correct entry. With f faulty
     nodes at most f consecutive primaries are faulty, so the bound is
-    7 delta + 2 for f = 0 and 23 delta + 5 + (f - 1)(16 delta + 3) ms
-    otherwise. The finality certificate follows within one more delta.
+    7 delta + 2 for f = 0 and 23 delta + 6 + (f - 1)(16 delta + 4) ms
+    otherwise. A correct node that learns the result from a finality
+    certificate (a decided node answers its blame, status or sync) does so
+    sooner than that.
     """
     d = delta_ms
     if faulty <= 0:
         return 7 * d + 2
-    return 17 * d + 4 + (faulty - 1) * (16 * d + 3) + 6 * d + 1
+    return 17 * d + 4 + (faulty - 1) * (16 * d + 4) + 6 * d + 2

@@ -1,10 +1,15 @@
 """Builds simulated markets from a seed and checks safety, liveness and catch-up on them.
 
 A `Scenario` lists n, delta, the rounds and who is faulty how; `build` wires
-real `Node`s (or Byzantine subclasses) into a `Simulator`; `check` states the
-three properties: no two different final results for a round anywhere,
-every correct node commits every round within `liveness_bound_ms`, and every
-node that is up at the end has caught up on every round.
+real `Node`s (or Byzantine ones: the adaptive `adversary.Coalition`, and the
+older single-trick liars, tamperers and equivocators) into a `Simulator`
+whose correct-to-correct delays an adversarial scheduler picks within delta;
+`check` states the properties over every record type: no node running the
+honest code commits or finalises two different values for a round and no two
+such nodes disagree, no two finality certificates for different values can
+be assembled from everything ever published, every correct node commits
+every round within `liveness_bound_ms`, and every node that is up at the end
+has caught up on every round.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ from edge_agent.consensus.signing import (
     public_keys,
 )
 from edge_agent.consensus.sim import Instance, Simulator, membership_for, node_names
+from tests.consensus.adversary import ByzantineNode, Coalition, ScheduledLink, Strategy
 from tests.consensus.byzantine import Equivocator, Liar, Tamperer
 
-FAULTS = ("liar", "tamper", "equivocate", "crash", "restart", "lossy", "twins")
+FAULTS = ("byzantine", "liar", "tamper", "equivocate", "crash", "restart", "lossy", "twins")
+BYZANTINE = ("byzantine", "liar", "tamper", "equivocate")
 PARTICIPANT = "p0"  # a submit-only microgrid: signs requests, never votes
 _MARKETS: dict[tuple[tuple[str, ...], bool], tuple[dict[str, Any], Keyring]] = {}
 
@@ -43,6 +50,7 @@ class Scenario:
     loss: float = 0.0
     extreme_delays: bool = False  # every delay is 0 or exactly delta: hits timer boundaries
     real_signatures: bool = False
+    link_mode: str = "uniform"  # the scheduler of correct-to-correct delays (ScheduledLink)
 
     @property
     def faulty(self) -> int:
@@ -52,7 +60,8 @@ class Scenario:
         return (
             f"seed={self.seed} n={self.n} delta={self.delta} rounds={self.rounds} "
             f"faults={self.faults} gaps={self.gaps} replays={self.replays} loss={self.loss} "
-            f"extreme_delays={self.extreme_delays} real_signatures={self.real_signatures}"
+            f"extreme_delays={self.extreme_delays} real_signatures={self.real_signatures} "
+            f"link_mode={self.link_mode}"
         )
 
 
@@ -63,7 +72,9 @@ def random_scenario(seed: int, *, real_signatures: bool = False) -> Scenario:
     count = rng.randint(0, budget)
     ids = node_names(n)
     faulty_ids = rng.sample(ids, count)
-    faults = {node: rng.choice(FAULTS) for node in faulty_ids}
+    # the adaptive coalition in most schedules; the older fault kinds keep their share
+    kinds = rng.choices(FAULTS, weights=[10, 1, 1, 1, 1, 1, 1, 1], k=count)
+    faults = dict(zip(faulty_ids, kinds, strict=True))
     rounds = 2
     delta = rng.choice([4, 10, 25])
     gaps = [rng.randint(0, 15 * delta) for _ in range(rounds - 1)]
@@ -78,6 +89,7 @@ def random_scenario(seed: int, *, real_signatures: bool = False) -> Scenario:
         loss=rng.choice([0.2, 0.5, 1.0]),
         extreme_delays=rng.random() < 0.4,
         real_signatures=real_signatures,
+        link_mode=rng.choice(ScheduledLink.MODES),
     )
 
 
@@ -121,6 +133,7 @@ class Built:
     correct: list[str]  # instances that must meet the liveness bound
     caught_up: list[str]  # instances that must know every final result by the end
     horizon: int
+    keyring: Keyring
 
 
 def build(sc: Scenario) -> Built:
@@ -130,12 +143,19 @@ def build(sc: Scenario) -> Built:
     sim = Simulator(sc.delta, sc.seed, decoder=decoder)
     contracts = {"clear": DoubleAuction(), "settle": Tally()}
     rng = random.Random(sc.seed * 7919 + 1)
+    adversary_rng = random.Random(sc.seed * 104_729 + 3)
+    coalition = Coalition(adversary_rng, Strategy.draw(adversary_rng), sim)
 
     def factory(node_id: str, kind: str | None) -> Any:
-        cls: Any = {"liar": Liar, "tamper": Tamperer, "equivocate": Equivocator}.get(
-            kind or "", Node
-        )
-        extra = {"seed": sc.seed} if cls is Equivocator else {}
+        cls: Any = {
+            "liar": Liar,
+            "tamper": Tamperer,
+            "equivocate": Equivocator,
+            "byzantine": ByzantineNode,
+        }.get(kind or "", Node)
+        extra: dict[str, Any] = {"seed": sc.seed} if cls is Equivocator else {}
+        if cls is ByzantineNode:
+            extra = {"coalition": coalition}
 
         def make(records: list[bytes]) -> Node:
             return cls(
@@ -157,18 +177,22 @@ def build(sc: Scenario) -> Built:
         sim.add(node_id, make([]), make)
         if kind is None:
             correct.append(node_id)
-        if kind in (None, "crash", "restart", "lossy"):
-            # Every node running the honest code must agree, including ones that crashed
-            # and ones that lost messages. Twins are one faulty node run twice with one
-            # key: whatever either copy decides is a faulty node's output.
+        if kind in (None, "crash", "restart"):
+            # Every node running the honest code on every message it receives must agree,
+            # including ones that crashed (and restarted from their disk). A node that
+            # loses messages is faulty (omission): its 2-delta rule may miss the evidence,
+            # so only what it learns from finality certificates is promised (see the FC
+            # check). Twins are one faulty node run twice with one key.
             checked.append(node_id)
         if kind == "twins":
             sim.add(node_id + "'", make([]), make)
 
     twins = {node for node, kind in sc.faults.items() if kind == "twins"}
-    byzantine = {
-        node for node, kind in sc.faults.items() if kind in ("liar", "tamper", "equivocate")
-    }
+    byzantine = {node for node, kind in sc.faults.items() if kind in BYZANTINE}
+    victims = [i for i in ids if i not in sc.faults] or ids
+    scheduler = ScheduledLink(
+        sim, random.Random(sc.seed * 31 + 7), sc.link_mode, adversary_rng.choice(victims)
+    )
     lossy = {node for node, kind in sc.faults.items() if kind == "lossy"}
     partitions: dict[tuple[str, int], set[str]] = {}
 
@@ -185,7 +209,7 @@ def build(sc: Scenario) -> Built:
         if sc.extreme_delays:
             delay = sc.delta if sim.rng.random() < 0.5 else 0
         else:
-            delay = sim.rng.randint(0, sc.delta)
+            delay = scheduler(src, dst, data, now)
         if src.node_id in byzantine and sim.rng.random() < 0.3:
             delay = sim.rng.randint(0, 4 * sc.delta)  # a faulty sender picks its own moment
         if dst.node_id in lossy and sim.rng.random() < sc.loss:
@@ -229,8 +253,8 @@ def build(sc: Scenario) -> Built:
             sim.crash(down, node_id)
             if kind == "restart":
                 sim.restart(down + rng.randint(1, 20 * sc.delta), node_id)
+    sim.keep_history = True  # the finality-certificate check reads every publish
     if sc.replays:
-        sim.keep_history = True
         for _ in range(sc.replays):
             when = rng.randint(0, horizon - 30 * sc.delta)
 
@@ -247,7 +271,7 @@ def build(sc: Scenario) -> Built:
         if sc.faults.get(name.rstrip("'")) in (None, "crash", "restart")
         or (sc.faults.get(name) == "lossy" and sc.loss < 1.0)
     ]
-    return Built(sc, sim, opens, checked, correct, caught_up, horizon)
+    return Built(sc, sim, opens, checked, correct, caught_up, horizon, keyring)
 
 
 class PropertyViolation(AssertionError):
@@ -285,6 +309,7 @@ def check(built: Built) -> dict[str, Any]:
             inst = sim.instances[name]
             if inst.up and rid not in inst.finals:
                 problems.append(f"CATCH-UP {rid}: {name} (up at the end) has no final result")
+    problems += _certificate_conflicts(built)
     if problems:
         raise PropertyViolation(f"{sc.describe()}\n  " + "\n  ".join(problems))
     latencies = [
@@ -293,6 +318,30 @@ def check(built: Built) -> dict[str, Any]:
         for name in built.correct
     ]
     return {"max_latency": max(latencies, default=0), "publishes": sum(sim.publishes.values())}
+
+
+def _certificate_conflicts(built: Built) -> list[str]:
+    """Two values of one round that each gather q valid `final` signatures from everything
+    ever published (by anyone, faulty members included): two finality certificates."""
+    keyring, decoder = built.keyring, built.sim.decoder
+    signers: dict[tuple[RoundId, bytes], set[str]] = {}
+    for data, _ in built.sim.history:
+        env = decoder.envelope(data)
+        if env.tag != "final" or not isinstance(env.ref, bytes):
+            continue
+        if keyring.is_member(env.sender) and keyring.verify(
+            env.sender, env.statement, env.signature
+        ):
+            signers.setdefault((env.round, env.ref), set()).add(env.sender)
+    certified: dict[RoundId, list[bytes]] = {}
+    for (rid, digest), who in signers.items():
+        if len(who) >= keyring.membership.quorum:
+            certified.setdefault(rid, []).append(digest)
+    return [
+        f"SAFETY {rid}: finality certificates for {[d.hex()[:8] for d in digests]}"
+        for rid, digests in certified.items()
+        if len(digests) > 1
+    ]
 
 
 def run_seed(seed: int, *, real_signatures: bool = False) -> dict[str, Any]:

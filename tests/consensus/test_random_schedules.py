@@ -1,14 +1,20 @@
-"""10,000+ seeded random schedules: safety, the liveness bound and catch-up under faults.
+"""20,000 seeded adversarial schedules per run: agreement, one finality certificate, the bound.
 
 Each schedule (see `scenarios.random_scenario`) draws n in {3, 4, 5, 7}, a
 delta, two overlapping rounds (a clearing then a settlement), up to
-(n-1)//2 faulty nodes, each a lying backup, a tampering or equivocating
-primary, a crash (with or without restart), a node that loses incoming
-messages, or Twins (two copies of one node and key, each talking to a
-per-round random half of the others), plus replays of old messages and
-faulty senders choosing their own timing. Fixed seeds run every time; fresh
-seeds add new ground each run. A failure prints the seed and the schedule;
-`python -m tests.consensus.test_random_schedules SEED` replays one.
+(n-1)//2 faulty nodes -- mostly the adaptive coalition of `adversary`
+(point to point, timed to land on a victim's deadline +-1 ms, withholding,
+up to three signed variants per view, double votes, bundled evidence, lying
+statuses, selective forwarding, floods), the rest lying backups, tampering or
+equivocating primaries, crashes with and without restart, nodes that lose
+messages, or Twins -- replays of old messages, and a scheduler that picks
+every correct-to-correct delay within delta (uniformly, at the extremes, to
+land on the receiver's next deadline, or slow around one victim). Fixed seeds
+run every time, fresh seeds add new ground each run; the campaign is split
+into parametrised chunks, each run on two processes, and a failure prints its
+seeds. `MC_CONSENSUS_SCHEDULES=N` runs N instead of 20,000 (a bigger campaign
+outside CI); `python -m tests.consensus.test_random_schedules SEED` replays
+one with its trace.
 
 Most schedules sign with the simulator-only keyed hash (same interface,
 about 2x faster); a block of schedules runs with real P-256 signatures.
@@ -20,51 +26,61 @@ import multiprocessing
 import os
 import random
 import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
 
 from tests.consensus.scenarios import PropertyViolation, build, check, random_scenario
 
-FIXED_SEEDS = range(0, 8_000)
-FRESH_SEEDS = 2_000
+SCHEDULES = int(os.environ.get("MC_CONSENSUS_SCHEDULES", "20000"))
+FRESH_SHARE = 10  # one schedule in ten is a fresh seed
+CHUNKS = 10
 REAL_P256_SEEDS = range(100_000, 100_300)
+FRESH_BASE = random.SystemRandom().randrange(10**6, 10**9)
 
 
-def _run(batch: tuple[list[int], bool]) -> list[str]:
-    seeds, real = batch
-    failures = []
-    for seed in seeds:
-        try:
-            check(build(random_scenario(seed, real_signatures=real)))
-        except PropertyViolation as exc:
-            failures.append(str(exc))
-        except Exception as exc:  # a crash inside a node is a failure too; keep the seed
-            failures.append(f"seed={seed} real_signatures={real}: {type(exc).__name__}: {exc}")
-    return failures
-
-
-def _run_all(seeds: list[int], real: bool) -> list[str]:
+def run_all(items: Sequence[Any], one: Callable[[Any], str | None]) -> list[str]:
+    """`one(item)` for every item on two processes; the failure messages."""
     workers = min(2, os.cpu_count() or 1)
-    chunks = [(seeds[i::16], real) for i in range(16)]
     if workers == 1:
-        return [f for chunk in chunks for f in _run(chunk)]
+        return [f for f in map(one, items) if f]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        return [f for part in pool.map(_run, chunks) for f in part]
+        return [f for f in pool.map(one, items, chunksize=25) if f]
 
 
-def _report(failures: list[str]) -> str:
-    return f"{len(failures)} schedule(s) failed:\n" + "\n".join(failures[:10])
+def _seed(item: tuple[int, bool]) -> str | None:
+    seed, real = item
+    try:
+        check(build(random_scenario(seed, real_signatures=real)))
+    except PropertyViolation as exc:
+        return str(exc)
+    except Exception as exc:  # a crash inside a node is a failure too; keep the seed
+        return f"seed={seed} real_signatures={real}: {type(exc).__name__}: {exc}"
+    return None
 
 
-def test_fixed_and_fresh_schedules() -> None:
-    fresh_base = random.SystemRandom().randrange(10**6, 10**9)
-    seeds = [*FIXED_SEEDS, *range(fresh_base, fresh_base + FRESH_SEEDS)]
-    print(f"fresh seeds: {fresh_base}..{fresh_base + FRESH_SEEDS - 1}")
-    failures = _run_all(seeds, real=False)
-    assert not failures, _report(failures)
+def report(failures: list[str], total: int) -> str:
+    return f"{len(failures)} of {total} schedule(s) failed:\n" + "\n".join(failures[:10])
+
+
+def chunk_seeds(chunk: int) -> list[int]:
+    fixed = SCHEDULES - SCHEDULES // FRESH_SHARE
+    fresh = range(FRESH_BASE, FRESH_BASE + SCHEDULES // FRESH_SHARE)
+    return [*range(fixed), *fresh][chunk::CHUNKS]
+
+
+@pytest.mark.parametrize("chunk", range(CHUNKS))
+def test_adversarial_schedules(chunk: int) -> None:
+    seeds = chunk_seeds(chunk)
+    print(f"fresh seeds from {FRESH_BASE}; this chunk: {len(seeds)} schedules")
+    failures = run_all([(s, False) for s in seeds], _seed)
+    assert not failures, report(failures, len(seeds))
 
 
 def test_schedules_with_real_p256_signatures() -> None:
-    failures = _run_all(list(REAL_P256_SEEDS), real=True)
-    assert not failures, _report(failures)
+    failures = run_all([(s, True) for s in REAL_P256_SEEDS], _seed)
+    assert not failures, report(failures, len(REAL_P256_SEEDS))
 
 
 if __name__ == "__main__":

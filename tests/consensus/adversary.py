@@ -1,0 +1,301 @@
+"""An adaptive Byzantine coalition for the simulator: point to point, timed, equivocating, flooding.
+
+The faulty members of a schedule form one `Coalition`: it holds all their keys,
+sees every message any of them receives (and every message anyone publishes:
+the adversary also schedules the network), and draws every choice from one
+seeded `random.Random`, so a seed replays the attack exactly. Each faulty
+member runs the honest `Node` underneath (so it knows rounds, views,
+requests, statuses and certificates like anyone else) and the coalition
+rewrites what it publishes:
+
+- point to point: any message goes to a chosen subset, each copy with its own
+  delay (0, delta, a random hold-back up to 6 delta, or landing on the victim's
+  next deadline plus or minus 1 ms), or is withheld;
+- as primary: up to three signed variants per view (its own request signed
+  several ways, or a justification over another choice of statuses), each
+  shown to a different part of the others at its own time;
+- double votes for every proposal it knows, finality attestations for every
+  certified value, blames with bundled proposals as evidence (also for an
+  unrelated view), statuses reporting the highest, a lower or no lock;
+- selective forwarding of vote and change-primary certificates and finals;
+- floods: copies and distinct messages for the current and the next round,
+  aimed at the hold buffer and the de-duplication.
+
+`Strategy` fixes which of these a schedule uses; `ScheduledLink` is the
+network side (correct-to-correct delays stay within delta, chosen uniformly,
+at the extremes, or to land on the receiver's next deadline).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_agent.consensus.messages import (
+    RoundId,
+    Value,
+    blame_statement,
+    final_statement,
+    seal,
+    statement,
+    vote_statement,
+)
+from edge_agent.consensus.node import Broadcast, Event, Message, Node, Open, _Round
+from edge_agent.consensus.sim import Instance, Simulator, Targeted
+from meterchain import codec
+
+
+@dataclass
+class Strategy:
+    """What the coalition does in one schedule (drawn from the schedule's seed)."""
+
+    silent: bool = False  # crash-like: publish nothing at all
+    point_to_point: float = 0.5  # chance that a message goes to a random subset only
+    withhold: float = 0.1  # chance that a message is not sent at all
+    timing: str = "random"  # random | zero | delta | snipe (victim's deadline +-1 ms)
+    variants: int = 1  # proposals signed per view as primary (1..3)
+    double_vote: bool = False
+    false_finals: bool = False
+    blame_spam: bool = False
+    bundle: bool = False  # blame evidence bundles proposals, also under an unrelated view
+    status_lie: str = "honest"  # honest | none | lowest: which lock a status reports
+    forward: bool = False  # re-send certificates and finals to chosen nodes only
+    flood: int = 0  # distinct messages for the next round aimed at the hold buffer
+
+    @classmethod
+    def draw(cls, rng: random.Random) -> Strategy:
+        if rng.random() < 0.06:
+            return cls(silent=True)
+        return cls(
+            point_to_point=rng.choice([0.0, 0.5, 0.9]),
+            withhold=rng.choice([0.0, 0.1, 0.3]),
+            timing=rng.choice(["random", "zero", "delta", "snipe", "snipe"]),
+            variants=rng.choice([1, 2, 3, 3]),
+            double_vote=rng.random() < 0.6,
+            false_finals=rng.random() < 0.4,
+            blame_spam=rng.random() < 0.4,
+            bundle=rng.random() < 0.5,
+            status_lie=rng.choice(["honest", "none", "lowest"]),
+            forward=rng.random() < 0.5,
+            flood=rng.choice([0, 0, 0, 20]),
+        )
+
+
+@dataclass
+class Coalition:
+    """The faulty members of one schedule, acting together."""
+
+    rng: random.Random
+    strategy: Strategy
+    sim: Simulator | None = None
+    members: dict[str, ByzantineNode] = field(default_factory=dict)
+    sent: set[tuple[Any, ...]] = field(default_factory=set)  # one-off attacks already made
+
+    def once(self, *key: Any) -> bool:
+        if key in self.sent:
+            return False
+        self.sent.add(key)
+        return True
+
+    # --- timing ---------------------------------------------------------------------
+
+    def delay_for(self, dst: str, now: int, delta: int) -> int:
+        mode = self.strategy.timing
+        if mode == "zero":
+            return 0
+        if mode == "delta":
+            return delta
+        if mode == "snipe" and self.sim is not None:
+            due = _next_deadline(self.sim, dst)
+            if due is not None and due - 1 >= now:
+                return due - now + self.rng.choice([-1, 0, 1])
+        return self.rng.randint(0, 6 * delta)
+
+    def send(self, node: ByzantineNode, kind: str, data: bytes, out: list[Any]) -> None:
+        """Send as a faulty member: to whom and when the coalition likes."""
+        others = [m for m in node.membership.node_ids if m not in self.members]
+        if not others or self.strategy.silent:
+            return
+        for m in self.members:  # the coalition shares everything at once
+            if m != node.node_id:
+                out.append(Targeted((m,), kind, data, 0))
+        if self.rng.random() < self.strategy.withhold:
+            return
+        if self.rng.random() < self.strategy.point_to_point:
+            chosen = [m for m in others if self.rng.random() < 0.5] or [self.rng.choice(others)]
+        else:
+            chosen = others
+        for dst in chosen:
+            out.append(Targeted((dst,), kind, data, self.delay_for(dst, node.now, node.delta)))
+
+
+def _next_deadline(sim: Simulator, node_id: str) -> int | None:
+    for inst in sim.instances.values():
+        if inst.node_id == node_id and inst.up:
+            return inst.node.next_deadline()
+    return None
+
+
+class ByzantineNode(Node):
+    """A faulty member: honest bookkeeping underneath, the coalition's choices on the wire."""
+
+    def __init__(self, *args: Any, coalition: Coalition, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.coalition = coalition
+        coalition.members[self.node_id] = self
+        self._alt_requests: dict[RoundId, list[bytes]] = {}
+
+    # --- the wire -------------------------------------------------------------------
+
+    def step(self, event: Event) -> list[Any]:
+        honest = super().step(event)
+        out: list[Any] = []
+        for action in honest:
+            if isinstance(action, Broadcast):
+                self.coalition.send(self, action.kind, action.data, out)
+            else:
+                out.append(action)
+        if not self.coalition.strategy.silent:
+            for rs in list(self.rounds.values()):
+                self._attack(rs, out)
+            if isinstance(event, Open):
+                self._flood(event.round, out)
+        return out
+
+    # --- as primary: up to three variants per view ------------------------------------
+
+    def _publish_proposal(
+        self, rs: _Round, value: Value, justification: Any, out: list[Any]
+    ) -> None:
+        variants = [(value, justification)]
+        want = self.coalition.strategy.variants
+        for i in range(1, want):
+            alt = self._variant(rs, value, justification, i)
+            if alt is not None:
+                variants.append(alt)
+        rs.proposed.add(rs.view)
+        for val, just in variants:
+            raw, _ = self.sign_proposal(rs, val, just)
+            self._on_proposal(rs, self.decoder.envelope(raw))
+            self.coalition.send(self, "prop", raw, out)
+        rs.voted[rs.view] = value.digest
+        rs.vote_time[rs.view] = self.now
+
+    def _variant(
+        self, rs: _Round, value: Value, justification: Any, i: int
+    ) -> tuple[Value, Any] | None:
+        """Another proposal a correct backup may accept: our own request signed another way,
+        or (view > 0) the same value justified by another choice of statuses."""
+        if justification is not None and i == 2:
+            statuses = list(self.rounds[rs.rid].statuses.get(rs.view, {}).values())
+            if len(statuses) > self.q:
+                pick = sorted(self.coalition.rng.sample(statuses, self.q))
+                return value, [pick, justification[1]]
+        if justification is not None and justification[1] is not None:
+            return None  # a locked value: backups accept nothing else
+        stmt = statement("req", self.market, rs.rid, 0, bytes([i]) * 8, self.node_id, i)
+        alt = self.decoder.request(seal(self.node_id, self.signer.sign(stmt), stmt))
+        requests = {r.submitter: r for r in value.requests}
+        requests[self.node_id] = alt
+        ordered = tuple(requests[s] for s in sorted(requests))
+        try:
+            result = self.make_result(rs.rid, ordered)
+        except Exception:  # noqa: BLE001 - a contract that refuses the variant: no variant
+            return None
+        cbor = [[r.raw for r in ordered], result]
+        return self.decoder.value(self.market, rs.rid, cbor), justification
+
+    # --- as a status sender: which lock to report -------------------------------------
+
+    def _enter(self, rs: _Round, out: list[Any]) -> None:
+        lie = self.coalition.strategy.status_lie
+        keep = rs.lock
+        if lie == "none":
+            rs.lock = None
+        elif lie == "lowest" and rs.qcs:
+            usable = [k for k in rs.qcs if k in rs.qc_proposal and k[1] in rs.values]
+            if usable:
+                rs.lock = min(usable)
+        try:
+            super()._enter(rs, out)
+        finally:
+            rs.lock = keep
+
+    # --- everything else --------------------------------------------------------------
+
+    def _attack(self, rs: _Round, out: list[Any]) -> None:
+        st, co = self.coalition.strategy, self.coalition
+        rid = rs.rid
+        for view, headers in list(rs.headers.items()):
+            for env in list(headers.values()):
+                vd = env.ref
+                if st.double_vote and co.once(self.node_id, rid, "vote", view, vd):
+                    stmt = vote_statement(self.market, rid, view, vd)
+                    co.send(self, "vote", seal(self.node_id, self.signer.sign(stmt), stmt, env.raw),
+                            out)  # fmt: skip
+            if st.bundle and len(headers) >= 1 and co.once(self.node_id, rid, "bundle", view):
+                evidence = [e.raw for e in headers.values()][:2]
+                for blamed in {view, view + 1}:
+                    stmt = blame_statement(self.market, rid, blamed, self.primary(rid, blamed))
+                    sig = self.signer.sign(stmt)
+                    co.send(self, "blame", seal(self.node_id, sig, stmt, evidence), out)
+        if st.blame_spam and co.once(self.node_id, rid, "blame", rs.view):
+            stmt = blame_statement(self.market, rid, rs.view, self.primary(rid, rs.view))
+            co.send(self, "blame", seal(self.node_id, self.signer.sign(stmt), stmt, []), out)
+        for key, qc in list(rs.qcs.items()):
+            if st.false_finals and co.once(self.node_id, rid, "final", key[1]):
+                stmt = final_statement(self.market, rid, key[1])
+                co.send(self, "final", seal(self.node_id, self.signer.sign(stmt), stmt), out)
+            if st.forward and co.once(self.node_id, rid, "cert", key):
+                stmt = statement("cert", self.market, rid, key[0], codec.digest(qc.statement))
+                attachment = [qc.to_cbor(), rs.qc_proposal.get(key)]
+                co.send(self, "cert", seal(self.node_id, self.signer.sign(stmt), stmt, attachment),
+                        out)  # fmt: skip
+        if st.forward:
+            for view, vcc in list(rs.vcc.items()):
+                if co.once(self.node_id, rid, "vcc", view):
+                    stmt = statement("cert", self.market, rid, view, codec.digest(vcc.statement))
+                    co.send(self, "cert",
+                            seal(self.node_id, self.signer.sign(stmt), stmt, [vcc.to_cbor(), None]),
+                            out)  # fmt: skip
+
+    def _flood(self, rid: RoundId, out: list[Any]) -> None:
+        """12n+1 copies of one signed sync for the next round (the de-duplication) and more
+        distinct messages for it than the per-sender hold quota (the bound)."""
+        if not self.coalition.strategy.flood:
+            return
+        ahead = RoundId(rid.seq + 1, "settle" if rid.kind == "clear" else "clear")
+        stmt = statement("sync", self.market, ahead, 0, b"")
+        copy = seal(self.node_id, self.signer.sign(stmt), stmt)
+        for _ in range(12 * self.n + 1):
+            self.coalition.send(self, "sync", copy, out)
+        for view in range(self.coalition.strategy.flood):
+            blame = blame_statement(self.market, ahead, view, self.primary(ahead, view))
+            self.coalition.send(
+                self, "blame", seal(self.node_id, self.signer.sign(blame), blame, []), out
+            )
+
+
+class ScheduledLink:
+    """Correct-to-correct delays within delta, chosen by the adversary's scheduler."""
+
+    MODES = ("uniform", "extreme", "snipe", "slow_victim")
+
+    def __init__(self, sim: Simulator, rng: random.Random, mode: str, victim: str) -> None:
+        self.sim, self.rng, self.mode, self.victim = sim, rng, mode, victim
+
+    def __call__(self, src: Instance, dst: Instance, data: bytes, now: int) -> int | None:
+        delta = self.sim.delta
+        if self.mode == "extreme":
+            return delta if self.rng.random() < 0.5 else 0
+        if self.mode == "slow_victim":
+            return delta if self.victim in (src.node_id, dst.node_id) else self.rng.randint(0, 1)
+        if self.mode == "snipe":
+            due = dst.node.next_deadline() if dst.up else None
+            if due is not None and now <= due - 1 <= now + delta and self.rng.random() < 0.7:
+                return min(delta, max(0, due - now + self.rng.choice([-1, 0, 1])))
+        return self.rng.randint(0, delta)
+
+
+__all__ = ["ByzantineNode", "Coalition", "Message", "ScheduledLink", "Strategy"]
