@@ -8,7 +8,9 @@ hour that ended more than `settle_grace_s` ago (SC2 at v+2), each preceded by th
 weak centre's congestion record when the cleared schedule breaks a line limit of
 the recorded grid network (M25, `congestion_method` "adjust" or "price") and
 followed by the remedies for trades that fell short (M21, `remedies` in the
-order to try them, `meterchain.ledger.weakcentre`); certificate issues
+order to try them, `meterchain.ledger.weakcentre`) and, when a settled hour
+closes a day, the monitoring contract's suspect report if it names anyone
+(M19); certificate issues
 for renewable meters whose new readings earn a certificate; and the contract
 client's firings and forfeits (M26). Each piece is applied to a working copy of
 the state, so the proposal is exactly what reviewers will re-execute.
@@ -22,7 +24,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from meterchain import reading
+from meterchain import codec, reading
 from meterchain.errors import MeterChainError
 from meterchain.ledger import settle, weakcentre
 from meterchain.ledger.block import GENESIS_PREV, Block, BlockError
@@ -33,10 +35,11 @@ from meterchain.ledger.review import Proposal, accept_block, genesis_state
 from meterchain.ledger.state import LedgerState, TxContext
 from meterchain.ledger.store import LedgerStore
 from meterchain.ledger.transactions import Tx, TxError, reading_batch
-from meterchain.market import congestion, failed_execution
+from meterchain.market import congestion, failed_execution, monitoring
 from meterchain.quorum import QuorumCertificate
 
 log = logging.getLogger("meterchain.aggregator.former")
+MONITOR_WINDOW_H = 24  # the monitoring contract runs over each settled day (M19)
 
 
 @dataclass
@@ -143,6 +146,11 @@ class BlockFormer:
                 continue
             if remedy is not None:
                 include(remedy)
+        for hour in formation.settled_hours:
+            if (hour + 1) % MONITOR_WINDOW_H == 0:
+                report = self._suspect_report(work, hour + 1 - MONITOR_WINDOW_H, hour + 1, time)
+                if report is not None:
+                    include(report)
         for tx in self._certificate_issues(work, height):
             include(tx)
         for tx in due_actions(work, time):
@@ -175,6 +183,21 @@ class BlockFormer:
                 self._within_limits.add(key)
             else:
                 yield tx
+
+    def _suspect_report(self, work: LedgerState, start: int, end: int, time: int) -> Tx | None:
+        """The monitoring contract (M19) over a settled day: a report if it names suspects."""
+        try:
+            report = monitoring.monitor(work.monitoring_activity(start, end))
+        except (TxError, monitoring.MonitoringError) as exc:
+            log.error("monitoring of hours %d..%d: %s", start, end - 1, exc)
+            return None
+        if not report.suspects:
+            return None
+        log.warning("suspects reported to the regulator: %s",
+                    ", ".join(s.participant for s in report.suspects))  # fmt: skip
+        body = {"reporter": self.proposer, "report": codec.encode(report.suspect_dict()),
+                "time": time}  # fmt: skip
+        return Tx.make("suspect_report", body)
 
     def _inbox(self, work: LedgerState, time: int) -> list[LedgerReading]:
         """Inbox readings of registered meters (others wait), no more than one block holds."""

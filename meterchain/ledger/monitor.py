@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ from meterchain.errors import MeterChainError
 from meterchain.ledger.store import StoreError, open_store
 from meterchain.ledger.transactions import Tx
 from meterchain.market import monitoring as mon
+from meterchain.market.clearing import ClearingResult
+from meterchain.market.congestion import Adjustment
 
 
 def activity_from_txs(
@@ -43,52 +45,44 @@ def activity_from_txs(
     to_hour: int | None = None,
     related: Sequence[tuple[str, str]] = (),
 ) -> mon.Activity:
-    """The monitor's input for hours ``[from_hour, to_hour)`` (default: every hour traded)."""
-    from meterchain.market.clearing import ClearingResult
-    from meterchain.market.congestion import Adjustment
-
-    # hour -> [seller, buyer, Wh, price, delivered, Wh offered (before any congestion cut)]
-    cleared: dict[int, list[list[Any]]] = {}
-    capacity: list[mon.CapacityRow] = []
+    """The monitor's input for hours ``[from_hour, to_hour)`` (default: every hour traded):
+    each settled clearing hour (`monitoring.settled_hour_rows`, congestion cuts applied) and
+    each fired order, exactly what the ledger's state keeps for recorded reports."""
+    clearings: dict[int, Tx] = {}
+    cuts: dict[int, list[int]] = {}
     orders: dict[str, dict[str, Any]] = {}
     trades: list[mon.TradeRow] = []
+    capacity: list[mon.CapacityRow] = []
     for tx in txs:
         body = tx.body
         if tx.kind == "clearing":
-            executed = ClearingResult.from_cbor(body["result"]).executed[0]
-            cleared[body["hour"]] = [
-                [t.seller, t.buyer, t.energy_wh, max(0, t.price_per_kwh), t.energy_wh, t.energy_wh]
-                for t in executed.trades
-            ]
-        elif tx.kind == "congestion" and body["hour"] in cleared:
+            clearings[body["hour"]] = tx
+        elif tx.kind == "congestion":
             record = Adjustment.from_cbor(body["record"])
-            for row, cut in zip(cleared[body["hour"]], record.cuts, strict=False):
-                row[2] = row[4] = cut.kept_wh
-        elif tx.kind == "settlement" and body["hour"] in cleared:
-            hour, rows = body["hour"], cleared[body["hour"]]
-            settled = codec.decode(body["result"])
-            sold: dict[str, int] = {}
-            for row, delivery in zip(rows, settled["deliveries"], strict=False):
-                row[4] = min(row[2], delivery[3])
-                sold[row[0]] = sold.get(row[0], 0) + row[5]  # a cut is not withholding
-            for mg, green, green_demand, *_ in codec.decode(body["metered"]):
-                capacity.append(
-                    mon.CapacityRow(hour, mg, max(0, green - green_demand), sold.get(mg, 0))
-                )
+            cuts[body["hour"]] = [c.kept_wh for c in record.cuts]
+        elif tx.kind == "settlement" and body["hour"] in clearings:
+            clearing = clearings[body["hour"]].body
+            rows, spare = clearing_rows(
+                body["hour"], clearing["result"], cuts.get(body["hour"]), body
+            )
+            trades.extend(rows)
+            capacity.extend(spare)
         elif tx.kind == "order":
             orders[body["id"]] = dict(body)
         elif tx.kind == "order_change" and body["order"] in orders:
             orders[body["order"]].update({k: body[k] for k in ("energy_wh", "price", "delivery")})
         elif tx.kind == "contract_fire" and body["order"] in orders:
             o = orders[body["order"]]
-            delivered = min(o["energy_wh"], body["delivered_wh"])
             trades.append(
-                mon.TradeRow(
-                    o["delivery"], o["seller"], o["buyer"], o["energy_wh"], o["price"], delivered
+                order_row(
+                    o["delivery"],
+                    o["seller"],
+                    o["buyer"],
+                    o["energy_wh"],
+                    o["price"],
+                    body["delivered_wh"],
                 )
             )
-    for hour, rows in cleared.items():
-        trades.extend(mon.TradeRow(hour, *row[:5]) for row in rows if row[2])
     hours = [t.hour for t in trades] + [c.hour for c in capacity]
     start = min(hours, default=0) if from_hour is None else from_hour
     end = max(hours, default=start) + 1 if to_hour is None else to_hour
@@ -100,6 +94,25 @@ def activity_from_txs(
         (),
         tuple(related),
     )
+
+
+def clearing_rows(
+    hour: int, result: bytes, kept: list[int] | None, settlement: Mapping[str, Any]
+) -> tuple[tuple[mon.TradeRow, ...], tuple[mon.CapacityRow, ...]]:
+    """The monitor's rows of a settled clearing hour: the committed clearing result's bytes,
+    the Wh kept of each trade after a congestion cut (or None) and the settlement's body."""
+    executed = ClearingResult.from_cbor(result).executed[0]
+    trades = [(t.seller, t.buyer, t.energy_wh, t.price_per_kwh) for t in executed.trades]
+    settled = codec.decode(settlement["result"])
+    metered = codec.decode(settlement["metered"])
+    return mon.settled_hour_rows(hour, trades, kept, settled["deliveries"], metered)
+
+
+def order_row(
+    hour: int, seller: str, buyer: str, energy_wh: int, price: int, delivered_wh: int
+) -> mon.TradeRow:
+    """A fired multi-signed order as the monitor sees it (contracted vs delivered Wh)."""
+    return mon.TradeRow(hour, seller, buyer, energy_wh, price, min(energy_wh, delivered_wh))
 
 
 def _related(values: Sequence[str]) -> list[tuple[str, str]]:

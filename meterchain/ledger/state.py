@@ -33,6 +33,8 @@ from meterchain.registry import Registry, make_meter
 
 # Hours of per-meter register snapshots kept for settlement; older hours are settled.
 SNAPSHOT_WINDOW_HOURS = 72
+# Hours of market activity kept for re-running suspect reports (M19): five weeks.
+ACTIVITY_HOURS = 35 * 24
 SELLER_ROLES = frozenset({"microgrid", "generator"})
 BUYER_ROLES = frozenset({"microgrid", "consumer"})
 VETOABLE = frozenset(
@@ -152,6 +154,10 @@ class LedgerState:
     remedies: dict[int, bytes] = field(default_factory=dict)  # hour -> remedy tx hash
     reports: dict[bytes, tuple[str, ...]] = field(default_factory=dict)  # report -> suspects
     decisions: dict[tuple[bytes, str], bytes] = field(default_factory=dict)
+    # What the monitoring contract reads, per hour, for ACTIVITY_HOURS (M19): trade rows
+    # and capacity rows; suspect reports are re-run on it. Hours below the floor are gone.
+    activity: dict[int, tuple[tuple[Any, ...], tuple[Any, ...]]] = field(default_factory=dict)
+    activity_floor: int = 0
     height: int = -1
     time: int = 0
     _registry: Registry | None = None
@@ -192,6 +198,7 @@ class LedgerState:
         other.remedies = dict(self.remedies)
         other.reports = dict(self.reports)
         other.decisions = dict(self.decisions)
+        other.activity = dict(self.activity)
         return other
 
     def registry(self) -> Registry:
@@ -485,6 +492,7 @@ class LedgerState:
             raise TxError(f"re-executed settlement of hour {hour} differs from the recorded one")
         self.settlements[hour] = tx.hash
         self._prune_snapshots()
+        self._record_activity(hour, clearing, body)
 
     # --- the weak centre (M24, M25, M21) and violation monitoring (M19) -----------------
     def _apply_grid_network(self, tx: Tx, ctx: TxContext) -> None:
@@ -506,18 +514,49 @@ class LedgerState:
         check_remedy(self, dict(tx.body))
         self.remedies[tx.body["hour"]] = tx.hash
 
-    def _apply_suspect_report(self, tx: Tx, ctx: TxContext) -> None:
-        from meterchain.market.monitoring import MonitoringError, parse_suspect_report
+    def _record_activity(
+        self, hour: int, clearing: Clearing, settlement: Mapping[str, Any]
+    ) -> None:
+        """Keep what the monitoring contract reads of a settled hour (M19)."""
+        from meterchain.ledger.monitor import clearing_rows
+        from meterchain.market.congestion import Adjustment
 
-        reporter = tx.body["reporter"]
-        if reporter not in self.membership.node_ids and reporter not in self.participants:
-            raise TxError(f"reporter {reporter} is neither a consensus member nor a participant")
+        record = self.congestion.get(hour)
+        kept = [c.kept_wh for c in Adjustment.from_cbor(record).cuts] if record else None
+        trades, capacity = clearing_rows(hour, clearing.result, kept, settlement)
+        earlier = self.activity.get(hour, ((), ()))
+        self.activity[hour] = (earlier[0] + trades, earlier[1] + capacity)
+        floor = self.latest_hour - ACTIVITY_HOURS
+        for old in [h for h in self.activity if h < floor]:
+            del self.activity[old]
+            self.activity_floor = max(self.activity_floor, old + 1)
+
+    def monitoring_activity(self, from_hour: int, to_hour: int, related: Any = ()) -> Any:
+        """The monitor's input (`meterchain.market.monitoring.Activity`) for a window of hours."""
+        from meterchain.market.monitoring import Activity
+
+        if from_hour < self.activity_floor:
+            raise TxError(f"hours before {self.activity_floor} are past the monitoring window")
+        hours = [h for h in sorted(self.activity) if from_hour <= h < to_hour]
+        trades = tuple(t for h in hours for t in self.activity[h][0])
+        capacity = tuple(c for h in hours for c in self.activity[h][1])
+        return Activity(from_hour, to_hour, trades, capacity, (), tuple(related))
+
+    def _apply_suspect_report(self, tx: Tx, ctx: TxContext) -> None:
+        from meterchain.market.monitoring import MonitoringError, check_report, parse_suspect_report
+
         try:
             report = parse_suspect_report(tx.body["report"])
         except MonitoringError as exc:
             raise TxError(f"suspect report: {exc}") from exc
         if report["to_hour"] * HOUR > ctx.time:
             raise TxError("suspect report covers hours that have not ended")
+        related = [tuple(pair) for pair in report["related"]]
+        try:
+            activity = self.monitoring_activity(report["from_hour"], report["to_hour"], related)
+            check_report(activity, report)
+        except MonitoringError as exc:
+            raise TxError(f"suspect report: {exc}") from exc
         self.reports[tx.hash] = tuple(row[0] for row in report["suspects"])
 
     def _apply_regulator_decision(self, tx: Tx, ctx: TxContext) -> None:
@@ -642,6 +681,14 @@ class LedgerState:
                 f"the contract gives {want}"
             )
         self.orders[order.id] = replace(order, status="fired")
+        from meterchain.ledger.monitor import order_row
+
+        row = order_row(
+            order.delivery, order.seller, order.buyer, order.energy_wh, order.price,
+            b["delivered_wh"],
+        )
+        earlier = self.activity.get(order.delivery, ((), ()))
+        self.activity[order.delivery] = (earlier[0] + (row,), earlier[1])
         self.pending_forfeits[order.id] = list(outcome.forfeits)
 
     def _apply_deposit_forfeit(self, tx: Tx, ctx: TxContext) -> None:

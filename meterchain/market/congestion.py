@@ -185,8 +185,7 @@ class Adjustment:
             )
         except (TypeError, ValueError) as exc:
             raise CongestionError(f"malformed congestion record: {exc}") from exc
-        if adjustment.to_dict() != dict(value):
-            raise CongestionError("congestion record holds values of the wrong type")
+        _check_types(adjustment)
         return adjustment
 
     def to_cbor(self) -> bytes:
@@ -202,6 +201,37 @@ class Adjustment:
     @cached_property
     def digest(self) -> bytes:
         return codec.digest(self.to_dict())
+
+
+def _check_types(a: Adjustment) -> None:
+    """Integers (never booleans), names and digests where the record says so."""
+
+    def integer(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def name(v: object) -> bool:
+        return isinstance(v, str) and bool(v)
+
+    ok = (
+        integer(a.period)
+        and a.method in METHODS
+        and isinstance(a.network_digest, bytes)
+        and len(a.network_digest) == 32
+        and isinstance(a.clearing_digest, bytes)
+        and len(a.clearing_digest) == 32
+        and isinstance(a.reason, str)
+        and all(
+            name(ld.line) and integer(ld.flow_w) and integer(ld.limit_w)
+            for ld in (*a.before, *a.after)
+        )
+        and all(
+            name(c.seller) and name(c.buyer) and integer(c.cleared_wh) and integer(c.kept_wh)
+            for c in a.cuts
+        )
+        and all(name(k) and integer(v) for k, v in (*a.residual_w, *a.line_prices, *a.charges))
+    )
+    if not ok:
+        raise CongestionError("congestion record holds values of the wrong type")
 
 
 # ---------------------------------------------------------------------------

@@ -409,6 +409,35 @@ def monitor(activity: Activity, model: ScoringModel = CURRENT) -> MonitoringRepo
     )
 
 
+def settled_hour_rows(
+    hour: int,
+    trades: Sequence[tuple[str, str, int, int]],
+    cuts: Sequence[int] | None,
+    deliveries: Sequence[Sequence[Any]],
+    metered: Sequence[Sequence[Any]],
+) -> tuple[tuple[TradeRow, ...], tuple[CapacityRow, ...]]:
+    """What a settled clearing hour tells the monitor (the ledger's view, M19).
+
+    ``trades``: the cleared (seller, buyer, Wh, price per kWh); ``cuts``: the Wh
+    kept of each after the weak centre's congestion cut, or None; ``deliveries``
+    and ``metered``: the settlement's rows ([seller, buyer, cleared, delivered]
+    and [microgrid, green generation, green demand, ...]). A cut is neither a
+    deviation (the contracted energy is what was kept) nor withholding (the
+    seller offered what it cleared).
+    """
+    rows, offered = [], {}
+    kept = list(cuts) if cuts is not None else [wh for _, _, wh, _ in trades]
+    for (seller, buyer, wh, price), keep, delivery in zip(trades, kept, deliveries, strict=True):
+        offered[seller] = offered.get(seller, 0) + wh
+        if keep:
+            rows.append(TradeRow(hour, seller, buyer, keep, max(0, price), min(keep, delivery[3])))
+    capacity = tuple(
+        CapacityRow(hour, row[0], max(0, row[1] - row[2]), offered.get(row[0], 0))
+        for row in metered
+    )
+    return tuple(rows), capacity
+
+
 def parse_suspect_report(data: bytes) -> dict[str, Any]:
     """A recorded suspect report (``MonitoringReport.suspect_dict`` as canonical CBOR), checked
     for shape and for naming a released model; raises MonitoringError."""
@@ -477,4 +506,5 @@ __all__ = [
     "monitor",
     "parse_suspect_report",
     "score",
+    "settled_hour_rows",
 ]

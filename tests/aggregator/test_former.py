@@ -210,3 +210,45 @@ def test_ingest_verifies_against_the_meters_on_the_ledger(market: Market) -> Non
     got, why = verify_for_ingest(bytes(forged), m.former.state, T0 + 100)
     assert got is None and why is not None and why.startswith("bad_signature:")
     assert codec.decode(r.cose, tags=frozenset({18})) is not None  # COSE_Sign1
+
+
+def test_the_weak_centre_cuts_a_congested_hour_before_it_is_settled(market: Market) -> None:
+    """M25 through the former: every reviewer re-runs the flow and settles the cut trades."""
+    from meterchain.ledger.transactions import signed
+    from meterchain.market import congestion
+    from meterchain.market.network import Line, Network
+
+    m, sb = market, market.sandbox
+    for meter, owner, source in (("pv1", "mg1", "pv"), ("ld1", "mg1", "load"),
+                                 ("ld2", "mg2", "load"), ("bd2", "mg2", "bidir")):  # fmt: skip
+        m.store.submit_tx(sb.meter(meter, owner, source, T0), T0 + 5)
+    request, result = two_microgrid_clearing((H0 + 1) % 24)
+
+    def feeder(limit_w: int) -> Network:
+        line = Line("sub-far", "sub", "far", 100, limit_w)
+        return Network("f", "sub", ("sub", "far"), (line,), (("mg1", "far"), ("mg2", "sub")))
+
+    flow = congestion.check(feeder(10**9), result).loadings[0].flow_w
+    network = feeder(abs(flow) - 20_000)
+    grid = signed("m1", "grid_network", {"network": network.to_cbor(), "time": T0}, sb.regulator)
+    m.store.submit_tx(grid, T0 + 6)
+    m.store.submit_tx(sb.clearing(H0 + 1, request, result, round=7), T0 + 21)
+    proposal, refusals = m.round(T0 + 30)
+    assert proposal is not None and refusals == []
+    assert [t.kind for t in proposal.block.txs] == ["meter"] * 4 + [
+        "grid_network", "clearing", "congestion",
+    ]  # fmt: skip
+    record = congestion.Adjustment.from_cbor(proposal.block.txs[-1].body["record"])
+    assert record.total_cut_wh == 20_000 and "sub-far" in record.reason
+    _ingest(m, hour_readings(sb, H0, 1), T0 + 3000)
+    _ingest(m, hour_readings(sb, H0 + 1, 7), (H0 + 2) * HOUR)
+    assert m.round((H0 + 2) * HOUR + 5)[1] == []
+    proposal, refusals = m.round((H0 + 2) * HOUR + 61)
+    assert proposal is not None and refusals == []
+    settlement = next(t for t in proposal.block.txs if t.kind == "settlement")
+    deliveries = codec.decode(settlement.body["result"])["deliveries"]
+    assert [d[2] for d in deliveries] == [c.kept_wh for c in record.cuts]
+    head = m.store.head()
+    for reviewer in m.reviewers:
+        assert reviewer.store.head() == head
+        verify_store(reviewer.store)

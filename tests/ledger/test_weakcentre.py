@@ -3,6 +3,7 @@ reports and the regulator's decisions (M19)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -13,12 +14,14 @@ from ledger_world import H0, World, build_world, hour_readings, two_microgrid_cl
 from meterchain import codec
 from meterchain.ledger import weakcentre
 from meterchain.ledger.chain import verify_store
+from meterchain.ledger.monitor import activity_from_txs
+from meterchain.ledger.monitor import main as monitor_cli
 from meterchain.ledger.readings import HOUR
 from meterchain.ledger.settle import settlement_tx
 from meterchain.ledger.store import open_store
 from meterchain.ledger.transactions import Tx, TxError, signed
 from meterchain.market import congestion
-from meterchain.market.monitoring import CURRENT, INDICATORS
+from meterchain.market.monitoring import monitor
 from meterchain.market.network import Line, Network
 
 HOUR5 = H0 + 5
@@ -104,17 +107,20 @@ def test_congestion_needs_a_network_and_an_unsettled_hour(world: World) -> None:
         chain.commit([bad], t + 1)
 
 
-def _report(suspect: str, to_hour: int) -> bytes:
-    n = len(INDICATORS)
-    return codec.encode(
-        {
-            "model": CURRENT.version,
-            "model_digest": CURRENT.digest,
-            "from_hour": H0,
-            "to_hour": to_hour,
-            "related": [],
-            "suspects": [[suspect, 600, [900] * n, [10] * n]],
-        }
+def _trade_hours(world: World, hours: range) -> None:
+    """Clear, meter and settle each of ``hours`` (mg1 sells to mg2 every hour)."""
+    chain, sb = world.chain, world.sandbox
+    for k, h in enumerate(hours):
+        request, result = two_microgrid_clearing(h % 24)
+        chain.commit([sb.clearing(h, request, result, round=20 + k)], h * HOUR + 10)
+        chain.commit_readings(hour_readings(sb, h, 1000 + 10 * (h - H0)), (h + 1) * HOUR + 1)
+        assert chain.state is not None
+        chain.commit([settlement_tx(chain.state, h)], (h + 1) * HOUR + 2)
+
+
+def _report_tx(report: dict, reporter: str = "node0", time: int = 0) -> Tx:
+    return Tx.make(
+        "suspect_report", {"reporter": reporter, "report": codec.encode(report), "time": time}
     )
 
 
@@ -124,37 +130,46 @@ def _decision(world: World, report: bytes, who: str, action: str, fine: int, t: 
         "participant": who,
         "action": action,
         "fine": fine,
-        "reason": "repeated deviations",
+        "reason": "wash trades between related accounts",
         "time": t,
     }
     return signed("m1", "regulator_decision", terms, world.sandbox.regulator)
 
 
-def test_suspect_report_and_the_regulators_decision(world: World) -> None:
+def test_suspect_report_is_re_run_and_the_regulator_decides(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     chain = world.chain
-    t = (H0 + 4) * HOUR
-    report = Tx.make(
-        "suspect_report", {"reporter": "node0", "report": _report("mg2", H0 + 2), "time": t}
-    )
-    future = Tx.make(
-        "suspect_report", {"reporter": "node0", "report": _report("mg2", H0 + 9), "time": t}
-    )
+    _trade_hours(world, range(H0 + 5, H0 + 11))
+    state = chain.state
+    assert state is not None
+    related = [("mg1", "mg2")]  # the regulator knows the two accounts have one owner
+    activity = state.monitoring_activity(H0, H0 + 11, related)
+    genuine = monitor(activity).suspect_dict()
+    assert [row[0] for row in genuine["suspects"]] == ["mg1", "mg2"]
+    # What `meterchain monitor` computes from the stored blocks is the same report.
+    txs = [Tx.decode(body) for b in world.store.stored_blocks() for _, _, body in b.txs]
+    from_store = activity_from_txs(txs, from_hour=H0, to_hour=H0 + 11, related=related)
+    assert monitor(from_store).suspect_dict() == genuine
+    t = (H0 + 11) * HOUR + 10
+    forged = dict(genuine, suspects=genuine["suspects"][:1])  # quietly drops mg2
+    with pytest.raises(TxError, match="differs from the monitoring contract"):
+        chain.commit([_report_tx(forged, time=t)], t)
     with pytest.raises(TxError, match="not ended"):
-        chain.commit([future], t)
-    stranger = Tx.make("suspect_report", {**report.body, "reporter": "mallory"})
-    with pytest.raises(TxError, match="neither a consensus member nor a participant"):
-        chain.commit([stranger], t)
-    retrained = codec.decode(report.body["report"])
-    retrained["model_digest"] = b"\x01" * 32
+        chain.commit([_report_tx(dict(genuine, to_hour=H0 + 20), time=t)], t)
+    retrained = dict(genuine, model_digest=b"\x01" * 32)
     with pytest.raises(TxError, match="needs a new version"):
-        chain.commit(
-            [Tx.make("suspect_report", {**report.body, "report": codec.encode(retrained)})], t
-        )
+        chain.commit([_report_tx(retrained, time=t)], t)
+    unrelated = dict(genuine, related=[])  # without the relation nobody is a suspect
+    with pytest.raises(TxError, match="lists at least one suspect|differs"):
+        chain.commit([_report_tx(unrelated, time=t)], t)
+    report = _report_tx(genuine, reporter="aggregator", time=t)
     chain.commit([report], t)
     with pytest.raises(TxError, match="not a suspect of that report"):
-        chain.commit([_decision(world, report.hash, "mg1", "warn", 0, t)], t + 1)
+        chain.commit([_decision(world, report.hash, "grid", "warn", 0, t)], t + 1)
     with pytest.raises(TxError, match="a fine needs a positive amount"):
         chain.commit([_decision(world, report.hash, "mg2", "fine", 0, t)], t + 1)
+    chain.commit([_decision(world, report.hash, "mg1", "fine", 5_000, t)], t + 1)
     chain.commit([_decision(world, report.hash, "mg2", "expel", 0, t)], t + 1)
     assert chain.state is not None
     assert chain.state.participants["mg2"].active is False
@@ -162,3 +177,14 @@ def test_suspect_report_and_the_regulators_decision(world: World) -> None:
     with pytest.raises(TxError, match="already decided"):
         chain.commit([_decision(world, report.hash, "mg2", "fine", 5, t + 2)], t + 2)
     verify_store(world.store)
+    # `meterchain monitor DB` prints the same suspects and confirms the recorded report.
+    db = str(tmp_path / "ledger.db")
+    args = [db, "--from-hour", str(H0), "--to-hour", str(H0 + 11), "--related", "mg1:mg2"]
+    assert monitor_cli(args + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["suspects"] == ["mg1", "mg2"]
+    assert out["recorded_reports"] == [{"tx": report.hash.hex()[:16], "confirmed": True}]
+    assert monitor_cli(args) == 0
+    text = capsys.readouterr().out
+    assert "2 suspect(s): mg1, mg2" in text and "SUSPECT: wash" in text
+    assert monitor_cli([str(tmp_path / "none.db")]) == 2

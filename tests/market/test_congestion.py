@@ -172,6 +172,15 @@ def test_record_round_trips_canonically(congested) -> None:
         cg.Adjustment.from_cbor(b"\xa1\x01\x02")
     with pytest.raises(cg.CongestionError):
         cg.Adjustment.from_cbor(b"\xff")
+    doc = adj.to_dict()
+    for bad in (
+        {"after": [[ld[0], True, ld[2]] for ld in doc["after"]]},  # a boolean for a flow
+        {"cuts": [["pv", "shop", 160_000, "all"]]},
+        {"network": b"short"},
+        {"method": "shed"},
+    ):
+        with pytest.raises(cg.CongestionError, match="wrong type"):
+            cg.Adjustment.from_dict({**doc, **bad})
 
 
 # --- a real clearing cut back and settled ------------------------------------------------
