@@ -15,12 +15,20 @@ pair count) exceeds 60 s is skipped with the reason. Measured on this 2-core
 machine the anchor took 5 s at 25, 29 s at 50 and 125 s at 100 microgrids.
 The anchor's optimum is reported next to ours (`objective_rel_diff`) to show
 both solve the same problem. Sizes: 4, 25 (an extra measured anchor point),
-100 and 1000; ``--quick`` runs 4 and 100.
+100, then 1000, 2000, 5000 and 10000 (issue 18: no crash at any size, 10000 in
+<= 15 s and <= 2.5 GB); ``--quick`` runs 4 and 100. Sizes from 1000 on run in
+their own process, so each reports its own peak memory (`peak_rss_mb`), and
+`growth_exponent` is the least-squares slope of log time against log N over
+them. At 1000 a second solver (Clarabel) solves the same cooperative QP and
+its objective is compared with PIQP's (`second_solver_rel_diff`).
+`verify_seconds` (a backup's `verify.check` given its own result) must stay
+below `seconds` at every size.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -30,13 +38,15 @@ from pathlib import Path
 from typing import Any
 
 ANCHOR_LIMIT_S = 60.0
-TARGETS_S = {4: 0.050, 1000: 5.0}
+TARGETS_S = {4: 0.050, 1000: 1.0, 10_000: 15.0}
+TARGET_RSS_MB = {10_000: 2_500}
+LARGE = (1_000, 2_000, 5_000, 10_000)
 SEED = 1
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _ours(n: int, repeats: int) -> tuple[float, int, float]:
-    """(median seconds of `clear`, total cooperative cost, median seconds of `verify.check`)."""
+    """(median seconds of `clear`, total cooperative cost, seconds of `verify.check`)."""
     from meterchain.market.clearing import clear
     from meterchain.market.reference import synthetic_request
     from meterchain.market.verify import check
@@ -51,11 +61,56 @@ def _ours(n: int, repeats: int) -> tuple[float, int, float]:
         times.append(time.perf_counter() - start)
     assert result is not None
     start = time.perf_counter()
-    verdict = check(request, result)
+    verdict = check(request, result, own=result)
     verify_s = time.perf_counter() - start
     if not verdict.accepted:
         raise RuntimeError(f"own result rejected by verify: {verdict.problems[:3]}")
     return statistics.median(times), sum(result.cooperative_cost), verify_s
+
+
+def large_case(n: int, repeats: int) -> dict[str, float]:
+    """`_ours` at size n plus this process's peak memory (run it in a fresh process)."""
+    import resource
+
+    seconds, objective, verify_s = _ours(n, repeats)
+    out = {"seconds": seconds, "objective": objective, "verify_seconds": verify_s}
+    if n == LARGE[0]:
+        out["second_solver_rel_diff"] = second_solver_gap(n)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def second_solver_gap(n: int) -> float:
+    """Relative difference of the cooperative QP's optimum under Clarabel and PIQP."""
+    import numpy as np
+
+    from meterchain.market import qp
+    from meterchain.market.reference import synthetic_request
+
+    request = synthetic_request(n, SEED)
+    coop = qp.build(request.market, request.microgrids, cooperative=True)
+
+    def objective(x: np.ndarray) -> float:
+        return float(0.5 * x @ (coop.p_diag * x) + coop.c @ x)
+
+    ours = objective(qp.solve_only(coop, "piqp"))
+    theirs = objective(qp.solve_only(coop, "clarabel"))
+    return float(f"{abs(ours - theirs) / max(abs(ours), 1e-9):.2e}")
+
+
+def _large_in_subprocess(n: int, repeats: int) -> dict[str, float] | str:
+    code = (
+        "import json\nfrom bench.clear import large_case\n"
+        f"print(json.dumps(large_case({n}, {repeats})))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        last = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode
+        return f"exit {out.returncode}: {last}"
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def anchor_solve(n: int) -> dict[str, float]:
@@ -181,18 +236,34 @@ def _anchor_in_subprocess(n: int, limit: float) -> dict[str, float] | str:
 def run(quick: bool) -> dict:
     # 25 microgrids is an extra anchor point: the largest size whose all-pairs model the
     # anchor finishes well inside its limit, so the ratio is measured at a real size.
-    sizes = [4, 100] if quick else [4, 25, 100, 1000]
+    sizes = [4, 100] if quick else [4, 25, 100, *LARGE]
     repeats = {4: 5 if quick else 15, 25: 5, 100: 3 if quick else 5, 1000: 3}
     cases = []
     measured: list[tuple[int, float]] = []
+    growth: list[tuple[int, float]] = []
     for n in sizes:
-        seconds, objective, verify_s = _ours(n, repeats[n])
-        case: dict[str, Any] = {
-            "microgrids": n,
-            "periods": 24,
-            "seconds": round(seconds, 4),
-            "verify_seconds": round(verify_s, 4),
-        }
+        case: dict[str, Any] = {"microgrids": n, "periods": 24}
+        if n in LARGE:
+            large = _large_in_subprocess(n, repeats.get(n, 1))
+            if isinstance(large, str):
+                case["failed"] = large
+                cases.append(case)
+                continue
+            seconds, objective, verify_s = (
+                large["seconds"], large["objective"], large["verify_seconds"]
+            )  # fmt: skip
+            case["peak_rss_mb"] = round(large["peak_rss_mb"])
+            if "second_solver_rel_diff" in large:
+                case["second_solver_rel_diff"] = large["second_solver_rel_diff"]
+            if n in TARGET_RSS_MB:
+                case["target_rss_mb"] = TARGET_RSS_MB[n]
+                case["meets_rss_target"] = large["peak_rss_mb"] <= TARGET_RSS_MB[n]
+            growth.append((n, seconds))
+        else:
+            seconds, objective, verify_s = _ours(n, repeats[n])
+        case["seconds"] = round(seconds, 4)
+        case["verify_seconds"] = round(verify_s, 4)
+        case["verify_below_clear"] = verify_s < seconds
         if n in TARGETS_S:
             case["target_seconds"] = TARGETS_S[n]
             case["meets_target"] = seconds <= TARGETS_S[n]
@@ -224,8 +295,21 @@ def run(quick: bool) -> dict:
                     f"{abs(objective - anchor['objective_minor']) / scale:.2e}"
                 )
         cases.append(case)
-    return {
+    out: dict[str, Any] = {
         "solver": "piqp (ours) vs cvxpy + clarabel all-pairs (anchor)",
         "cores": os.cpu_count(),
         "cases": cases,
     }
+    if len(growth) >= 2:
+        out["growth_exponent"] = round(_slope(growth), 2)
+    return out
+
+
+def _slope(points: list[tuple[int, float]]) -> float:
+    """Least-squares slope of log(seconds) against log(N)."""
+    xs = [math.log(n) for n, _ in points]
+    ys = [math.log(s) for _, s in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )

@@ -624,6 +624,10 @@ def participants(request: ClearingRequest, excluded: Sequence[tuple[str, str]]) 
 def solve_window(request: ClearingRequest, *, solver: str = DEFAULT_SOLVER) -> SolvedWindow:
     """Disagreement plans, cooperative plans, C_non and continuation costs, rounded (`units`)."""
     mgs = request.microgrids
+    # The cooperative QP (for everyone, the usual case) starts first; at scale it runs in
+    # a helper process while the disagreement problems are solved here.
+    coop_qp = qp_mod.build(request.market, mgs, cooperative=True)
+    x_coop_later = qp_mod.solve_later(coop_qp, solver)
     alone_qp = qp_mod.build(request.market, mgs, cooperative=False)
     x_alone, infeasible = qp_mod.solve_standalone(alone_qp, request.ids, solver)
     excluded = tuple(
@@ -637,9 +641,10 @@ def solve_window(request: ClearingRequest, *, solver: str = DEFAULT_SOLVER) -> S
         mgs = request.microgrids
         alone_qp = qp_mod.build(request.market, mgs, cooperative=False)
         x_alone, _ = qp_mod.solve_standalone(alone_qp, request.ids, solver)
-    coop_qp = qp_mod.build(request.market, mgs, cooperative=True)
+        coop_qp = qp_mod.build(request.market, mgs, cooperative=True)
+        x_coop_later = qp_mod.solve_later(coop_qp, solver)
     try:
-        x_coop = qp_mod.solve(coop_qp, solver)
+        x_coop = x_coop_later()
     except qp_mod.Infeasible as exc:
         raise InfeasibleWindow(", ".join(request.ids), f"cooperative window: {exc}") from None
     alone = _round_plans(alone_qp, x_alone, mgs)

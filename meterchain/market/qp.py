@@ -52,7 +52,10 @@ so it is not used here.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import multiprocessing as mp
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import numpy as np
@@ -397,6 +400,42 @@ class Infeasible(MarketError):
     """Both solvers found that the constraints of a QP cannot all hold."""
 
 
+PARALLEL_FROM = 200_000
+"""QPs with at least this many variables (about 800 microgrids x 24 h) are solved in a
+helper process while the caller goes on (the disagreement problems on the other core)."""
+
+_helper: ProcessPoolExecutor | None = None
+
+
+def solve_later(qp: WindowQP, solver: str) -> Callable[[], np.ndarray]:
+    """Start `solve` of ``qp`` and return a function that waits for its x.
+
+    Large QPs go to one persistent helper process (forkserver, so it never inherits
+    a service's threads); the same code runs there, so x is the same as a local
+    solve. Small ones, or a helper that cannot start, are solved when asked.
+    """
+    global _helper
+    if qp.size < PARALLEL_FROM:
+        return lambda: solve(qp, solver)
+    try:
+        if _helper is None:
+            _helper = ProcessPoolExecutor(1, mp_context=mp.get_context("forkserver"))
+        future = _helper.submit(solve, qp, solver)
+    except (OSError, RuntimeError, BrokenProcessPool):
+        _helper = None
+        return lambda: solve(qp, solver)
+
+    def wait() -> np.ndarray:
+        global _helper
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            _helper = None
+            return solve(qp, solver)
+
+    return wait
+
+
 def solve(qp: WindowQP, solver: str) -> np.ndarray:
     """Optimal x of ``qp`` (kW/kWh units): the named solver, the other one if it gives up.
 
@@ -487,3 +526,10 @@ def _solve_clarabel(qp: WindowQP) -> np.ndarray:
 
 
 _SOLVE = {"piqp": _solve_piqp, "clarabel": _solve_clarabel}
+
+
+def solve_only(qp: WindowQP, solver: str) -> np.ndarray:
+    """Optimal x of ``qp`` with the named solver alone, no fallback (to compare solvers)."""
+    if solver not in _SOLVE:
+        raise MarketError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    return _SOLVE[solver](qp)
