@@ -97,7 +97,7 @@ def _value(key: str, value: Any) -> str:
         when = dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
         return f"{value} (local {iso_local(when.timestamp())})"
     if key.endswith("_s") and isinstance(value, int | float) and not isinstance(value, bool):
-        return f"{value:,.1f} s"
+        return f"{value:,.3f} s" if abs(value) < 10 else f"{value:,.1f} s"
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -119,9 +119,14 @@ def render(doc: Mapping[str, Any], out: TextIO) -> None:
         _write(key, value, out, 1)
 
 
+def _label(key: str) -> str:
+    """`last_reading_age_s` -> `last reading age` (the unit goes with the value)."""
+    return (key[:-2] if key.endswith("_s") else key).replace("_", " ")
+
+
 def _write(key: str, value: Any, out: TextIO, depth: int) -> None:
     pad = "  " * depth
-    label = key.replace("_", " ")
+    label = _label(key)
     if isinstance(value, Mapping):
         out.write(f"{pad}{label}:{' (none)' if not value else ''}\n")
         for k, v in value.items():
@@ -129,7 +134,7 @@ def _write(key: str, value: Any, out: TextIO, depth: int) -> None:
     elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
         out.write(f"{pad}{label}:\n")
         for item in value:
-            out.write(f"{pad}  - " + ", ".join(f"{k.replace('_', ' ')} {_value(k, v)}"
+            out.write(f"{pad}  - " + ", ".join(f"{_label(k)} {_value(k, v)}"
                                               for k, v in item.items()) + "\n")  # fmt: skip
     elif isinstance(value, list):
         out.write(f"{pad}{label}: {', '.join(_value(key, v) for v in value) or '(none)'}\n")

@@ -77,7 +77,8 @@ def _feeder(h: HourLine) -> str:
 
 def render(report: DemoReport, out: TextIO) -> None:
     w = out.write
-    w("\nPer-hour clearing (SDBFT-committed, on the ledger):\n")
+    w("\nPer-hour clearing (SDBFT-committed, on the ledger; kWh are cleared energy, the plan "
+      "agreed before the hour; `meterchain report plot` sets delivered energy beside it):\n")
     for h in report.hours:
         head = f"  {h.hour:02d}:00  final by {','.join(h.certified_by)}"
         if not h.trades:

@@ -145,7 +145,8 @@ def test_status_command_prints_for_people_and_exits_by_health(running, capsys) -
     out = capsys.readouterr().out
     assert out.startswith("agent mg1 node (market m1, ") and out.splitlines()[0].endswith("ready")
     assert "2026-01-01T00:00:00Z (local 20" in out  # UTC and local, ISO-8601
-    assert "last reading age s 10.0 s" in out and "head hash: abcd" in out
+    assert "  uptime" not in out and "market clock:\n    now: 2026-01-01T00:00:00Z" in out
+    assert "last reading age 10.0 s" in out and "head hash: abcd" in out
     svc.health = service.Health(ready=False, reasons=("no round for 2 hours",))
     assert status_main(["--url", url]) == 1
     out = capsys.readouterr().out
