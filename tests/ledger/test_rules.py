@@ -272,3 +272,13 @@ def test_a_participant_with_open_orders_cannot_leave(world: World) -> None:
     late = [sb.reading("ld2", 500, T_NEXT + 5, 9_000_000, 0, "load")]
     with pytest.raises(TxError, match="meter ld2 is not registered"):
         world.chain.commit_readings(late, T_NEXT + 3600)
+
+
+@pytest.mark.parametrize("name", ["mg9\n", "\nmg9", "mg 9", "", "a" * 65, "mg9\x00", "ü"])
+def test_transaction_names_are_matched_whole(name: str) -> None:
+    """`^...$` with `match` accepted "mg9\\n": names are matched in full."""
+    body = {"id": "mg9", "mode": "voluntary", "reason": "x", "time": T0,
+            "regulator_sig": bytes(64)}  # fmt: skip
+    assert Tx.make("participant_exit", body).body["id"] == "mg9"
+    with pytest.raises(TxError, match="participant_exit: field 'id'"):
+        Tx.make("participant_exit", {**body, "id": name})
