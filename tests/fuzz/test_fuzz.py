@@ -122,7 +122,7 @@ def only_our_errors(name: str, decoder: Callable[[bytes], Any], data: bytes) -> 
 def test_mutated_inputs_raise_only_meterchain_errors() -> None:
     rng = random.Random(20261202)
     seeds = _seeds()
-    cases = corpus.examples(1500)
+    cases = corpus.examples(6000)
     for _ in range(cases):
         data = mutate(rng, rng.choice(seeds), seeds)
         for name, decoder in DECODERS.items():
@@ -203,7 +203,7 @@ def test_node_step_absorbs_mutated_messages(node_under_attack) -> None:
     node, _ = node_under_attack
     rng = random.Random(7)
     seeds = list(corpus.consensus_messages())
-    for i in range(corpus.examples(1500)):
+    for i in range(corpus.examples(4000)):
         _step(node, mutate(rng, rng.choice(seeds), seeds), rng.choice(["a", "c", None]), i)
 
 
