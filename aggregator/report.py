@@ -41,7 +41,7 @@ from meterchain.market.explain import GLOSSARY as MARKET_TERMS
 from meterchain.market.explain import hour_gain
 from meterchain.market.model import RESERVE
 from meterchain.market.network import Network, load_network
-from meterchain.times import iso_utc
+from meterchain.times import iso_local, iso_utc
 
 MONEY_SCALE = 10_000  # minor units per currency unit
 SETTLEMENT_REASONS = (
@@ -507,13 +507,15 @@ def _hours_table(report: MarketReport) -> str:
         cleared = sum(w for _, _, w, _ in h.trades)
         delivered = sum(h.delivered.values()) if h.settled else None
         rows.append(
-            f"<tr><td>{iso_utc(h.hour * HOUR)}</td><td>{cleared / 1000:,.1f}</td>"
+            f"<tr><td>{iso_utc(h.hour * HOUR)}</td><td>{iso_local(h.hour * HOUR)}</td>"
+            f"<td>{cleared / 1000:,.1f}</td>"
             f"<td>{'not settled yet' if delivered is None else f'{delivered / 1000:,.1f}'}</td>"
             f"<td>{len(h.trades)}</td><td>{escape(_most_loaded(h))}</td>"
             f"<td>{h.cut_wh / 1000:,.1f}</td><td>{h.remedied_wh / 1000:,.1f}</td></tr>"
         )
     return (
-        "<table><tr><th>hour starting (UTC)</th><th>cleared kWh</th><th>delivered kWh</th>"
+        "<table><tr><th>hour starting (UTC)</th><th>(local time here)</th>"
+        "<th>cleared kWh</th><th>delivered kWh</th>"
         "<th>trades</th><th>most loaded line</th><th>congestion cut kWh</th>"
         "<th>remedied kWh</th></tr>\n" + "\n".join(rows) + "\n</table>"
     )

@@ -20,6 +20,7 @@ from aggregator.report import FIGURES, GLOSSARY, REASONS, build  # noqa: E402
 from aggregator.report import main as report_main
 from meterchain import codec  # noqa: E402
 from meterchain.ledger.store import open_store  # noqa: E402
+from meterchain.times import iso_local  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,8 @@ def test_html_report_has_every_chart_the_hour_table_and_the_glossary(
     ):
         assert title in html
     # The hour table: cleared and delivered kWh of the executed hour, its start in ISO-8601 UTC.
-    assert "<td>2026-01-01T01:00:00Z</td><td>165.1</td><td>165.1</td>" in html
+    local = iso_local(H0 * 3600 + 3600)
+    assert f"<td>2026-01-01T01:00:00Z</td><td>{local}</td><td>165.1</td><td>165.1</td>" in html
     for term, meaning in GLOSSARY:
         assert f"<dt>{term}</dt><dd>{escape(meaning)}</dd>" in html
     assert "mg1 → mg2" in html
