@@ -158,6 +158,10 @@ class LedgerState:
     # and capacity rows; suspect reports are re-run on it. Hours below the floor are gone.
     activity: dict[int, tuple[tuple[Any, ...], tuple[Any, ...]]] = field(default_factory=dict)
     activity_floor: int = 0
+    # Remedy inputs by delivery hour (M21): (owner, Wh, price per kWh) storage reserve
+    # offers and (holder, seller, buyer, Wh, rate per kWh) transmission rights.
+    reserves: dict[int, tuple[tuple[str, int, int], ...]] = field(default_factory=dict)
+    rights: dict[int, tuple[tuple[str, str, str, int, int], ...]] = field(default_factory=dict)
     height: int = -1
     time: int = 0
     _registry: Registry | None = None
@@ -199,6 +203,8 @@ class LedgerState:
         other.reports = dict(self.reports)
         other.decisions = dict(self.decisions)
         other.activity = dict(self.activity)
+        other.reserves = dict(self.reserves)
+        other.rights = dict(self.rights)
         return other
 
     def registry(self) -> Registry:
@@ -542,6 +548,32 @@ class LedgerState:
         capacity = tuple(c for h in hours for c in self.activity[h][1])
         return Activity(from_hour, to_hour, trades, capacity, (), tuple(related))
 
+    def _future_hour(self, tx: Tx, ctx: TxContext) -> int:
+        hour = tx.body["hour"]
+        if hour * HOUR < ctx.time:
+            raise TxError(f"delivery hour {hour} has already begun")
+        return hour
+
+    def _apply_reserve_offer(self, tx: Tx, ctx: TxContext) -> None:
+        b = tx.body
+        self._owner_signed(tx, b["owner"])
+        hour = self._future_hour(tx, ctx)
+        if b["energy_wh"] == 0:
+            raise TxError("a reserve offer needs energy")
+        offer = (b["owner"], b["energy_wh"], b["price"])
+        self.reserves[hour] = (*self.reserves.get(hour, ()), offer)
+
+    def _apply_transmission_right(self, tx: Tx, ctx: TxContext) -> None:
+        b = tx.body
+        self._owner_signed(tx, b["holder"])
+        hour = self._future_hour(tx, ctx)
+        self._active_participant(b["seller"], SELLER_ROLES)
+        self._active_participant(b["buyer"], BUYER_ROLES)
+        if b["seller"] == b["buyer"] or b["energy_wh"] == 0:
+            raise TxError("a transmission right covers energy of a trade between two parties")
+        right = (b["holder"], b["seller"], b["buyer"], b["energy_wh"], b["rate"])
+        self.rights[hour] = (*self.rights.get(hour, ()), right)
+
     def _apply_suspect_report(self, tx: Tx, ctx: TxContext) -> None:
         from meterchain.market.monitoring import MonitoringError, check_report, parse_suspect_report
 
@@ -585,6 +617,9 @@ class LedgerState:
         for hours in self.snapshots.values():
             for h in [h for h in hours if h < oldest]:
                 del hours[h]
+        for by_hour in (self.reserves, self.rights):  # remedy inputs of settled hours (M21)
+            for h in [h for h in by_hour if h < oldest]:
+                del by_hour[h]
 
     # --- trade orders (M11, M27) and the contract client (M26) -------------------------
     def _active_participant(self, pid: str, roles: frozenset[str] | None = None) -> Participant:

@@ -13,11 +13,11 @@ contract on its own copy of the ledger gets exactly it:
   settlement then settles the adjusted trades (``settle.committed_clearing``).
   A node checks it with ``congestion.verify``: it re-runs the flows itself.
 * ``remedy``: after an hour's settlement, the failed-execution case derived
-  from the ledger (every trade delivered short, the spare green energy of
-  the other microgrids offered at the hour's average trade price) and its
+  from the ledger (every trade delivered short; the spare green energy of
+  the other microgrids, offered at the hour's average trade price; the
+  owner-signed ``reserve_offer`` records of storage for the hour; the
+  holder-signed ``transmission_right`` records for its trades) and its
   remedies (`meterchain.market.failed_execution`), re-executed by every node.
-  Storage reserve offers and FTRs are not on the ledger yet, so only
-  contract transfers are derived here.
 """
 
 from __future__ import annotations
@@ -150,7 +150,11 @@ def remedy_case(state: LedgerState, hour: int, order: tuple[str, ...]) -> fx.Rem
                     models[m.microgrid].feed_in_tariff_per_kwh,
                 )
             )
-    return fx.RemedyCase(executed.period, tuple(failed), tuple(offers), (), order)
+    for owner, wh, price in state.reserves.get(hour, ()):
+        feed_in = models[owner].feed_in_tariff_per_kwh if owner in models else 0
+        offers.append(fx.Offer(fx.STORAGE, owner, wh, price, feed_in))
+    rights = tuple(fx.TransmissionRight(*right) for right in state.rights.get(hour, ()))
+    return fx.RemedyCase(executed.period, tuple(failed), tuple(offers), rights, order)
 
 
 def remedy_tx(state: LedgerState, hour: int, order: tuple[str, ...]) -> Tx | None:

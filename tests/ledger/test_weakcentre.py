@@ -188,3 +188,74 @@ def test_suspect_report_is_re_run_and_the_regulator_decides(
     text = capsys.readouterr().out
     assert "2 suspect(s): mg1, mg2" in text and "SUSPECT: wash" in text
     assert monitor_cli([str(tmp_path / "none.db")]) == 2
+
+
+def _short_readings(world: World, hour: int, pv_wh: int) -> list:
+    """The world's readings of ``hour``, except that pv1 exports only ``pv_wh`` since hour H0+1."""
+    sb = world.sandbox
+    out = []
+    for r in hour_readings(sb, hour, 1000 + 10 * (hour - H0)):
+        if r.meter_id == "pv1":
+            k = (r.time - hour * HOUR) // 600
+            r = sb.reading("pv1", r.seq, r.time, 0, 1_100_000 + pv_wh * k // 5, "pv", 100)
+        out.append(r)
+    return out
+
+
+def test_storage_reserve_and_transmission_rights_remedy_a_short_hour(world: World) -> None:
+    chain, sb = world.chain, world.sandbox
+    h = H0 + 5
+    t = (H0 + 4) * HOUR
+    request, result = two_microgrid_clearing(h % 24)
+    cleared = result.executed[0].trades[0].energy_wh
+    chain.commit([sb.participant("mg3", "microgrid", t)], t)
+    reserve = sb.owner_signed(
+        "reserve_offer",
+        {"owner": "mg3", "hour": h, "energy_wh": 20_000, "price": 9_000, "time": t},
+        "mg3",
+    )
+    right = sb.owner_signed(
+        "transmission_right",
+        {
+            "holder": "mg2",
+            "seller": "mg1",
+            "buyer": "mg2",
+            "hour": h,
+            "energy_wh": 10**6,
+            "rate": 1_500,
+            "time": t,
+        },
+        "mg2",
+    )
+    forged = Tx.make("reserve_offer", {**reserve.body, "energy_wh": 90_000})
+    with pytest.raises(TxError, match="signature of owner mg3 does not verify"):
+        chain.commit([forged], t + 1)
+    chain.commit([reserve, right, sb.clearing(h, request, result, round=9)], t + 1)
+    late = sb.owner_signed("reserve_offer", {**reserve.body, "time": h * HOUR + 5}, "mg3")
+    with pytest.raises(TxError, match="has already begun"):
+        chain.commit([late], h * HOUR + 5)
+    chain.commit_readings(_short_readings(world, h, 10_000), (h + 1) * HOUR + 1)
+    assert chain.state is not None
+    chain.commit([settlement_tx(chain.state, h)], (h + 1) * HOUR + 2)
+    tx = weakcentre.remedy_tx(chain.state, h, ("reassign", "storage", "ftr"))
+    assert tx is not None
+    plan = codec.decode(tx.body["result"])
+    short = cleared - plan["remedies"][0][4] - plan["remedies"][1][4]
+    assert [(r[0], r[3]) for r in plan["remedies"]] == [("storage", "mg3"), ("ftr", "mg2")]
+    assert plan["remedies"][0][4] == 20_000  # the whole reserve, then the right pays the rest
+    assert plan["uncovered"] == [["mg1", "mg2", plan["remedies"][1][4]]] and short >= 0
+    money: dict[str, int] = {}
+    for *_, entries in plan["remedies"]:
+        for payer, payee, amount, _ in entries:
+            money[payer] = money.get(payer, 0) - amount
+            money[payee] = money.get(payee, 0) + amount
+    assert sum(money.values()) == 0 and money["mg3"] > 0 and money["mg2"] > 0
+    doctored = dict(plan, remedies=plan["remedies"][:1])
+    with pytest.raises(TxError, match="re-executed remedies .* differ"):
+        chain.commit([Tx.make("remedy", {**tx.body, "result": codec.encode(doctored)})], t + 9000)
+    chain.commit([tx], (h + 1) * HOUR + 3)
+    with pytest.raises(TxError, match="already has its remedies"):
+        chain.commit(
+            [Tx.make("remedy", {**tx.body, "result": codec.encode(doctored)})], (h + 1) * HOUR + 4
+        )
+    verify_store(world.store)
