@@ -309,7 +309,7 @@ _REPORT_TERMS: tuple[tuple[str, str], ...] = (
 GLOSSARY = _REPORT_TERMS[:2] + tuple(MARKET_TERMS.items()) + _REPORT_TERMS[2:]
 
 # The page lays charts out in fixed boxes, so a screenshot can be checked chart by chart.
-PAGE_W, HEADER_H, CHART_H, CHART_GAP = 1000, 150, 440, 20
+PAGE_W, HEADER_H, CHART_H, CHART_GAP = 1000, 170, 440, 20
 
 
 def _kwh(wh: float) -> float:
@@ -546,11 +546,11 @@ def render_html(report: MarketReport) -> str:
                        f"{charts.svg(build_figure(report))}</figure>")  # fmt: skip
     glossary = "\n".join(f"<dt>{escape(t)}</dt><dd>{escape(d)}</dd>" for t, d in GLOSSARY)
     lines_note = (
-        "Line loading is a DC power flow over the grid network (the --network site file, or "
-        "the one the regulator recorded on the ledger)."
+        "Line loading: a DC power flow over the grid network (<code>--network</code>, or the "
+        "one recorded on the ledger)."
         if any(h.loadings for h in report.hours)
         else "Line loading is not shown: the ledger records no grid network; give the network "
-        "site file (--network) to see it."
+        "site file (<code>--network</code>) to see it."
     )
     style = (
         f"body{{margin:0;font-family:sans-serif;width:{PAGE_W}px}}"
@@ -559,15 +559,15 @@ def render_html(report: MarketReport) -> str:
         "figure.chart svg{width:100%;height:100%}"
         "section{padding:0 16px}table{border-collapse:collapse}"
         "td,th{border:1px solid #bdbdbd;padding:2px 8px;text-align:right}"
-        "dt{font-weight:bold;margin-top:6px}"
+        "dt{font-weight:bold;margin-top:6px}code{white-space:nowrap}"
     )
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{title}</title><style>{style}</style></head>\n<body>\n<header>"
         f"<h1>{title}</h1>\n<p>{report.blocks} blocks, {len(report.hours)} cleared hour(s), "
-        f"{span}. Every figure is read from a ledger that verified (hashes, Merkle roots, "
-        f"quorum certificates, re-executed settlement). {lines_note} Terms and sign "
-        "conventions are explained below the charts.</p></header>\n"
+        f"{span}, read from a ledger that verified (hashes, Merkle roots, quorum "
+        f"certificates, re-executed settlement). {lines_note} Terms and signs: below the "
+        "charts.</p></header>\n"
         + "\n".join(figures)
         + f"\n<section><h2>Hours</h2>\n{_hours_table(report)}\n"
         f"<h2>What the figures mean</h2>\n<dl>\n{glossary}\n</dl></section>\n</body></html>\n"

@@ -147,7 +147,7 @@ def test_line_loading_from_the_network_site_file(ledger: Path, tmp_path: Path, c
     assert report_main(["plot", str(ledger), "--out", str(out), "--network", str(site)]) == 0
     html = out.read_text()
     assert 'id="chart-lines"' in html and "Line loading per hour" in html
-    assert "Line loading is a DC power flow over the grid network" in html
+    assert "Line loading: a DC power flow over the grid network" in html
     # The figures are the cleared dispatch's DC flows against the file's limits.
     with open_store(str(ledger), create=False) as store:
         report = build(store, network=load_network(site))
@@ -159,7 +159,7 @@ def test_line_loading_from_the_network_site_file(ledger: Path, tmp_path: Path, c
     # Without the file the chart is left out and the page says why.
     assert report_main(["plot", str(ledger), "--out", str(out)]) == 0
     assert 'id="chart-lines"' not in out.read_text()
-    assert "give the network site file (--network)" in out.read_text()
+    assert "give the network site file (<code>--network</code>)" in out.read_text()
     # A site file that does not place every microgrid is refused with the reason.
     site.write_text(NETWORK.replace('mg2 = "n2"\n', ""))
     assert report_main(["plot", str(ledger), "--out", str(out), "--network", str(site)]) == 2

@@ -239,3 +239,5 @@ def test_the_report_renders_in_chromium(which: str, one_hour: MarketReport, tmp_
         assert len(colours) >= 2, f"chart {name} has no coloured series in {which}"
     header = image.crop((0, 0, PAGE_W, HEADER_H))
     assert int((np.asarray(header).min(axis=2) < 128).sum()) > 500  # the title and summary
+    # ... and it fits its box: the rows just above the first chart are blank, nothing cut off.
+    assert int(np.asarray(image.crop((0, HEADER_H - 12, PAGE_W, HEADER_H))).min()) > 200
