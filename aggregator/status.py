@@ -4,8 +4,9 @@ Market clock, broker link, ledger height and head hash (read on a connection
 of its own, so the HTTP thread never touches the service loop's store),
 readings and transactions waiting for a block, the proposal in flight and
 its votes, how many proposals in a row failed, and when each consensus
-member last answered. Live: the service loop turned within `STUCK_S`.
-Ready: live, the ledger verified and opened, connected to the broker.
+member last answered. The API is served once the ledger verified at
+start-up. Live: the service loop turned within `STUCK_S`. Ready: live and
+connected to the broker.
 """
 
 from __future__ import annotations
@@ -38,8 +39,6 @@ class AggregatorStatus:
         live = stuck < STUCK_S
         if not live:
             reasons.append(f"the service loop has not turned for {stuck:.0f} s")
-        if agg.former is None:
-            reasons.append("the ledger is not open yet (verifying at start-up)")
         if not agg.connected.is_set():
             reasons.append(f"not connected to the broker {agg.cfg.broker.url}")
         return Health(live=live, ready=live and not reasons, reasons=tuple(reasons))
