@@ -6,7 +6,7 @@ market clock, the broker link, the executed hour's setpoints, the node's
 ledger copy (height and head hash), consensus peers seen, every meter's last
 reading and age, Modbus buses. Times are ISO-8601 UTC; ages are seconds of
 market time. Live: the ingest writer is running. Ready: live, connected to
-the broker and, for a consensus node, to the consensus link.
+the broker and, for a consensus node or a submitter, to the consensus link.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ class AgentStatus:
             reasons.append(f"not connected to the broker {a.config.broker.url}")
         if a.consensus is not None and not a.consensus.runner.link.connected.is_set():
             reasons.append("the consensus link is not connected")
+        if a.submitter is not None and not a.submitter.link.connected.is_set():
+            reasons.append("the link to the consensus nodes is not connected")
         return Health(live=live, ready=live and not reasons, reasons=tuple(reasons))
 
     def document(self) -> dict[str, Any]:
@@ -88,6 +90,8 @@ class AgentStatus:
                 "messages_received": runner.counts["deliveries"],
                 "peers_seen": {p: iso_utc(t) for p, t in sorted(runner.peers_seen.items())},
             }
+        if a.submitter is not None:
+            doc["consensus"] = {"connected": a.submitter.link.connected.is_set()}
         if a.reviewer is not None:
             doc["ledger"] = ledger_head(str(cfg.ledger))
         doc["meters"], doc["meters_total"] = self._meters(now)

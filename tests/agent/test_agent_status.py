@@ -98,3 +98,53 @@ def test_status_shows_meters_boards_and_the_broker_as_they_change(make_site, age
     assert code == 1 and doc["broker"]["connected"] is False
     site.broker.start()
     wait_until(lambda: _healthz(site)[0] == 200, 60, "/healthz to recover with the broker")
+
+
+def test_a_node_and_a_submitter_are_ready_only_with_their_consensus_link() -> None:
+    """AgentStatus over stand-in parts: each missing link is a reason, peers are listed."""
+    import threading
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from edge_agent.status import AgentStatus
+    from meterchain.site.clock import MarketClock
+
+    def event(up: bool) -> threading.Event:
+        e = threading.Event()
+        if up:
+            e.set()
+        return e
+
+    runner = SimpleNamespace(link=SimpleNamespace(connected=event(False)),
+                             counts=Counter(deliveries=7), peers_seen={"mg2": 1_767_225_600.0})
+    agent = SimpleNamespace(
+        worker=SimpleNamespace(stopped=event(False)),
+        link=SimpleNamespace(connected=True),
+        consensus=SimpleNamespace(runner=runner), submitter=None, reviewer=None, rounds=None,
+        config=SimpleNamespace(broker=SimpleNamespace(url="mqtts://b:8883"),
+                               agent=SimpleNamespace(node_id="mg1", market="m1"),
+                               consensus=SimpleNamespace(role="node"), owner="mg1",
+                               clock=MarketClock(), modbus_meters=[]),
+        clock=lambda: 1_767_225_700.0,
+        view=SimpleNamespace(outbox_pending=lambda: 0, schedule=lambda hour: None),
+        metrics=SimpleNamespace(last_reading_times=lambda: {}),
+        registry=SimpleNamespace(owned_by=lambda owner: []),
+        buses={},
+    )  # fmt: skip
+    status = AgentStatus(agent)  # type: ignore[arg-type]
+    health = status.health()
+    assert (health.live, health.ready) == (True, False)
+    assert health.reasons == ("the consensus link is not connected",)
+    doc = status.document()
+    assert doc["consensus"] == {"connected": False, "messages_received": 7,
+                                "peers_seen": {"mg2": "2026-01-01T00:00:00Z"}}  # fmt: skip
+    runner.link.connected.set()
+    assert status.health().ready
+    # A submitter: its own link to the nodes decides.
+    agent.consensus = None
+    agent.submitter = SimpleNamespace(link=SimpleNamespace(connected=event(False)))
+    assert status.health().reasons == ("the link to the consensus nodes is not connected",)
+    assert status.document()["consensus"] == {"connected": False}
+    # A dead ingest writer is not live.
+    agent.worker.stopped.set()
+    assert not status.health().live
