@@ -157,6 +157,13 @@ class Network:
         ptdf[np.abs(ptdf) < 1e-12] = 0.0
         return ptdf
 
+    @cached_property
+    def ptdf_sparse(self) -> Any:
+        """The PTDF as a scipy CSR matrix: a feeder's PTDF is mostly zeros (radial branches)."""
+        import scipy.sparse as sp
+
+        return sp.csr_matrix(self.ptdf)
+
     @property
     def limits_w(self) -> tuple[int, ...]:
         return tuple(line.limit_w for line in self.lines)

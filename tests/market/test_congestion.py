@@ -155,7 +155,7 @@ def test_backup_refuses_a_cut_that_is_not_minimal(congested) -> None:
 
 def test_backup_re_runs_the_flows(congested) -> None:
     net, res, adj = congested
-    lying = replace(adj, before=tuple(replace(ld, flow_w=ld.flow_w // 2) for ld in adj.before))
+    lying = replace(adj, before=tuple(ld._replace(flow_w=ld.flow_w // 2) for ld in adj.before))
     with pytest.raises(cg.CongestionError, match="differ from the DC flow"):
         cg.verify(net, res, lying)
     other = radial_five(limit_23=90_000)
