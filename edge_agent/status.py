@@ -4,7 +4,8 @@
 round's outcome, boards' online states) and reads the rest when asked: the
 market clock, the broker link, the executed hour's setpoints, the node's
 ledger copy (height and head hash), consensus peers seen, every meter's last
-reading and age, Modbus buses. Times are ISO-8601 UTC; ages are seconds of
+reading and age, Modbus buses. Boards' states are also the metric
+`meterchain_agent_board_online{meter}`. Times are ISO-8601 UTC; ages are seconds of
 market time. Live: the ingest writer is running. Ready: live, connected to
 the broker and, for a consensus node or a submitter, to the consensus link.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Any
+
+from prometheus_client import Gauge
 
 from edge_agent.energy import HOUR_S, hour_start
 from edge_agent.rounds import RoundOutcome
@@ -35,6 +38,13 @@ class AgentStatus:
         self.started = time.time()
         self.last_round: RoundOutcome | None = None
         self.boards: dict[str, tuple[str, float]] = {}  # meter -> (online|offline, seen at)
+        # As a metric too (alerts): bounded like the agent's other per-meter series.
+        self._board_online = Gauge(
+            "meterchain_agent_board_online",
+            "1 while a board's retained state (its MQTT last will) says online, 0 offline",
+            ["meter"],
+            registry=agent.metrics.registry,
+        )
 
     def round_done(self, outcome: RoundOutcome) -> None:
         self.last_round = outcome
@@ -46,6 +56,8 @@ class AgentStatus:
         except MeterChainError:
             return
         if isinstance(doc, dict) and doc.get(1) == meter_id and doc.get(2) in ("online", "offline"):
+            if meter_id in self.boards or len(self.boards) < self.agent.metrics.max_meter_series:
+                self._board_online.labels(meter_id).set(doc[2] == "online")
             self.boards[meter_id] = (doc[2], time.time())
 
     def health(self) -> Health:

@@ -79,6 +79,7 @@ def test_status_shows_meters_boards_and_the_broker_as_they_change(make_site, age
                              codec.encode({1: pv.meter_id, 2: "offline"}), qos=1,
                              retain=True).wait_for_publish(10)  # fmt: skip
     wait_until(lambda: pv_row()["board"] == "offline", 20, "the offline state")
+    assert 'meterchain_agent_board_online{meter="mg1-pv-01"} 0.0' in agent.metrics()
     # A state naming another meter than its topic is ignored.
     publisher.client.publish(status_topic(MARKET, pv.meter_id),
                              codec.encode({1: "mg1-load-01", 2: "online"}), qos=1,
@@ -106,6 +107,8 @@ def test_a_node_and_a_submitter_are_ready_only_with_their_consensus_link() -> No
     from collections import Counter
     from types import SimpleNamespace
 
+    from prometheus_client import CollectorRegistry
+
     from edge_agent.status import AgentStatus
     from meterchain.site.clock import MarketClock
 
@@ -127,7 +130,8 @@ def test_a_node_and_a_submitter_are_ready_only_with_their_consensus_link() -> No
                                clock=MarketClock(), modbus_meters=[]),
         clock=lambda: 1_767_225_700.0,
         view=SimpleNamespace(outbox_pending=lambda: 0, schedule=lambda hour: None),
-        metrics=SimpleNamespace(last_reading_times=lambda: {}),
+        metrics=SimpleNamespace(last_reading_times=lambda: {}, registry=CollectorRegistry(),
+                                max_meter_series=1000),
         registry=SimpleNamespace(owned_by=lambda owner: []),
         buses={},
     )  # fmt: skip

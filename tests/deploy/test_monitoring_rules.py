@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -20,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from aggregator.service import AggregatorMetrics
 from edge_agent.metrics import AgentMetrics
+from edge_agent.status import AgentStatus
 from meterchain.service import register_build_info
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -39,7 +41,9 @@ def promtool(*args: str, cwd: Path = DEPLOY / "prometheus") -> str:
 def exported_names() -> set[str]:
     """Every series name the agent and the aggregator expose (counters as *_total, ...)."""
     names: set[str] = set()
-    for registry in (AgentMetrics().registry, AggregatorMetrics().registry, CollectorRegistry()):
+    agent = AgentMetrics()
+    AgentStatus(SimpleNamespace(metrics=agent))  # type: ignore[arg-type] - boards' online gauge
+    for registry in (agent.registry, AggregatorMetrics().registry, CollectorRegistry()):
         register_build_info(registry, "test")
         names |= set(registry._names_to_collectors)  # noqa: SLF001 - the exposition names
     return names
@@ -56,7 +60,7 @@ def rule_exprs() -> list[tuple[str, str]]:
 
 
 def test_rules_and_scrape_config_pass_promtool() -> None:
-    assert "SUCCESS: 13 rules found" in promtool("check", "rules", RULES.name)
+    assert "SUCCESS: 14 rules found" in promtool("check", "rules", RULES.name)
     promtool("check", "config", "prometheus.example.yml")
 
 
