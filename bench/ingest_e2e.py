@@ -357,15 +357,21 @@ def _acknowledged_rate(timelines: list[list[tuple[float, int, int]]], plan: Plan
 
 def run(quick: bool = False) -> dict:
     meters = 1000 if quick else 10_000
-    rate = 2000 if quick else TARGET_READINGS_PER_SECOND
-    plan = Plan(
-        meters=meters,
-        rate=rate,
-        sustain_s=6 if quick else 60,
-        overload_s=3 if quick else 20,
-        drain_s=120 if quick else 900,
-        t0=hour_start(int(time.time())) - 6 * HOUR_S,
+    return measure(
+        Plan(
+            meters=meters,
+            rate=2000 if quick else TARGET_READINGS_PER_SECOND,
+            sustain_s=6 if quick else 60,
+            overload_s=3 if quick else 20,
+            drain_s=120 if quick else 900,
+            t0=hour_start(int(time.time())) - 6 * HOUR_S,
+        )
     )
+
+
+def measure(plan: Plan) -> dict:
+    """One run of the two phases with `plan`; the figures as `run` reports them."""
+    meters, rate = plan.meters, plan.rate
     workdir = Path(tempfile.mkdtemp(prefix="bench-ingest-e2e-"))
     broker = MosquittoBroker(
         workdir / "broker", users={NODE: "agent-pw", "fleet": "fleet-pw"}, acl=None

@@ -376,3 +376,21 @@ def test_a_meter_accepted_before_acknowledgements_starts_from_its_last_seq(tmp_p
     )
     assert upgraded.process(board.reading(T0 + 10, 10)).outcome is Outcome.ACCEPTED
     assert acks.published == [{"mg1-load": 4}]
+
+
+def test_per_meter_metric_series_stay_bounded() -> None:
+    from prometheus_client import generate_latest
+
+    from edge_agent.metrics import AgentMetrics
+    from meterchain.reading import Reading
+
+    now = T0 + HOUR_S
+    metrics = AgentMetrics(clock=lambda: now, max_meter_series=100)
+    for i in range(10_000):
+        reading = Reading(f"mg1-m{i:05d}", 1, T0 + i % 600, 0, 0, 0, 0, "load", b"", b"")
+        metrics.accepted(reading, "mg1")
+    text = generate_latest(metrics.registry).decode()
+    assert text.count("meterchain_agent_last_reading_age_seconds{") == 100
+    assert 'meterchain_agent_readings_accepted_total{meter="_other"} 9900.0' in text
+    assert "meterchain_agent_oldest_reading_age_seconds 3600.0" in text
+    assert len(text) < 50_000
