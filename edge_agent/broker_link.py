@@ -21,6 +21,7 @@ backoff; this class owns the session policy:
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import ssl
 import threading
@@ -42,6 +43,7 @@ from meterchain.mqtt_auth import ack_topic, check_name
 log = logging.getLogger("meterchain.agent.mqtt")
 
 ACKS_IN_FLIGHT = 1000
+VERIFY_THREADS = 2  # signature checks in parallel with receiving
 
 
 class BrokerLink:
@@ -84,6 +86,9 @@ class BrokerLink:
         self._epoch = 0
         self._lock = threading.Lock()
         self._in_flight: dict[int, int] = {}  # mid -> outbox row id
+        self._verify = concurrent.futures.ThreadPoolExecutor(
+            VERIFY_THREADS, thread_name_prefix="verify"
+        )
         # Acknowledgements: at most one in flight per meter, the newest watermark waiting
         # behind it (a retained topic only keeps the last one anyway).
         self._ack_lock = threading.Lock()
@@ -126,6 +131,7 @@ class BrokerLink:
         self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
+        self._verify.shutdown(wait=False, cancel_futures=True)
 
     # -- paho callbacks (paho's thread) ---------------------------------------------
 
@@ -193,8 +199,10 @@ class BrokerLink:
             ack()
             return
         sender = message.topic.rsplit("/", 1)[-1]
-        # Verified here, in paho's thread: the writer thread only guards and commits.
-        checked = self.worker.ingest.check(bytes(message.payload))
+        # Verified on the verify threads (OpenSSL releases the GIL, so they use the
+        # cores while this thread reads the next message); the writer takes the
+        # results in arrival order and only guards and commits.
+        checked = self._verify.submit(self.worker.ingest.check, bytes(message.payload))
         self.worker.submit(Delivery(checked, sender, ack))
 
     def _on_publish(

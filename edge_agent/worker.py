@@ -36,9 +36,9 @@ log = logging.getLogger("meterchain.agent.worker")
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """A delivered reading, already checked (`Ingest.check`); `ack` runs once it is durable."""
+    """A delivered reading, checked (`Ingest.check`, or a future of it); `ack` once durable."""
 
-    checked: Reading | Result
+    checked: Reading | Result | concurrent.futures.Future[Reading | Result]
     sender: str
     ack: Callable[[], None]
 
@@ -166,7 +166,12 @@ class IngestWorker(threading.Thread):
 
     def _commit(self, batch: list[Delivery]) -> None:
         started = time.perf_counter()
-        self.ingest.commit([d.checked for d in batch], senders=[d.sender for d in batch])
+        # Futures are resolved in arrival order: each meter's readings stay in order.
+        checked = [
+            d.checked.result() if isinstance(d.checked, concurrent.futures.Future) else d.checked
+            for d in batch
+        ]
+        self.ingest.commit(checked, senders=[d.sender for d in batch])
         for delivery in batch:
             delivery.ack()
         self.on_batch(len(batch), time.perf_counter() - started)
