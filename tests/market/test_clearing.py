@@ -21,6 +21,7 @@ from meterchain.market.clearing import (
 )
 from meterchain.market.errors import InvalidRequest, InvalidResult
 from meterchain.market.model import GasTurbine, Market, Storage, TradeRequest
+from meterchain.market.settlement import metered_from_dispatch, parties_sum, settle
 from meterchain.market.verify import check
 
 REPO = Path(__file__).resolve().parents[2]
@@ -193,6 +194,14 @@ def test_microgrid_that_cannot_run_alone_is_left_out_with_a_reason() -> None:
     # a backup that is told someone else is left out refuses
     lie = dataclasses.replace(result, excluded=(("a", "made up"),))
     assert not check(req, lie).accepted
+    # the island still settles its grid exchange; money is conserved
+    meters = [
+        metered_from_dispatch("a", 0, 0, 0, 100_000, 20_000, 50_000),
+        metered_from_dispatch("island", 0, 0, 0, 0, 0, 50_000),
+    ]
+    s = settle(req, result, meters)
+    assert parties_sum(s) == 0
+    assert {e.reason for e in s.entries if "island" in (e.payer, e.payee)} == {"retail"}
 
 
 def test_nobody_able_to_run_alone_clears_an_empty_market() -> None:
