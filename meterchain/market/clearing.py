@@ -9,14 +9,18 @@ API (pure and deterministic; the consensus agents call these):
 * ``ClearingResult`` -- frozen, integers only; ``to_dict``/``to_cbor``/
   ``from_cbor`` and ``digest`` (SHA-256 of the canonical CBOR via
   `meterchain.codec`). ``executed[0]`` holds what happens in the executed hour:
-  dispatch, trades with amounts and prices, payments, transfers.
+  dispatch, trades with amounts at the hour's energy price, payments,
+  bargaining transfers.
 * ``assemble(...)`` -- the deterministic second half of `clear` (everything
   derived from the rounded schedules); `verify` re-runs it on a proposal.
 
 How a window is cleared:
 
 1. Disagreement point (M3): each microgrid alone, no inter-microgrid trade --
-   its own QP block; C_non_i is its window cost, C_non_i(h) its cost in hour h.
+   its own QP block; C_non_i is its window cost (with the planning cost of
+   ending below its storage target, `model.target_shortfall_e12`). A
+   microgrid whose own block is infeasible (both solvers agree) is left out
+   with the reason (``excluded``); the others clear.
 2. Stage 1 (M3): one convex QP over all microgrids and periods minimising the
    total cost, with inter-microgrid trade as a pool (each microgrid sells
    s_i,t >= 0 green power into it or buys b_i,t >= 0, sum s = sum b, phi/2 per
@@ -24,32 +28,36 @@ How a window is cleared:
 3. Rounding (`units`): schedules become integer W/Wh; pool totals stay equal
    (largest remainder), a microgrid never both sells and buys (netted), the
    grid exchange absorbs what rounding leaves so every balance is exact, and
-   storage energy follows the rounded flows exactly (`Storage.energy_step_exact`).
+   storage energy follows the rounded flows exactly (`Storage.energy_step_exact`)
+   and stays within its bounds (`keep_storage_in_bounds`).
 4. Bilateral trades: in each period the pool is split into trades P_ij,t by the
-   north-west-corner rule. It is deterministic, gives at most (#sellers +
-   #buyers - 1) trades, and its cells (including zero-volume cells when partial
-   sums tie) form a spanning tree of the traders. A trade is stored once
-   (seller, buyer, Wh), so P_ij = -P_ji. In the executed hour sellers are
-   ordered by the price per kWh their payment amounts to and buyers likewise
-   (ties by id), which pairs cheap with cheap and keeps trade prices close to
-   each side's average; planned trades of later periods use id order.
-5. Stage 2 (M3) for the executed hour h: the coalition is the microgrids that
-   trade in h. The savings S = sum over the coalition of C_non_i(h) - C_i(h)
-   are split equally: with transfers summing to zero, max sum ln(C_non_i - C_i
-   - p_i) has the closed form C_non_i - C_i - p_i = S/N, so payment
-   p_i = C_non_i(h) - C_i(h) - S/N (positive = pays). S/N is split in integers,
-   the remainder one minor unit each to the first microgrids by id.
-   If S <= 0 nobody trades in h: every microgrid runs its disagreement hour.
-   Microgrids outside the coalition run their disagreement hour and pay
-   nothing (a microgrid that gains nothing is not forced to trade), so nobody
-   is worse off than alone: ``individually_rational`` is checked and reported.
-6. Prices: the money on each trade is the unique flow on the trade tree that
-   makes every trader's receipts equal its payment; the trade's price is that
-   amount per kWh (rounded; the amount is authoritative). A zero-volume tree
-   cell that carries money becomes a `Transfer`. Because every member's cost
-   falls by the same amount, a member that gains little by itself is paid by
-   those that gain much: a buyer with a small own gain can receive money, so
-   a trade price can be below the feed-in tariff or even negative.
+   north-west-corner rule in id order: deterministic, at most (#sellers +
+   #buyers - 1) trades. A trade is stored once (seller, buyer, Wh), so
+   P_ij = -P_ji. The split only says who delivers to whom (M5 pro rata); it
+   sets no price.
+5. Stage 2 (M3), bargaining over the window: the coalition K is every
+   microgrid that trades anywhere in the plan; it runs the plan's executed
+   hour whenever the window saving S = sum over K of C_non_i - C_i is
+   positive, even when the hour alone saves nothing (storage plans pay off
+   later); otherwise everyone runs its disagreement hour. Member i's gain
+   from the executed hour is C_non_i - C_i(h) - V_i, where V_i
+   (`continuation_costs`) is what the rest of the window costs it alone from
+   the storage energy the plan leaves after the hour, so stored energy is
+   valued and nobody is worse off even if the market stopped after the hour.
+   The hour's saving (the sum of the gains) is split equally: max sum
+   ln(gain_i - p_i) with payments summing to zero gives gain_i - p_i = share,
+   shares equal to the minor unit (remainder to the first by id). An hour
+   whose saving is negative although S > 0 (an investment in later trades)
+   credits each member with the same fraction of its planned later gain
+   (V_i - its plan's cost for the rest of the window) so that the hour breaks
+   even (``investment_credit``). Gains over a day telescope: each hour's V is
+   the next hour's C_non, so members end the day with the day's saving split.
+6. Prices: one energy price per hour (`energy_price`), the middle of the band
+   between the sellers' highest feed-in tariff and the buyers' lowest retail
+   price (mid-band net of fees too, as the fee is split half and half); each
+   trade's amount is its energy at that price. What the energy payments leave
+   of each member's payment is carried as labelled bargaining transfers
+   (`Transfer`), north-west corner over payers and payees in id order.
 
 Costs (C_i, C_non_i) are exact integers computed from the rounded schedules
 (`model.period_cost_e12`) and include the small flow wear term of `Market`, so
@@ -58,8 +66,9 @@ a microgrid's settled money differs from its bargained cost by that term.
 ``executed_periods`` > 1 executes several leading periods of one clearing (the
 day-ahead comparison of M5): every microgrid then follows the cooperative plan
 in each of those hours (switching single microgrids to their disagreement hour
-would break storage continuity), each hour's coalition splits its own savings,
-and individual rationality is reported, not enforced.
+would break storage continuity), each hour's traders split that hour's saving
+(C_non_i(h) - C_i(h)) at the same energy price, and individual rationality is
+reported, not enforced.
 """
 
 from __future__ import annotations
