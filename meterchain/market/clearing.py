@@ -683,7 +683,6 @@ def continuation_costs(
     end-of-window target cost.
     """
     mgs = request.microgrids
-    market = request.market
     periods = request.periods
     if periods == 1:
         return [
@@ -709,13 +708,7 @@ def continuation_costs(
         if solved:
             for i, plan in zip(solved, _round_plans(pinned, x, mgs, rows=solved), strict=True):
                 rest[i] = plan
-    out = []
-    for mg, plan in zip(mgs, rest, strict=True):
-        total = target_shortfall_e12(mg, plan.soc_wh[-1]) if mg.storage is not None else 0
-        for t in range(1, periods):
-            total += period_cost_e12(mg, market, t, plan.at(t))
-        out.append(div_round(total, COST_SCALE))
-    return out
+    return [div_round(total, COST_SCALE) for total in _costs_e12(request, rest, first=1)]
 
 
 def _column(qp: qp_mod.WindowQP, x: np.ndarray, name: str) -> np.ndarray:
@@ -854,11 +847,78 @@ def soc_series(mg: Microgrid, charge_w: Sequence[int], discharge_w: Sequence[int
 def window_costs(request: ClearingRequest, plans: Sequence[MicrogridPlan]) -> list[int]:
     """Each microgrid's exact window cost of its plan, money minor units (rounded once),
     including the planning cost of ending below its storage target."""
+    return [div_round(total, COST_SCALE) for total in _costs_e12(request, plans)]
+
+
+def _costs_e12(
+    request: ClearingRequest, plans: Sequence[MicrogridPlan], first: int = 0
+) -> list[int]:
+    """Each plan's cost over periods ``first``.. plus its end-of-window target cost, 1e-12
+    minor units: the same integers as summing `model.cost_e12` period by period
+    (`_window_costs_exact`), with numpy int64 sums where no product can overflow (64-bit
+    range checked first) and the green loss is linear; anything else takes the loop.
+    """
+    mgs = request.microgrids
+    if not plans:
+        return []
+    biggest = max((abs(v) for p in plans for name in MicrogridPlan.SERIES[:-1]
+                   for v in getattr(p, name)), default=0)  # fmt: skip
+    scale = biggest + max(max(m.renewable_w) + max(m.green_demand_w) for m in mgs)
+    periods = request.periods
+    dearest = max(max(m.retail_price_per_kwh) for m in mgs)
+    if (
+        any(len(m.green_loss.segments) != 1 for m in mgs)
+        or scale * scale * periods >= 2**62
+        or scale * dearest * periods >= 2**62
+    ):
+        return _window_costs_exact(request, plans, first)
+    flows = np.array(
+        [[p.gas_w, p.charge_w, p.discharge_w, p.grid_w, p.sell_w, p.buy_w] for p in plans],
+        dtype=np.int64,
+    )[:, :, first:]
+    gas, charge, discharge, grid, sell, buy = (flows[:, k, :] for k in range(6))
+    sq_wear = (charge * charge + discharge * discharge + sell * sell + buy * buy).sum(axis=1)
+    sq_gas = (gas * gas).sum(axis=1)
+    sum_gas = gas.sum(axis=1)
+    lam = np.array([m.retail_price_per_kwh for m in mgs], dtype=np.int64)[:, first:]
+    imports = (lam * np.maximum(grid, 0)).sum(axis=1)
+    exports = np.minimum(grid, 0).sum(axis=1)
+    deficit = np.maximum(
+        np.array([m.green_demand_w for m in mgs], dtype=np.int64)[:, first:]
+        - np.array([m.renewable_w for m in mgs], dtype=np.int64)[:, first:]
+        + sell
+        - buy,
+        0,
+    ).sum(axis=1)
+    traded = (sell + buy).sum(axis=1)
+    market = request.market
+    eps = market.flow_wear_per_mw2h
+    fee = 5 * 10**8 * market.wheeling_fee_per_kwh
+    e9 = COST_SCALE // 1000
+    out = []
+    for i, (mg, p) in enumerate(zip(mgs, plans, strict=True)):
+        total = eps * int(sq_wear[i]) + fee * int(traded[i])
+        lin_e3 = int(imports[i]) + mg.feed_in_tariff_per_kwh * int(exports[i])
+        lin_e3 += mg.green_loss.segments[0][1] * int(deficit[i])
+        if mg.gas is not None:
+            total += (mg.gas.a_per_mw2h + eps) * int(sq_gas[i])
+            lin_e3 += mg.gas.b_per_kwh * int(sum_gas[i])
+        total += lin_e3 * e9
+        if mg.storage is not None:
+            total += target_shortfall_e12(mg, p.soc_wh[-1])
+        out.append(total)
+    return out
+
+
+def _window_costs_exact(
+    request: ClearingRequest, plans: Sequence[MicrogridPlan], first: int = 0
+) -> list[int]:
+    """`_costs_e12` by the exact per-period loop over `model.cost_e12` (Python integers)."""
     market = request.market
     out = []
     for mg, p in zip(request.microgrids, plans, strict=True):
         total = target_shortfall_e12(mg, p.soc_wh[-1]) if mg.storage is not None else 0
-        for t in range(mg.periods):
+        for t in range(first, mg.periods):
             total += cost_e12(
                 mg,
                 market,
@@ -870,7 +930,7 @@ def window_costs(request: ClearingRequest, plans: Sequence[MicrogridPlan]) -> li
                 p.sell_w[t],
                 p.buy_w[t],
             )
-        out.append(div_round(total, COST_SCALE))
+        out.append(total)
     return out
 
 

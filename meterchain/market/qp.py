@@ -407,6 +407,17 @@ helper process while the caller goes on (the disagreement problems on the other 
 _helper: ProcessPoolExecutor | None = None
 
 
+def _peak_rss_kb() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def helper_peak_rss_kb() -> int:
+    """Peak resident memory of the helper process (KB; 0 if none was started)."""
+    return 0 if _helper is None else _helper.submit(_peak_rss_kb).result()
+
+
 def solve_later(qp: WindowQP, solver: str) -> Callable[[], np.ndarray]:
     """Start `solve` of ``qp`` and return a function that waits for its x.
 

@@ -15,13 +15,18 @@ from hypothesis import strategies as st
 from meterchain.market.clearing import (
     ClearingRequest,
     ClearingResult,
+    MicrogridPlan,
+    _costs_e12,
+    _window_costs_exact,
     clear,
     equal_shares,
     north_west_corner,
+    window_costs,
 )
 from meterchain.market.errors import InvalidRequest, InvalidResult
 from meterchain.market.model import GasTurbine, Market, Storage, TradeRequest
 from meterchain.market.settlement import metered_from_dispatch, parties_sum, settle
+from meterchain.market.units import div_round
 from meterchain.market.verify import check
 
 REPO = Path(__file__).resolve().parents[2]
@@ -347,3 +352,19 @@ def test_pool_reaches_the_all_pairs_bilateral_optimum() -> None:
     assert abs(sum(ours.cooperative_cost) - anchor["objective_minor"]) <= 1e-5 * abs(
         anchor["objective_minor"]
     )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_requests(), st.data())
+def test_vectorised_window_costs_equal_the_exact_loop(req: ClearingRequest, data: st.DataObject):
+    """`window_costs` (numpy int64 where safe) gives the same integers as the per-period
+    loop on any integer plan, including ones a forger might send (huge or negative flows)."""
+    flow = st.one_of(st.integers(-300_000, 300_000), st.integers(-(10**12), 10**12))
+    plans = []
+    for mg in req.microgrids:
+        series = [tuple(data.draw(flow) for _ in range(mg.periods)) for _ in range(6)]
+        soc = tuple(data.draw(st.integers(0, 10**6)) for _ in range(mg.periods))
+        plans.append(MicrogridPlan(mg.id, *series, soc))
+    for first in range(req.periods):
+        assert _costs_e12(req, plans, first) == _window_costs_exact(req, plans, first)
+    assert window_costs(req, plans)[0] == div_round(_window_costs_exact(req, plans)[0], 10**12)
