@@ -22,6 +22,13 @@ What is measured, all in one run:
   of the same module on CPython, whose int and tuple objects are larger than
   MicroPython's, so it over-estimates the board's figure.
 - `table_bytes`: the comb table the signer keeps (payload of one bytearray).
+- `unix_port`: the same signer under the MicroPython unix port, which has a real
+  collector and a fixed heap (`-X heapsize`): `table_min_heap_bytes` is the smallest
+  heap (bisected to 512 B) in which the table is built and 20 signatures made, with the
+  table built first as the firmware's main.py does; `sign_live_bytes` what stays live
+  besides it; `table_build_free_block_bytes` the largest free block after the build.
+  That port is a 64-bit build whose objects are larger than an ESP32's (32-bit words),
+  so its figures are upper bounds for a board.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import hashlib
 import json
 import statistics
 import sys
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -93,6 +101,66 @@ print(json.dumps({{
     "digest": digest.digest().hex(),
 }}))
 """
+
+
+_UNIX_SCRIPT = """
+import gc, hashlib, micropython
+gc.collect()
+base = gc.mem_alloc()
+from mc import p256
+p256.precompute()
+gc.collect()
+table = gc.mem_alloc() - base
+for i in range(20):
+    p256.sign(SECRET, hashlib.sha256(str(i).encode()).digest() * 3)
+gc.collect()
+print("RESULT", base, table, gc.mem_alloc() - base - table)
+micropython.mem_info()
+"""
+
+
+def _unix_probe(heap: int, lib: Path) -> tuple[int, int, int, int] | None:
+    result = micropython.run_code(
+        f"SECRET = {_SECRET}\n" + _UNIX_SCRIPT, port="unix", heap=heap, timeout=120, libs=[lib]
+    )
+    lines = result.stdout.splitlines()
+    found = [line.split() for line in lines if line.startswith("RESULT ")]
+    if result.returncode != 0 or not found:
+        return None
+    free = [int(line.rsplit(":", 1)[1]) * 32 for line in lines if "max free sz" in line]
+    _, base, table, live = found[0]
+    return int(base), int(table), int(live), free[0] if free else 0
+
+
+def _unix_port_heap() -> dict[str, Any]:
+    """Smallest heap for table + signatures under the unix port (see the module docstring)."""
+    from bench.board import _compile_lib
+
+    with tempfile.TemporaryDirectory(prefix="mc-sign-mpy-") as tmp:
+        return _bisect_unix(_compile_lib(Path(tmp)))
+
+
+def _bisect_unix(lib: Path) -> dict[str, Any]:
+    lo, hi = 8 * 1024, 128 * 1024
+    best = _unix_probe(hi, lib)
+    if best is None:
+        raise RuntimeError("the signer fails even in a 128 KB heap on the unix port")
+    while hi - lo > 512:
+        mid = (lo + hi) // 2
+        probe = _unix_probe(mid, lib)
+        if probe is None:
+            lo = mid
+        else:
+            hi, best = mid, probe
+    base, table, live, free = best
+    return {
+        "table_min_heap_bytes": hi,
+        "runtime_bytes": base,
+        "table_heap_bytes": table,
+        "sign_live_bytes": live,
+        "table_build_free_block_bytes": free,
+        "note": "MicroPython unix port, 64-bit: objects larger than an ESP32's; upper bounds",
+    }
 
 
 def _message(i: int) -> bytes:
@@ -182,4 +250,5 @@ def run(quick: bool) -> dict:
         "target_ms_per_sign": TARGET_MS_PER_SIGN,
         "target_peak_heap_bytes": TARGET_PEAK_HEAP_BYTES,
         "meets_ms_target": mp_best <= TARGET_MS_PER_SIGN,
+        "unix_port": _unix_port_heap(),
     }

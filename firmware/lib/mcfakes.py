@@ -854,6 +854,8 @@ class FakeBoard:
         return self.wifi_up
 
     def wifi_connect(self, ssid: str, password: str, timeout_ms: int) -> bool:
+        if not self.wifi_up:
+            self.sleep_ms(timeout_ms)  # the port polls isconnected() until its timeout
         return self.wifi_up
 
     def wifi_reset(self) -> None:
@@ -878,11 +880,11 @@ class FakeBoard:
         return self.broker.open(self)
 
     # meter hardware
-    def _sdm_uart(self, unit: int):
+    def _sdm_uart(self, unit: int, baud: int = 9600):
         if self.meter_uart is None:
             self.meter = SimulatedSdm(self, unit=unit, power_w=self._meter_power_w,
                                       import_wh=self._meter_import_wh)
-            self.meter_uart = SdmUart(self.meter, self)
+            self.meter_uart = SdmUart(self.meter, self, baud=baud)
         return self.meter_uart
 
     def _peripheral(self) -> None:
@@ -891,10 +893,10 @@ class FakeBoard:
 
     def uart(self, uart_id: int, baud: int, tx: int, rx: int, de: int):
         self._peripheral()
-        return self._sdm_uart(1)
+        return self._sdm_uart(1, baud)
 
     def sim_meter_uart(self, cfg: dict):
-        return self._sdm_uart(cfg["meter.unit"])
+        return self._sdm_uart(cfg["meter.unit"], cfg.get("meter.baud", 9600))
 
     def pulse_counter(self, pin: int, filter_us: int):
         self._peripheral()

@@ -351,27 +351,28 @@ class EmulatedBoard:
 
     # -- meter hardware ----------------------------------------------------------
 
-    def _sim_uart(self, unit: int, source: str | None = None) -> Any:
+    def _sim_uart(self, unit: int, source: str | None = None, baud: int = 9600) -> Any:
         from mcfakes import SdmUart, SimulatedSdm
 
         power = self.settings["sim_power_w"]
         if power is None:  # a generating board's simulated meter exports
             power = -SIM_POWER_W if source in GENERATING_SOURCES else SIM_POWER_W
         self.meter = SimulatedSdm(self, unit=unit, power_w=int(power))
-        return SdmUart(self.meter, self)
+        return SdmUart(self.meter, self, baud=baud)
 
     def uart(self, uart_id: int, baud: int, tx: int, rx: int, de: int) -> Any:
         meter = str(self.settings["meter"])
         if meter.startswith("serial:"):
             self._uart = SerialUart(meter[len("serial:") :], baud)
         elif meter == "sim":
-            self._uart = self._sim_uart(1)
+            self._uart = self._sim_uart(1, baud=baud)
         else:
             self._uart = SerialUart("loop://", baud)  # nothing answers: every read times out
         return self._uart
 
     def sim_meter_uart(self, cfg: dict[str, Any]) -> Any:
-        self._uart = self._sim_uart(int(cfg["meter.unit"]), cfg.get("source"))
+        unit, baud = int(cfg["meter.unit"]), int(cfg.get("meter.baud", 9600))
+        self._uart = self._sim_uart(unit, cfg.get("source"), baud)
         return self._uart
 
     def pulse_counter(self, pin: int, filter_us: int) -> Any:

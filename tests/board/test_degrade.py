@@ -118,3 +118,23 @@ print(json.dumps({"status": app.main(board, cycles=1), "console": board.console_
     out = json.loads(mpy(code, fs_dir=folder).check().stdout.strip().splitlines()[-1])
     assert out["status"] == 2
     assert any("SAFE MODE: ValueError: invalid pin" in line for line in out["console"])
+
+
+def test_slow_reconnects_never_starve_the_watchdog_and_sampling_goes_on(make_board_dir) -> None:
+    cfg = board_config(**{"wdt_s": 60, "wifi.ssid": "site", "broker.backoff_max_ms": 30000})
+    folder = make_board_dir(cfg=cfg)
+    (folder / "secrets.json").write_text(json.dumps({"wifi": {"password": "pw"}}))
+    board = mcfakes.FakeBoard(flash=mcfakes.FullFlash(str(folder)), broker=mcfakes.FakeBroker(),
+                              echo=False)
+    board.wifi_up = False  # the access point is gone: every join waits its full 20 s
+    app = firmware_app.boot(board)
+    assert app is not None
+    app.run(cycles=40)
+    assert app.readings == 40 and board.wdt is not None
+    board.wifi_up = True
+    board.connect_ms = 25_000  # DNS + TCP + a TLS handshake that times out at the end
+    board.connect_error = OSError(116)
+    app.run(cycles=40)
+    assert app.readings == 80
+    assert board.wdt.longest_ms <= 30_000, "fed between the blocking steps of a connect"
+    assert app.uplink.wifi_resets >= 1
