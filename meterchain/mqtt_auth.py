@@ -68,15 +68,17 @@ def meter_acl(market: str, meter_id: str) -> str:
     )
 
 
-def node_acl(market: str, node_id: str) -> str:
+def node_acl(market: str, node_id: str, *, user: str | None = None) -> str:
     """ACL block for an agent: publish as itself and acknowledgements, read the market.
 
     It reads the consensus tree, readings and boards' online states (its /status).
+    `user` is the broker user when it is not the node id (one of an agent's several
+    connections on a broker with `use_username_as_clientid`).
     """
     check_name("market", market)
     check_name("node id", node_id)
     return (
-        f"user {node_id}\n"
+        f"user {check_name('user', user or node_id)}\n"
         f"topic write mc/{market}/c/{node_id}/#\n"
         f"topic write mc/{market}/ack/#\n"
         f"topic read mc/{market}/c/#\n"

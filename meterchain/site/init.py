@@ -35,7 +35,7 @@ from meterchain import codec
 from meterchain.keys import PrivateKey
 from meterchain.ledger.transactions import signed
 from meterchain.market.rolling import MicrogridDay
-from meterchain.mqtt_auth import check_name, password_line, reading_topic
+from meterchain.mqtt_auth import check_name, meter_acl, node_acl, password_line
 from meterchain.quorum import Member, Membership
 from meterchain.registry import entry_text, make_meter
 from meterchain.site.clock import MarketClock
@@ -299,22 +299,17 @@ def init_site(root: Path, opts: InitOptions) -> Site:
 
 
 def _acl(market: str, ids: list[str], meters: list[str]) -> str:
-    """Per-client ACL blocks: who may publish where (meterchain.mqtt_auth topics)."""
+    """Per-client ACL blocks (meterchain.mqtt_auth): who may publish where."""
     out = [f"# MeterChain ACL for market {market!r}, written by `meterchain site init`.\n"]
-    for node in (AGGREGATOR_ID, REGULATOR_ID, *ids):
+    for operator in (AGGREGATOR_ID, REGULATOR_ID):
+        # Proposals and blocks, or signed records, under its own id; never a meter's ack.
+        out.append(f"user {operator}\ntopic write mc/{market}/c/{operator}/#\n"
+                   f"topic read mc/{market}/#\n\n")  # fmt: skip
+    for node in ids:
         # One broker user per connection (use_username_as_clientid): ingest, SDBFT, review.
-        users = (node, f"{node}.sdbft", f"{node}.review") if node in ids else (node,)
-        for user in users:
-            out.append(
-                f"user {user}\ntopic write mc/{market}/c/{node}/#\ntopic read mc/{market}/c/#\n"
-                f"topic read mc/{market}/r/#\ntopic write mc/{market}/ack/#\n"
-                f"topic read mc/{market}/status/#\n\n"
-            )
-    for meter in meters:
-        out.append(
-            f"user {meter}\ntopic write {reading_topic(market, meter)}\n"
-            f"topic read mc/{market}/ack/{meter}\ntopic write mc/{market}/status/{meter}\n\n"
-        )
+        users = (node, f"{node}.sdbft", f"{node}.review")
+        out += [node_acl(market, node, user=user) + "\n" for user in users]
+    out += [meter_acl(market, meter) + "\n" for meter in meters]
     return "".join(out)
 
 
