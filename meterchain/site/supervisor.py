@@ -75,6 +75,14 @@ class Child:
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )  # fmt: skip
 
+    def tail(self, lines: int = 3) -> str:
+        """The last lines of the process's log (what it said before it stopped)."""
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(text.strip().splitlines()[-lines:])
+
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
@@ -227,6 +235,9 @@ class Supervisor:
             while self.ledger_height() < 0 and not self.stop_event.is_set():
                 self._watch()
                 self.write_status()
+                failed = [c for c in self.children.values() if c.failed]
+                if failed:  # a configuration error: no restart can fix it
+                    raise SiteError(f"{failed[0].name} {failed[0].failed}: {failed[0].tail()}")
                 if time.monotonic() > deadline:
                     raise SiteError("no genesis block after 120 s: see run/aggregator.log")
                 time.sleep(POLL_S)
