@@ -41,7 +41,7 @@ def _run(ns: argparse.Namespace) -> int:
 def _check(ns: argparse.Namespace) -> int:
     from meterchain.config_files import systemd_directories
 
-    systemd_directories(ns.credentials, ns.state_dir)
+    systemd_directories(ns.credentials, ns.state_dir, service="aggregator")
     cfg = agg_config.load(ns.config)
     print(
         f"{cfg.path}: OK (market {cfg.aggregator.market}, {cfg.membership.n} consensus "
@@ -90,10 +90,10 @@ def main(argv: list[str]) -> int:
     p.set_defaults(func=_run)
     p = sub.add_parser("check-config", help="check a configuration file and exit")
     p.add_argument("--config", required=True)
-    p.add_argument("--credentials", type=Path, default=Path("/etc/meterchain/secrets"),
-                   help="$CREDENTIALS_DIRECTORY when unset (the unit's LoadCredential= source)")
-    p.add_argument("--state-dir", type=Path, default=Path("/var/lib/meterchain-aggregator"),
-                   help="$STATE_DIRECTORY when unset (the unit's StateDirectory=)")  # fmt: skip
+    p.add_argument("--credentials", type=Path, help="$CREDENTIALS_DIRECTORY when unset "
+                   "(default: /etc/meterchain/secrets if present)")
+    p.add_argument("--state-dir", type=Path, help="$STATE_DIRECTORY when unset "
+                   "(default: /var/lib/meterchain-aggregator if present)")  # fmt: skip
     p.set_defaults(func=_check)
     p = sub.add_parser("veto", help="regulator: veto a recorded transaction, with a reason")
     p.add_argument("--ledger", required=True, help="SQLite file or postgresql:// URL")

@@ -40,7 +40,7 @@ def _run(ns: argparse.Namespace) -> int:
 def _check(ns: argparse.Namespace) -> int:
     from meterchain.config_files import systemd_directories
 
-    systemd_directories(ns.credentials, ns.state_dir)
+    systemd_directories(ns.credentials, ns.state_dir, service="agent")
     cfg = _load(ns)
     from meterchain.registry import Registry
 
@@ -103,12 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=agent_config.LOG_LEVELS, default=None)
     check = add("check-config", _check, "validate the configuration and exit")
     check.add_argument(
-        "--credentials", type=Path, default=Path("/etc/meterchain/secrets"), metavar="DIR",
-        help="$CREDENTIALS_DIRECTORY when unset (the unit's LoadCredential= source)",
+        "--credentials", type=Path, metavar="DIR",
+        help="$CREDENTIALS_DIRECTORY when unset (default: /etc/meterchain/secrets if present)",
     )  # fmt: skip
     check.add_argument(
-        "--state-dir", type=Path, default=Path("/var/lib/meterchain-agent"), metavar="DIR",
-        help="$STATE_DIRECTORY when unset (the unit's StateDirectory=)",
+        "--state-dir", type=Path, metavar="DIR",
+        help="$STATE_DIRECTORY when unset (default: /var/lib/meterchain-agent if present)",
     )  # fmt: skip
     add(
         "gateway-keys",

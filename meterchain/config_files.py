@@ -255,11 +255,24 @@ def toml_kind(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def systemd_directories(credentials: Path, state: Path) -> None:
-    """Outside systemd, stand in for what a unit's LoadCredential= and StateDirectory= give
-    the service: `$CREDENTIALS_DIRECTORY` (when that folder exists) and `$STATE_DIRECTORY`,
-    each only when not set already, so `check-config` checks the files the service will use.
+def systemd_directories(
+    credentials: Path | None, state: Path | None, *, service: str
+) -> None:
+    """Outside systemd, stand in for what the unit's LoadCredential= and StateDirectory=
+    give the service, so `check-config` checks the files the service will use.
+
+    Only a variable that is not set is filled in: from the folder given, or else from
+    the unit's own folder (/etc/meterchain/secrets, /var/lib/meterchain-<service>) when
+    that exists. Otherwise the variable stays unset and a path using it is refused.
     """
-    if "CREDENTIALS_DIRECTORY" not in os.environ and credentials.is_dir():
-        os.environ["CREDENTIALS_DIRECTORY"] = str(credentials)
-    os.environ.setdefault("STATE_DIRECTORY", str(state))
+    defaults = (
+        ("CREDENTIALS_DIRECTORY", credentials, Path("/etc/meterchain/secrets")),
+        ("STATE_DIRECTORY", state, Path(f"/var/lib/meterchain-{service}")),
+    )
+    for name, given, default in defaults:
+        if name in os.environ:
+            continue
+        if given is not None:
+            os.environ[name] = str(given)
+        elif default.is_dir():
+            os.environ[name] = str(default)

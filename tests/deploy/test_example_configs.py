@@ -137,6 +137,24 @@ def test_the_agent_example_passes_check_config(install: Install) -> None:
     assert proc.stdout.strip() == f"{config}: OK (2 Modbus meter(s), 3 registered meter(s))"
 
 
+def test_check_config_works_outside_systemd_given_the_units_folders(install: Install) -> None:
+    """No $CREDENTIALS_DIRECTORY, no $STATE_DIRECTORY (a shell, not the unit): the folders the
+    unit would hand the service are named on the command line instead."""
+    text, _ = _install_agent(install)
+    config = _installed(AGENT_EXAMPLE, install, text)
+    env = {k: v for k, v in install.env.items()
+           if k not in ("CREDENTIALS_DIRECTORY", "STATE_DIRECTORY")}  # fmt: skip
+    command = [sys.executable, "-m", "meterchain.cli", "agent", "check-config", "--config",
+               str(config)]  # fmt: skip
+    proc = subprocess.run(
+        [*command, "--credentials", str(install.credentials), "--state-dir", str(install.state)],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "$CREDENTIALS_DIRECTORY, which is not set" in proc.stderr
+
+
 def test_the_agent_example_refuses_a_membership_the_regulator_did_not_sign(
     install: Install,
 ) -> None:
