@@ -10,15 +10,22 @@ from typing import Any
 import pytest
 
 from edge_agent.consensus.contracts import ClearingContract, DoubleAuction, Tally
-from edge_agent.consensus.messages import Decoder, Request, RoundId, seal, statement
+from edge_agent.consensus.messages import (
+    Decoder,
+    Request,
+    RoundId,
+    blame_statement,
+    seal,
+    statement,
+)
 from edge_agent.consensus.node import Broadcast, Commit, Node, Persist
 from edge_agent.consensus.signing import Keyring, p256_identities, public_keys
 from edge_agent.consensus.sim import membership_for
 from edge_agent.consensus.store import RoundLog
-from edge_agent.consensus.transport import MqttSettings, NodeRunner, open_store
+from edge_agent.consensus.transport import MqttLink, MqttSettings, NodeRunner, open_store
 from meterchain import codec
 from meterchain.market.reference import reference_market, reference_request
-from meterchain.mqtt_auth import node_acl
+from meterchain.mqtt_auth import consensus_topic, node_acl
 
 SIGNERS = p256_identities(["s1", "s2", "b1", "b2", "x"], seed=5)
 R = RoundId(3, "clear")
@@ -184,3 +191,74 @@ def test_runner_makes_records_durable_before_publishing(tmp_path: Path) -> None:
         ]
     )
     assert events == ["commit", "fsync 2", "publish mc/m1/c/a/final", "publish mc/m1/c/a/vote"]
+
+
+@pytest.mark.slow
+def test_finding2_a_member_flooding_syncs_through_the_broker_cannot_stall_the_next_round(
+    tmp_path: Path, mosquitto_factory
+) -> None:
+    """Finding 2 through a real Mosquitto: member f3 publishes 12n+1 copies of its signed
+    `sync` for round 1, and more distinct messages for it than the hold quota, before the
+    others open it. Held messages are de-duplicated and bounded per sender, so nobody treats
+    round 1 as recovering: the two correct members commit it in view 0 (n = 3, f = 1)."""
+    ids = ["f1", "f2", "f3"]
+    users = {i: f"pw-{i}" for i in ids}
+    broker = mosquitto_factory(users=users, acl="".join(node_acl("m1", i) for i in ids))
+    signers = p256_identities(ids, seed=23)
+    membership = membership_for("m1", public_keys(signers))
+    commits: dict[tuple[str, int], Commit] = {}
+    done = threading.Condition()
+
+    def settings(i: str) -> MqttSettings:
+        return MqttSettings(
+            broker.host, broker.port, i, users[i], str(broker.ca_file), client_id=f"fl-{i}"
+        )
+
+    def on_commit(c: Commit, me: str) -> None:
+        with done:
+            commits[(me, c.round.seq)] = c
+            done.notify_all()
+
+    runners = []
+    for i in ids[:2]:
+        store, records = open_store(tmp_path / i)
+        node = Node(
+            signers[i], Keyring(membership), {"settle": Tally()}, delta_ms=100, records=records
+        )
+        runners.append(
+            NodeRunner(node, store, settings(i), on_commit=lambda c, me=i: on_commit(c, me))
+        )
+    flooder = MqttLink(settings("f3"), [], lambda topic, payload: None)
+    try:
+        for r in runners:
+            r.start()
+        flooder.start()
+        assert flooder.connected.wait(10)
+        time.sleep(0.3)
+        for k, r in enumerate(runners):
+            r.open_round(RoundId(0, "settle"), body=k)
+        ahead = RoundId(1, "settle")
+        stmt = statement("sync", "m1", ahead, 0, b"")
+        copy = seal("f3", signers["f3"].sign(stmt), stmt)
+        for _ in range(12 * 3 + 1):
+            flooder.publish(consensus_topic("m1", "f3", "sync"), copy)
+        for view in range(20):
+            blame = blame_statement("m1", ahead, view, membership.node_ids[(1 + view) % 3])
+            flooder.publish(consensus_topic("m1", "f3", "blame"),
+                            seal("f3", signers["f3"].sign(blame), blame, []))  # fmt: skip
+        with done:
+            assert done.wait_for(lambda: all((i, 0) in commits for i in ids[:2]), 15), commits
+        time.sleep(0.5)  # the flood has been delivered and held
+        for k, r in enumerate(runners):
+            r.open_round(ahead, body=10 + k)
+        with done:
+            assert done.wait_for(lambda: all((i, 1) in commits for i in ids[:2]), 15), commits
+        assert {commits[(i, 1)].view for i in ids[:2]} == {0}
+        for r in runners:
+            assert not r.node.overflowed and not r.errors
+            assert r.node.stats["held_duplicate"] + r.node.stats["held_sync_ignored"] >= 12 * 3
+            assert r.node.stats["held_dropped"] >= 20 - 16
+    finally:
+        flooder.close()
+        for r in runners:
+            r.stop()
