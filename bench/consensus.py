@@ -24,16 +24,20 @@ n = 7 p50 40 ms (p99 49), 21 publishes, crash recovery 51 ms against a 60 ms
 target; under a load of 3-4 from other jobs delays exceed 10 ms and some
 rounds need a change of primary (p50 up to about 80 ms).
 
-Anchor, same run: the normal case of PBFT (pre-prepare, all-to-all prepare,
-all-to-all commit; `edge_agent.consensus.sim.PbftNode`) in the deterministic
-simulator with the same requests, counted point to point as PBFT is usually
-counted (`pbft_messages_per_round`), next to SDBFT's own consensus messages
-counted the same way in the same simulator (`sdbft_p2p_messages_per_round`).
-O(n) is the fault-free figure for publishes on a broker: the safety
-amendment makes every vote reach every node, so point to point SDBFT is
-O(n^2) like PBFT (one all-to-all phase plus finality attestations instead of
-two all-to-all phases); a change of primary adds O(n) publishes
-(blames, certificate forwards, statuses).
+Anchor, same run, like with like: the normal case of PBFT (pre-prepare,
+all-to-all prepare, all-to-all commit; `edge_agent.consensus.sim.PbftNode`,
+its decision counted as its commit) run by the same worker processes through
+the same `NodeRunner`, broker, TLS, keys and requests, under `pbft_same_broker`:
+publishes, deliveries, bytes published and bytes delivered per fault-free
+round, measured the same way as SDBFT's (`bytes_*` count whole MQTT payloads:
+SDBFT's votes carry the proposal they vote for, so its bytes grow with the
+value). `deliveries_ratio_to_pbft` and `bytes_delivered_ratio_to_pbft` compare
+the two. Both protocols send 2n consensus publishes per fault-free round
+besides the n requests (a proposal, n-1 votes or prepares, n finals or
+commits), so deliveries are equal: O(n) is the fault-free figure for
+publishes on a broker, and point to point both are O(n^2).
+`sdbft_sim_p2p_per_round`/`pbft_sim_p2p_per_round` repeat the count in the
+deterministic simulator (consensus messages only, no requests).
 
 Change of primary: one extra round per n with the view-0 primary killed (-9);
 `primary_crash_recovery_ms` is the time from the backups' view-0 deadline
@@ -55,6 +59,13 @@ N_FULL = (3, 7, 15, 31)
 N_QUICK = (3, 7)
 DELTA_MS = {3: 10, 7: 10, 15: 300, 31: 1500}
 TARGET_P50_MS = {7: 50.0}
+# transport counters summed over the nodes -> per-round figure names
+FIGURES = {
+    "publishes": "messages_per_round",
+    "deliveries": "deliveries_per_round",
+    "publish_bytes": "bytes_published_per_round",
+    "delivery_bytes": "bytes_delivered_per_round",
+}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -71,10 +82,10 @@ def _worker(argv: list[str]) -> int:
     from edge_agent.consensus.messages import Decoder, RoundId
     from edge_agent.consensus.node import Node
     from edge_agent.consensus.signing import Keyring, p256_identities, public_keys
-    from edge_agent.consensus.sim import membership_for
+    from edge_agent.consensus.sim import PbftNode, membership_for
     from edge_agent.consensus.transport import MqttSettings, NodeRunner, open_store
 
-    market, n_text, index_text, delta_text, host, port, ca_file, state_dir = argv
+    protocol, market, n_text, index_text, delta_text, host, port, ca_file, state_dir = argv
     n, index, delta = int(n_text), int(index_text), int(delta_text)
     ids = [f"{market}-n{i}" for i in range(n)]
     node_id = ids[index]
@@ -88,17 +99,25 @@ def _worker(argv: list[str]) -> int:
             sys.stdout.flush()
 
     store, records = open_store(state_dir)
-    node = Node(
+    node: Any = Node(
         signers[node_id], Keyring(membership), {"settle": Tally()},
         delta_ms=delta, decoder=Decoder(), records=records,
     )  # fmt: skip
+    if protocol == "pbft":  # the anchor on the same broker: its decision is its commit
+        node = PbftNode(signers[node_id], Keyring(membership), delta)
     settings = MqttSettings(
         host, int(port), node_id, f"pw-{node_id}", ca_file, client_id=f"bench-{node_id}"
     )
+
+    def on_final(f: Any) -> None:
+        if protocol == "pbft":
+            emit(ev="commit", seq=f.round.seq, view=0, t=time.monotonic())
+        emit(ev="final", seq=f.round.seq, t=time.monotonic())
+
     runner = NodeRunner(
         node, store, settings,
         on_commit=lambda c: emit(ev="commit", seq=c.round.seq, view=c.view, t=time.monotonic()),
-        on_final=lambda f: emit(ev="final", seq=f.round.seq, t=time.monotonic()),
+        on_final=on_final,
     )  # fmt: skip
     runner.start()
     emit(ev="ready")
@@ -120,7 +139,9 @@ class _Cluster:
     """n node processes of one market on one broker (each agent is its own process, as on
     n machines; the machine's cores are still shared by all of them)."""
 
-    def __init__(self, broker: Any, market: str, n: int, delta: int, workdir: Path) -> None:
+    def __init__(
+        self, broker: Any, market: str, n: int, delta: int, workdir: Path, protocol: str = "sdbft"
+    ) -> None:
         import json
         import queue
         import subprocess
@@ -136,8 +157,8 @@ class _Cluster:
         self.procs = []
         for i in range(n):
             argv = [
-                sys.executable, "-m", "bench.consensus", "--worker", market, str(n), str(i),
-                str(delta), broker.host, str(broker.port), str(broker.ca_file),
+                sys.executable, "-m", "bench.consensus", "--worker", protocol, market, str(n),
+                str(i), str(delta), broker.host, str(broker.port), str(broker.ca_file),
                 str(workdir / f"{market}-n{i}"),
             ]  # fmt: skip
             proc = subprocess.Popen(
@@ -255,36 +276,44 @@ def _simulated_counts(n: int) -> dict[str, float]:
     return out
 
 
+def _fault_free(cluster: _Cluster, rounds: int, delta: int) -> dict[str, Any]:
+    """Run rounds 1..rounds; latencies and per-round transport figures of fault-free rounds."""
+    cluster.run_round(0)  # warm-up: connections, caches, first fsyncs
+    latencies = []
+    clean: list[dict[str, int]] = []  # transport counter deltas of fault-free rounds
+    view_changes = 0
+    before = cluster.totals()
+    for seq in range(1, rounds + 1):
+        start, done = cluster.run_round(seq)
+        latencies.append((done - start) * 1000)
+        time.sleep(3 * delta / 1000)  # let late attestations land before the next round
+        after = cluster.totals()
+        view_changes += any(v > 0 for v in cluster.views.get(seq, ()))
+        objections = sum(
+            after.get(k, 0) - before.get(k, 0) for k in ("publish_blame", "publish_cert")
+        )
+        if objections == 0:  # the fault-free path
+            clean.append({k: after.get(k, 0) - before.get(k, 0) for k in FIGURES})
+        before = after
+
+    def mean(key: str) -> float:
+        return round(statistics.mean(c[key] for c in clean), 1) if clean else float("nan")
+
+    return {
+        "latencies": latencies,
+        "fault_free_rounds": len(clean),
+        "view_changes": view_changes,
+        **{name: mean(key) for key, name in FIGURES.items()},
+    }
+
+
 def _measure(broker: Any, n: int, rounds: int, workdir: Path) -> dict[str, Any]:
     from edge_agent.consensus.node import liveness_bound_ms
 
     delta = DELTA_MS[n]
     cluster = _Cluster(broker, f"b{n}", n, delta, workdir / f"n{n}")
     try:
-        cluster.run_round(0)  # warm-up: connections, caches, first fsyncs
-        latencies = []
-        clean: list[tuple[int, int]] = []  # (publishes, deliveries) of fault-free rounds
-        view_changes = 0
-        before = cluster.totals()
-        for seq in range(1, rounds + 1):
-            start, done = cluster.run_round(seq)
-            latencies.append((done - start) * 1000)
-            time.sleep(3 * delta / 1000)  # let late attestations land before the next round
-            after = cluster.totals()
-            view_changes += any(v > 0 for v in cluster.views.get(seq, ()))
-            objections = sum(
-                after.get(k, 0) - before.get(k, 0) for k in ("publish_blame", "publish_cert")
-            )
-            if objections == 0:  # the fault-free path
-                clean.append(
-                    (
-                        after["publishes"] - before["publishes"],
-                        after["deliveries"] - before["deliveries"],
-                    )
-                )
-            before = after
-        publishes = statistics.mean(c[0] for c in clean) if clean else float("nan")
-        deliveries = statistics.mean(c[1] for c in clean) if clean else float("nan")
+        ours = _fault_free(cluster, rounds, delta)
         # change of primary: kill -9 the view-0 primary of the next round, then run it
         seq = rounds + 1
         cluster.crash(seq % n)
@@ -294,29 +323,38 @@ def _measure(broker: Any, n: int, rounds: int, workdir: Path) -> dict[str, Any]:
         crash_views = sorted(cluster.views.get(seq, set()))
     finally:
         cluster.close()
+    # the anchor on the same broker, same requests, same signatures, same transport
+    anchor_cluster = _Cluster(broker, f"p{n}", n, delta, workdir / f"p{n}", protocol="pbft")
+    try:
+        anchor = _fault_free(anchor_cluster, rounds, delta)
+    finally:
+        anchor_cluster.close()
     counts = _simulated_counts(n)
+    latencies = ours.pop("latencies")
     p50 = statistics.median(latencies)
     p99 = statistics.quantiles(latencies, n=100)[98] if len(latencies) >= 2 else latencies[0]
+    anchor_p50 = statistics.median(anchor.pop("latencies"))
+    publishes = ours["messages_per_round"]
     result = {
         "nodes": n,
         "delta_ms": delta,
         "rounds": rounds,
-        "messages_per_round": round(publishes, 2),
-        "fault_free_rounds": len(clean),
+        **ours,
         "messages_limit_3n": 3 * n,
-        "deliveries_per_round": round(deliveries, 1),
         "p50_ms": round(p50, 2),
         "p99_ms": round(p99, 2),
-        "view_changes": view_changes,
         "liveness_bound_ms": liveness_bound_ms(delta, 0),
-        "pbft_messages_per_round": counts["pbft_p2p"],
-        "sdbft_p2p_messages_per_round": counts["sdbft_p2p"],
-        "p2p_ratio_sdbft_to_pbft": round(counts["sdbft_p2p"] / counts["pbft_p2p"], 3),
-        "pbft_publishes_per_round": counts["pbft_publishes"],
+        "pbft_same_broker": {**anchor, "p50_ms": round(anchor_p50, 2)},
+        "deliveries_ratio_to_pbft": round(ours["deliveries_per_round"]
+                                          / anchor["deliveries_per_round"], 3),
+        "bytes_delivered_ratio_to_pbft": round(ours["bytes_delivered_per_round"]
+                                               / anchor["bytes_delivered_per_round"], 3),
+        "pbft_sim_p2p_per_round": counts["pbft_p2p"],
+        "sdbft_sim_p2p_per_round": counts["sdbft_p2p"],
         "primary_crash_recovery_ms": round(recovery_ms, 2),
         "primary_crash_target_ms": round(2 * delta + p50, 2),
         "primary_crash_views": crash_views,
-    }
+    }  # fmt: skip
     if n in TARGET_P50_MS:
         result["p50_target_ms"] = TARGET_P50_MS[n]
     result["meets_targets"] = bool(
@@ -338,9 +376,10 @@ def run(quick: bool) -> dict[str, Any]:
         users, acl = {}, ""
         for n in sizes:
             for i in range(n):
-                node_id = f"b{n}-n{i}"
-                users[node_id] = f"pw-{node_id}"
-                acl += node_acl(f"b{n}", node_id)
+                for prefix in ("b", "p"):  # SDBFT's market and the PBFT anchor's
+                    node_id = f"{prefix}{n}-n{i}"
+                    users[node_id] = f"pw-{node_id}"
+                    acl += node_acl(f"{prefix}{n}", node_id)
         with MosquittoBroker(workdir / "broker", users=users, acl=acl) as broker:
             results = [_measure(broker, n, rounds[n], workdir) for n in sizes]
     return {

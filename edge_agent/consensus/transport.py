@@ -237,6 +237,7 @@ class NodeRunner:
         if sender == self.node.node_id:
             return  # our own publish echoed back
         self.counts["deliveries"] += 1
+        self.counts["delivery_bytes"] += len(payload)
         self.peers_seen[sender] = time.time()  # for the agent's /status
         self._events.put(("msg", (payload, sender)))
 
@@ -283,6 +284,7 @@ class NodeRunner:
                 topic = consensus_topic(self.market, self.node.node_id, action.kind)
                 self.link.publish(topic, action.data)
                 self.counts["publishes"] += 1
+                self.counts["publish_bytes"] += len(action.data)
                 self.counts["publish_" + action.kind] += 1
                 if self.on_publish is not None:
                     self.on_publish(action.kind, action.data)
