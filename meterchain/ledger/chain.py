@@ -12,12 +12,16 @@ against the meters registered on the ledger), and re-executed settlement.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
+import os
 import time as _time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
-from meterchain import codec
-from meterchain.errors import CodecError, MeterChainError
+from meterchain import codec, reading
+from meterchain.errors import CodecError, MeterChainError, RejectedReading
 from meterchain.keys import PublicKey
 from meterchain.ledger.block import GENESIS_PREV, BlockError, Header, block_statement
 from meterchain.ledger.merkle import leaf_hash, root_of_hashes
@@ -26,6 +30,79 @@ from meterchain.ledger.state import LedgerState, TxContext
 from meterchain.ledger.store import LedgerStore, StoredBlock
 from meterchain.ledger.transactions import Tx, TxError
 from meterchain.quorum import QuorumCertificate, QuorumError
+from meterchain.registry import Registry, make_meter
+
+# Ledgers with at least this many readings check reading signatures in worker processes,
+# one per core, while the main process replays the ledger rules; smaller ones inline.
+PARALLEL_FROM_READINGS = 20_000
+_CHUNK = 2_000  # readings per worker task
+
+# (position, meter id, seq, COSE bytes) of one reading.
+SignedRow = tuple[int, str, int, bytes]
+MeterKeys = dict[str, tuple[bytes, str, str]]  # meter id -> (point, owner, source)
+
+
+def check_reading_signatures(rows: Sequence[SignedRow], keys: MeterKeys) -> str | None:
+    """Verify each reading against its meter's key; the first failure as a message, or None.
+
+    Runs in a worker process: everything it needs travels as plain bytes and strings.
+    """
+    registry = Registry(make_meter(m, *key) for m, key in keys.items())
+    for pos, meter_id, seq, cose in rows:
+        try:
+            reading.verify(cose, registry)
+        except RejectedReading as exc:
+            return f"reading {pos} ({meter_id}:{seq}): {exc}"
+    return None
+
+
+class _SignaturePool:
+    """Reading signature checks fanned out to worker processes, failures named by block.
+
+    If the pool breaks (a worker killed, no way to start one), the chunks it holds
+    are checked here instead: a broken pool costs speed, never a check.
+    """
+
+    def __init__(self, workers: int) -> None:
+        # spawn, not fork: the parent holds database connections and OpenSSL state.
+        context = multiprocessing.get_context("spawn")
+        self.executor = ProcessPoolExecutor(workers, mp_context=context)
+        self.pending: list[tuple[int, str, list[SignedRow], MeterKeys, Future[str | None]]] = []
+
+    def submit(self, height: int, label: str, rows: Sequence[tuple], state: LedgerState) -> int:
+        """Queue one reading batch's signatures; returns how many will be checked."""
+        signed: list[SignedRow] = [(pos, row[1], row[2], row[6]) for pos, row in rows]
+        for start in range(0, len(signed), _CHUNK):
+            chunk = signed[start : start + _CHUNK]
+            keys: MeterKeys = {}
+            for _, meter_id, _, _ in chunk:
+                meter = state.meters.get(meter_id)
+                if meter is not None and meter_id not in keys:
+                    keys[meter_id] = (meter.key.point, meter.owner, meter.source)
+            try:
+                future = self.executor.submit(check_reading_signatures, chunk, keys)
+            except (BrokenProcessPool, RuntimeError):
+                future = Future()
+                future.set_result(check_reading_signatures(chunk, keys))
+            self.pending.append((height, label, chunk, keys, future))
+        return len(signed)
+
+    def first_failure(self, below: int | None = None) -> ChainError | None:
+        """The lowest-height failure among checks of blocks below `below` (all if None)."""
+        worst: ChainError | None = None
+        for height, label, chunk, keys, future in self.pending:
+            if below is not None and height >= below:
+                continue
+            try:
+                problem = future.result()
+            except BrokenProcessPool:
+                problem = check_reading_signatures(chunk, keys)
+            if problem is not None and (worst is None or height < worst.height):
+                worst = ChainError(height, f"{label}: {problem}")
+        return worst
+
+    def close(self) -> None:
+        self.executor.shutdown(cancel_futures=True)
 
 
 class ChainError(MeterChainError):
@@ -128,13 +205,46 @@ def verify_store(
     signatures: bool = True,
     regulator: PublicKey | None = None,
     progress: Callable[[int], None] | None = None,
+    workers: int | None = None,
 ) -> tuple[LedgerState | None, VerifyReport]:
     """Replay every stored block; raise ChainError naming the first bad one.
 
     `regulator`, when given, pins the trust anchor: the genesis must name this key.
+    With `signatures`, a ledger of PARALLEL_FROM_READINGS readings or more has its
+    reading signatures checked by `workers` processes (default: one per core) while
+    the rules are replayed here; `workers=1` checks them inline.
     Returns the final state and counts of what was checked.
     """
+    if workers is None:
+        workers = os.cpu_count() or 1
+        if store.reading_count() < PARALLEL_FROM_READINGS:
+            workers = 1
     started = _time.perf_counter()
+    pool = _SignaturePool(workers) if signatures and workers > 1 else None
+    try:
+        try:
+            state, report = _replay(store, signatures, regulator, progress, pool)
+        except ChainError as exc:
+            # A bad signature in an earlier block is the first bad block.
+            earlier = pool.first_failure(below=exc.height) if pool is not None else None
+            raise (earlier or exc) from None
+        failure = pool.first_failure() if pool is not None else None
+        if failure is not None:
+            raise failure
+    finally:
+        if pool is not None:
+            pool.close()
+    report.seconds = _time.perf_counter() - started
+    return state, report
+
+
+def _replay(
+    store: LedgerStore,
+    signatures: bool,
+    regulator: PublicKey | None,
+    progress: Callable[[int], None] | None,
+    pool: _SignaturePool | None,
+) -> tuple[LedgerState | None, VerifyReport]:
     report = VerifyReport()
     mistyped = store.mistyped_rows()
     if mistyped:
@@ -172,11 +282,14 @@ def verify_store(
         for idx in range(first, len(txs)):
             tx = txs[idx]
             rows = store.batch_rows(height, idx) if tx.kind == "readings" else ()
-            ctx = TxContext(height, idx, header.time, rows, signatures, source)
+            inline = signatures and pool is None
+            ctx = TxContext(height, idx, header.time, rows, inline, source)
             try:
                 report.signatures_checked += state.apply(tx, ctx)
             except TxError as exc:
                 raise ChainError(height, f"{tx_label(idx, tx)}: {exc}") from exc
+            if pool is not None and rows:
+                report.signatures_checked += pool.submit(height, tx_label(idx, tx), rows, state)
             report.readings += len(rows)
             report.kinds[tx.kind] = report.kinds.get(tx.kind, 0) + 1
         if first:
@@ -203,7 +316,6 @@ def verify_store(
         raise ChainError(height, f"reading at tx {idx} position {pos} is not in a reading batch")
     report.head = prev_hash if state is not None else b""
     report.height = expected - 1
-    report.seconds = _time.perf_counter() - started
     return state, report
 
 

@@ -196,12 +196,32 @@ def test_a_forged_reading_signature_is_named_even_in_a_certified_block(tmp_path:
         hashlib.sha256(bytes(cose)).digest(), "pv1", 2, good[1].time, 0, 20, bytes(cose)
     )
     chain.commit_readings([good[0], bad, good[2]], T0 + 3600, signatures=False)
-    with pytest.raises(
-        ChainError, match=r"block 2: reading batch 0 \(hour \d+\): reading 1 \(pv1:2\): ES256"
-    ):
-        verify_store(chain.store)
+    for workers in (1, 2):  # inline, and in worker processes while the rules replay
+        with pytest.raises(
+            ChainError, match=r"block 2: reading batch 0 \(hour \d+\): reading 1 \(pv1:2\): ES256"
+        ):
+            verify_store(chain.store, workers=workers)
     verify_store(chain.store, signatures=False)  # hashes alone cannot see it
+    # a later block that breaks a rule does not hide the earlier bad signature
+    chain.store._begin()
+    chain.store._execute("UPDATE blocks SET qc = x'00' WHERE height = 0")
+    with pytest.raises(ChainError, match="block 0: quorum certificate"):
+        verify_store(chain.store, workers=2)
+    chain.store._rollback()
+    chain.commit([sb.meter("pv2", "mg1", "pv", T0 + 3700)], T0 + 3700)
+    chain.store._begin()
+    chain.store._execute("UPDATE blocks SET qc = x'00' WHERE height = 3")
+    with pytest.raises(ChainError, match=r"block 2: .*reading 1 \(pv1:2\): ES256"):
+        verify_store(chain.store, workers=2)
+    chain.store._rollback()
     chain.store.close()
+
+
+def test_signatures_checked_in_worker_processes_agree_with_inline(world: World) -> None:
+    _, inline = verify_store(world.store, workers=1)
+    _, parallel = verify_store(world.store, workers=2)
+    assert parallel.signatures_checked == inline.signatures_checked == 48
+    assert (parallel.head, parallel.height) == (inline.head, inline.height)
 
 
 def test_cli_verify_exit_codes(world: World, capsys: pytest.CaptureFixture[str]) -> None:
