@@ -861,8 +861,14 @@ def _costs_e12(
     mgs = request.microgrids
     if not plans:
         return []
-    biggest = max((abs(v) for p in plans for name in MicrogridPlan.SERIES[:-1]
-                   for v in getattr(p, name)), default=0)  # fmt: skip
+    try:
+        flows = np.array(
+            [[p.gas_w, p.charge_w, p.discharge_w, p.grid_w, p.sell_w, p.buy_w] for p in plans],
+            dtype=np.int64,
+        )
+    except OverflowError:
+        return _window_costs_exact(request, plans, first)
+    biggest = max(int(flows.max()), -int(flows.min()))
     scale = biggest + max(max(m.renewable_w) + max(m.green_demand_w) for m in mgs)
     periods = request.periods
     dearest = max(max(m.retail_price_per_kwh) for m in mgs)
@@ -872,10 +878,7 @@ def _costs_e12(
         or scale * dearest * periods >= 2**62
     ):
         return _window_costs_exact(request, plans, first)
-    flows = np.array(
-        [[p.gas_w, p.charge_w, p.discharge_w, p.grid_w, p.sell_w, p.buy_w] for p in plans],
-        dtype=np.int64,
-    )[:, :, first:]
+    flows = flows[:, :, first:]
     gas, charge, discharge, grid, sell, buy = (flows[:, k, :] for k in range(6))
     sq_wear = (charge * charge + discharge * discharge + sell * sell + buy * buy).sum(axis=1)
     sq_gas = (gas * gas).sum(axis=1)
