@@ -273,3 +273,22 @@ def test_spool_frees_only_on_the_agents_ack_and_the_will_says_offline(
         "the will",
     )
     assert cbor2.loads(states[0]) == {1: "meter-a", 2: "online"}
+
+
+def test_rotated_broker_ca_is_a_link_failure_and_sampling_goes_on(
+    broker: MosquittoBroker, mosquitto_factory, make_board_dir
+) -> None:
+    folder = _board_folder(make_board_dir, broker, "a", "meter-a", "meter-a")
+    # The broker's certificate now chains to a CA the board does not trust (a rotation).
+    other = mosquitto_factory(users=USERS)
+    (folder / "ca.pem").write_bytes(other.ca_file.read_bytes())
+    board = RunningBoard(folder)
+    try:
+        app = board.app
+        _wait(lambda: app.readings >= 6, 30, "readings while TLS is refused")
+        assert app.uplink.connects == 0 and len(app.spool) >= 6
+        assert "ValueError" in app.uplink.last_error
+        assert "not correctly signed by the trusted CA" in app.uplink.last_error
+    finally:
+        board.halt()
+    assert board.status == [3], "stopped by us, never crashed or reset"
