@@ -107,6 +107,10 @@ class Activity:
         _uint(self.to_hour, "to_hour")
         if self.to_hour <= self.from_hour:
             raise MonitoringError(f"window [{self.from_hour}, {self.to_hour}) is empty")
+        for rows, cls in ((self.trades, TradeRow), (self.capacity, CapacityRow),
+                          (self.payments, PaymentRow)):  # fmt: skip
+            if not isinstance(rows, tuple) or not all(isinstance(r, cls) for r in rows):
+                raise MonitoringError(f"activity rows must be a tuple of {cls.__name__} records")
         for t in self.trades:
             _name(t.seller, "trade seller")
             _name(t.buyer, "trade buyer")

@@ -122,6 +122,8 @@ def test_a_node_re_runs_a_recorded_report() -> None:
         ({"payments": (mon.PaymentRow(1, "", 1, 1),)}, "non-empty id"),
         ({"capacity": (mon.CapacityRow(1, "a", 1.5, 1),)}, "spare_wh"),
         ({"related": (("a", "a"),)}, "two different ids"),
+        ({"trades": ("a->b 5 Wh",)}, "tuple of TradeRow records"),
+        ({"capacity": [mon.CapacityRow(1, "a", 1, 1)]}, "tuple of CapacityRow records"),
     ],
 )
 def test_bad_activity_is_refused(kw: dict, match: str) -> None:
