@@ -32,7 +32,9 @@ next reading is accepted.
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +71,7 @@ class Guard(Protocol):
 
 
 _COSE_TAGS = frozenset({codec.COSE_SIGN1_TAG})
+VERIFIED_CACHE = 50_000  # recent verified readings (~30 MB) whose resends skip the check
 # Refusals that may not hold later: the registry can gain the meter, the clock can catch up.
 NOT_FINAL = frozenset({"unknown_meter", "clock_skew"})
 
@@ -182,6 +185,8 @@ class Ingest:
         self.acknowledge = acknowledge
         self.watermarks = Watermarks(self._stored_watermark, gap_hold_s=gap_hold_s, clock=monotonic)
         self.on_watermarks = on_watermarks or (lambda watermarks: None)
+        self._verified: dict[bytes, Reading] = {}  # SHA-256 of the bytes -> verified reading
+        self._verified_lock = threading.Lock()
 
     def _stored_watermark(self, meter_id: str) -> int | None:
         """The committed watermark; for a meter accepted before acknowledgements, its last seq."""
@@ -197,18 +202,31 @@ class Ingest:
     def check(self, payload: bytes, now: int | None = None) -> Reading | Result:
         """Decode and verify one reading: the Reading, or the rejection Result.
 
-        Pure and thread-safe: the MQTT thread runs it on each message as it
-        arrives, so signature checks overlap the writer's disk syncs.
+        Thread-safe: the MQTT link runs it on its verify threads as messages
+        arrive, so signature checks overlap the writer's disk syncs. Bytes
+        identical to a reading verified recently are not verified again (a
+        board's resends after a rewind, MQTT redeliveries): same bytes, same
+        signature, and time has only moved on since.
         """
+        payload = bytes(payload)
+        digest = hashlib.sha256(payload).digest()
+        known = self._verified.get(digest)
+        if known is not None:
+            return known
         try:
-            return verify(
+            reading = verify(
                 payload,
                 self.registry,
                 now=int(self.clock()) if now is None else now,
                 max_clock_ahead_s=self.max_clock_ahead_s,
             )
         except RejectedReading as exc:
-            return Result(Outcome.REJECTED, None, exc.reason, str(exc), payload=bytes(payload))
+            return Result(Outcome.REJECTED, None, exc.reason, str(exc), payload=payload)
+        with self._verified_lock:
+            if len(self._verified) >= VERIFIED_CACHE:
+                del self._verified[next(iter(self._verified))]  # the oldest
+            self._verified[digest] = reading
+        return reading
 
     def process_batch(
         self,

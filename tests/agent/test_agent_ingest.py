@@ -394,3 +394,24 @@ def test_per_meter_metric_series_stay_bounded() -> None:
     assert 'meterchain_agent_readings_accepted_total{meter="_other"} 9900.0' in text
     assert "meterchain_agent_oldest_reading_age_seconds 3600.0" in text
     assert len(text) < 50_000
+
+
+def test_a_resent_reading_is_not_verified_again_but_a_changed_one_is(acked, board, monkeypatch):
+    import edge_agent.ingest as ingest_module
+
+    ingest, _, _, _ = acked
+    calls = []
+    real_verify = ingest_module.verify
+    def counting_verify(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real_verify(*args, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "verify", counting_verify)
+    reading = board.reading(T0, 5)
+    assert _send(ingest, board, reading) == [Outcome.ACCEPTED]
+    assert _send(ingest, board, reading, reading) == [Outcome.DUPLICATE] * 2
+    assert len(calls) == 1
+    forged = bytearray(reading)
+    forged[-1] ^= 1
+    assert _send(ingest, board, bytes(forged)) == [Outcome.REJECTED]
+    assert len(calls) == 2
