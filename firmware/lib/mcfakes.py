@@ -56,6 +56,8 @@ PORT_ERROR_EXAMPLES = (
     ("uart", ValueError("invalid pin")),
     ("spi", ValueError("SPI(2) doesn't exist")),
     ("flash_write", OSError(28)),  # ENOSPC
+    ("ntp", OSError(116)),
+    ("ntp", ValueError("buffer too small")),  # struct.unpack of a short answer
 )
 
 

@@ -349,6 +349,7 @@ def test_port_error_table_covers_every_example() -> None:
     for call in ("getaddrinfo", "connect", "tls_handshake"):
         assert set(porterrors.RAISES[call]) <= set(porterrors.CONNECT_ERRORS)
     assert set(porterrors.RAISES["link_io"]) <= set(porterrors.LINK_ERRORS)
+    assert set(porterrors.RAISES["ntp"]) == set(porterrors.NTP_ERRORS)
     assert {c for c, _ in mcfakes.PORT_ERROR_EXAMPLES} == set(porterrors.RAISES)
 
 

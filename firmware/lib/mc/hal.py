@@ -22,6 +22,7 @@ import ntptime
 
 from .errors import ConfigError
 from .flash import Flash
+from .porterrors import NTP_ERRORS
 
 # ESP32 ports before MicroPython 1.22-ish count from 2000-01-01; readings need Unix time.
 _EPOCH_OFFSET = 946684800 if time.gmtime(0)[0] == 2000 else 0
@@ -147,7 +148,7 @@ class Board:
         try:
             ntptime.settime()
             return True
-        except (OSError, OverflowError):
+        except NTP_ERRORS:
             return False
 
     # -- misc ------------------------------------------------------------------

@@ -40,12 +40,17 @@ RAISES = {
     "uart": (ValueError,),
     "spi": (ValueError,),
     "flash_write": (OSError,),
+    # ntptime.settime(): DNS / socket timeout (OSError), a short or odd answer
+    # (struct: ValueError), an RTC value out of range (OverflowError).
+    "ntp": (OSError, ValueError, OverflowError, MemoryError),
 }
 
 # Everything Board.connect (DNS + TCP + TLS) can raise: one failed link attempt.
 CONNECT_ERRORS = (OSError, ValueError, MemoryError)
 # Everything a read or write on an open link can raise: the link is gone.
 LINK_ERRORS = (OSError, MemoryError)
+# One NTP query.
+NTP_ERRORS = (OSError, ValueError, OverflowError, MemoryError)
 # Opening a peripheral on a pin or bus the chip does not have.
 PERIPHERAL_ERRORS = (ValueError, OSError)
 
