@@ -106,14 +106,16 @@ class ConsensusClearing:
         *,
         timeout_s: float,
         on_primary_change: Callable[[], None] | None = None,
+        contracts: dict[str, ClearingContract] | None = None,
     ) -> None:
+        """`contracts`: send each final clearing to the aggregator (None: do not)."""
         self.runner = runner
         self.node_id = node_id
         self.timeout_s = timeout_s
         self.on_primary_change = on_primary_change or (lambda: None)
         self._waiting: dict[RoundId, asyncio.Future[Commit]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.contracts: dict[str, ClearingContract] = {}
+        self.contracts = contracts or {}
         runner.on_commit = self._committed
         runner.on_publish = self._published
         runner.on_final = self._final
@@ -126,6 +128,8 @@ class ConsensusClearing:
 
     def _final(self, final: Final) -> None:
         """From the consensus driver thread: send the certified clearing to the aggregator."""
+        if not self.contracts:
+            return  # no aggregator configured (consensus.aggregator = "")
         try:
             tx = clearing_tx(final, self.contracts)
         except MarketError as exc:
@@ -235,8 +239,8 @@ def start_consensus(
         # The result must be in before the hour it executes starts (real seconds).
         timeout_s=cfg.clock.wall_seconds(cfg.consensus.bid_lead_s),
         on_primary_change=on_primary_change,
+        contracts=contracts if cfg.consensus.aggregator else None,
     )
-    clearing.contracts = contracts if cfg.consensus.aggregator else {}
     try:
         runner.start()
     except TimeoutError:

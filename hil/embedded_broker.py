@@ -1,7 +1,7 @@
-"""An in-process MQTT broker (amqtt) for `meterchain demo` when no external broker is given.
+"""An in-process MQTT broker (amqtt) for HIL rigs with `broker.kind = "embedded"`.
 
 Production and the test suite use Mosquitto with TLS and ACLs (hil/broker.py);
-this one exists so the demo runs on a machine with nothing but Python. It
+this one lets a rig run on a machine with nothing but Python. It
 listens on 127.0.0.1 only and accepts anonymous clients.
 """
 
