@@ -11,8 +11,9 @@ MQTT until PUBACK. The boards' real-time clocks read the same market clock as
 the services, so readings carry market time.
 
 Until SIGTERM; then every board is powered off (what is spooled stays on its
-flash) and `status` (JSON) gets the readings each board signed and the broker
-acknowledged, which a site test compares with the ledger. The status file is
+flash) and `status` (JSON) gets, per board, the readings it signed, the
+distinct readings it sent to the broker (`published`, which a site test
+compares with the ledger) and the edge agent's end-to-end acknowledgement. The status file is
 also rewritten every few seconds while the lab runs.
 
     [lab]
@@ -129,6 +130,7 @@ class LabBoard:
         }
         self.stop_event = threading.Event()
         self.app: Any = None
+        self.first_seq = 1  # the sequence number of this boot's first reading
         self.exit_code: int | None = None
         self.thread = threading.Thread(target=self._run, name=f"board-{meter.id}", daemon=True)
 
@@ -136,6 +138,7 @@ class LabBoard:
         from meterchain.board.emulated import run_board
 
         def keep(app: Any) -> None:
+            self.first_seq = int(app.seq.peek())
             self.app = app
 
         self.exit_code = run_board(
@@ -144,8 +147,17 @@ class LabBoard:
 
     @property
     def published(self) -> int:
-        """Readings the broker acknowledged (the board then frees them from its spool)."""
-        return int(self.app.uplink.acked) if self.app is not None else 0
+        """Distinct readings of this boot the board has sent to the broker (each in one
+        piece: a power cut stops the board before a write, never inside one)."""
+        if self.app is None:
+            return 0
+        highest = int(getattr(self.app.uplink, "_max_published", 0))
+        return max(0, highest - self.first_seq + 1)
+
+    @property
+    def acknowledged(self) -> int:
+        """The edge agent's end-to-end watermark: every sequence up to it is committed."""
+        return int(self.app.uplink.watermark) if self.app is not None else 0
 
     @property
     def signed(self) -> int:
@@ -161,7 +173,8 @@ def write_status(path: Path, boards: list[LabBoard], running: bool) -> None:
     status = {
         "running": running,
         "meters": {
-            b.meter.id: {"published": b.published, "signed": b.signed, "exit": b.exit_code}
+            b.meter.id: {"published": b.published, "signed": b.signed,
+                         "acknowledged": b.acknowledged, "exit": b.exit_code}  # fmt: skip
             for b in boards
         },
     }

@@ -23,7 +23,7 @@ market clock and kill the services themselves with SIGKILL mid-run:
   it verifies its ledger and goes on landing blocks;
 * agent_kill9 -- a consensus member's agent service dies and comes back; the market
   keeps clearing and settling throughout. After both, `site down`: every reading the
-  broker acknowledged is on the ledger exactly once, and the ledger verifies.
+  boards sent is on the ledger exactly once, and the ledger verifies.
 """
 
 from __future__ import annotations
@@ -311,8 +311,11 @@ class Member:
         from edge_agent.consensus.transport import MqttSettings, NodeRunner, open_store
 
         store, _ = open_store(folder)
+        # A session of its own per scenario: a persistent one left by an earlier scenario's
+        # member would hand it that scenario's messages for the same round numbers.
+        client_id = f"sdbft-{node.node_id}-{time.monotonic_ns()}"
         settings = MqttSettings(address.host, address.port, address.username, address.password,
-                                address.ca_file, client_id=f"sdbft-{node.node_id}")  # fmt: skip
+                                address.ca_file, client_id=client_id)  # fmt: skip
         self.node = node
         self.node_id = node.node_id
         self.commits: dict[Any, Any] = {}

@@ -119,7 +119,7 @@ def render(report: DemoReport, out: TextIO) -> None:
     for line in glossary_lines():
         w(f"  {line}\n")
     w("\nReadings:\n")
-    w(f"  published (acknowledged by the broker) {report.readings_published}\n")
+    w(f"  published (sent by the boards)         {report.readings_published}\n")
     w(f"  on the ledger                          {report.readings_on_ledger}\n")
     verdict = "valid" if report.ledger_valid else "INVALID"
     w(f"\nLedger {report.ledger}: {report.ledger_blocks} blocks, {verdict} "

@@ -15,8 +15,8 @@ error). Logs go to `run/<name>.log`; `run/status.json` holds every process's
 pid, restarts and the ledger height.
 
 `down` stops the site in order: the lab first (boards power off, the lab
-writes how many readings the broker acknowledged), then it waits until the
-aggregator has put every acknowledged reading on the ledger (`drain_s` at
+writes how many readings its boards sent to the broker), then it waits until
+the aggregator has put every one of them on the ledger (`drain_s` at
 most), then the agents and the aggregator (SIGTERM: each finishes what it
 holds), then the broker.
 """
@@ -283,7 +283,7 @@ class Supervisor:
         self.write_status()
 
     def _drain(self) -> None:
-        """Wait until every reading the broker acknowledged is on the ledger."""
+        """Wait until every reading the boards sent is on the ledger."""
         try:
             status = json.loads(self.site.lab_status.read_text())
         except (OSError, ValueError):
