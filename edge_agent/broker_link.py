@@ -131,7 +131,7 @@ class BrokerLink:
         self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
-        self._verify.shutdown(wait=False, cancel_futures=True)
+        self._verify.shutdown(wait=False)  # what the writer still waits for completes
 
     # -- paho callbacks (paho's thread) ---------------------------------------------
 
