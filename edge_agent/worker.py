@@ -185,6 +185,10 @@ class IngestWorker(threading.Thread):
         return key
 
     def _attest(self, item: GatewaySample) -> None:
+        if not item.done.set_running_or_notify_cancel():
+            # The poller gave up on it (the agent is stopping): the meter's registers
+            # are read again next time, nothing is lost by not signing this sample.
+            return
         if self.gateway is None:
             item.done.set_exception(RuntimeError("no gateway identity configured"))
             return
