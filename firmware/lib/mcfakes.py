@@ -20,6 +20,7 @@ import struct
 
 from mc.flash import Flash
 from mc.meters.s0 import EdgeCounter
+from mc.porterrors import EAI_NONAME, ECONNRESET, ENOMEM, ETIMEDOUT
 
 
 def host_random(n: int) -> bytes:
@@ -38,25 +39,25 @@ def host_random(n: int) -> bytes:
 # mc.porterrors.RAISES (tests check that every one is in that table and survived).
 PORT_ERROR_EXAMPLES = (
     ("wifi_connect", OSError("Wifi Internal Error")),
-    ("getaddrinfo", OSError(-202)),
+    ("getaddrinfo", OSError(EAI_NONAME)),
     ("getaddrinfo", MemoryError()),
-    ("connect", OSError(116)),  # ETIMEDOUT
-    ("connect", OSError(104)),  # ECONNRESET: refused
+    ("connect", OSError(ETIMEDOUT)),
+    ("connect", OSError(ECONNRESET)),  # refused
     ("tls_handshake", ValueError("The certificate validity starts in the future\n")),
     ("tls_handshake", ValueError("The certificate validity has expired\n")),
     ("tls_handshake", ValueError("The certificate Common Name (CN) does not match with the expected CN\n")),
     ("tls_handshake", ValueError("The certificate is not correctly signed by the trusted CA\n")),
     ("tls_handshake", ValueError("invalid cert")),
-    ("tls_handshake", OSError(12)),  # ENOMEM: mbedtls could not allocate
+    ("tls_handshake", OSError(ENOMEM)),  # mbedtls could not allocate
     ("tls_handshake", OSError(-29312, "MBEDTLS_ERR_SSL_CONN_EOF")),
     ("tls_handshake", MemoryError()),
-    ("link_io", OSError(116)),
+    ("link_io", OSError(ETIMEDOUT)),
     ("link_io", OSError(-30592, "MBEDTLS_ERR_SSL_FATAL_ALERT_MESSAGE")),
     ("pin", ValueError("invalid pin")),
     ("uart", ValueError("invalid pin")),
     ("spi", ValueError("SPI(2) doesn't exist")),
     ("flash_write", OSError(28)),  # ENOSPC
-    ("ntp", OSError(116)),
+    ("ntp", OSError(ETIMEDOUT)),
     ("ntp", ValueError("buffer too small")),  # struct.unpack of a short answer
 )
 
@@ -498,7 +499,7 @@ class FakeBroker:
 
     def open(self, clock):
         if not self.up:
-            raise OSError(104)  # the port's ECONNRESET for a refused TCP connect
+            raise OSError(ECONNRESET)  # the port's error for a refused TCP connect
         link = FakeLink(self, clock)
         self.links.append(link)
         return link
@@ -570,17 +571,17 @@ class FakeLink:
 
     def write(self, data) -> None:
         if self.broken or self.closed:
-            raise OSError(104)
+            raise OSError(ECONNRESET)
         self._in += bytes(data)
         self._parse()
 
     def recv_into(self, buf, timeout_ms: int) -> int:
         if self.broken or self.closed:
-            raise OSError(104)
+            raise OSError(ECONNRESET)
         if not self._out:
             self._clock.sleep_ms(timeout_ms)
             if self.broken:
-                raise OSError(104)
+                raise OSError(ECONNRESET)
             return 0
         n = min(len(buf), len(self._out))
         buf[:n] = self._out[:n]
@@ -870,7 +871,7 @@ class FakeBoard:
             raise self.connect_error
         if self.broker is None or not self.wifi_up:
             self.sleep_ms(self.connect_ms)
-            raise OSError(-202)  # getaddrinfo: no DNS answer
+            raise OSError(EAI_NONAME)  # getaddrinfo: no DNS answer
         if tls:
             if not ca:
                 raise OSError("TLS without a CA certificate: refusing an unverified broker")

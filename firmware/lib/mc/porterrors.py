@@ -26,7 +26,7 @@ except ImportError:  # CPython: constants are plain module globals
 
 ENOMEM = const(12)
 ETIMEDOUT = const(116)  # the ESP32 port's (newlib) value
-ECONNRESET = const(104)  # lwIP reports a refused or reset TCP connection so
+ECONNRESET = const(104)  # how lwIP reports a refused or reset TCP connection
 EAI_NONAME = const(-202)
 
 # call -> the exception types it raises on the port
