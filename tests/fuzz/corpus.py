@@ -146,3 +146,16 @@ def ledger_messages() -> dict[str, tuple[bytes, ...]]:
         "reply": tuple(replies),
         "committed": tuple(encode_committed(b) for b in blocks),
     }
+
+
+@functools.cache
+def proof_case() -> tuple[dict[str, Any], bytes, Any]:
+    """An inclusion proof of a demo-ledger reading, its block's hash and the membership."""
+    from meterchain.ledger.proof import build_proof
+    from tests.ledger.ledger_world import build_world
+
+    world = build_world(SQLiteStore(":memory:"))
+    (digest,) = world.store._execute("SELECT digest FROM readings LIMIT 1")[0]
+    doc = build_proof(world.store, bytes(digest))
+    height = doc["block"]["height"]
+    return doc, world.store.stored_block(height).hash, world.sandbox.membership

@@ -9,6 +9,7 @@ structured cases are derandomised Hypothesis searches.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,7 @@ from edge_agent.consensus.node import Message, Node, Open, Tick
 from meterchain import codec, reading
 from meterchain.errors import CodecError, MeterChainError
 from meterchain.ledger.block import Header
+from meterchain.ledger.proof import check_proof
 from meterchain.ledger.readings import columns, parse
 from meterchain.ledger.review import Proposal, decode_committed, parse_reply
 from meterchain.ledger.transactions import Tx
@@ -256,3 +258,45 @@ def test_node_step_absorbs_member_signed_statements(
     stmt = statement(tag, "m1", RoundId(seq, "clear"), view, ref, *extra)
     data = codec.encode([stmt, "c", trio.signers["c"].sign(stmt), attachment])
     _step(node, data, "c", 200 + seq)
+
+
+def _json_paths(doc: Any, path: tuple = ()) -> list[tuple]:
+    if isinstance(doc, dict):
+        return [path] + [p for k, v in doc.items() for p in _json_paths(v, (*path, k))]
+    if isinstance(doc, list):
+        return [path] + [p for i, v in enumerate(doc) for p in _json_paths(v, (*path, i))]
+    return [path]
+
+
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(),
+              st.text(max_size=20), st.sampled_from(["00", "ff" * 32, "zz", ""])),
+    lambda c: st.one_of(st.lists(c, max_size=4), st.dictionaries(st.text(max_size=6), c,
+                                                                 max_size=4)),
+    max_leaves=8,
+)  # fmt: skip
+
+
+@settings(max_examples=corpus.examples(300), derandomize=True, deadline=None)
+@given(st.data())
+def test_check_proof_raises_only_meterchain_errors(data: st.DataObject) -> None:
+    """`ledger check-proof` reads a JSON file from anyone: any value anywhere in it."""
+    good, header_hash, membership = corpus.proof_case()
+    assert check_proof(good, header_hash=header_hash, membership=membership).seq >= 1
+    doc = json.loads(json.dumps(good))
+    path = data.draw(st.sampled_from(_json_paths(doc)))
+    value = data.draw(JSON_VALUES)
+    if path:
+        parent = doc
+        for part in path[:-1]:
+            parent = parent[part]
+        parent[path[-1]] = value
+    else:
+        doc = value
+    for anchors in ({"header_hash": header_hash}, {"membership": membership}):
+        try:
+            check_proof(doc, **anchors)
+        except MeterChainError:
+            pass
+        except Exception as exc:
+            raise AssertionError(f"check_proof raised {exc!r} on {path} = {value!r}") from exc
