@@ -125,7 +125,3 @@ class Watermarks:
 
     def rollback(self) -> None:
         self._pending.clear()
-
-    def deferred_meters(self) -> int:
-        """Meters with a gap held open (a gauge)."""
-        return len(self._gaps)

@@ -60,6 +60,11 @@ class AgentMetrics:
             ["reason"],
             registry=r,
         )
+        self.rejection_log_dropped = Gauge(
+            "meterchain_agent_rejection_log_dropped",
+            "Refused readings dropped from the full rejection log (oldest first) since start",
+            registry=r,
+        )
         self.oldest_reading_age = Gauge(
             "meterchain_agent_oldest_reading_age_seconds",
             "Seconds since the last accepted reading of the meter heard from least recently",
