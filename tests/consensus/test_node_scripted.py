@@ -311,3 +311,50 @@ def test_the_pre_open_buffer_is_bounded_and_counts_its_drops(fresh) -> None:
     before = c.stats["held_dropped"]
     c.step(Message(0, extra, "a"))
     assert c.stats["held_dropped"] == before + 1 and not c.overflowed, "a's own share is full"
+
+
+def test_a_member_relays_what_it_held_and_votes_no_when_a_relayed_bid_is_left_out(fresh) -> None:
+    nodes, signers = fresh
+    a, b = nodes["a"], nodes["b"]
+    bid_p = signed_request(signers, "p", R0, {"side": "buy", "wh": 300, "price": 180})
+    # b holds the participant's bid before it opens: its own request relays it
+    assert b.step(Message(0, bid_p, "p")) == []
+    actions = b.step(Open(1, R0, b"dep-b", BIDS["b"]))
+    relayed = Decoder().envelope(sent(actions, "req"))
+    assert relayed.attachment == [bid_p]
+    assert b.rounds[R0].relayed == frozenset({"p"})
+    # a (the primary) learns the bid from b's relay alone
+    a_req = sent(a.step(Open(1, R0, b"dep-a", BIDS["a"])), "req")
+    a.step(Message(2, sent(actions, "req"), "b"))
+    b.step(Message(2, a_req, "a"))
+    assert "p" in a.rounds[R0].requests
+    # a proposal that leaves the relayed bid out gets b's no
+    c_req = sent(nodes["c"].step(Open(1, R0, b"dep-c", BIDS["c"])), "req")
+    b.step(Message(2, c_req, "c"))
+    rs = b.rounds[R0]
+
+    def proposal_over(submitters: tuple[str, ...]) -> Any:
+        requests = tuple(rs.requests[s] for s in submitters)
+        result = DoubleAuction().execute(requests)
+        value = b.decoder.value("m1", R0, [[r.raw for r in requests], result])
+        return a.decoder.proposal(a.sign_proposal(a.rounds[R0], value, None)[0])
+
+    assert b._judge(rs, proposal_over(("a", "b", "c"))) == "censored"
+    assert b._judge(rs, proposal_over(("a", "b", "c", "p"))) == "ok"
+
+
+def test_malformed_relays_are_refused_and_counted(fresh) -> None:
+    nodes, signers = fresh
+    a = nodes["a"]
+    a.step(Open(0, R0, b"dep-a", BIDS["a"]))
+    stmt = statement("req", "m1", R0, 0, b"dep-b", "b", BIDS["b"])
+    sig = signers["b"].sign(stmt)
+    a.step(Message(1, seal("b", sig, stmt, {"not": "a list"}), "b"))
+    assert a.stats["invalid_req"] == 1 and "relayed requests" in a.last_error
+    other_round = signed_request(signers, "p", RoundId(7, "clear"), 1)
+    forged = codec.encode([codec.decode(signed_request(signers, "p", R0, 1))[0], "p",
+                           bytes(64), None])  # fmt: skip
+    a.step(Message(2, seal("b", sig, stmt, [other_round, forged, b"junk"]), "b"))
+    assert "p" not in a.rounds[R0].requests, "nothing of another round or forged is taken"
+    assert a.stats["bad_signature"] >= 1 and a.stats["malformed"] >= 1
+    assert "b" in a.rounds[R0].requests  # b's own request stands
