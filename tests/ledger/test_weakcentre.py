@@ -259,3 +259,27 @@ def test_storage_reserve_and_transmission_rights_remedy_a_short_hour(world: Worl
             [Tx.make("remedy", {**tx.body, "result": codec.encode(doctored)})], (h + 1) * HOUR + 4
         )
     verify_store(world.store)
+
+
+def test_regulator_commands_sign_what_the_ledger_accepts(world: World, tmp_path: Path) -> None:
+    from meterchain.errors import ConfigError
+    from meterchain.market.network import reference_network
+    from meterchain.site import regulator
+    from meterchain.site.layout import Site, SiteError, SiteSection, Timing
+
+    site = Site(tmp_path, SiteSection(market="m1"), Timing())
+    key = world.sandbox.regulator
+    example = Path(__file__).resolve().parents[2] / "deploy" / "network.example.toml"
+    tx = regulator.grid_network(site, key, example)
+    world.chain.commit([tx], (H0 + 4) * HOUR)
+    assert world.chain.state is not None
+    assert world.chain.state.network == reference_network().to_cbor()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(example.read_text().replace("limit_w = 250000", "limit_w = -1"))
+    with pytest.raises(ConfigError, match="line\\[2\\].limit_w: must be an integer > 0"):
+        regulator.grid_network(site, key, bad)
+    with pytest.raises(SiteError, match="not a hex transaction hash"):
+        regulator.decide(site, key, "zz", "mg1", "warn", 0, "why")
+    decision = regulator.decide(site, key, "00" * 32, "mg1", "warn", 0, "late payments")
+    with pytest.raises(TxError, match="is not a recorded suspect report"):
+        world.chain.commit([decision], (H0 + 4) * HOUR + 1)
