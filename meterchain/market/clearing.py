@@ -48,10 +48,10 @@ How a window is cleared:
    ln(gain_i - p_i) with payments summing to zero gives gain_i - p_i = share,
    shares equal to the minor unit (remainder to the first by id). An hour
    whose saving is negative although S > 0 (an investment in later trades)
-   credits each member with the same fraction of its planned later gain
-   (V_i - its plan's cost for the rest of the window) so that the hour breaks
-   even (``investment_credit``). Gains over a day telescope: each hour's V is
-   the next hour's C_non, so members end the day with the day's saving split.
+   breaks even by ``investment_credit``: each member advances an equal share
+   of the hour's shortfall. Gains over a day telescope (each hour's V is the
+   next hour's C_non), so every member ends the day with an equal share of
+   the day's saving.
 6. Prices: one energy price per hour (`energy_price`), the middle of the band
    between the sellers' highest feed-in tariff and the buyers' lowest retail
    price (mid-band net of fees too, as the fee is split half and half); each
@@ -286,9 +286,9 @@ class ExecutedHour:
     rest of the window from the storage state the executed hour leaves
     (coalition members; 0 otherwise); ``saving``: what the executed hour
     saves the coalition, storage states valued by V; ``investment_credit``:
-    in an investment hour (saving < 0 although the window saves), the part of
-    each member's planned later gain credited now so the hour breaks even
-    (sums to -saving; 0 otherwise); ``window_saving``: what
+    in an investment hour (saving < 0 although the window saves), each
+    member's equal advance on the later hours' shared savings, credited so the
+    hour breaks even (sums to -saving; 0 otherwise); ``window_saving``: what
     the whole window plan saves (the bargain is struck only when > 0);
     ``payments``: stage-2 money (positive = pays, sums to zero) = energy
     payments + bargaining transfers; final cost = cost + payment;
@@ -985,21 +985,6 @@ def equal_shares(saving: int, members: int) -> list[int]:
     return [q + 1 if k < r else q for k in range(members)]
 
 
-def split_signed(total: int, weights: Sequence[int]) -> list[int]:
-    """Split integer ``total`` in proportion to integer ``weights`` of any sign (sum > 0):
-    exact shares rounded down, the missing units to the largest remainders (ties by index).
-    With a weight sum <= 0 the total is split equally instead."""
-    whole = sum(weights)
-    if whole <= 0:
-        return equal_shares(total, len(weights))
-    parts = [total * w // whole for w in weights]
-    remainders = [total * w % whole for w in weights]
-    order = sorted(range(len(weights)), key=lambda k: (-remainders[k], k))
-    for k in order[: total - sum(parts)]:
-        parts[k] += 1
-    return parts
-
-
 def energy_price(
     request: ClearingRequest, t: int, sellers: Sequence[int], buyers: Sequence[int]
 ) -> int:
@@ -1088,12 +1073,11 @@ def _executed_hour(
             gains[i] = standalone_cost[i] - cost[i] - continuation[i]
         saving = sum(gains.values())
         if saving < 0:
-            # An investment hour: it pays off only through the plan's later hours. Credit
-            # each member with the same fraction of what the plan gains it later (V_i -
-            # its plan cost for the rest of the window) so that the hour breaks even.
-            later = [window_cost[i] - coop_cost[i] for i in coalition]  # plan, periods 1..
-            weights = [continuation[i] - rest for i, rest in zip(coalition, later, strict=True)]
-            for i, c in zip(coalition, split_signed(-saving, weights), strict=True):
+            # An investment hour: it pays off only through the plan's later hours, whose
+            # savings are shared equally. Each member advances an equal share of it
+            # (credited against its gain) so that the hour breaks even; over a day every
+            # member then gains the same share of the day's saving (the gains telescope).
+            for i, c in zip(coalition, equal_shares(-saving, len(coalition)), strict=True):
                 credit[i] = c
                 gains[i] += c
     else:

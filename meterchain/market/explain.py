@@ -45,8 +45,9 @@ GLOSSARY: dict[str, str] = {
     ),
     "investment credit": (
         "in an hour that pays off only through the plan's later hours (e.g. storage "
-        "charged now for a trade later), part of each member's planned later gain, "
-        "credited so that nobody loses in that hour."
+        "charged now for a trade later), each member advances an equal share of the "
+        "hour's shortfall, so the hour breaks even; the later hours' savings are shared "
+        "equally, so over a day every member gains the same share of the day's saving."
     ),
     "window saving": (
         "what the whole cooperative plan saves over the window; the coalition trades "

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 import pytest
 
 from bench.rolling import optimum_share
+from meterchain.market.explain import hour_gain
 from meterchain.market.reference import (
     compare_rolling_vs_day_ahead,
     reference_case,
@@ -123,3 +125,21 @@ def test_rolling_reaches_the_full_day_optimum_with_perfect_forecasts(seed: int) 
     share, optimum, saving = optimum_share(seed)
     assert optimum > 0
     assert share >= 0.99, (optimum, saving)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_every_member_gains_over_the_day(seed: int) -> None:
+    """IR over what has been paid so far: with perfect forecasts each hour's V is the next
+    hour's C_non, so a member's walk-away gains (equal share minus investment advance)
+    add up over the day; every microgrid ends the day with a gain >= 0."""
+    case = synthetic_case(6, seed)
+    case = dataclasses.replace(case, forecast=LeadTimeForecast(seed, 0, 0, 0, 0))
+    day = run_day(case, "rolling")
+    total: dict[str, int] = {}
+    for h in day.hours:
+        assert h.executed is not None
+        for i, mg_id in enumerate(h.result.microgrids):
+            advance = h.executed.investment_credit[i]
+            total[mg_id] = total.get(mg_id, 0) + hour_gain(h.result, i) - advance
+    assert all(gain >= -24 for gain in total.values()), total  # rounding: 1 unit an hour
+    assert sum(total.values()) > 0
