@@ -72,6 +72,8 @@ def _feeder(h: HourLine) -> str:
         f"{line} {kwh(abs(flow))[:-1]} > {kwh(limit)[:-1]} ({abs(flow) * 100 // limit} %)"
         for line, flow, limit in over
     )
+    if not h.cut_wh:
+        return f"OVERLOADED {text}; congestion priced for the re-bid"
     return f"OVERLOADED {text}; trades cut by {kwh(h.cut_wh)} to restore the limit"
 
 

@@ -59,7 +59,8 @@ def activity_from_txs(
             clearings[body["hour"]] = tx
         elif tx.kind == "congestion":
             record = Adjustment.from_cbor(body["record"])
-            cuts[body["hour"]] = [c.kept_wh for c in record.cuts]
+            if record.cuts:  # a price notice cuts nothing
+                cuts[body["hour"]] = [c.kept_wh for c in record.cuts]
         elif tx.kind == "settlement" and body["hour"] in clearings:
             clearing = clearings[body["hour"]].body
             rows, spare = clearing_rows(

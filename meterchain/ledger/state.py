@@ -528,7 +528,8 @@ class LedgerState:
         from meterchain.market.congestion import Adjustment
 
         record = self.congestion.get(hour)
-        kept = [c.kept_wh for c in Adjustment.from_cbor(record).cuts] if record else None
+        cuts = Adjustment.from_cbor(record).cuts if record else ()
+        kept = [c.kept_wh for c in cuts] if cuts else None  # a price notice cuts nothing
         trades, capacity = clearing_rows(hour, clearing.result, kept, settlement)
         earlier = self.activity.get(hour, ((), ()))
         self.activity[hour] = (earlier[0] + trades, earlier[1] + capacity)

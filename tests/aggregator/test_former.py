@@ -212,13 +212,18 @@ def test_ingest_verifies_against_the_meters_on_the_ledger(market: Market) -> Non
     assert codec.decode(r.cose, tags=frozenset({18})) is not None  # COSE_Sign1
 
 
-def test_the_weak_centre_cuts_a_congested_hour_before_it_is_settled(market: Market) -> None:
-    """M25 through the former: every reviewer re-runs the flow and settles the cut trades."""
+@pytest.mark.parametrize("method", ["adjust", "price"])
+def test_the_weak_centre_cuts_a_congested_hour_before_it_is_settled(
+    market: Market, method: str
+) -> None:
+    """M25 through the former: every reviewer re-runs the flow and settles the cut trades
+    ("adjust"), or the notice prices the line for the re-bid and the hour settles as cleared."""
     from meterchain.ledger.transactions import signed
     from meterchain.market import congestion
     from meterchain.market.network import Line, Network
 
     m, sb = market, market.sandbox
+    m.former.congestion_method = method
     for meter, owner, source in (("pv1", "mg1", "pv"), ("ld1", "mg1", "load"),
                                  ("ld2", "mg2", "load"), ("bd2", "mg2", "bidir")):  # fmt: skip
         m.store.submit_tx(sb.meter(meter, owner, source, T0), T0 + 5)
@@ -239,7 +244,12 @@ def test_the_weak_centre_cuts_a_congested_hour_before_it_is_settled(market: Mark
         "grid_network", "clearing", "congestion",
     ]  # fmt: skip
     record = congestion.Adjustment.from_cbor(proposal.block.txs[-1].body["record"])
-    assert record.total_cut_wh == 20_000 and "sub-far" in record.reason
+    assert record.method == method and "sub-far" in record.reason
+    if method == "adjust":
+        assert record.total_cut_wh == 20_000 and record.line_prices == ()
+    else:
+        assert record.cuts == () and [p[0] for p in record.line_prices] == ["sub-far"]
+        assert record.charges[0][0] == "mg1" and record.charges[0][1] > 0
     _ingest(m, hour_readings(sb, H0, 1), T0 + 3000)
     _ingest(m, hour_readings(sb, H0 + 1, 7), (H0 + 2) * HOUR)
     assert m.round((H0 + 2) * HOUR + 5)[1] == []
@@ -247,7 +257,8 @@ def test_the_weak_centre_cuts_a_congested_hour_before_it_is_settled(market: Mark
     assert proposal is not None and refusals == []
     settlement = next(t for t in proposal.block.txs if t.kind == "settlement")
     deliveries = codec.decode(settlement.body["result"])["deliveries"]
-    assert [d[2] for d in deliveries] == [c.kept_wh for c in record.cuts]
+    kept = [c.kept_wh for c in record.cuts] or [t.energy_wh for t in result.executed[0].trades]
+    assert [d[2] for d in deliveries] == kept
     head = m.store.head()
     for reviewer in m.reviewers:
         assert reviewer.store.head() == head
