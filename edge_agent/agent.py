@@ -71,6 +71,7 @@ class Agent:
             clock=self.clock,
             max_clock_ahead_s=config.agent.max_clock_ahead_s,
             acknowledge=config.owner,
+            gap_hold_s=config.broker.gap_hold_s,
         )
         self.view = StoreView(config.database)
         assert config.node_key is not None

@@ -80,6 +80,10 @@ class BrokerSection:
     batch_max: int = 64
     batch_wait_ms: int = 2
     publish_gateway_readings: bool = True
+    # End-to-end delivery (edge_agent.delivery): a reading above a sequence gap is held
+    # until it has waited this long as the lowest one pending (s); keep it above the
+    # boards' ack_timeout_s, in real seconds whatever the market clock's speed.
+    gap_hold_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -319,6 +323,7 @@ def _check_broker(check: TableChecker, broker: BrokerSection, agent: AgentSectio
     if not 1 <= broker.batch_max <= 1000:
         check.fail("broker.batch_max", f"must be 1 .. 1000, got {broker.batch_max}")
     check.positive(broker.batch_wait_ms, "broker.batch_wait_ms", allow_zero=True)
+    check.positive(broker.gap_hold_s, "broker.gap_hold_s")
     for key in ("username", "consensus_username", "review_username"):
         if getattr(broker, key):
             check.name(getattr(broker, key), f"broker.{key}", "user")
