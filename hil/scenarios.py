@@ -548,6 +548,13 @@ def run_site_with_kills(workdir: Path, market: str = "rig") -> dict[str, Any]:
         run["settlements"] = report.kinds.get("settlement", 0)
         run["stored_readings"] = store.reading_count()
     run["published"] = json.loads(site.lab_status.read_text())["published"]
+    # The killed member caught up: its own ledger copy (applied from the blocks it voted
+    # for and the sealed copies of those it missed) verifies and reaches the head.
+    member = victim.removeprefix("agent-")
+    with open_store(str(site.root / "state" / "agents" / member / "ledger.db"),
+                    create=False) as store:  # fmt: skip
+        _, copy = verify_store(store)
+        run["member_blocks"] = copy.blocks
     return run
 
 
@@ -577,9 +584,14 @@ def agent_kill9(s: Session, result: CheckResult) -> None:
     procs = run["final"]["processes"]
     assert procs[name]["restarts"] >= 1 and -9 in procs[name]["exits"]
     assert run["published"] == run["readings"]
+    # its copy may miss only the blocks committed while `site down` stopped it
+    assert run["member_blocks"] >= run["blocks"] - 2, (
+        f"{name}'s ledger copy has {run['member_blocks']} of {run['blocks']} blocks"
+    )
     result.details.append(
         f"{name} (pid {run['agent_pid']}) killed and restarted; {SITE_HOURS} more hours "
-        f"settled meanwhile; {run['readings']} readings on a verifying ledger"
+        f"settled meanwhile; its ledger copy caught up ({run['member_blocks']} of "
+        f"{run['blocks']} blocks); {run['readings']} readings on a verifying ledger"
     )
 
 
