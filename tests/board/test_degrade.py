@@ -138,3 +138,22 @@ def test_slow_reconnects_never_starve_the_watchdog_and_sampling_goes_on(make_boa
     assert app.readings == 80
     assert board.wdt.longest_ms <= 30_000, "fed between the blocking steps of a connect"
     assert app.uplink.wifi_resets >= 1
+
+
+def test_nothing_passing_for_the_bound_reboots_cleanly_with_the_spool_kept(make_board_dir) -> None:
+    cfg = board_config(**{"broker.reboot_after_s": 600, "spool.batch": 64, "spool.flush_s": 3600})
+    folder = make_board_dir(cfg=cfg)
+    board = mcfakes.FakeBoard(flash=mcfakes.FullFlash(str(folder)), broker=mcfakes.FakeBroker(),
+                              echo=False)
+    board.connect_error = OSError(116)  # nothing gets through, ever
+    app = firmware_app.boot(board)
+    assert app is not None
+    try:
+        app.run(cycles=100)
+        raise AssertionError("the board should have rebooted")
+    except mcfakes.PowerCut:
+        pass
+    assert board.resets == 1 and 600_000 <= board.ticks_ms() < 700_000
+    assert any("rebooting: nothing passed the uplink" in line for line in board.console_lines)
+    # Committed before the reset: every reading taken is in the spool after the reboot.
+    assert len(Spool(mcfakes.FullFlash(str(folder)))) == app.readings > 30
