@@ -9,14 +9,19 @@ insert of the same rows into the same table (executemany, one transaction),
 measured in the same run; `ratio` is commit / raw. `verify_readings_per_second`
 is `ledger verify` on hashes, columns and Merkle roots;
 `verify_signatures_per_second` is the full verify including every reading's
-ES256 signature. Targets: commit >= 20,000/s, verify >= 50,000/s.
+ES256 signature (checked on every core for a ledger of 20,000+ readings).
+`commit_over_days` commits 30 days of hourly blocks (2 with --quick) and reports
+the median CPU time per block commit on the first and on the last day: flat
+means a ratio near 1. Targets: commit >= 20,000/s, verify >= 50,000/s.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from meterchain.ledger.chain import StoreReadings, verify_store
@@ -47,24 +52,53 @@ def _readings(sb: Sandbox, meters: int, hours: int, per_hour: int) -> list[list[
     return out
 
 
-def _commit(path: Path, sb: Sandbox, meters: int, hourly: list[list[LedgerReading]]) -> float:
-    """Seconds to commit `hourly` (one block per hour) into a fresh ledger at `path`."""
+def _commit(
+    path: Path,
+    sb: Sandbox,
+    meters: int,
+    hourly: list[list[LedgerReading]],
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[float]:
+    """Seconds (of `clock`) to commit each block of `hourly` (one per hour) into a fresh ledger."""
     store = open_store(str(path))
     chain = Chain(sb, store)
     chain.genesis(T0 - HOUR, [sb.participant("mg1", "microgrid", T0 - HOUR)])
     chain.commit([sb.meter(f"pv{m:04d}", "mg1", "pv", T0 - HOUR) for m in range(meters)], T0 - HOUR)
     source = StoreReadings(store)
     # Exactly the aggregator's path after ingest: batch, re-apply with every check, seal, commit.
-    started = time.perf_counter()
+    per_block = []
     for h, batch in enumerate(hourly):
+        started = clock()
         tx, ordered = reading_batch((T0 // HOUR) + h, batch)
         assert chain.state is not None
         block = sb.seal(chain.build([tx], T0 + (h + 1) * HOUR + 1))
         chain.state = accept_block(chain.state, block, {0: ordered}, source, signatures=False)
         store.append(block, {0: ordered})
-    seconds = time.perf_counter() - started
+        per_block.append(clock() - started)
     store.close()
-    return seconds
+    return per_block
+
+
+def _commit_over_days(folder: Path, days: int, meters: int) -> dict:
+    """Block commit time (ms) on the first and the last day of `days` days of hourly blocks.
+
+    A ledger whose commit cost grew with its length (a scan of history, a state that
+    is copied whole) would show a last-day figure well above the first day's.
+    """
+    sb = Sandbox(market="bench-days", members=3)
+    hourly = _readings(sb, meters, days * 24, 1)
+    # CPU time of this process, median per day: what the code costs, whatever the
+    # neighbours do with the CPU (wall time per block also holds the fsync).
+    per_block = _commit(folder / "days.db", sb, meters, hourly, clock=time.process_time)
+    first = statistics.median(per_block[:24]) * 1000
+    last = statistics.median(per_block[-24:]) * 1000
+    return {
+        "days": days,
+        "readings_per_block": meters,
+        "commit_cpu_ms_per_block_first_day": round(first, 2),
+        "commit_cpu_ms_per_block_last_day": round(last, 2),
+        "last_to_first_day": round(last / first, 2),
+    }
 
 
 def _raw_insert(path: Path, hourly: list[list[LedgerReading]]) -> float:
@@ -101,8 +135,9 @@ def run(quick: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="mc-bench-ledger-") as tmp:
         folder = Path(tmp)
         commit_s = min(
-            _commit(folder / f"ledger{i}.db", sb, meters, hourly) for i in range(repeats)
+            sum(_commit(folder / f"ledger{i}.db", sb, meters, hourly)) for i in range(repeats)
         )
+        flat = _commit_over_days(folder, 2 if quick else 30, 20)
         raw_s = min(_raw_insert(folder / f"raw{i}.db", hourly) for i in range(repeats))
         store = open_store(str(folder / "ledger0.db"))
         hashes = min(
@@ -126,6 +161,7 @@ def run(quick: bool) -> dict:
         "ratio": round(commit_rate / raw_rate, 3),
         "verify_readings_per_second": round(verify_rate),
         "verify_signatures_per_second": round(total / full.seconds),
+        "commit_over_days": flat,
         "targets": {
             "commit_readings_per_second": TARGET_COMMIT,
             "verify_readings_per_second": TARGET_VERIFY,
