@@ -295,3 +295,22 @@ def test_power_cut_at_every_byte_of_thinning(tmp_path: Path) -> None:
             assert 9 in found and after.dropped > 0
 
     _cut_at_every_event(tmp_path, prepare, action, check)
+
+
+def test_ack_through_frees_durable_and_pending_up_to_the_watermark(tmp_path) -> None:
+    from mc.flash import Flash
+    from mc.spool import Spool
+
+    spool = Spool(Flash(str(tmp_path)), max_records=64)
+    for seq in range(1, 21):
+        spool.add(seq, b"r%d" % seq)
+    spool.commit()
+    for seq in range(21, 26):
+        spool.add(seq, b"r%d" % seq)  # still in RAM
+    spool.ack(3)  # acknowledged earlier, one by one
+    assert spool.ack_through(22) == 21 and len(spool) == 3
+    assert spool.ack_through(22) == 0, "idempotent"
+    assert spool.next_unsent(0) == 23
+    spool.commit()
+    reopened = Spool(Flash(str(tmp_path)), max_records=64)
+    assert [reopened.next_unsent(0), len(reopened)] == [23, 3]
