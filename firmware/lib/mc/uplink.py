@@ -344,6 +344,8 @@ class Uplink:
     def service(self, wait_ms: int) -> None:
         """Connect if due, publish what the window allows, and read the broker for `wait_ms`."""
         board = self._board
+        if self._reboot_ms and board.ticks_diff(board.ticks_ms(), self._last_good) >= self._reboot_ms:
+            self.reboot_due = True  # checked here too: backoff may space attempts minutes apart
         if self._proto is None:
             left = self.retry_in_ms()
             if left > 0:
