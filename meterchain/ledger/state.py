@@ -4,16 +4,20 @@
 transactions; a transaction that breaks a rule raises `TxError` naming the rule.
 The same code runs when the aggregator forms a block, when a consensus agent
 reviews a proposal and when `ledger verify` replays the whole ledger, so all
-three agree by construction. Records are frozen and replaced, never edited, so
-`copy()` is a cheap snapshot a reviewer can apply a proposal to and throw away.
+three agree by construction. Records are frozen and replaced, never edited, and
+the maps that grow with the ledger's history are persistent (`History`), so
+`copy()` is a snapshot whose cost does not grow with the ledger: a reviewer
+applies a proposal to it and throws it away.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+import immutables
 
 from meterchain import reading
 from meterchain.errors import MeterChainError, RejectedReading
@@ -42,6 +46,52 @@ VETOABLE = frozenset(
 )
 
 ReadingRow = tuple[bytes, str, int, int, int, int, bytes]
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class History(MutableMapping[K, V]):
+    """A dict-like map whose `copy()` is O(1): a persistent HAMT (`immutables.Map`) inside.
+
+    Writes replace the inner map (O(log n), sharing structure), so a copy taken
+    before is unaffected; the state's all-history maps use it so a snapshot costs
+    the same on day 1 and in year 3.
+    """
+
+    __slots__ = ("_map",)
+
+    def __init__(self, items: Mapping[K, V] | None = None) -> None:
+        self._map: immutables.Map[K, V] = immutables.Map(items or {})
+
+    def __getitem__(self, key: K) -> V:
+        return self._map[key]
+
+    def __setitem__(self, key: K, value: V) -> None:
+        self._map = self._map.set(key, value)
+
+    def __delitem__(self, key: K) -> None:
+        self._map = self._map.delete(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._map
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._map)
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def get(self, key: K, default: Any = None) -> Any:  # type: ignore[override]
+        return self._map.get(key, default)
+
+    def copy(self) -> History[K, V]:
+        other: History[K, V] = History.__new__(History)
+        other._map = self._map
+        return other
+
+    def __repr__(self) -> str:
+        return f"History({dict(self._map)!r})"
 
 
 class ReadingSource(Protocol):
@@ -135,14 +185,14 @@ class LedgerState:
     participants: dict[str, Participant] = field(default_factory=dict)
     banned: set[str] = field(default_factory=set)
     meters: dict[str, MeterEntry] = field(default_factory=dict)
-    orders: dict[str, Order] = field(default_factory=dict)
+    orders: History[str, Order] = field(default_factory=History)
     # Green certificates (M22): the market contract's immutable registry, replaced on change.
     certificates: certs.CertificateRegistry = field(default_factory=certs.CertificateRegistry)
-    clearings: dict[int, Clearing] = field(default_factory=dict)
-    settlements: dict[int, bytes] = field(default_factory=dict)
-    txs: dict[bytes, TxRecord] = field(default_factory=dict)
+    clearings: History[int, Clearing] = field(default_factory=History)
+    settlements: History[int, bytes] = field(default_factory=History)
+    txs: History[bytes, TxRecord] = field(default_factory=History)
     # meter -> hour -> (first seq, first import, first export, last seq, last import, last export)
-    snapshots: dict[str, dict[int, tuple[int, int, int, int, int, int]]] = field(
+    snapshots: dict[str, History[int, tuple[int, int, int, int, int, int]]] = field(
         default_factory=dict
     )
     latest_hour: int = 0
@@ -150,13 +200,13 @@ class LedgerState:
     pending_forfeits: dict[str, list[tuple[str, int, str]]] = field(default_factory=dict)
     # The weak centre (M25, M21) and monitoring (M19): records by hour / report hash.
     network: bytes | None = None  # canonical CBOR of the recorded grid network
-    congestion: dict[int, bytes] = field(default_factory=dict)  # hour -> congestion record
-    remedies: dict[int, bytes] = field(default_factory=dict)  # hour -> remedy tx hash
-    reports: dict[bytes, tuple[str, ...]] = field(default_factory=dict)  # report -> suspects
-    decisions: dict[tuple[bytes, str], bytes] = field(default_factory=dict)
+    congestion: History[int, bytes] = field(default_factory=History)  # hour -> congestion record
+    remedies: History[int, bytes] = field(default_factory=History)  # hour -> remedy tx hash
+    reports: History[bytes, tuple[str, ...]] = field(default_factory=History)  # report -> suspects
+    decisions: History[tuple[bytes, str], bytes] = field(default_factory=History)
     # What the monitoring contract reads, per hour, for ACTIVITY_HOURS (M19): trade rows
     # and capacity rows; suspect reports are re-run on it. Hours below the floor are gone.
-    activity: dict[int, tuple[tuple[Any, ...], tuple[Any, ...]]] = field(default_factory=dict)
+    activity: History[int, tuple[tuple[Any, ...], tuple[Any, ...]]] = field(default_factory=History)
     activity_floor: int = 0
     # Remedy inputs by delivery hour (M21): (owner, Wh, price per kWh) storage reserve
     # offers and (holder, seller, buyer, Wh, rate per kWh) transmission rights.
@@ -187,22 +237,22 @@ class LedgerState:
         return state
 
     def copy(self) -> LedgerState:
-        """An independent snapshot (records are immutable, so copying the maps suffices)."""
+        """An independent snapshot: records are immutable, history maps persistent (O(1) copy)."""
         other = replace(self)
         other.participants = dict(self.participants)
         other.banned = set(self.banned)
         other.meters = dict(self.meters)
-        other.orders = dict(self.orders)
-        other.clearings = dict(self.clearings)
-        other.settlements = dict(self.settlements)
-        other.txs = dict(self.txs)
-        other.snapshots = {m: dict(h) for m, h in self.snapshots.items()}
+        other.orders = self.orders.copy()
+        other.clearings = self.clearings.copy()
+        other.settlements = self.settlements.copy()
+        other.txs = self.txs.copy()
+        other.snapshots = {m: h.copy() for m, h in self.snapshots.items()}
         other.pending_forfeits = {k: list(v) for k, v in self.pending_forfeits.items()}
-        other.congestion = dict(self.congestion)
-        other.remedies = dict(self.remedies)
-        other.reports = dict(self.reports)
-        other.decisions = dict(self.decisions)
-        other.activity = dict(self.activity)
+        other.congestion = self.congestion.copy()
+        other.remedies = self.remedies.copy()
+        other.reports = self.reports.copy()
+        other.decisions = self.decisions.copy()
+        other.activity = self.activity.copy()
         other.reserves = dict(self.reserves)
         other.rights = dict(self.rights)
         return other
@@ -421,7 +471,7 @@ class LedgerState:
         self, meter_id: str, hour: int, s0: int, i0: int, e0: int, s1: int, i1: int, e1: int
     ) -> None:
         """Merge a meter's first and last readings of a batch into its hour snapshot."""
-        hours = self.snapshots.setdefault(meter_id, {})
+        hours = self.snapshots.setdefault(meter_id, History())
         cur = hours.get(hour)
         if cur is None:
             hours[hour] = (s0, i0, e0, s1, i1, e1)
