@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import mcfakes
-from conftest import board_config
+from conftest import board_config, public_key_of
 from mc import app as firmware_app
 from mc.spool import Spool, SpoolError
 
@@ -25,8 +25,6 @@ def _board(folder: Path, cfg: dict, flash=None) -> mcfakes.FakeBoard:
 
 
 def test_full_flash_mid_run_loses_samples_not_the_board(make_board_dir, tmp_path: Path) -> None:
-    from conftest import public_key_of
-
     cfg = board_config(**{"seq_block": 4, "spool.batch": 2, "spool.max_records": 16})
     folder = make_board_dir(cfg=cfg)
     flash = mcfakes.FullFlash(str(folder))
