@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from meterchain import codec, reading
 from meterchain.errors import CodecError, MeterChainError, RejectedReading
 from meterchain.keys import PublicKey
+from meterchain.ledger import checkpoint as cp
 from meterchain.ledger.block import GENESIS_PREV, BlockError, Header, block_statement
 from meterchain.ledger.merkle import leaf_hash, root_of_hashes
 from meterchain.ledger.readings import LedgerReading
@@ -126,6 +127,27 @@ class VerifyReport:
     regulator: str = ""
     seconds: float = 0.0
     kinds: dict[str, int] = field(default_factory=dict)
+    # Height of the signed checkpoint the replay started after (-1: replayed from genesis);
+    # blocks up to it had their hash links and transaction Merkle roots checked.
+    checkpoint: int = -1
+
+
+class BadCheckpoint(ChainError):
+    """The stored checkpoint is refused: certificate, digest, state or block do not hold."""
+
+
+def latest_checkpoint(store: LedgerStore) -> cp.Checkpoint | None:
+    """The newest stored checkpoint, decoded (BadCheckpoint if it is malformed)."""
+    rows = store.checkpoint_rows()
+    if not rows:
+        return None
+    height, block_hash, digest, state, qc = rows[0]
+    where = height if type(height) is int else -1
+    try:
+        qc_value = codec.decode(bytes(qc))
+        return cp.from_cbor([height, bytes(block_hash), bytes(digest), bytes(state), qc_value])
+    except (CodecError, cp.CheckpointError, TypeError) as exc:
+        raise BadCheckpoint(where, f"checkpoint: {exc}") from exc
 
 
 class StoreReadings:
@@ -206,8 +228,15 @@ def verify_store(
     regulator: PublicKey | None = None,
     progress: Callable[[int], None] | None = None,
     workers: int | None = None,
+    checkpoint: cp.Checkpoint | None = None,
 ) -> tuple[LedgerState | None, VerifyReport]:
     """Replay every stored block; raise ChainError naming the first bad one.
+
+    With a `checkpoint` (see `latest_checkpoint`), blocks up to its height have
+    their header hash links and transaction Merkle roots checked and their
+    regulator-signed membership records followed; the checkpoint's certificate
+    (more than n/2 of that membership) and state digest must hold (BadCheckpoint
+    otherwise), and the rules and signatures are replayed only after it.
 
     `regulator`, when given, pins the trust anchor: the genesis must name this key.
     With `signatures`, a ledger of PARALLEL_FROM_READINGS readings or more has its
@@ -223,7 +252,7 @@ def verify_store(
     pool = _SignaturePool(workers) if signatures and workers > 1 else None
     try:
         try:
-            state, report = _replay(store, signatures, regulator, progress, pool)
+            state, report = _replay(store, signatures, regulator, progress, pool, checkpoint)
         except ChainError as exc:
             # A bad signature in an earlier block is the first bad block.
             earlier = pool.first_failure(below=exc.height) if pool is not None else None
@@ -244,6 +273,7 @@ def _replay(
     regulator: PublicKey | None,
     progress: Callable[[int], None] | None,
     pool: _SignaturePool | None,
+    checkpoint: cp.Checkpoint | None = None,
 ) -> tuple[LedgerState | None, VerifyReport]:
     report = VerifyReport()
     mistyped = store.mistyped_rows()
@@ -253,8 +283,13 @@ def _replay(
     state: LedgerState | None = None
     prev_hash = GENESIS_PREV
     expected = 0
+    if checkpoint is not None:
+        state = _links_to_checkpoint(store, checkpoint, regulator, report)
+        prev_hash = checkpoint.block_hash
+        expected = checkpoint.height + 1
+        report.checkpoint = checkpoint.height
     source = StoreReadings(store)
-    for stored in store.stored_blocks():
+    for stored in store.stored_blocks(expected):
         if stored.height != expected:
             raise ChainError(expected, f"missing (the next stored block is {stored.height})")
         header, txs = check_block_frame(stored, expected, prev_hash)
@@ -317,6 +352,65 @@ def _replay(
     report.head = prev_hash if state is not None else b""
     report.height = expected - 1
     return state, report
+
+
+def _links_to_checkpoint(
+    store: LedgerStore,
+    checkpoint: cp.Checkpoint,
+    regulator: PublicKey | None,
+    report: VerifyReport,
+) -> LedgerState:
+    """Hash links, Merkle roots and memberships up to the checkpoint; then its state."""
+    tracker: LedgerState | None = None  # follows only the regulator-signed memberships
+    prev_hash = GENESIS_PREV
+    expected = 0
+    for stored in store.stored_blocks():
+        if stored.height > checkpoint.height:
+            break
+        if stored.height != expected:
+            raise ChainError(expected, f"missing (the next stored block is {stored.height})")
+        header, txs = check_block_frame(stored, expected, prev_hash)
+        first = 0
+        if tracker is None:
+            if not txs:
+                raise ChainError(0, "genesis block has no transactions")
+            try:
+                tracker = LedgerState.from_genesis(txs[0], header.market)
+            except TxError as exc:
+                raise ChainError(0, f"tx 0 (genesis): {exc}") from exc
+            if regulator is not None and tracker.regulator.point != regulator.point:
+                raise ChainError(0, "genesis regulator key is not the pinned regulator key")
+            report.market = tracker.market
+            report.regulator = tracker.regulator.fingerprint
+            first = 1
+        elif header.market != tracker.market:
+            raise ChainError(expected, f"header names market {header.market!r}")
+        for idx in range(first, len(txs)):
+            if txs[idx].kind == "membership":
+                try:
+                    tracker.apply(txs[idx], TxContext(expected, idx, header.time))
+                except TxError as exc:
+                    raise ChainError(expected, f"{tx_label(idx, txs[idx])}: {exc}") from exc
+        tracker.end_block()
+        for tx in txs:
+            report.kinds[tx.kind] = report.kinds.get(tx.kind, 0) + 1
+        report.transactions += len(txs)
+        report.blocks += 1
+        prev_hash = stored.hash
+        expected += 1
+    if tracker is None or expected <= checkpoint.height:
+        raise BadCheckpoint(
+            checkpoint.height, f"checkpoint is beyond the stored ledger (head {expected - 1})"
+        )
+    if prev_hash != checkpoint.block_hash:
+        raise BadCheckpoint(checkpoint.height, "checkpoint names another block at its height")
+    try:
+        state = cp.check(checkpoint, tracker.market, tracker.membership)
+    except cp.CheckpointError as exc:
+        raise BadCheckpoint(checkpoint.height, str(exc)) from exc
+    if state.regulator.point != tracker.regulator.point:
+        raise BadCheckpoint(checkpoint.height, "checkpoint state names another regulator")
+    return state
 
 
 def check_head(

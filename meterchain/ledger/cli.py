@@ -1,13 +1,18 @@
-"""`meterchain ledger verify|show|prove|check-proof`: check a ledger, summarise it, prove a reading.
+"""`meterchain ledger verify|show|prove|check-proof|checkpoint`: check, show, prove, checkpoint.
 
 DB is a SQLite file path or a postgresql:// URL. `verify` exits 0 when every
 block checks out and 1 naming the first bad block and why; 2 is a usage error
-or a ledger that cannot be opened.
+or a ledger that cannot be opened. With a stored signed checkpoint, `verify`
+replays only the blocks after it (`--full`: from genesis). `checkpoint sign`
+is run by each consensus member on its own replica (it verifies, then signs the
+state at the head); `checkpoint combine` stores the checkpoint once more than
+n/2 members' signatures agree.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import string
 import sys
@@ -16,11 +21,13 @@ from typing import Any
 
 from meterchain import codec
 from meterchain.errors import CodecError, MeterChainError
-from meterchain.keys import PublicKey
+from meterchain.keys import PrivateKey, PublicKey
+from meterchain.ledger import checkpoint as cp
 from meterchain.ledger.block import BlockError, Header
-from meterchain.ledger.chain import ChainError, check_head, verify_store
+from meterchain.ledger.chain import ChainError, check_head, latest_checkpoint, verify_store
 from meterchain.ledger.merkle import ProofError
 from meterchain.ledger.proof import build_proof, check_proof, resolve_reading
+from meterchain.ledger.state import LedgerState
 from meterchain.ledger.store import LedgerStore, StoreError, open_store
 from meterchain.ledger.transactions import Tx, TxError
 from meterchain.quorum import Membership, QuorumCertificate, QuorumError
@@ -56,7 +63,10 @@ def _cmd_verify(ns: argparse.Namespace) -> int:
     with _open(ns.db) as store:
         try:
             state, report = verify_store(
-                store, signatures=not ns.no_signatures, regulator=regulator
+                store,
+                signatures=not ns.no_signatures,
+                regulator=regulator,
+                checkpoint=None if ns.full else latest_checkpoint(store),
             )
             check_head(
                 store,
@@ -85,6 +95,7 @@ def _cmd_verify(ns: argparse.Namespace) -> int:
         "head_certificate": head_qc,
         "regulator": report.regulator,
         "seconds": round(report.seconds, 3),
+        "checkpoint": report.checkpoint,
     }
     if ns.json:
         print(json.dumps(summary))
@@ -97,7 +108,82 @@ def _cmd_verify(ns: argparse.Namespace) -> int:
                 f"transactions, {report.readings} readings ({report.signatures_checked} reading "
                 f"signatures checked), head {report.height} {report.head.hex()}, regulator "
                 f"{report.regulator}, {report.seconds:.2f} s"
+                + (
+                    f", replayed after checkpoint {report.checkpoint}"
+                    if report.checkpoint >= 0
+                    else ""
+                )
             )
+    return 0
+
+
+def _verified_head(store: LedgerStore, regulator: str | None) -> tuple[LedgerState, bytes]:
+    """The state at the ledger's head, verified (after the stored checkpoint, if any)."""
+    pinned = PublicKey.from_hex(regulator) if regulator else None
+    state, report = verify_store(store, regulator=pinned, checkpoint=latest_checkpoint(store))
+    if state is None:
+        raise ValueError("the ledger is empty: nothing to checkpoint")
+    return state, report.head
+
+
+def _cmd_checkpoint_sign(ns: argparse.Namespace) -> int:
+    key = PrivateKey.load(ns.key)
+    with _open(ns.db) as store:
+        try:
+            state, head = _verified_head(store, ns.regulator)
+        except ChainError as exc:
+            print(f"INVALID: {exc}: refusing to sign", file=sys.stderr)
+            return 1
+    node, signature = cp.sign_checkpoint(state, head, ns.node, key)
+    doc = {
+        "market": state.market,
+        "height": state.height,
+        "hash": head.hex(),
+        "digest": hashlib.sha256(cp.state_bytes(state)).hexdigest(),
+        "node": node,
+        "signature": signature.hex(),
+    }
+    text = json.dumps(doc)
+    if ns.out:
+        Path(ns.out).write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+def _cmd_checkpoint_combine(ns: argparse.Namespace) -> int:
+    with _open(ns.db) as store:
+        try:
+            state, head = _verified_head(store, ns.regulator)
+        except ChainError as exc:
+            print(f"INVALID: {exc}", file=sys.stderr)
+            return 1
+        signatures = []
+        for path in ns.signatures:
+            try:
+                doc = json.loads(Path(path).read_text())
+                where = (doc["market"], doc["height"], doc["hash"])
+                signatures.append((str(doc["node"]), bytes.fromhex(doc["signature"])))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}: not a checkpoint signature: {exc}") from None
+            if where != (state.market, state.height, head.hex()):
+                raise ValueError(
+                    f"{path}: signs {where[0]} height {where[1]}, the verified head is "
+                    f"{state.height} {head.hex()[:16]}"
+                )
+        checkpoint = cp.combine(state, head, signatures)
+        stored = store.put_checkpoint(
+            checkpoint.height,
+            checkpoint.block_hash,
+            checkpoint.digest,
+            checkpoint.state,
+            codec.encode(checkpoint.qc.to_cbor()),
+        )
+    print(
+        f"checkpoint at height {checkpoint.height} "
+        f"({'stored' if stored else 'already stored'}), signed by "
+        f"{', '.join(checkpoint.qc.signers)}, state {len(checkpoint.state)} bytes"
+    )
     return 0
 
 
@@ -242,8 +328,25 @@ def main(argv: list[str]) -> int:
         help="a block certificate (hex CBOR, or a file of it; `verify --json` prints one as "
         "head_certificate) the ledger must hold: freshness against more than n/2 members",
     )
+    p.add_argument(
+        "--full", action="store_true", help="replay from genesis, ignoring a stored checkpoint"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_verify)
+    p = sub.add_parser("checkpoint", help="sign and store checkpoints of the verified state")
+    csub = p.add_subparsers(dest="step", required=True)
+    c = csub.add_parser("sign", help="verify, then sign the state at the head as one member")
+    c.add_argument("db")
+    c.add_argument("--node", required=True, help="this member's node id")
+    c.add_argument("--key", required=True, help="this member's private key file")
+    c.add_argument("--regulator", help="pin the regulator's public key (hex point)")
+    c.add_argument("--out", help="write the signature JSON here instead of stdout")
+    c.set_defaults(func=_cmd_checkpoint_sign)
+    c = csub.add_parser("combine", help="store a checkpoint from > n/2 members' signatures")
+    c.add_argument("db")
+    c.add_argument("signatures", nargs="+", help="signature JSON files from `checkpoint sign`")
+    c.add_argument("--regulator", help="pin the regulator's public key (hex point)")
+    c.set_defaults(func=_cmd_checkpoint_combine)
     p = sub.add_parser("show", help="summarise a ledger")
     p.add_argument("db")
     p.add_argument("--json", action="store_true")

@@ -88,6 +88,12 @@ class PostgresStore(LedgerStore):
         except psycopg.Error as exc:
             raise StoreError(f"{self._safe_url()}: cannot open PostgreSQL ledger: {exc}") from exc
 
+    _BLOB = "BYTEA"
+
+    def _has_table(self, name: str) -> bool:
+        rows = self._execute("SELECT to_regclass(?) IS NOT NULL", (name,))
+        return bool(rows and rows[0][0])
+
     def _safe_url(self) -> str:
         """The URL without a password, for error messages."""
         head, sep, tail = self.url.partition("@")

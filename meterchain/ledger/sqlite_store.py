@@ -146,6 +146,11 @@ class SQLiteStore(LedgerStore):
         marks = ", ".join("?" for _ in columns)
         return f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({marks})"
 
+    def _has_table(self, name: str) -> bool:
+        return bool(
+            self._execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+        )
+
     def mistyped_rows(self) -> list[tuple[str, str, int]]:
         # SQLite keeps whatever type a value was written with (0.5 in an INTEGER column
         # stays a REAL), so every column of the ledger tables is checked for its type.

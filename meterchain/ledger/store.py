@@ -315,6 +315,38 @@ class LedgerStore(abc.ABC):
             )
         return bytes(rows[0][0]) if rows else None
 
+    # --- checkpoints (meterchain.ledger.checkpoint) ------------------------------------
+    _BLOB = "BLOB"
+
+    @abc.abstractmethod
+    def _has_table(self, name: str) -> bool: ...
+
+    def put_checkpoint(
+        self, height: int, block_hash: bytes, digest: bytes, state: bytes, qc_raw: bytes
+    ) -> bool:
+        """Keep a signed checkpoint (one per height; False if that height already has one)."""
+        b = self._BLOB
+        self._execute(
+            f"CREATE TABLE IF NOT EXISTS checkpoints (height BIGINT PRIMARY KEY, "
+            f"hash {b} NOT NULL, digest {b} NOT NULL, state {b} NOT NULL, qc {b} NOT NULL)"
+        )
+        if self._execute("SELECT 1 FROM checkpoints WHERE height = ?", (height,)):
+            return False
+        self._execute(
+            "INSERT INTO checkpoints (height, hash, digest, state, qc) VALUES (?, ?, ?, ?, ?)",
+            (height, block_hash, digest, state, qc_raw),
+        )
+        return True
+
+    def checkpoint_rows(self) -> list[tuple[Any, Any, Any, Any, Any]]:
+        """(height, hash, digest, state, qc) of the stored checkpoints, newest first."""
+        if not self._has_table("checkpoints"):
+            return []
+        rows = self._execute(
+            "SELECT height, hash, digest, state, qc FROM checkpoints ORDER BY height DESC"
+        )
+        return [tuple(r) for r in rows]  # type: ignore[misc]
+
     def reading_count(self) -> int:
         return int(self._execute("SELECT COUNT(*) FROM readings")[0][0])
 

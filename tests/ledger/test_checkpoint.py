@@ -1,0 +1,223 @@
+"""Signed checkpoints: incremental verify equals full replay; a forged checkpoint is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from ledger_world import H0, World, build_world, hour_readings
+
+from meterchain import codec
+from meterchain.keys import PrivateKey
+from meterchain.ledger import checkpoint as cp
+from meterchain.ledger.chain import BadCheckpoint, ChainError, latest_checkpoint, verify_store
+from meterchain.ledger.cli import main as ledger_main
+from meterchain.ledger.readings import HOUR
+from meterchain.ledger.store import LedgerStore, open_store
+from meterchain.quorum import QuorumCertificate
+
+
+def _checkpoint_head(world: World, signers: int = 2) -> cp.Checkpoint:
+    """Each of `signers` members verifies and signs the head state; the checkpoint is stored."""
+    state, report = verify_store(world.store)
+    assert state is not None
+    sb = world.sandbox
+    sigs = [cp.sign_checkpoint(state, report.head, n, sb.key(n)) for n in sb.node_ids[:signers]]
+    checkpoint = cp.combine(state, report.head, sigs)
+    _store(world.store, checkpoint)
+    return checkpoint
+
+
+def _store(store: LedgerStore, c: cp.Checkpoint) -> None:
+    assert store.put_checkpoint(c.height, c.block_hash, c.digest, c.state, _qc(c.qc))
+
+
+def _qc(qc: QuorumCertificate) -> bytes:
+    return codec.encode(qc.to_cbor())
+
+
+def _extend(world: World) -> None:
+    """Two more hours of readings after the checkpoint (seq 13..24)."""
+    for i, hour in enumerate((H0 + 3, H0 + 4)):
+        world.chain.commit_readings(
+            hour_readings(world.sandbox, hour, 13 + 6 * i), (hour + 1) * HOUR + 5
+        )
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return build_world(open_store(str(tmp_path / "l.db")))
+
+
+def test_incremental_verify_equals_full_replay(ledger_url: str) -> None:
+    world = build_world(open_store(ledger_url))
+    checkpoint = _checkpoint_head(world)
+    _extend(world)
+    full_state, full = verify_store(world.store)
+    inc_state, inc = verify_store(world.store, checkpoint=latest_checkpoint(world.store))
+    assert full_state is not None and inc_state is not None
+    assert cp.state_bytes(inc_state) == cp.state_bytes(full_state)
+    assert (inc.height, inc.head, inc.blocks, inc.transactions) == (
+        full.height, full.head, full.blocks, full.transactions,
+    )  # fmt: skip
+    assert inc.checkpoint == checkpoint.height == 7 and full.checkpoint == -1
+    # Only the two blocks after the checkpoint were replayed with their readings.
+    assert inc.readings == inc.signatures_checked == 48 < full.readings
+    world.store.close()
+
+
+def test_state_encoding_round_trips_and_is_canonical(world: World) -> None:
+    state, _ = verify_store(world.store)
+    assert state is not None
+    data = cp.state_bytes(state)
+    again = cp.state_from_bytes(data)
+    assert cp.state_bytes(again) == data
+    assert again.certificates == state.certificates and dict(again.txs) == dict(state.txs)
+    assert cp.state_bytes(state.copy()) == data
+
+
+def _refused(world: World, reason: str) -> BadCheckpoint:
+    with pytest.raises(BadCheckpoint, match=reason) as info:
+        verify_store(world.store, checkpoint=latest_checkpoint(world.store))
+    return info.value
+
+
+def _rewrite(world: World, column: str, value: object) -> None:
+    world.store._execute(f"UPDATE checkpoints SET {column} = ?", (value,))
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    out = bytearray(data)
+    out[at % len(out)] ^= 0x01
+    return bytes(out)
+
+
+def test_tampered_state_bytes_are_refused(world: World) -> None:
+    c = _checkpoint_head(world)
+    for at in (0, len(c.state) // 2, len(c.state) - 1):
+        _rewrite(world, "state", _flip(c.state, at))
+        assert _refused(world, "state does not match its digest").height == 7
+
+
+def test_a_rewritten_state_with_its_own_digest_fails_the_certificate(world: World) -> None:
+    c = _checkpoint_head(world)
+    state = cp.state_from_bytes(c.state)
+    state.banned.add("mg1")  # a consistent, re-hashed lie
+    forged = cp.state_bytes(state)
+    _rewrite(world, "state", forged)
+    _rewrite(world, "digest", hashlib.sha256(forged).digest())
+    _refused(world, "certificate")
+
+
+@pytest.mark.parametrize(
+    "edit, reason",
+    [
+        (lambda c: {"height": 6}, "another block"),
+        (lambda c: {"height": 99}, "beyond the stored ledger"),
+        (lambda c: {"hash": _flip(c.block_hash, 3)}, "another block"),
+        (lambda c: {"digest": _flip(c.digest, 0)}, "certificate"),
+        (lambda c: {"qc": b"\x01"}, "checkpoint"),
+        (lambda c: {"height": 2.5}, "height"),
+    ],
+)
+def test_tampered_checkpoint_fields_are_refused(
+    world: World, edit: Callable[[cp.Checkpoint], dict], reason: str
+) -> None:
+    c = _checkpoint_head(world)
+    for column, value in edit(c).items():
+        _rewrite(world, column, value)
+    _refused(world, reason)
+
+
+def test_a_checkpoint_for_another_block_at_its_height_is_refused(world: World) -> None:
+    c = _checkpoint_head(world)
+    # Members sign a checkpoint naming a block hash the ledger does not hold at height 7.
+    other = _flip(c.block_hash, 5)
+    statement = cp.statement("m1", c.height, other, c.digest)
+    sb = world.sandbox
+    qc = QuorumCertificate.collect(statement, [(n, sb.key(n).sign(statement)) for n in sb.node_ids])
+    _rewrite(world, "hash", other)
+    _rewrite(world, "qc", _qc(qc))
+    _refused(world, "another block")
+
+
+def _forge_qc(world: World, c: cp.Checkpoint, sigs: list[tuple[str, bytes]]) -> None:
+    _rewrite(world, "qc", codec.encode([c.qc.statement, [list(s) for s in sigs]]))
+
+
+def test_too_few_or_invalid_member_signatures_are_refused(world: World) -> None:
+    c = _checkpoint_head(world, signers=3)
+    sb = world.sandbox
+    st = c.qc.statement
+    good = {n: sb.key(n).sign(st) for n in sb.node_ids}
+    # n = 3: one valid signature is not more than n/2.
+    _forge_qc(world, c, [("node0", good["node0"])])
+    _refused(world, r"more than n/2 = 2")
+    # A bad signature beside a valid one, a signer twice, an outsider, an unsorted list.
+    _forge_qc(world, c, [("node0", good["node0"]), ("node1", _flip(good["node1"], 9))])
+    _refused(world, "does not verify")
+    _forge_qc(world, c, [("node0", good["node0"]), ("node0", good["node0"])])
+    _refused(world, "twice")
+    outsider = PrivateKey.generate().sign(st)
+    _forge_qc(world, c, [("node0", good["node0"]), ("node9", outsider)])
+    _refused(world, "not a member")
+    _forge_qc(world, c, [("node1", good["node1"]), ("node0", good["node0"])])
+    _refused(world, "out of order")
+    # combine refuses to make one from a minority as well.
+    state = cp.state_from_bytes(c.state)
+    with pytest.raises(cp.CheckpointError, match="more than n/2"):
+        cp.combine(state, c.block_hash, [("node2", good["node2"])])
+    # ... and the untouched quorum still verifies.
+    _forge_qc(world, c, sorted(good.items()))
+    verify_store(world.store, checkpoint=latest_checkpoint(world.store))
+
+
+def test_tampering_before_and_after_the_checkpoint_is_still_found(world: World) -> None:
+    _checkpoint_head(world)
+    _extend(world)
+    store = world.store
+    checkpoint = latest_checkpoint(store)
+    for sql, height in [
+        ("UPDATE txs SET body = body || x'00' WHERE height = 2 AND idx = 0", 2),  # hash link
+        ("UPDATE readings SET export_wh = export_wh + 1 WHERE height = 9 AND pos = 3", 9),
+    ]:
+        store._begin()
+        try:
+            store._execute(sql)
+            with pytest.raises(ChainError) as info:
+                verify_store(store, checkpoint=checkpoint)
+            assert info.value.height == height
+        finally:
+            store._rollback()
+
+
+def test_cli_sign_combine_and_incremental_verify(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = world.store.url
+    sb = world.sandbox
+    files = []
+    for n in sb.node_ids:
+        sb.key(n).save(tmp_path / f"{n}.key")
+        out = tmp_path / f"{n}.sig.json"
+        args = ["checkpoint", "sign", url, "--node", n, "--key", str(tmp_path / f"{n}.key")]
+        assert ledger_main([*args, "--out", str(out)]) == 0
+        files.append(str(out))
+    assert json.loads(Path(files[0]).read_text())["height"] == 7
+    assert ledger_main(["checkpoint", "combine", url, files[0]]) == 2  # one of three
+    assert "more than n/2" in capsys.readouterr().err
+    assert ledger_main(["checkpoint", "combine", url, *files[:2]]) == 0
+    assert "checkpoint at height 7 (stored), signed by node0, node1" in capsys.readouterr().out
+    _extend(world)
+    assert ledger_main(["verify", url, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["valid"] and doc["checkpoint"] == 7 and doc["height"] == 9
+    assert doc["readings"] == 48
+    assert ledger_main(["verify", url, "--json", "--full"]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoint"] == -1
+    world.store._execute("UPDATE checkpoints SET digest = ?", (bytes(32),))
+    assert ledger_main(["verify", url]) == 1
+    assert "block 7: checkpoint at height 7: certificate" in capsys.readouterr().err
