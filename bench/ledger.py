@@ -12,7 +12,10 @@ is `ledger verify` on hashes, columns and Merkle roots;
 ES256 signature (checked on every core for a ledger of 20,000+ readings).
 `commit_over_days` commits 30 days of hourly blocks (2 with --quick) and reports
 the median CPU time per block commit on the first and on the last day: flat
-means a ratio near 1. Targets: commit >= 20,000/s, verify >= 50,000/s.
+means a ratio near 1. `incremental_verify` takes that 30-day ledger, stores a
+checkpoint signed by 2 of 3 members at the start of its last day, and times
+`ledger verify` with signatures from genesis (anchor) and from the checkpoint.
+Targets: commit >= 20,000/s, verify >= 50,000/s.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from meterchain.ledger.chain import StoreReadings, verify_store
+from meterchain import codec
+from meterchain.ledger import checkpoint as cp
+from meterchain.ledger.chain import StoreReadings, latest_checkpoint, verify_store
 from meterchain.ledger.readings import HOUR, LedgerReading
 from meterchain.ledger.review import accept_block
 from meterchain.ledger.sandbox import Chain, Sandbox
@@ -79,13 +84,12 @@ def _commit(
     return per_block
 
 
-def _commit_over_days(folder: Path, days: int, meters: int) -> dict:
+def _commit_over_days(folder: Path, sb: Sandbox, days: int, meters: int) -> dict:
     """Block commit time (ms) on the first and the last day of `days` days of hourly blocks.
 
     A ledger whose commit cost grew with its length (a scan of history, a state that
     is copied whole) would show a last-day figure well above the first day's.
     """
-    sb = Sandbox(market="bench-days", members=3)
     hourly = _readings(sb, meters, days * 24, 1)
     # CPU time of this process, median per day: what the code costs, whatever the
     # neighbours do with the CPU (wall time per block also holds the fsync).
@@ -98,6 +102,33 @@ def _commit_over_days(folder: Path, days: int, meters: int) -> dict:
         "commit_cpu_ms_per_block_first_day": round(first, 2),
         "commit_cpu_ms_per_block_last_day": round(last, 2),
         "last_to_first_day": round(last / first, 2),
+    }
+
+
+def _incremental_verify(path: Path, sb: Sandbox, replay_blocks: int) -> dict:
+    """Full verify (with signatures) against verify after a checkpoint `replay_blocks` back."""
+    store = open_store(str(path))
+    head = store.head()
+    assert head is not None
+    at = head[0] - replay_blocks
+    state, report = verify_store(store, signatures=False, upto=at)
+    assert state is not None
+    sigs = [cp.sign_checkpoint(state, report.head, n, sb.key(n)) for n in sb.node_ids[:2]]
+    c = cp.combine(state, report.head, sigs)
+    store.put_checkpoint(c.height, c.block_hash, c.digest, c.state, codec.encode(c.qc.to_cbor()))
+    _, full = verify_store(store, workers=1)
+    _, inc = verify_store(store, workers=1, checkpoint=latest_checkpoint(store))
+    store.close()
+    assert inc.height == full.height and inc.head == full.head
+    return {
+        "blocks": full.blocks,
+        "readings": full.readings,
+        "checkpoint_height": c.height,
+        "checkpoint_state_bytes": len(c.state),
+        "replayed_blocks": replay_blocks,
+        "full_seconds": round(full.seconds, 3),
+        "incremental_seconds": round(inc.seconds, 3),
+        "speedup": round(full.seconds / inc.seconds, 1),
     }
 
 
@@ -137,7 +168,9 @@ def run(quick: bool) -> dict:
         commit_s = min(
             sum(_commit(folder / f"ledger{i}.db", sb, meters, hourly)) for i in range(repeats)
         )
-        flat = _commit_over_days(folder, 2 if quick else 30, 20)
+        days_sb = Sandbox(market="bench-days", members=3)
+        flat = _commit_over_days(folder, days_sb, 2 if quick else 30, 20)
+        incremental = _incremental_verify(folder / "days.db", days_sb, 24)
         raw_s = min(_raw_insert(folder / f"raw{i}.db", hourly) for i in range(repeats))
         store = open_store(str(folder / "ledger0.db"))
         hashes = min(
@@ -162,6 +195,7 @@ def run(quick: bool) -> dict:
         "verify_readings_per_second": round(verify_rate),
         "verify_signatures_per_second": round(total / full.seconds),
         "commit_over_days": flat,
+        "incremental_verify": incremental,
         "targets": {
             "commit_readings_per_second": TARGET_COMMIT,
             "verify_readings_per_second": TARGET_VERIFY,

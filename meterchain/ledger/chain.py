@@ -229,8 +229,9 @@ def verify_store(
     progress: Callable[[int], None] | None = None,
     workers: int | None = None,
     checkpoint: cp.Checkpoint | None = None,
+    upto: int | None = None,
 ) -> tuple[LedgerState | None, VerifyReport]:
-    """Replay every stored block; raise ChainError naming the first bad one.
+    """Replay every stored block (up to height `upto`); raise ChainError naming the first bad one.
 
     With a `checkpoint` (see `latest_checkpoint`), blocks up to its height have
     their header hash links and transaction Merkle roots checked and their
@@ -252,7 +253,7 @@ def verify_store(
     pool = _SignaturePool(workers) if signatures and workers > 1 else None
     try:
         try:
-            state, report = _replay(store, signatures, regulator, progress, pool, checkpoint)
+            state, report = _replay(store, signatures, regulator, progress, pool, checkpoint, upto)
         except ChainError as exc:
             # A bad signature in an earlier block is the first bad block.
             earlier = pool.first_failure(below=exc.height) if pool is not None else None
@@ -274,6 +275,7 @@ def _replay(
     progress: Callable[[int], None] | None,
     pool: _SignaturePool | None,
     checkpoint: cp.Checkpoint | None = None,
+    upto: int | None = None,
 ) -> tuple[LedgerState | None, VerifyReport]:
     report = VerifyReport()
     mistyped = store.mistyped_rows()
@@ -290,6 +292,8 @@ def _replay(
         report.checkpoint = checkpoint.height
     source = StoreReadings(store)
     for stored in store.stored_blocks(expected):
+        if upto is not None and stored.height > upto:
+            break
         if stored.height != expected:
             raise ChainError(expected, f"missing (the next stored block is {stored.height})")
         header, txs = check_block_frame(stored, expected, prev_hash)
