@@ -151,15 +151,18 @@ class SQLiteStore(LedgerStore):
             self._execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
         )
 
-    def mistyped_rows(self) -> list[tuple[str, str, int]]:
+    def mistyped_rows(self, readings_since: int = 0) -> list[tuple[str, str, int]]:
         # SQLite keeps whatever type a value was written with (0.5 in an INTEGER column
         # stays a REAL), so every column of the ledger tables is checked for its type.
+        # Text and blob heights sort after every number, so `height >= N` keeps them.
         checks = []
+        since = int(readings_since)
         for table, columns in _LEDGER_COLUMN_TYPES.items():
+            where = f"height >= {since} AND " if table == "readings" and since > 0 else ""
             for column, kind in columns.items():
                 checks.append(
                     f"SELECT '{table}', '{column}', height FROM {table} "
-                    f"WHERE typeof({column}) != '{kind}'"
+                    f"WHERE {where}typeof({column}) != '{kind}'"
                 )
         rows = self._execute(" UNION ALL ".join(checks) + " ORDER BY 3 LIMIT 10")
         return [(str(t), str(c), int(h) if isinstance(h, int | float) else -1) for t, c, h in rows]

@@ -241,34 +241,40 @@ class LedgerStore(abc.ABC):
         rows = self._execute("SELECT height FROM blocks WHERE hash = ?", (block_hash,))
         return int(rows[0][0]) if rows else None
 
-    def orphan_rows(self) -> list[tuple[str, int, int]]:
+    def orphan_rows(self, readings_since: int = 0) -> list[tuple[str, int, int]]:
         """(table, height, idx) of transactions and readings of a block that is not stored.
 
         A block's rows are only ever written together; rows whose block row is gone
         mean someone deleted the block (a truncated head) and left its body behind.
+        Readings below height `readings_since` are not looked at (blocks up to a
+        verified checkpoint are known to be contiguous).
         """
         rows = self._execute(
             "SELECT 'txs', t.height, t.idx FROM txs t LEFT JOIN blocks b ON b.height = t.height "
             "WHERE b.height IS NULL UNION ALL "
             "SELECT 'readings', r.height, r.idx FROM readings r LEFT JOIN blocks b "
-            "ON b.height = r.height WHERE b.height IS NULL ORDER BY 2, 3 LIMIT 10"
+            "ON b.height = r.height WHERE r.height >= ? AND b.height IS NULL "
+            "ORDER BY 2, 3 LIMIT 10",
+            (readings_since,),
         )
         return [(str(t), int(h), int(i)) for t, h, i in rows]
 
-    def mistyped_rows(self) -> list[tuple[str, str, int]]:
+    def mistyped_rows(self, readings_since: int = 0) -> list[tuple[str, str, int]]:
         """(table, column, height) of stored values whose type is not the column's.
 
         A typed back end (PostgreSQL) cannot hold one; SQLite can (an edited
         `txs.idx = 0.5` would read back as a float), so its store overrides this.
+        Readings below height `readings_since` are not looked at.
         """
         return []
 
-    def stray_readings(self) -> list[tuple[int, int, int]]:
-        """Readings whose (height, idx) is not a reading batch transaction."""
+    def stray_readings(self, since: int = 0) -> list[tuple[int, int, int]]:
+        """Readings (at height `since` or above) whose (height, idx) is not a reading batch."""
         rows = self._execute(
             "SELECT r.height, r.idx, r.pos FROM readings r LEFT JOIN txs t "
             "ON t.height = r.height AND t.idx = r.idx AND t.kind = 'readings' "
-            "WHERE t.height IS NULL ORDER BY r.height, r.idx, r.pos LIMIT 10"
+            "WHERE r.height >= ? AND t.height IS NULL ORDER BY r.height, r.idx, r.pos LIMIT 10",
+            (since,),
         )
         return [(int(h), int(i), int(p)) for h, i, p in rows]
 

@@ -183,6 +183,9 @@ def test_tampering_before_and_after_the_checkpoint_is_still_found(world: World) 
     for sql, height in [
         ("UPDATE txs SET body = body || x'00' WHERE height = 2 AND idx = 0", 2),  # hash link
         ("UPDATE readings SET export_wh = export_wh + 1 WHERE height = 9 AND pos = 3", 9),
+        ("UPDATE readings SET seq = seq + 0.5 WHERE height = 9 AND pos = 1", 9),  # mistyped
+        ("UPDATE readings SET height = 10 WHERE height = 9 AND pos = 1", 9),  # moved
+        ("UPDATE txs SET kind = 'order' WHERE height = 8", 8),
     ]:
         store._begin()
         try:
