@@ -94,6 +94,11 @@ class History(MutableMapping[K, V]):
         return f"History({dict(self._map)!r})"
 
 
+def _history() -> History[Any, Any]:
+    """An empty `History` (a typed default factory for the state's history fields)."""
+    return History()
+
+
 class ReadingSource(Protocol):
     """Committed readings a transaction may consult, each with its (height, tx index)."""
 
@@ -185,12 +190,12 @@ class LedgerState:
     participants: dict[str, Participant] = field(default_factory=dict)
     banned: set[str] = field(default_factory=set)
     meters: dict[str, MeterEntry] = field(default_factory=dict)
-    orders: History[str, Order] = field(default_factory=History)
+    orders: History[str, Order] = field(default_factory=_history)
     # Green certificates (M22): the market contract's immutable registry, replaced on change.
     certificates: certs.CertificateRegistry = field(default_factory=certs.CertificateRegistry)
-    clearings: History[int, Clearing] = field(default_factory=History)
-    settlements: History[int, bytes] = field(default_factory=History)
-    txs: History[bytes, TxRecord] = field(default_factory=History)
+    clearings: History[int, Clearing] = field(default_factory=_history)
+    settlements: History[int, bytes] = field(default_factory=_history)
+    txs: History[bytes, TxRecord] = field(default_factory=_history)
     # meter -> hour -> (first seq, first import, first export, last seq, last import, last export)
     snapshots: dict[str, History[int, tuple[int, int, int, int, int, int]]] = field(
         default_factory=dict
@@ -200,13 +205,15 @@ class LedgerState:
     pending_forfeits: dict[str, list[tuple[str, int, str]]] = field(default_factory=dict)
     # The weak centre (M25, M21) and monitoring (M19): records by hour / report hash.
     network: bytes | None = None  # canonical CBOR of the recorded grid network
-    congestion: History[int, bytes] = field(default_factory=History)  # hour -> congestion record
-    remedies: History[int, bytes] = field(default_factory=History)  # hour -> remedy tx hash
-    reports: History[bytes, tuple[str, ...]] = field(default_factory=History)  # report -> suspects
-    decisions: History[tuple[bytes, str], bytes] = field(default_factory=History)
+    congestion: History[int, bytes] = field(default_factory=_history)  # hour -> congestion record
+    remedies: History[int, bytes] = field(default_factory=_history)  # hour -> remedy tx hash
+    reports: History[bytes, tuple[str, ...]] = field(default_factory=_history)  # report -> suspects
+    decisions: History[tuple[bytes, str], bytes] = field(default_factory=_history)
     # What the monitoring contract reads, per hour, for ACTIVITY_HOURS (M19): trade rows
     # and capacity rows; suspect reports are re-run on it. Hours below the floor are gone.
-    activity: History[int, tuple[tuple[Any, ...], tuple[Any, ...]]] = field(default_factory=History)
+    activity: History[int, tuple[tuple[Any, ...], tuple[Any, ...]]] = field(
+        default_factory=_history
+    )
     activity_floor: int = 0
     # Remedy inputs by delivery hour (M21): (owner, Wh, price per kWh) storage reserve
     # offers and (holder, seller, buyer, Wh, rate per kWh) transmission rights.
@@ -770,7 +777,11 @@ class LedgerState:
         from meterchain.ledger.monitor import order_row
 
         row = order_row(
-            order.delivery, order.seller, order.buyer, order.energy_wh, order.price,
+            order.delivery,
+            order.seller,
+            order.buyer,
+            order.energy_wh,
+            order.price,
             b["delivered_wh"],
         )
         earlier = self.activity.get(order.delivery, ((), ()))
