@@ -496,6 +496,21 @@ def _settled(ledger: Path) -> int:
     return len(settled_hours(ledger))
 
 
+def _height(ledger: Path) -> int:
+    """The height of the head block of `ledger` (-1 while it has none or is being created)."""
+    from meterchain.errors import MeterChainError
+    from meterchain.ledger.store import open_store
+
+    if not ledger.exists():
+        return -1
+    try:
+        with open_store(str(ledger), create=False) as store:
+            head = store.head()
+    except (MeterChainError, OSError):
+        return -1
+    return -1 if head is None else head[0]
+
+
 def _until(what: str, done: Callable[[], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not done():
@@ -539,6 +554,12 @@ def run_site_with_kills(workdir: Path, market: str = "rig") -> dict[str, Any]:
         _until(f"{SITE_HOURS} hours settled after {victim}'s kill",
                lambda: _settled(site.ledger) >= at + SITE_HOURS, 30 + 6 * per_hour * SITE_HOURS)
         run["killed_agent"] = victim
+        # The restarted member catches up from the sealed block copies queued for it; give it
+        # a bounded time to reach the head before `site down` stops everything.
+        member_db = site.root / "state" / "agents" / victim.removeprefix("agent-") / "ledger.db"
+        _until(f"{victim}'s ledger copy to reach the head",
+               lambda: _height(member_db) >= _height(site.ledger) - 1,
+               30 + 2 * per_hour)  # fmt: skip
     finally:
         final = supervisor.down(site.root)
     run["final"] = final
