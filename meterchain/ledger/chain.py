@@ -172,6 +172,24 @@ class StoreReadings:
         ]
 
 
+def _genesis_state(
+    txs: Sequence[Tx], market: str, regulator: PublicKey | None, report: VerifyReport
+) -> LedgerState:
+    """The state block 0 founds (its first transaction is the genesis); checks the pinned
+    regulator key and names the market and regulator in `report`."""
+    if not txs:
+        raise ChainError(0, "genesis block has no transactions")
+    try:
+        state = LedgerState.from_genesis(txs[0], market)
+    except TxError as exc:
+        raise ChainError(0, f"tx 0 (genesis): {exc}") from exc
+    if regulator is not None and state.regulator.point != regulator.point:
+        raise ChainError(0, "genesis regulator key is not the pinned regulator key")
+    report.market = state.market
+    report.regulator = state.regulator.fingerprint
+    return state
+
+
 def check_block_frame(
     stored: StoredBlock, expected_height: int, prev_hash: bytes
 ) -> tuple[Header, list[Tx]]:
@@ -302,16 +320,7 @@ def _replay(
         height = header.height
         first = 0
         if state is None:
-            if not txs:
-                raise ChainError(0, "genesis block has no transactions")
-            try:
-                state = LedgerState.from_genesis(txs[0], header.market)
-            except TxError as exc:
-                raise ChainError(0, f"tx 0 (genesis): {exc}") from exc
-            if regulator is not None and state.regulator.point != regulator.point:
-                raise ChainError(0, "genesis regulator key is not the pinned regulator key")
-            report.market = state.market
-            report.regulator = state.regulator.fingerprint
+            state = _genesis_state(txs, header.market, regulator, report)
             first = 1
         elif header.market != state.market:
             raise ChainError(height, f"header names market {header.market!r}")
@@ -378,16 +387,7 @@ def _links_to_checkpoint(
         header, txs = check_block_frame(stored, expected, prev_hash)
         first = 0
         if tracker is None:
-            if not txs:
-                raise ChainError(0, "genesis block has no transactions")
-            try:
-                tracker = LedgerState.from_genesis(txs[0], header.market)
-            except TxError as exc:
-                raise ChainError(0, f"tx 0 (genesis): {exc}") from exc
-            if regulator is not None and tracker.regulator.point != regulator.point:
-                raise ChainError(0, "genesis regulator key is not the pinned regulator key")
-            report.market = tracker.market
-            report.regulator = tracker.regulator.fingerprint
+            tracker = _genesis_state(txs, header.market, regulator, report)
             first = 1
         elif header.market != tracker.market:
             raise ChainError(expected, f"header names market {header.market!r}")
