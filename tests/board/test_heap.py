@@ -6,8 +6,11 @@ from bench.board import TARGET_BYTES, measure_heap
 
 
 def test_app_loop_heap_is_bounded_and_steady() -> None:
-    heap = measure_heap(12)
-    assert heap["acked"] == 12, "the loop really ran: every reading published and acknowledged"
+    # Enough cycles that a one-off allocation (a dict resize, one retained message: 64 bytes)
+    # does not read as a per-cycle leak; a real leak of 8 bytes a cycle still shows.
+    cycles = 40
+    heap = measure_heap(cycles)
+    assert heap["acked"] == cycles, "the loop really ran: every reading published and acknowledged"
     # The app's live data (buffers, index, config, the signer's 16 KB comb table) is what a
     # board with frozen firmware spends; code comes on top when loaded from .mpy files.
     assert heap["data_bytes"] <= TARGET_BYTES, heap
