@@ -11,7 +11,6 @@ on its console, in order.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -61,16 +60,9 @@ class EmulatedBoardProcess:
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """Power off at the firmware's next step (SIGTERM); returns the exit status."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        from meterchain.site.supervisor import terminate
+
+        return None if self.process is None else terminate(self.process, timeout)
 
     def kill(self) -> None:
         """Power cut: SIGKILL, wherever the firmware happens to be."""
