@@ -57,14 +57,16 @@ class ReviewerLink:
         self.genesis = consensus_topic(market, aggregator_id, "genesis")
         self.replies = consensus_topic(market, reviewer.node_id, "block-vote")
         self.clock = clock
-        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, bytes, int, int] | None] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="block-reviewer", daemon=True)
         client.on_connect = self._on_connect
         client.on_connect_fail = lambda c, u: self._calm.failure(
             "review broker", "connect", "cannot connect to the broker"
         )
         self._calm = CalmLog(log, per_kind=False)
-        client.on_message = lambda c, u, msg: self._queue.put((msg.topic, msg.payload))
+        client.on_message = lambda c, u, msg: self._queue.put(
+            (msg.topic, msg.payload, msg.mid, msg.qos)
+        )
 
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any
@@ -96,7 +98,7 @@ class ReviewerLink:
             item = self._queue.get()
             if item is None:
                 return
-            topic, payload = item
+            topic, payload, mid, qos = item
             try:
                 if topic == self.proposals:
                     reply = self.reviewer.review(payload, int(self.clock()))
@@ -108,6 +110,10 @@ class ReviewerLink:
                     self._sealed(payload)
             except MeterChainError as exc:
                 log.warning("block message on %s not handled: %s", topic, exc)
+            # Acknowledged only now, after the block is on the ledger copy (durable before
+            # acknowledged): a kill -9 in between leaves it at the broker for the next start,
+            # so a sealed block cannot be lost and strand the copy below a gap.
+            self.client.ack(mid, qos)
 
     def _committed(self, payload: bytes) -> None:
         try:
@@ -159,6 +165,7 @@ def start_reviewer(config: AgentConfig) -> ReviewerLink:
         client_id=f"review-{cfg.agent.node_id}",
         protocol=mqtt.MQTTv311,
         clean_session=False,  # sealed blocks wait at the broker while the agent is down
+        manual_ack=True,  # PUBACK after the block is applied (ReviewerLink._work)
     )
     if cfg.broker.review_username:
         client.username_pw_set(cfg.broker.review_username, cfg.broker_password)
