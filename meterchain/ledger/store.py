@@ -225,6 +225,24 @@ class LedgerStore(abc.ABC):
         for height in heights:
             yield self.stored_block(height)
 
+    def header_rows(self, start: int, stop: int) -> list[tuple[int, bytes, bytes]]:
+        """(height, hash, header bytes) of the stored blocks start <= height < stop, in order."""
+        rows = self._execute(
+            "SELECT height, hash, header FROM blocks WHERE height >= ? AND height < ? "
+            "ORDER BY height",
+            (start, stop),
+        )
+        return [(int(h), bytes(x), bytes(b)) for h, x, b in rows]
+
+    def tx_hash_rows(self, start: int, stop: int) -> list[tuple[int, int, str, bytes, bytes]]:
+        """(height, idx, kind, hash, body) of the transactions start <= height < stop, in order."""
+        rows = self._execute(
+            "SELECT height, idx, kind, hash, body FROM txs WHERE height >= ? AND height < ? "
+            "ORDER BY height, idx",
+            (start, stop),
+        )
+        return [(int(h), int(i), str(k), bytes(x), bytes(b)) for h, i, k, x, b in rows]
+
     def batch_rows(self, height: int, idx: int) -> list[tuple[int, ReadingRow]]:
         """(position, reading row) of one reading batch, in batch order."""
         rows = self._execute(
