@@ -34,6 +34,7 @@ from meterchain import config_files
 from meterchain.config_files import TableChecker
 from meterchain.errors import MeterChainError
 from meterchain.keys import PublicKey
+from meterchain.ledger.checkpoint import DEFAULT_INTERVAL_BLOCKS
 from meterchain.mqtt_auth import check_name
 from meterchain.quorum import Membership, QuorumError
 from meterchain.site.clock import REAL_TIME, MarketClock, check_clock
@@ -52,6 +53,9 @@ class AggregatorSection:
     # genesis: a CBOR array of transactions, as `meterchain site init` writes it. Optional.
     genesis_txs: Path | None = None
     block_interval_s: float = 60.0  # market seconds between block rounds
+    # A checkpoint of the ledger state is proposed to the members after every this many
+    # blocks and stored once more than n/2 signed it (the agents' [market] key must match).
+    checkpoint_interval_blocks: int = DEFAULT_INTERVAL_BLOCKS
     vote_timeout_s: float = 10.0  # real seconds the members have to answer a proposal
     settle_grace_s: int = 300
     max_readings_per_block: int = 50_000
@@ -175,6 +179,7 @@ def _check_aggregator(check: TableChecker, agg: AggregatorSection, has_membershi
     for key in ("settle_grace_s", "max_clock_ahead_s"):
         check.positive(getattr(agg, key), f"aggregator.{key}", allow_zero=True)
     check.positive(agg.max_readings_per_block, "aggregator.max_readings_per_block")
+    check.positive(agg.checkpoint_interval_blocks, "aggregator.checkpoint_interval_blocks")
     if agg.log_level not in LOG_LEVELS:
         check.fail("aggregator.log_level", f"must be one of {', '.join(LOG_LEVELS)}")
     from meterchain.market.congestion import METHODS

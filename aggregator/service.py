@@ -12,7 +12,12 @@ the aggregator connects with `node_acl(market, node_id)`):
 - writes `c/<node_id>/block` proposals and reads `c/+/block-vote` answers;
 - writes `c/<node_id>/committed` each certified block (retained), and
   `c/<node_id>/sealed` the same with its readings (block 0 also retained on
-  `c/<node_id>/genesis`), from which members that did not vote apply it.
+  `c/<node_id>/genesis`), from which members that did not vote apply it;
+- after every `checkpoint_interval_blocks`-th block writes `c/<node_id>/checkpoint`,
+  the statement of its state after that block, and reads `c/+/checkpoint-vote`:
+  each member's signature is checked against the membership in force and the
+  statement proposed; once more than n/2 match, the checkpoint is stored in the
+  ledger, where `ledger verify` (and the next start of this service) picks it up.
 
 Everything touching the store runs on one thread (the service loop); the MQTT
 client's thread only queues messages. Block rounds follow the market clock
@@ -41,8 +46,9 @@ from meterchain import service
 from meterchain.backoff import paho_backoff
 from meterchain.calm import CalmLog
 from meterchain.errors import MeterChainError
+from meterchain.ledger import checkpoint as cp
 from meterchain.ledger.block import BlockError
-from meterchain.ledger.chain import StoreReadings, verify_store
+from meterchain.ledger.chain import StoreReadings, latest_checkpoint, verify_store
 from meterchain.ledger.readings import LedgerReading
 from meterchain.ledger.review import (
     Proposal,
@@ -52,7 +58,7 @@ from meterchain.ledger.review import (
     parse_reply,
 )
 from meterchain.ledger.state import LedgerState, TxContext, membership_fields
-from meterchain.ledger.store import LedgerStore, open_store
+from meterchain.ledger.store import LedgerStore, open_store, qc_bytes
 from meterchain.ledger.transactions import Tx, TxError
 from meterchain.mqtt_auth import consensus_topic
 from meterchain.quorum import Membership
@@ -87,6 +93,14 @@ class AggregatorMetrics:
             p + "proposals_failed", "Proposals that did not get a quorum in time", registry=r
         )
         self.height = Gauge(p + "ledger_height", "Height of the last committed block", registry=r)
+        self.checkpoints = Counter(
+            p + "checkpoints_stored", "Checkpoints stored with > n/2 signatures", registry=r
+        )
+        self.checkpoint_votes_refused = Counter(
+            p + "checkpoint_votes_refused",
+            "Checkpoint votes not counted (another state digest, bad signature, not open)",
+            registry=r,
+        )
         self.inbox = Gauge(
             p + "inbox_readings", "Verified readings waiting for a block", registry=r
         )
@@ -127,6 +141,7 @@ class Aggregator:
         self._pending: LedgerState | None = None  # state + pending txs, for dry runs
         self.store: LedgerStore | None = None
         self.former: BlockFormer | None = None
+        self.checkpoints = cp.Collector()
         self.client = self._client()
 
     # --- set-up ---------------------------------------------------------------------
@@ -162,7 +177,8 @@ class Aggregator:
             return
         self._calm.success("broker")
         m = self.market
-        client.subscribe([(f"mc/{m}/r/+", 1), (f"mc/{m}/c/+/tx", 1), (f"mc/{m}/c/+/block-vote", 1)])
+        client.subscribe([(f"mc/{m}/r/+", 1), (f"mc/{m}/c/+/tx", 1), (f"mc/{m}/c/+/block-vote", 1),
+                          (f"mc/{m}/c/+/checkpoint-vote", 1)])  # fmt: skip
         self.connected.set()
         log.info("connected to the broker", extra={"broker": self.cfg.broker.url})
 
@@ -176,15 +192,19 @@ class Aggregator:
             log.warning("disconnected from the broker: %s", rc)
 
     def open_ledger(self) -> None:
-        """Open and verify the ledger (every hash, QC, and signature) before serving."""
+        """Open and verify the ledger before serving: every hash and QC, and every rule and
+        signature after the newest stored checkpoint (from genesis without one)."""
         store = open_store(ledger_target(self.cfg))
         started = time.perf_counter()
-        state, report = verify_store(store, regulator=self.cfg.regulator)
+        state, report = verify_store(
+            store, regulator=self.cfg.regulator, checkpoint=latest_checkpoint(store)
+        )
         if state is not None and state.market != self.market:
             raise MeterChainError(f"the ledger is for market {state.market!r}, not {self.market!r}")
         log.info(
             "ledger verified",
             extra={"blocks": report.blocks, "readings": report.readings,
+                   "checkpoint": report.checkpoint,
                    "seconds": round(time.perf_counter() - started, 2)},
         )  # fmt: skip
         self.store = store
@@ -269,6 +289,8 @@ class Aggregator:
             self._transaction(parts[3], msg.payload)
         elif len(parts) == 5 and parts[2] == "c" and parts[4] == "block-vote":
             self._reply(parts[3], msg.payload)
+        elif len(parts) == 5 and parts[2] == "c" and parts[4] == "checkpoint-vote":
+            self._checkpoint_vote(parts[3], msg.payload)
         return None
 
     def _reading(self, meter_id: str, payload: bytes) -> LedgerReading | None:
@@ -372,6 +394,27 @@ class Aggregator:
         else:
             current.refusals[sender] = reply.reason
 
+    def _checkpoint_vote(self, sender: str, payload: bytes) -> None:
+        assert self.store is not None
+        try:
+            checkpoint = self.checkpoints.add(sender, payload)
+        except cp.CheckpointError as exc:
+            self.metrics.checkpoint_votes_refused.inc()
+            log.warning("checkpoint vote from %s refused: %s", sender, exc)
+            return
+        if checkpoint is None:
+            return
+        self.store.put_checkpoint(
+            checkpoint.height, checkpoint.block_hash, checkpoint.digest, checkpoint.state,
+            qc_bytes(checkpoint.qc),
+        )  # fmt: skip
+        self.metrics.checkpoints.inc()
+        log.info(
+            "checkpoint stored",
+            extra={"height": checkpoint.height, "signers": ",".join(checkpoint.qc.signers),
+                   "state_bytes": len(checkpoint.state)},
+        )  # fmt: skip
+
     # --- block rounds ---------------------------------------------------------------
     def quiet_at(self, now: float) -> bool:
         """True when no proposal is in flight and none is due at clock time `now`."""
@@ -456,6 +499,13 @@ class Aggregator:
         if block.height == 0:
             self.client.publish(
                 consensus_topic(self.market, self.node_id, "genesis"), sealed, qos=1, retain=True
+            )
+        if cp.is_due(block.height, self.cfg.aggregator.checkpoint_interval_blocks):
+            # After the sealed block, so a member that applies it from there has it first.
+            assert self.former.state is not None
+            statement = self.checkpoints.propose(self.former.state, block.hash)
+            self.client.publish(
+                consensus_topic(self.market, self.node_id, "checkpoint"), statement, qos=1
             )
         log.info(
             "block committed",

@@ -38,6 +38,7 @@ from meterchain import config_files
 from meterchain.config_files import TableChecker, toml_kind
 from meterchain.errors import MeterChainError
 from meterchain.keys import PrivateKey, PublicKey
+from meterchain.ledger.checkpoint import DEFAULT_INTERVAL_BLOCKS
 from meterchain.quorum import Membership, QuorumError
 from meterchain.reading import SOURCES
 from meterchain.site.clock import REAL_TIME, MarketClock, check_clock
@@ -174,6 +175,9 @@ class MarketSection:
     wheeling_fee_per_kwh: int = 0
     flow_wear_per_mw2h: int = 50_000
     min_deposit: int = 0
+    # A consensus node signs a checkpoint of its ledger state after every this many blocks
+    # (the aggregator's `checkpoint_interval_blocks`, which proposes them, must match).
+    checkpoint_interval_blocks: int = DEFAULT_INTERVAL_BLOCKS
 
 
 @dataclass(frozen=True)
@@ -258,6 +262,7 @@ def load(path: str | Path) -> AgentConfig:
     microgrid = check.table(doc.get("microgrid", {}), MicrogridSection, "microgrid")
     market = check.table(doc.get("market", {}), MarketSection, "market")
     _check_market_model(check, microgrid, market, agent)
+    check.positive(market.checkpoint_interval_blocks, "market.checkpoint_interval_blocks")
     consensus = _check_consensus(
         check, check.table(doc.get("consensus", {}), ConsensusSection, "consensus")
     )

@@ -9,7 +9,10 @@ it applies from `.../sealed`, where the aggregator sends every certified block
 with its readings (`meterchain.ledger.review.encode_sealed`; genesis is also
 retained on `.../genesis`): the agent's session is persistent, so blocks
 sealed while it was down wait at the broker and are applied in order when it
-is back. The edge agent (role "node")
+is back. Every `[market] checkpoint_interval_blocks` blocks the aggregator
+proposes a checkpoint of its state on `.../checkpoint`; the link signs it on
+`mc/<market>/c/<node>/checkpoint-vote` only if it names this copy's own state
+after that block, and otherwise logs why and stays silent. The edge agent (role "node")
 runs one next to its SDBFT node (`start_reviewer`); the store is only touched
 from the link's own worker thread.
 """
@@ -28,7 +31,8 @@ import paho.mqtt.client as mqtt
 from meterchain.backoff import paho_backoff
 from meterchain.calm import CalmLog
 from meterchain.errors import MeterChainError
-from meterchain.ledger.review import BlockReviewer, ProposalError, accept_block, decode_sealed
+from meterchain.ledger.checkpoint import CheckpointError
+from meterchain.ledger.review import BlockReviewer, ProposalError, decode_sealed
 from meterchain.ledger.store import open_store
 from meterchain.mqtt_auth import consensus_topic
 
@@ -55,7 +59,9 @@ class ReviewerLink:
         self.committed = consensus_topic(market, aggregator_id, "committed")
         self.sealed = consensus_topic(market, aggregator_id, "sealed")
         self.genesis = consensus_topic(market, aggregator_id, "genesis")
+        self.checkpoints = consensus_topic(market, aggregator_id, "checkpoint")
         self.replies = consensus_topic(market, reviewer.node_id, "block-vote")
+        self.checkpoint_votes = consensus_topic(market, reviewer.node_id, "checkpoint-vote")
         self.clock = clock
         self._queue: queue.Queue[tuple[str, bytes, int, int] | None] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="block-reviewer", daemon=True)
@@ -75,9 +81,8 @@ class ReviewerLink:
             self._calm.failure("review broker", "refused", f"broker refused the connection: {rc}")
             return
         self._calm.success("review broker")
-        client.subscribe(
-            [(self.proposals, 1), (self.committed, 1), (self.sealed, 1), (self.genesis, 1)]
-        )
+        topics = (self.proposals, self.committed, self.sealed, self.genesis, self.checkpoints)
+        client.subscribe([(topic, 1) for topic in topics])
 
     def start(self) -> None:
         self._worker.start()
@@ -108,6 +113,8 @@ class ReviewerLink:
                     self._committed(payload)
                 elif topic in (self.sealed, self.genesis):
                     self._sealed(payload)
+                elif topic == self.checkpoints:
+                    self._checkpoint(payload)
             except MeterChainError as exc:
                 log.warning("block message on %s not handled: %s", topic, exc)
             # Acknowledged only now, after the block is on the ledger copy (durable before
@@ -127,20 +134,19 @@ class ReviewerLink:
     def _sealed(self, payload: bytes) -> None:
         """Apply a certified block we do not hold yet (checked like any block: QC, readings)."""
         block, readings = decode_sealed(payload)
-        reviewer = self.reviewer
-        head = reviewer.store.head()
-        if head is not None and block.height <= head[0]:
-            return  # applied already (we voted for it, or saw it before)
-        if block.height != (head[0] + 1 if head is not None else 0):
-            raise ProposalError(
-                f"block {block.height} sealed, but this ledger copy ends at "
-                f"{head[0] if head else -1}: blocks in between are missing"
-            )
-        reviewer.state = accept_block(
-            reviewer.state, block, readings, reviewer.source, regulator=reviewer.regulator
-        )
-        reviewer.store.append(block, readings)
-        log.info("applied sealed block %d (not voted for here)", block.height)
+        if self.reviewer.sealed(block, readings):
+            log.info("applied sealed block %d (not voted for here)", block.height)
+
+    def _checkpoint(self, payload: bytes) -> None:
+        """Sign the aggregator's checkpoint proposal if it names this node's own state."""
+        try:
+            vote = self.reviewer.attest(payload)
+        except CheckpointError as exc:
+            # Not signing is the whole answer: the checkpoint needs more than n/2 members.
+            log.warning("checkpoint not signed: %s", exc)
+            return
+        self.client.publish(self.checkpoint_votes, vote.encode(), qos=1)
+        log.info("checkpoint signed", extra={"height": vote.attestation.height})
 
 
 def start_reviewer(config: AgentConfig) -> ReviewerLink:
@@ -159,6 +165,7 @@ def start_reviewer(config: AgentConfig) -> ReviewerLink:
         cfg.agent.node_id,
         cfg.node_key,
         regulator=PublicKey.from_hex(regulator) if regulator else None,
+        checkpoint_interval=cfg.market.checkpoint_interval_blocks,
     )
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,

@@ -9,6 +9,12 @@ checkpoint, the certificate and the digest, and replays rules and signatures onl
 after it. Each member signs (`sign_checkpoint`) the state it replayed itself;
 `combine` turns enough signatures into a stored checkpoint.
 
+On a site this runs every `interval` blocks (`is_due`): the aggregator proposes
+the statement of its state after such a block, each consensus member compares
+it with its own state (`Attestation`) and answers with a signed
+`CheckpointVote` or, if the digests differ, with nothing, and the aggregator's
+`Collector` combines the votes that match once more than n/2 members signed.
+
 The state encoding is a tagged tree: every container is a two-item array
 [tag, payload] and scalars stand for themselves; maps and sets are sorted by
 the canonical bytes of their keys, so one state has exactly one encoding.
@@ -42,6 +48,8 @@ _RECORDS: dict[str, type] = {
 }  # fmt: skip
 # Largest serialised state one checkpoint may hold (a year of a 100-microgrid market fits).
 MAX_STATE_BYTES = 512 << 20
+# Blocks between checkpoints on a site (a day of hourly blocks); set per market in the configs.
+DEFAULT_INTERVAL_BLOCKS = 24
 
 
 class CheckpointError(MeterChainError):
@@ -164,8 +172,7 @@ def sign_checkpoint(
     state: st.LedgerState, block_hash: bytes, node_id: str, key: PrivateKey
 ) -> tuple[str, bytes]:
     """One member's signature over the checkpoint of `state` (replayed by that member)."""
-    digest = hashlib.sha256(state_bytes(state)).digest()
-    return node_id, key.sign(statement(state.market, state.height, block_hash, digest))
+    return node_id, key.sign(Attestation.of(state, block_hash).statement())
 
 
 def combine(
@@ -225,3 +232,161 @@ def from_cbor(value: Any) -> Checkpoint:
         return Checkpoint(height, block_hash, digest, data, QuorumCertificate.from_cbor(qc))
     except QuorumError as exc:
         raise CheckpointError(f"malformed checkpoint: {exc}") from exc
+
+
+def is_due(height: int, interval: int) -> bool:
+    """True when the block at `height` is one a site checkpoints (every `interval` blocks)."""
+    return height > 0 and height % interval == 0
+
+
+# --- checkpoints on a site: the aggregator proposes, members sign, the aggregator combines ---
+
+
+@dataclass(frozen=True)
+class Attestation:
+    """A member's own view of a checkpoint: its state after block `height`, hashed."""
+
+    market: str
+    height: int
+    block_hash: bytes
+    digest: bytes
+
+    @classmethod
+    def of(cls, state: st.LedgerState, block_hash: bytes) -> Attestation:
+        return cls(
+            state.market, state.height, block_hash, hashlib.sha256(state_bytes(state)).digest()
+        )
+
+    def statement(self) -> bytes:
+        return statement(self.market, self.height, self.block_hash, self.digest)
+
+
+def parse_proposal(data: bytes) -> Attestation:
+    """The aggregator's proposed checkpoint: exactly a `statement`."""
+    try:
+        value = codec.decode(data)
+    except CodecError as exc:
+        raise CheckpointError(f"malformed checkpoint proposal: {exc}") from exc
+    if not (
+        isinstance(value, list)
+        and len(value) == 5
+        and value[0] == "checkpoint"
+        and isinstance(value[1], str)
+        and type(value[2]) is int
+        and all(isinstance(v, bytes) and len(v) == 32 for v in value[3:])
+    ):
+        raise CheckpointError('malformed checkpoint proposal: not ["checkpoint", market, '
+                              "height, hash, digest]")  # fmt: skip
+    return Attestation(value[1], value[2], value[3], value[4])
+
+
+@dataclass(frozen=True)
+class CheckpointVote:
+    """A member's signature over a checkpoint statement, as it travels to the aggregator."""
+
+    node_id: str
+    attestation: Attestation
+    signature: bytes
+
+    def encode(self) -> bytes:
+        a = self.attestation
+        return codec.encode(["checkpoint-vote", a.market, a.height, a.block_hash, a.digest,
+                             self.node_id, self.signature])  # fmt: skip
+
+    @classmethod
+    def decode(cls, data: bytes) -> CheckpointVote:
+        try:
+            value = codec.decode(data)
+        except CodecError as exc:
+            raise CheckpointError(f"malformed checkpoint vote: {exc}") from exc
+        if not (
+            isinstance(value, list)
+            and len(value) == 7
+            and value[0] == "checkpoint-vote"
+            and isinstance(value[1], str)
+            and type(value[2]) is int
+            and all(isinstance(v, bytes) for v in (value[3], value[4], value[6]))
+            and isinstance(value[5], str)
+        ):
+            raise CheckpointError("malformed checkpoint vote")
+        _, market, height, block_hash, digest, node_id, signature = value
+        return cls(node_id, Attestation(market, height, block_hash, digest), signature)
+
+
+def attest(
+    mine: Attestation | None, proposed: Attestation, node_id: str, key: PrivateKey
+) -> CheckpointVote:
+    """A member's vote for `proposed` if it is exactly its own view `mine`; CheckpointError
+    saying why not otherwise (the member then does not sign)."""
+    if mine is None or (mine.market, mine.height) != (proposed.market, proposed.height):
+        raise CheckpointError(
+            f"checkpoint at height {proposed.height}: I hold no state of mine at that height"
+        )
+    if mine.block_hash != proposed.block_hash:
+        raise CheckpointError(
+            f"checkpoint at height {proposed.height}: proposed block {proposed.block_hash.hex()}"
+            f" is not mine {mine.block_hash.hex()}"
+        )
+    if mine.digest != proposed.digest:
+        raise CheckpointError(
+            f"checkpoint at height {proposed.height}: proposed state digest "
+            f"{proposed.digest.hex()} is not mine {mine.digest.hex()}"
+        )
+    return CheckpointVote(node_id, mine, key.sign(mine.statement()))
+
+
+@dataclass
+class _Open:
+    state: st.LedgerState
+    block_hash: bytes
+    attestation: Attestation
+    signatures: dict[str, bytes]
+
+
+class Collector:
+    """The aggregator's side: propose checkpoints, check each member's vote, combine.
+
+    Pure (no I/O): `propose` returns the statement to publish, `add` a `Checkpoint`
+    to store once more than n/2 members of the membership in force after that block
+    signed the very statement proposed; a vote for anything else is refused with
+    a CheckpointError naming why. At most `keep` checkpoints wait for votes.
+    """
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self._open: dict[int, _Open] = {}
+
+    def propose(self, state: st.LedgerState, block_hash: bytes) -> bytes:
+        """Open the checkpoint of `state` (the state after block `state.height`)."""
+        attestation = Attestation.of(state, block_hash)
+        self._open[state.height] = _Open(state, block_hash, attestation, {})
+        for height in sorted(self._open)[: -self.keep]:
+            del self._open[height]
+        return attestation.statement()
+
+    def add(self, sender: str, data: bytes) -> Checkpoint | None:
+        """Take one member's vote; the combined checkpoint once it has a quorum."""
+        vote = CheckpointVote.decode(data)
+        got = vote.attestation
+        if vote.node_id != sender:
+            raise CheckpointError(f"vote names {vote.node_id!r} but came from {sender!r}")
+        pending = self._open.get(got.height)
+        if pending is None:
+            raise CheckpointError(f"no checkpoint open at height {got.height}")
+        want = pending.attestation
+        if got != want:
+            raise CheckpointError(
+                f"{sender} signed checkpoint {got.height} with block {got.block_hash.hex()[:16]} "
+                f"and state digest {got.digest.hex()}, the ledger's are "
+                f"{want.block_hash.hex()[:16]} and {want.digest.hex()}: not counted"
+            )
+        key = pending.state.membership.key_of(sender)
+        if key is None:
+            raise CheckpointError(f"{sender} is not a member at height {got.height}")
+        if not key.verify(vote.signature, want.statement()):
+            raise CheckpointError(f"{sender}'s signature over checkpoint {got.height} is invalid")
+        pending.signatures[sender] = vote.signature
+        if len(pending.signatures) < pending.state.membership.quorum:
+            return None
+        del self._open[got.height]
+        return combine(pending.state, pending.block_hash, sorted(pending.signatures.items()))

@@ -19,6 +19,7 @@ from typing import Any
 from meterchain import codec
 from meterchain.errors import CodecError, MeterChainError
 from meterchain.keys import PrivateKey, PublicKey
+from meterchain.ledger import checkpoint as cp
 from meterchain.ledger.block import (
     GENESIS_PREV,
     Block,
@@ -327,7 +328,11 @@ class BlockReviewer:
 
     `review(proposal bytes)` answers with a signed vote or refusal message;
     `committed(block bytes)` applies a certified block the node reviewed and
-    stores it. The edge agent runs one of these next to its SDBFT node.
+    stores it, `sealed(block, readings)` one it did not review. After every
+    `checkpoint_interval`-th block it keeps the digest of its own state, and
+    `attest(proposal bytes)` signs the aggregator's checkpoint proposal only if
+    it names that very state. The edge agent runs one of these next to its
+    SDBFT node.
     """
 
     def __init__(
@@ -337,6 +342,7 @@ class BlockReviewer:
         key: PrivateKey,
         *,
         regulator: PublicKey | None = None,
+        checkpoint_interval: int = cp.DEFAULT_INTERVAL_BLOCKS,
     ) -> None:
         from meterchain.ledger.chain import StoreReadings, verify_store
 
@@ -344,10 +350,14 @@ class BlockReviewer:
         self.node_id = node_id
         self.key = key
         self.regulator = regulator
+        self.checkpoint_interval = checkpoint_interval
         self.source = StoreReadings(store)
         # Its own ledger was checked as it was written; a restart re-checks all but signatures.
-        self.state, _ = verify_store(store, signatures=False, regulator=regulator)
+        self.state, report = verify_store(store, signatures=False, regulator=regulator)
         self._proposals: dict[bytes, Proposal] = {}
+        self.attestation: cp.Attestation | None = None  # of the last checkpoint height
+        if self.state is not None:
+            self._applied(report.head)
 
     def review(self, data: bytes, now: int) -> bytes:
         proposal = Proposal.decode(data)
@@ -383,7 +393,39 @@ class BlockReviewer:
         )
         self.store.append(block, proposal.readings)
         del self._proposals[block.hash]
+        self._applied(block.hash)
         return block.height
+
+    def sealed(self, block: Block, readings: Mapping[int, Sequence[LedgerReading]]) -> bool:
+        """Apply a certified block not voted for here (checked like any block: QC, readings).
+
+        Returns False when this copy holds it already.
+        """
+        head = self.store.head()
+        if head is not None and block.height <= head[0]:
+            return False
+        if block.height != (head[0] + 1 if head is not None else 0):
+            raise ProposalError(
+                f"block {block.height} sealed, but this ledger copy ends at "
+                f"{head[0] if head else -1}: blocks in between are missing"
+            )
+        self.state = accept_block(
+            self.state, block, readings, self.source, regulator=self.regulator
+        )
+        self.store.append(block, readings)
+        self._applied(block.hash)
+        return True
+
+    def _applied(self, block_hash: bytes) -> None:
+        """After each block: at a checkpoint height, hash the state it leaves."""
+        assert self.state is not None
+        if cp.is_due(self.state.height, self.checkpoint_interval):
+            self.attestation = cp.Attestation.of(self.state, block_hash)
+
+    def attest(self, data: bytes) -> cp.CheckpointVote:
+        """A signed vote for the aggregator's checkpoint proposal `data`, if it is this node's
+        own state at that height; CheckpointError saying why not otherwise."""
+        return cp.attest(self.attestation, cp.parse_proposal(data), self.node_id, self.key)
 
 
 def encode_sealed(block: Block, readings: Any) -> bytes:
