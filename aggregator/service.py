@@ -96,6 +96,9 @@ class AggregatorMetrics:
         self.checkpoints = Counter(
             p + "checkpoints_stored", "Checkpoints stored with > n/2 signatures", registry=r
         )
+        self.checkpoint_votes = Counter(
+            p + "checkpoint_votes", "Checkpoint votes counted toward a quorum", registry=r
+        )
         self.checkpoint_votes_refused = Counter(
             p + "checkpoint_votes_refused",
             "Checkpoint votes not counted (another state digest, bad signature, not open)",
@@ -402,6 +405,7 @@ class Aggregator:
             self.metrics.checkpoint_votes_refused.inc()
             log.warning("checkpoint vote from %s refused: %s", sender, exc)
             return
+        self.metrics.checkpoint_votes.inc()
         if checkpoint is None:
             return
         self.store.put_checkpoint(

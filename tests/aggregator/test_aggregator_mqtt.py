@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import socket
@@ -12,7 +14,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -25,17 +27,21 @@ from ledger_world import H0, T0, hour_readings, order_terms, two_microgrid_clear
 from aggregator.config import load  # noqa: E402
 from aggregator.service import Aggregator  # noqa: E402
 from edge_agent.reviewer import ReviewerLink  # noqa: E402
-from meterchain.ledger.chain import verify_store  # noqa: E402
+from meterchain.ledger import checkpoint as cp  # noqa: E402
+from meterchain.ledger.chain import latest_checkpoint, verify_store  # noqa: E402
+from meterchain.ledger.cli import main as ledger_main  # noqa: E402
 from meterchain.ledger.readings import HOUR  # noqa: E402
 from meterchain.ledger.review import BlockReviewer  # noqa: E402
 from meterchain.ledger.sandbox import Sandbox  # noqa: E402
-from meterchain.ledger.store import LedgerStore, open_store  # noqa: E402
+from meterchain.ledger.store import LedgerStore, open_store, qc_bytes  # noqa: E402
 from meterchain.mqtt_auth import consensus_topic, meter_acl, node_acl, reading_topic  # noqa: E402
+from meterchain.quorum import QuorumCertificate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 METERS = {"pv1": ("mg1", "pv"), "ld1": ("mg1", "load"), "ld2": ("mg2", "load"),
           "bd2": ("mg2", "bidir")}  # fmt: skip
 NODES = ("node0", "node1", "node2")
+CHECKPOINT_EVERY = 2  # blocks; the aggregator proposes and the members sign at heights 2, 4, ...
 
 
 class FakeClock:
@@ -140,14 +146,15 @@ def broker(mosquitto_factory):
 def site(tmp_path: Path, broker) -> Iterator[Site]:
     sb = Sandbox(market="m1", members=3)
     clock = FakeClock(T0)
-    cfg = load(_write_config(tmp_path, sb, broker))
+    cfg = load(_write_config(tmp_path, sb, broker, checkpoint_interval_blocks=CHECKPOINT_EVERY))
     aggregator = Aggregator(cfg, clock=clock)
     stop = threading.Event()
     runner = threading.Thread(target=aggregator.run, args=(stop,), daemon=True)
     links, clients = [], []
     for node in NODES:
         reviewer = BlockReviewer(open_store(str(tmp_path / f"{node}.db")), node, sb.key(node),
-                                 regulator=sb.regulator.public_key())  # fmt: skip
+                                 regulator=sb.regulator.public_key(),
+                                 checkpoint_interval=CHECKPOINT_EVERY)  # fmt: skip
         client = _client(broker, node)
         link = ReviewerLink(reviewer, client, "m1", "aggregator", clock=clock)
         client.connect(broker.host, broker.port)
@@ -248,6 +255,88 @@ def test_bad_messages_are_refused_and_counted(site: Site) -> None:
         time.sleep(0.05)
     site.tick(T0 + 5, 0)
     assert site.height() == 0  # nothing valid arrived, so no block
+
+
+def _wait(done: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_members_sign_checkpoints_and_a_lie_or_a_disagreement_never_makes_one(
+    site: Site, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sb, tx_topic = site.sb, consensus_topic("m1", "regulator", "tx")
+    m = site.aggregator.metrics
+    honest, disagreeing, liar = (link.reviewer for link in site.links)
+    # node1 hashes its state differently (a diverged replica): it must not sign, and say why.
+    applied = disagreeing._applied
+
+    def diverged(block_hash: bytes) -> None:
+        applied(block_hash)
+        if disagreeing.attestation is not None:
+            disagreeing.attestation = replace(disagreeing.attestation, digest=bytes(32))
+
+    disagreeing._applied = diverged  # type: ignore[method-assign]
+
+    # node2 lies: it signs a wrong state digest, its own key and all.
+    def lie(data: bytes) -> cp.CheckpointVote:
+        wrong = replace(cp.parse_proposal(data), digest=b"\x01" * 32)
+        return cp.CheckpointVote("node2", wrong, sb.key("node2").sign(wrong.statement()))
+
+    liar.attest = lie  # type: ignore[method-assign]
+
+    def block(height: int, participant: str) -> None:
+        site.publisher("regulator", tx_topic, sb.participant(participant, "consumer", T0).raw)
+        site.waiting(1)
+        site.tick(T0 + 2 * height, height)
+
+    caplog.set_level(logging.INFO)
+    site.tick(T0, 0)
+    block(1, "c1")
+    block(2, "c2")  # checkpoint 2: node0 signs, node1 disagrees, node2 lies
+    _wait(lambda: m.checkpoint_votes._value.get() == 1, "node0's vote")
+    _wait(lambda: m.checkpoint_votes_refused._value.get() == 1, "node2's lie to be refused")
+    _wait(lambda: "is not mine" in caplog.text, "node1 to log its disagreement")
+    # A forged vote claiming the right digest with a signature over another one: refused too.
+    proposal = cp.Attestation.of(site.aggregator.former.state, site.aggregator.store.head()[1])
+    wrong = replace(proposal, digest=bytes(32))
+    forged = cp.CheckpointVote("node2", proposal, sb.key("node2").sign(wrong.statement()))
+    site.publisher("node2", consensus_topic("m1", "node2", "checkpoint-vote"), forged.encode())
+    _wait(lambda: m.checkpoint_votes_refused._value.get() == 2, "the forged vote to be refused")
+    with open_store(str(site.ledger)) as store:
+        assert store.checkpoint_rows() == []  # one honest signature of three is no checkpoint
+    assert "proposed state digest" in caplog.text and "is not mine 0000" in caplog.text
+    assert "node2 signed checkpoint 2 with block" in caplog.text
+    assert "node2's signature over checkpoint 2 is invalid" in caplog.text
+
+    disagreeing._applied = applied  # type: ignore[method-assign]  # node1 is repaired
+    block(3, "c3")
+    block(4, "c4")  # checkpoint 4: node0 and node1 sign; node2's lie is refused again
+    site.until(lambda store: bool(store.checkpoint_rows()))
+    with open_store(str(site.ledger)) as store:
+        checkpoint = latest_checkpoint(store)
+        assert checkpoint is not None and checkpoint.height == 4
+        assert checkpoint.qc.signers == ("node0", "node1")
+    url = str(site.ledger)
+    assert ledger_main(["verify", url, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["valid"] and doc["checkpoint"] == 4 and doc["height"] == 4
+
+    # A checkpoint at the head that only node0 signed (n/2 or fewer): verify refuses it.
+    block(5, "c5")
+    with open_store(url) as store:
+        state, report = verify_store(store)
+        assert state is not None and report.height == 5
+        alone = cp.Attestation.of(state, report.head)
+        qc = QuorumCertificate.collect(alone.statement(), [("node0", sb.key("node0").sign(
+            alone.statement()))])  # fmt: skip
+        store.put_checkpoint(5, report.head, alone.digest, cp.state_bytes(state), qc_bytes(qc))
+    assert ledger_main(["verify", url]) == 1
+    assert "block 5: checkpoint at height 5: certificate: 1 signature(s) on 'checkpoint'; more " \
+        "than n/2" in capsys.readouterr().err  # fmt: skip
+    assert ledger_main(["verify", url, "--full"]) == 0
 
 
 def _free_port() -> int:
