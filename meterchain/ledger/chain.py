@@ -11,6 +11,7 @@ against the meters registered on the ledger), and re-executed settlement.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import multiprocessing
 import os
@@ -31,7 +32,7 @@ from meterchain.ledger.state import LedgerState, TxContext
 from meterchain.ledger.store import LedgerStore, StoredBlock, StoreError
 from meterchain.ledger.transactions import Tx, TxError
 from meterchain.quorum import QuorumCertificate, QuorumError
-from meterchain.registry import Registry, make_meter
+from meterchain.registry import Meter, Registry, make_meter
 
 # Ledgers with at least this many readings check reading signatures in worker processes,
 # one per core, while the main process replays the ledger rules; smaller ones inline.
@@ -49,13 +50,19 @@ def check_reading_signatures(rows: Sequence[SignedRow], keys: MeterKeys) -> str 
 
     Runs in a worker process: everything it needs travels as plain bytes and strings.
     """
-    registry = Registry(make_meter(m, *key) for m, key in keys.items())
+    registry = Registry(_meter(m, *key) for m, key in keys.items())
     for pos, meter_id, seq, cose in rows:
         try:
             reading.verify(cose, registry)
         except RejectedReading as exc:
             return f"reading {pos} ({meter_id}:{seq}): {exc}"
     return None
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _meter(meter_id: str, point: bytes, owner: str, source: str) -> Meter:
+    """A meter with its key parsed once per worker process, not once per chunk it checks."""
+    return make_meter(meter_id, point, owner, source)
 
 
 class _SignaturePool:
