@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from meterchain.keys import PrivateKey
 from meterchain.ledger import checkpoint as cp
 from meterchain.ledger.chain import BadCheckpoint, ChainError, latest_checkpoint, verify_store
 from meterchain.ledger.cli import main as ledger_main
-from meterchain.ledger.readings import HOUR
+from meterchain.ledger.readings import HOUR, LedgerReading
+from meterchain.ledger.review import BlockReviewer
 from meterchain.ledger.store import LedgerStore, open_store
 from meterchain.quorum import QuorumCertificate
 
@@ -224,3 +226,60 @@ def test_cli_sign_combine_and_incremental_verify(
     world.store._execute("UPDATE checkpoints SET digest = ?", (bytes(32),))
     assert ledger_main(["verify", url]) == 1
     assert "block 7: checkpoint at height 7: certificate" in capsys.readouterr().err
+
+
+def _sealed_copy(world: World, reviewer: BlockReviewer) -> None:
+    """Hand every block of the world's ledger to `reviewer` as the aggregator's sealed copies."""
+    store = world.store
+    head = store.head()
+    assert head is not None
+    for height in range(head[0] + 1):
+        block = store.block(height)
+        readings = {
+            idx: tuple(LedgerReading(*row) for _, row in store.batch_rows(height, idx))
+            for idx, tx in enumerate(block.txs)
+            if tx.kind == "readings"
+        }
+        assert reviewer.sealed(block, readings)
+    assert not reviewer.sealed(block, readings)  # held already
+
+
+def test_members_attest_only_their_own_state_at_checkpoint_heights(
+    world: World, tmp_path: Path
+) -> None:
+    sb = world.sandbox
+    node1 = BlockReviewer(open_store(str(tmp_path / "node1.db")), "node1", sb.key("node1"),
+                          regulator=sb.regulator.public_key(), checkpoint_interval=4)  # fmt: skip
+    _sealed_copy(world, node1)
+    state, report = verify_store(world.store, upto=4)
+    assert state is not None
+    collector = cp.Collector()
+    proposal = collector.propose(state, report.head)
+    assert node1.attestation == cp.parse_proposal(proposal)  # height 4: the last multiple of 4
+    assert collector.add("node1", node1.attest(proposal).encode()) is None  # 1 of 3
+    # Another digest, another block, or a height this member did not checkpoint: no signature.
+    mine = cp.parse_proposal(proposal)
+    for other, why in [
+        (replace(mine, digest=bytes(32)), "proposed state digest 0000"),
+        (replace(mine, block_hash=bytes(32)), "proposed block 0000"),
+        (replace(mine, height=3), "no state of mine at that height"),
+    ]:
+        with pytest.raises(cp.CheckpointError, match=why):
+            node1.attest(other.statement())
+    # The aggregator counts a vote only for the very statement it proposed.
+    wrong = replace(mine, digest=bytes(32))
+    lie = cp.CheckpointVote("node2", wrong, sb.key("node2").sign(wrong.statement()))
+    with pytest.raises(cp.CheckpointError, match="node2 signed checkpoint 4 .* not counted"):
+        collector.add("node2", lie.encode())
+    forged = cp.CheckpointVote("node2", mine, sb.key("node2").sign(wrong.statement()))
+    with pytest.raises(cp.CheckpointError, match="signature over checkpoint 4 is invalid"):
+        collector.add("node2", forged.encode())
+    with pytest.raises(cp.CheckpointError, match="came from 'node0'"):
+        collector.add("node0", lie.encode())
+    honest = cp.attest(mine, mine, "node0", sb.key("node0"))
+    checkpoint = collector.add("node0", honest.encode())
+    assert checkpoint is not None and checkpoint.qc.signers == ("node0", "node1")
+    assert cp.state_bytes(cp.check(checkpoint, "m1", state.membership)) == cp.state_bytes(state)
+    with pytest.raises(cp.CheckpointError, match="no checkpoint open at height 4"):
+        collector.add("node2", cp.attest(mine, mine, "node2", sb.key("node2")).encode())
+    node1.store.close()
