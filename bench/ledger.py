@@ -26,11 +26,14 @@ Targets: commit >= 20,000/s, verify >= 50,000/s.
 from __future__ import annotations
 
 import os
+import resource
 import sqlite3
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from meterchain import codec
 from meterchain.ledger import checkpoint as cp
@@ -45,6 +48,7 @@ from meterchain.ledger.transactions import reading_batch
 T0 = 1_767_225_600  # 2026-01-01T00:00Z
 TARGET_COMMIT = 20_000
 TARGET_VERIFY = 50_000
+T = TypeVar("T")
 
 
 def _readings(sb: Sandbox, meters: int, hours: int, per_hour: int) -> list[list[LedgerReading]]:
@@ -86,9 +90,7 @@ def _commit(
     return wall, cpu
 
 
-def _commit_over_days(
-    path: Path, sb: Sandbox, days: int, meters: int, per_hour: int = 1
-) -> dict:
+def _commit_over_days(path: Path, sb: Sandbox, days: int, meters: int, per_hour: int = 1) -> dict:
     """Block commit time (ms) on day 1, day 30 and the last day of `days` days of hourly blocks.
 
     A ledger whose commit cost grew with its length (a scan of history, a state that
@@ -122,8 +124,8 @@ def _incremental_verify(path: Path, sb: Sandbox, replay_blocks: int) -> dict:
     store.put_checkpoint(c.height, c.block_hash, c.digest, c.state, codec.encode(c.qc.to_cbor()))
     # The full pass back to back: a worker process per core, then inline.
     workers = os.cpu_count() or 1
-    _, full = verify_store(store, workers=workers)
-    _, inline = verify_store(store, workers=1)
+    (_, full), full_cpu = _with_cpu(lambda: verify_store(store, workers=workers))
+    (_, inline), inline_cpu = _with_cpu(lambda: verify_store(store, workers=1))
     checkpoint = latest_checkpoint(store)
     _, inc = verify_store(store, checkpoint=checkpoint)
     # The part below the checkpoint alone: stop the replay at the checkpoint itself.
@@ -141,11 +143,30 @@ def _incremental_verify(path: Path, sb: Sandbox, replay_blocks: int) -> dict:
         "signature_workers": workers,
         "full_inline_signatures_per_second": round(inline.signatures_checked / inline.seconds),
         "signature_workers_speedup": round(inline.seconds / full.seconds, 2),
+        # CPU per reading of this process and its workers: what the pool costs whatever the
+        # neighbours do; equal figures mean the pass spreads over free cores without overhead.
+        "full_cpu_us_per_reading": round(full_cpu / full.readings * 1e6, 1),
+        "full_inline_cpu_us_per_reading": round(inline_cpu / inline.readings * 1e6, 1),
         "incremental_seconds": round(inc.seconds, 3),
         "below_checkpoint_seconds": round(below.seconds, 3),
         "below_checkpoint_ms_per_block": round(below.seconds / (c.height + 1) * 1000, 4),
         "speedup": round(full.seconds / inc.seconds, 1),
     }
+
+
+def _with_cpu(run: Callable[[], T]) -> tuple[T, float]:
+    """`run()` and the CPU seconds it took in this process and in worker processes it reaped."""
+
+    def cpu() -> float:
+        own, children = (
+            resource.getrusage(resource.RUSAGE_SELF),
+            resource.getrusage(resource.RUSAGE_CHILDREN),
+        )
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    started = cpu()
+    result = run()
+    return result, cpu() - started
 
 
 def _raw_insert(path: Path, hourly: list[list[LedgerReading]]) -> float:
