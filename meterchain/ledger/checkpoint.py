@@ -275,9 +275,12 @@ class Attestation:
 
     @classmethod
     def of(cls, state: st.LedgerState, block_hash: bytes) -> Attestation:
-        return cls(
-            state.market, state.height, block_hash, hashlib.sha256(state_bytes(state)).digest()
-        )
+        return cls.of_bytes(state.market, state.height, block_hash, state_bytes(state))
+
+    @classmethod
+    def of_bytes(cls, market: str, height: int, block_hash: bytes, data: bytes) -> Attestation:
+        """The attestation of a state already encoded by `state_bytes`."""
+        return cls(market, height, block_hash, hashlib.sha256(data).digest())
 
     def statement(self) -> bytes:
         return statement(self.market, self.height, self.block_hash, self.digest)
@@ -359,9 +362,9 @@ def attest(
 
 @dataclass
 class _Open:
-    state: st.LedgerState
-    block_hash: bytes
     attestation: Attestation
+    state: bytes  # `state_bytes` of the state the attestation hashes
+    membership: Membership  # in force after that block: who may sign
     signatures: dict[str, bytes]
 
 
@@ -379,9 +382,13 @@ class Collector:
         self._open: dict[int, _Open] = {}
 
     def propose(self, state: st.LedgerState, block_hash: bytes) -> bytes:
-        """Open the checkpoint of `state` (the state after block `state.height`)."""
-        attestation = Attestation.of(state, block_hash)
-        self._open[state.height] = _Open(state, block_hash, attestation, {})
+        """Open the checkpoint of `state` (the state after block `state.height`).
+
+        The state is encoded now: what is stored later is exactly what was proposed.
+        """
+        data = state_bytes(state)
+        attestation = Attestation.of_bytes(state.market, state.height, block_hash, data)
+        self._open[state.height] = _Open(attestation, data, state.membership, {})
         for height in sorted(self._open)[: -self.keep]:
             del self._open[height]
         return attestation.statement()
@@ -402,13 +409,16 @@ class Collector:
                 f"and state digest {got.digest.hex()}, the ledger's are "
                 f"{want.block_hash.hex()[:16]} and {want.digest.hex()}: not counted"
             )
-        key = pending.state.membership.key_of(sender)
+        key = pending.membership.key_of(sender)
         if key is None:
             raise CheckpointError(f"{sender} is not a member at height {got.height}")
         if not key.verify(vote.signature, want.statement()):
             raise CheckpointError(f"{sender}'s signature over checkpoint {got.height} is invalid")
         pending.signatures[sender] = vote.signature
-        if len(pending.signatures) < pending.state.membership.quorum:
+        if len(pending.signatures) < pending.membership.quorum:
             return None
         del self._open[got.height]
-        return combine(pending.state, pending.block_hash, sorted(pending.signatures.items()))
+        qc = QuorumCertificate.collect(want.statement(), sorted(pending.signatures.items()))
+        checkpoint = Checkpoint(want.height, want.block_hash, want.digest, pending.state, qc)
+        check(checkpoint, want.market, pending.membership)
+        return checkpoint
