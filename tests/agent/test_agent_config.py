@@ -225,6 +225,11 @@ CASES: list[tuple[str, Callable[[Path], None], str]] = [
         _append("[consensus]\nbid_lead_s = 3600.5\n"),
         "consensus.bid_lead_s: must be in (0, 3600], got 3600.5",
     ),
+    (
+        "no-checkpoint-interval",
+        _append("[market]\ncheckpoint_interval_blocks = 0\n"),
+        "market.checkpoint_interval_blocks: must be > 0, got 0",
+    ),
 ]
 
 

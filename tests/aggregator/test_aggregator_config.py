@@ -77,6 +77,7 @@ BAD = [
     ('remedies = ["ftr", "ftr"]\n', "", "aggregator.remedies: must list distinct remedies of"),
     ("remedies = 3\n", "", "aggregator.remedies: must be an array, not an integer"),
     ("max_readings_per_block = 0\n", "", "aggregator.max_readings_per_block: must be > 0, got 0"),
+    ("checkpoint_interval_blocks = 0\n", "", "aggregator.checkpoint_interval_blocks: must be > 0"),
     ("", "keepalive_s = -1\n", "broker.keepalive_s: must be > 0, got -1"),
     ("", "username = 5\n", "broker.username: must be a string, not an integer"),
     (
