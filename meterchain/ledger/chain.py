@@ -203,16 +203,7 @@ def check_block_frame(
 ) -> tuple[Header, list[Tx]]:
     """Header bytes, hash, link, transaction hashes and body root of one stored block."""
     height = expected_height
-    try:
-        header = Header.decode(stored.header_raw)
-    except BlockError as exc:
-        raise ChainError(height, f"header: {exc}") from exc
-    if header.height != height:
-        raise ChainError(height, f"header says height {header.height}")
-    if hashlib.sha256(stored.header_raw).digest() != stored.hash:
-        raise ChainError(height, "stored header hash does not match the header bytes")
-    if header.prev != prev_hash:
-        raise ChainError(height, "previous-header hash does not match the block before it")
+    header = _linked_header(height, stored.hash, stored.header_raw, prev_hash)
     for idx, position in enumerate(stored.positions):
         if position != idx:
             raise ChainError(height, f"transaction stored at position {position}, not {idx}")
@@ -230,6 +221,21 @@ def check_block_frame(
     if root_of_hashes([leaf_hash(raw) for _, _, raw in stored.txs]) != header.root:
         raise ChainError(height, "body Merkle root does not match the header")
     return header, txs
+
+
+def _linked_header(height: int, block_hash: bytes, header_raw: bytes, prev_hash: bytes) -> Header:
+    """The stored header at `height`, if its bytes hash to `block_hash` and link to `prev_hash`."""
+    try:
+        header = Header.decode(header_raw)
+    except BlockError as exc:
+        raise ChainError(height, f"header: {exc}") from exc
+    if header.height != height:
+        raise ChainError(height, f"header says height {header.height}")
+    if hashlib.sha256(header_raw).digest() != block_hash:
+        raise ChainError(height, "stored header hash does not match the header bytes")
+    if header.prev != prev_hash:
+        raise ChainError(height, "previous-header hash does not match the block before it")
+    return header
 
 
 def check_qc(stored: StoredBlock, header: Header, state: LedgerState) -> None:
@@ -443,16 +449,7 @@ def _linked_block(
     report: VerifyReport,
 ) -> bytes:
     """One block below a checkpoint: header hash and link, body root, memberships; its hash."""
-    try:
-        header = Header.decode(header_raw)
-    except BlockError as exc:
-        raise ChainError(height, f"header: {exc}") from exc
-    if header.height != height:
-        raise ChainError(height, f"header says height {header.height}")
-    if hashlib.sha256(header_raw).digest() != block_hash:
-        raise ChainError(height, "stored header hash does not match the header bytes")
-    if header.prev != prev_hash:
-        raise ChainError(height, "previous-header hash does not match the block before it")
+    header = _linked_header(height, block_hash, header_raw, prev_hash)
     if header.market != tracker.market:
         raise ChainError(height, f"header names market {header.market!r}")
     leaves = []
