@@ -12,9 +12,9 @@ sealed while it was down wait at the broker and are applied in order when it
 is back. Every `[market] checkpoint_interval_blocks` blocks the aggregator
 proposes a checkpoint of its state on `.../checkpoint`; the link signs it on
 `mc/<market>/c/<node>/checkpoint-vote` only if it names this copy's own state
-after that block, and otherwise logs why and stays silent. The edge agent (role "node")
-runs one next to its SDBFT node (`start_reviewer`); the store is only touched
-from the link's own worker thread.
+after that block, and otherwise logs why and stays silent. The edge agent
+(role "node") runs one next to its SDBFT node (`start_reviewer`); the store is
+only touched from the link's own worker thread.
 """
 
 from __future__ import annotations
