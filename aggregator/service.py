@@ -505,17 +505,25 @@ class Aggregator:
                 consensus_topic(self.market, self.node_id, "genesis"), sealed, qos=1, retain=True
             )
         if cp.is_due(block.height, self.cfg.aggregator.checkpoint_interval_blocks):
-            # After the sealed block, so a member that applies it from there has it first.
-            assert self.former.state is not None
-            statement = self.checkpoints.propose(self.former.state, block.hash)
-            self.client.publish(
-                consensus_topic(self.market, self.node_id, "checkpoint"), statement, qos=1
-            )
+            self._propose_checkpoint(block.hash)
         log.info(
             "block committed",
             extra={"height": block.height, "hash": block.hash.hex()[:16],
                    "signers": ",".join(sorted(r.votes))},
         )  # fmt: skip
+
+    def _propose_checkpoint(self, block_hash: bytes) -> None:
+        """Ask the members to sign the state after the block just committed (and sealed, so a
+        member that applies it from there has it first)."""
+        assert self.former is not None and self.former.state is not None
+        try:
+            statement = self.checkpoints.propose(self.former.state, block_hash)
+        except cp.CheckpointError as exc:  # the block stands; only its checkpoint is missed
+            log.error("checkpoint at height %d not proposed: %s", self.former.state.height, exc)
+            return
+        self.client.publish(
+            consensus_topic(self.market, self.node_id, "checkpoint"), statement, qos=1
+        )
 
     def _give_up(self, r: Round) -> None:
         self.round = None
