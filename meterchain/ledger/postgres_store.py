@@ -28,7 +28,7 @@ SCHEMA = [
         height BIGINT NOT NULL,
         idx INTEGER NOT NULL,
         pos INTEGER NOT NULL,
-        digest BYTEA NOT NULL UNIQUE,
+        digest BYTEA NOT NULL,  -- no index: see LedgerStore.find_reading
         meter_id TEXT NOT NULL,
         seq BIGINT NOT NULL,
         time BIGINT NOT NULL,

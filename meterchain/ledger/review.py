@@ -231,7 +231,7 @@ def review_block(proposal: Proposal, ctx: ReviewContext) -> Vote | Refusal:
         return Refusal(f"block time {header.time} is ahead of my clock {ctx.now}")
     for idx, batch in proposal.readings.items():
         for r in batch:
-            if ctx.readings.reading(r.digest) is not None:
+            if ctx.readings.meter_readings(r.meter_id, r.seq - 1, r.seq):
                 return Refusal(f"block {header.height}: tx {idx}: reading {r.meter_id}:{r.seq} "
                                "is already committed")  # fmt: skip
     try:

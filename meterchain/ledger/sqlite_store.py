@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS readings (
     height INTEGER NOT NULL,
     idx INTEGER NOT NULL,
     pos INTEGER NOT NULL,
-    digest BLOB NOT NULL UNIQUE,
+    digest BLOB NOT NULL,  -- no index: see LedgerStore.find_reading
     meter_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
     time INTEGER NOT NULL,
@@ -85,10 +85,10 @@ class SQLiteStore(LedgerStore):
             )
             # FULL: a committed block survives power loss, not only a process crash.
             self._db.execute("PRAGMA synchronous=FULL")
-            # Each committed reading dirties a page of the digest index at a random place, so
-            # a long ledger's blocks touch about one page per reading; a WAL checkpoint every
-            # 4,000 pages (16 MB) instead of 1,000 writes a page touched by several blocks
-            # back once (`bench ledger`, commit_over_days).
+            # A long ledger's blocks dirty index pages at many places (and, in a ledger made
+            # before the digest index was dropped, one random page per reading); a WAL
+            # checkpoint every 4,000 pages (16 MB) instead of 1,000 writes a page touched by
+            # several blocks back once (`bench ledger`, commit_over_days).
             self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
             row = self._schema_version()
             if row is None and not create:

@@ -297,7 +297,16 @@ class LedgerStore(abc.ABC):
         return [(int(h), int(i), int(p)) for h, i, p in rows]
 
     def find_reading(self, digest: bytes) -> tuple[int, int, int, ReadingRow] | None:
-        """(height, tx index, position, row) of a committed reading."""
+        """(height, tx index, position, row) of a committed reading (proofs: not a hot path).
+
+        Readings are not indexed by digest: an index on a hash takes each reading at
+        a random place, so once it outgrew a block every reading dirtied its own page
+        and a block's commit cost grew with the ledger (`bench ledger`,
+        commit_over_days). A digest is unique all the same (it hashes the signed
+        bytes, which name the meter and sequence the table keeps unique), and the
+        ledger rules and block review look readings up by meter and sequence. A
+        ledger made before this keeps its digest index, which this query then uses.
+        """
         rows = self._execute(
             "SELECT height, idx, pos, digest, meter_id, seq, time, import_wh, export_wh, cose "
             "FROM readings WHERE digest = ?",
