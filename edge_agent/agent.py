@@ -31,6 +31,7 @@ from edge_agent.forecast import (
     load_profile,
 )
 from edge_agent.ingest import Ingest, Outcome
+from edge_agent.ingest_pool import IngestPool
 from edge_agent.metrics import AgentMetrics
 from edge_agent.modbus import MeterPoller, MeterSample, ModbusBus
 from edge_agent.rounds import Clearing, RoundDriver, RoundOutcome, StandaloneClearing
@@ -88,6 +89,15 @@ class Agent:
             on_batch=self.metrics.batch,
             on_outbox_dropped=self.metrics.outbox_dropped.inc,
         )
+        # Readings of registered meters go to the ingest worker processes when there are
+        # any; this process's own session then only takes gateway readings and states.
+        workers = config.broker.ingest_workers
+        self.pool = (
+            IngestPool(config, self.metrics, on_state=lambda up: self._mqtt_state(pool=up))
+            if workers
+            else None
+        )
+        self._mqtt_up = {"link": False, "pool": self.pool is None}
         self.link = BrokerLink(
             url=config.broker.url,
             client_id=config.broker.client_id,
@@ -99,9 +109,12 @@ class Agent:
             password=config.broker_password,
             ca_file=str(config.broker.ca_file) if config.broker.ca_file else None,
             keepalive_s=config.broker.keepalive_s,
-            on_connected=lambda up: self.metrics.mqtt_connected.set(1 if up else 0),
+            on_connected=lambda up: self._mqtt_state(link=up),
             on_subscribed=self._subscribed,
             on_board_state=lambda meter, payload: self.status.board_state(meter, payload),
+            reading_filters=[] if workers else None,
+            # A session that ingested the whole market before keeps that subscription.
+            drop_filters=[f"mc/{config.agent.market}/r/+"] if workers else None,
         )
         self.worker.on_outbox = self.link.pump_outbox
         self.ingest.on_watermarks = self.link.publish_acks
@@ -189,6 +202,19 @@ class Agent:
             return submit_lead_s(self.config)
         return self.config.consensus.bid_lead_s
 
+    def _mqtt_state(self, **up: bool) -> None:
+        """Connected means this process's session and every ingest worker's."""
+        self._mqtt_up.update(up)
+        self.metrics.mqtt_connected.set(1 if all(self._mqtt_up.values()) else 0)
+
+    def ingest_failed(self) -> bool:
+        """The writer of this process, or an ingest worker's, failed on storage."""
+        return self.worker.stopped.is_set() or (self.pool is not None and self.pool.failed.is_set())
+
+    def _wait_ingest_failed(self) -> None:
+        while not self.ingest_failed():
+            self.worker.stopped.wait(0.5)
+
     def _subscribed(self) -> None:
         # From the first subscription on, the broker keeps readings for us while we are down.
         service.notify("STATUS=subscribed to readings")
@@ -203,7 +229,7 @@ class Agent:
             log.debug("gateway reading of %s rejected: %s", meter_id, result.detail)
 
     async def _watchdog(self, interval_s: float) -> None:
-        while not self.worker.stopped.is_set():
+        while not self.ingest_failed():
             service.notify("WATCHDOG=1")
             await asyncio.sleep(interval_s)
 
@@ -227,6 +253,8 @@ class Agent:
                     f"{exc.strerror}",
                 ) from exc
         self.worker.start()
+        if self.pool is not None:
+            self.pool.start()
         self.link.start()
         if cfg.consensus.role == "node" and cfg.consensus.aggregator:
             from edge_agent.reviewer import start_reviewer
@@ -247,7 +275,7 @@ class Agent:
             len(self.pollers),
             cfg.broker.url,
         )
-        writer_died = asyncio.ensure_future(asyncio.to_thread(self.worker.stopped.wait))
+        writer_died = asyncio.ensure_future(asyncio.to_thread(self._wait_ingest_failed))
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({writer_died, stopping}, return_when=asyncio.FIRST_COMPLETED)
         service.notify("STOPPING=1")
@@ -258,6 +286,8 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await asyncio.to_thread(self.worker.stop)
+        if self.pool is not None:
+            await asyncio.to_thread(self.pool.stop)
         self.link.stop()
         if self.consensus is not None:
             self.consensus.runner.stop()
@@ -272,6 +302,9 @@ class Agent:
         self.store.close()
         if self.worker.failure is not None:
             log.critical("exiting after a storage failure: %r", self.worker.failure)
+            return 1
+        if self.pool is not None and self.pool.failed.is_set():
+            log.critical("exiting after a storage failure in an ingest worker")
             return 1
         log.info("stopped cleanly")
         return 0

@@ -16,7 +16,12 @@ backoff; this class owns the session policy:
   watermarks of the batch's own meters are published retained, QoS 1, on
   `mc/<market>/ack/<meter_id>`; a board frees its spool only on these, so a
   PUBACK the broker then loses (kill -9, a dropped queue) costs a resend,
-  never a reading.
+  never a reading;
+- which readings: the whole market (`mc/<market>/r/+`), or, in an ingest
+  worker process (edge_agent.ingest_pool), explicit per-meter filters for
+  the meters it owns, subscribed in batches. The persistent session keeps
+  old subscriptions, so filters another session now owns are unsubscribed
+  on every connect.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ log = logging.getLogger("meterchain.agent.mqtt")
 
 ACKS_IN_FLIGHT = 1000
 VERIFY_THREADS = 2  # signature checks in parallel with receiving
+SUBSCRIBE_BATCH = 500  # topic filters per SUBSCRIBE packet (10,000 meters: 20 packets)
 
 
 class BrokerLink:
@@ -63,6 +69,9 @@ class BrokerLink:
         on_connected: Callable[[bool], None] | None = None,
         on_subscribed: Callable[[], None] | None = None,
         on_board_state: Callable[[str, bytes], None] | None = None,
+        reading_filters: list[str] | None = None,
+        gateway_readings: bool = True,
+        drop_filters: list[str] | None = None,
     ) -> None:
         parts = urlsplit(url)
         self.host = parts.hostname or "localhost"
@@ -82,6 +91,13 @@ class BrokerLink:
         self.on_board_state = on_board_state
         self._status_prefix = f"mc/{self.market}/status/"
         self._status_mid: int | None = None
+        # Readings: the whole market unless an ingest worker names its meters' topics.
+        self.reading_filters = (
+            [f"mc/{self.market}/r/+"] if reading_filters is None else list(reading_filters)
+        )
+        self.gateway_readings = gateway_readings
+        self.drop_filters = list(drop_filters or [])
+        self._subscribe_mids: set[int] = set()
         self.connected = False
         self._epoch = 0
         self._lock = threading.Lock()
@@ -120,7 +136,8 @@ class BrokerLink:
 
     @property
     def topics(self) -> list[tuple[str, int]]:
-        return [(f"mc/{self.market}/r/+", 1), (gateway_subscription(self.market), 1)]
+        gateway = [gateway_subscription(self.market)] if self.gateway_readings else []
+        return [(topic, 1) for topic in self.reading_filters + gateway]
 
     def start(self) -> None:
         self._client.connect_async(self.host, self.port, keepalive=self.keepalive_s)
@@ -149,7 +166,15 @@ class BrokerLink:
         log.info(
             "connected to %s:%d (session present: %s)", self.host, self.port, flags.session_present
         )
-        client.subscribe(self.topics)
+        if self.drop_filters:
+            client.unsubscribe(self.drop_filters)
+        topics = self.topics
+        with self._lock:
+            self._subscribe_mids.clear()
+            for i in range(0, len(topics), SUBSCRIBE_BATCH):
+                self._subscribe_mids.add(client.subscribe(topics[i : i + SUBSCRIBE_BATCH])[1])
+        if not topics:  # a worker whose partition holds no meter yet
+            self.on_subscribed()
         if self.on_board_state is not None:  # apart, so an ACL without it refuses only this
             self._status_mid = client.subscribe(self._status_prefix + "+", 1)[1]
         self.on_connected(True)
@@ -178,9 +203,13 @@ class BrokerLink:
                 log.warning("boards' online states are not readable: %s (broker ACL)", refused)
             return
         if refused:
-            log.error("broker refused the subscription to %s: %s", self.topics, refused)
+            log.error("broker refused %d of the reading subscriptions: %s", len(refused), refused)
             return
-        self.on_subscribed()
+        with self._lock:
+            self._subscribe_mids.discard(mid)
+            complete = not self._subscribe_mids
+        if complete:
+            self.on_subscribed()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         epoch = self._epoch

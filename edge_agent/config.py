@@ -30,6 +30,7 @@ checks are shared with the aggregator (meterchain.config_files). A minimal file:
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ from meterchain.reading import SOURCES
 from meterchain.site.clock import REAL_TIME, MarketClock, check_clock
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_INGEST_WORKERS = os.cpu_count() or 1  # one ingest process per core
+MAX_INGEST_WORKERS = 64
 ROLES = ("node", "submitter", "standalone")
 SETPOINT_KINDS = ("storage_charge_w", "storage_discharge_w", "storage_power_w", "gas_turbine_w")
 
@@ -85,6 +88,18 @@ class BrokerSection:
     # until it has waited this long as the lowest one pending (s); keep it above the
     # boards' ack_timeout_s, in real seconds whatever the market clock's speed.
     gap_hold_s: float = 300.0
+    # Ingest worker processes (edge_agent.ingest_pool), each owning the meters a stable
+    # hash assigns it: its own MQTT session with one filter per meter, verification,
+    # commits to the shared database and acknowledgements. 0: ingest in the agent
+    # process, subscribed to the whole market (unregistered meters' readings included).
+    ingest_workers: int = DEFAULT_INGEST_WORKERS
+    # Worker k connects as f"{ingest_username}{k}" (a broker with
+    # `use_username_as_clientid` needs one user per connection). Default: username.
+    ingest_username: str = ""
+
+    def ingest_user(self, worker: int) -> str:
+        """The broker user ingest worker `worker` connects as."""
+        return f"{self.ingest_username}{worker}" if self.ingest_username else self.username
 
 
 @dataclass(frozen=True)
@@ -329,7 +344,13 @@ def _check_broker(check: TableChecker, broker: BrokerSection, agent: AgentSectio
         check.fail("broker.batch_max", f"must be 1 .. 1000, got {broker.batch_max}")
     check.positive(broker.batch_wait_ms, "broker.batch_wait_ms", allow_zero=True)
     check.positive(broker.gap_hold_s, "broker.gap_hold_s")
-    for key in ("username", "consensus_username", "review_username"):
+    if not 0 <= broker.ingest_workers <= MAX_INGEST_WORKERS:
+        check.fail(
+            "broker.ingest_workers",
+            f"must be 0 .. {MAX_INGEST_WORKERS} (0: ingest in the agent process), "
+            f"got {broker.ingest_workers}",
+        )
+    for key in ("username", "consensus_username", "review_username", "ingest_username"):
         if getattr(broker, key):
             check.name(getattr(broker, key), f"broker.{key}", "user")
     username = broker.username or (agent.node_id if broker.password_file else "")

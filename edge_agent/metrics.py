@@ -10,12 +10,19 @@ Per-meter series are bounded: the first `max_meter_series` meters get their
 own label; readings of any further meter count under `meter="_other"` and
 only the oldest-age gauge covers them, so a scrape stays small with tens of
 thousands of meters.
+
+Ingest worker processes (edge_agent.ingest_pool) count into an `IngestTally`
+and ship it to the agent process, which adds it here (`add_tally`): one set
+of series for every meter, whichever process ingested it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -156,16 +163,19 @@ class AgentMetrics:
     # -- IngestObserver -----------------------------------------------------------
 
     def accepted(self, reading: Reading, owner: str) -> None:
-        meter = reading.meter_id
+        self.count_accepted(reading.meter_id, reading.time)
+
+    def count_accepted(self, meter: str, last_time: int, n: int = 1) -> None:
+        """`n` readings of `meter` accepted, the last of them taken at `last_time` (Unix s)."""
         if meter not in self._last_time:
             if len(self._labelled) < self.max_meter_series:
                 self._labelled.add(meter)
                 self.last_reading_age.labels(meter).set_function(
                     lambda: self._clock() - self._last_time[meter]
                 )
-        self._last_time[meter] = reading.time
+        self._last_time[meter] = max(last_time, self._last_time.get(meter, last_time))
         label = meter if meter in self._labelled else self.OTHER_METERS
-        self.readings_accepted.labels(label).inc()
+        self.readings_accepted.labels(label).inc(n)
 
     def last_reading_times(self) -> dict[str, int]:
         """Every meter seen: the time (Unix s) of its last accepted reading."""
@@ -194,3 +204,78 @@ class AgentMetrics:
     def batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.batch_seconds.observe(seconds)
+
+    def add_tally(self, tally: IngestTally) -> None:
+        """Count what an ingest worker process reported (edge_agent.ingest_pool)."""
+        for meter, (n, last_time) in tally.by_meter.items():
+            self.count_accepted(meter, last_time, n)
+        if tally.duplicates:
+            self.readings_duplicate.inc(tally.duplicates)
+        for reason, n in tally.rejections.items():
+            self.readings_rejected.labels(reason).inc(n)
+        for reason, n in tally.deferrals.items():
+            self.readings_deferred.labels(reason).inc(n)
+        for size, seconds in tally.batches:
+            self.batch(size, seconds)
+
+
+@dataclass
+class IngestTally:
+    """Ingest outcomes since the last `take`: the IngestObserver of an ingest worker process.
+
+    Written by the worker's writer thread, taken by the thread that reports
+    to the agent (under one lock); small (per meter: count and last reading
+    time) and picklable.
+    """
+
+    by_meter: dict[str, tuple[int, int]] = field(default_factory=dict)  # meter -> (n, last time)
+    duplicates: int = 0
+    rejections: dict[str, int] = field(default_factory=dict)  # reason -> n
+    deferrals: dict[str, int] = field(default_factory=dict)  # reason -> n
+    batches: list[tuple[int, float]] = field(default_factory=list)  # (size, seconds)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def take(self) -> IngestTally:
+        """What was counted since the last call; counting starts again from zero."""
+        with self._lock:
+            taken = dataclasses.replace(self)
+            self.by_meter, self.duplicates, self.rejections = {}, 0, {}
+            self.deferrals, self.batches = {}, []
+        return taken
+
+    def empty(self) -> bool:
+        return not (
+            self.by_meter or self.duplicates or self.rejections or self.deferrals or self.batches
+        )
+
+    # -- IngestObserver and batch timings (the writer thread) ----------------------
+
+    def accepted(self, reading: Reading, owner: str) -> None:
+        with self._lock:
+            n, _ = self.by_meter.get(reading.meter_id, (0, 0))
+            self.by_meter[reading.meter_id] = (n + 1, reading.time)
+
+    def duplicate(self, reading: Reading) -> None:
+        with self._lock:
+            self.duplicates += 1
+
+    def rejected(self, reason: str) -> None:
+        with self._lock:
+            self.rejections[reason] = self.rejections.get(reason, 0) + 1
+
+    def deferred(self, reason: str) -> None:
+        with self._lock:
+            self.deferrals[reason] = self.deferrals.get(reason, 0) + 1
+
+    def batch(self, size: int, seconds: float) -> None:
+        with self._lock:
+            self.batches.append((size, seconds))

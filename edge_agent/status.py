@@ -63,9 +63,11 @@ class AgentStatus:
     def health(self) -> Health:
         a = self.agent
         reasons = []
-        live = not a.worker.stopped.is_set()
+        live = not a.ingest_failed()
         if not live:
             reasons.append("the ingest writer stopped (storage failure)")
+        if a.pool is not None and not a.pool.up:
+            reasons.append("an ingest worker is not connected and subscribed")
         if not a.link.connected:
             reasons.append(f"not connected to the broker {a.config.broker.url}")
         if a.consensus is not None and not a.consensus.runner.link.connected.is_set():
