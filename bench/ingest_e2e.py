@@ -6,7 +6,7 @@ synchronous=FULL, acknowledgement after commit), and meter fleets in
 processes of their own that behave like boards towards the end-to-end
 acknowledgement: each meter keeps what it produced until the agent's
 retained watermark on `mc/<market>/ack/<meter_id>` covers it, and resends
-everything above the watermark when it has not moved for `ACK_TIMEOUT_S`.
+everything above the watermark when it has not moved for `Plan.ack_timeout_s`.
 Readings are signed before the clock starts (a board signs on its own CPU).
 
 Two phases: `sustained` offers the target rate for `sustain_s`; `overload`
@@ -42,9 +42,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import select
 import shutil
+import signal
+import socket
 import sqlite3
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
@@ -57,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.ingest import prepare_anchor, raw_verify_seconds
+from edge_agent.config import DEFAULT_INGEST_WORKERS
 from edge_agent.energy import HOUR_S, hour_start
 from hil.broker import MosquittoBroker, free_port
 from meterchain import codec
@@ -71,6 +76,8 @@ NODE = "mg1"
 ACK_TIMEOUT_S = 30.0  # boards resend the unacknowledged after this (firmware: 5..86400 s, 120)
 FLEETS = 2  # meter fleet processes (each one MQTT connection, like a gateway of boards)
 _WARMUP_S = 3
+_KEEPALIVE_S = 60
+BOARD_WINDOW = 8  # QoS 1 publishes a board keeps in flight (firmware broker.inflight default)
 
 
 def _meter_id(i: int) -> str:
@@ -89,6 +96,13 @@ class Plan:
     overload_s: float
     drain_s: float
     t0: int  # time of each meter's reading 0 (Unix s)
+    ingest_workers: int = DEFAULT_INGEST_WORKERS  # the agent's broker.ingest_workers
+    ack_timeout_s: float = ACK_TIMEOUT_S
+    broker_inflight: int = 1000  # Mosquitto's max_inflight_messages
+    broker_queue: int = 100_000  # Mosquitto's max_queued_messages (it drops beyond, silently)
+    # The agent is frozen (SIGSTOP, with its workers) for this long as the overload starts:
+    # a stalled disk or a starved CPU, while the readings pile up at the broker.
+    agent_stall_s: float = 0.0
 
     def per_meter(self) -> int:
         total = self.rate * self.sustain_s + 2 * self.rate * self.overload_s
@@ -98,16 +112,144 @@ class Plan:
 # -- the meter fleets (child processes) ---------------------------------------------
 
 
+class FleetLink:
+    """A lean MQTT 3.1.1 client over TLS for the load generator, speaking what boards speak.
+
+    QoS 1 PUBLISH packets are encoded here and written many per TLS record,
+    and incoming packets are parsed out of large reads, so a fleet of
+    thousands of meters costs the shared cores little next to the agent it
+    measures. Boards' behaviour is kept by `Fleet`: QoS 1 publishes, readings
+    kept until the agent's watermark covers them, resent above it.
+    One thread only (the fleet's loop): writes are blocking, reads polled.
+    """
+
+    def __init__(self, broker: dict[str, Any], client_id: str) -> None:
+        context = ssl.create_default_context(cafile=broker["ca"])
+        raw = socket.create_connection((broker["host"], broker["port"]), timeout=30)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = context.wrap_socket(raw, server_hostname=broker["host"])
+        self.sock.settimeout(None)
+        self.rx = bytearray()
+        self.tx: list[bytes] = []
+        self.pid = 0
+        body = (
+            _mqtt_str(b"MQTT") + bytes([4, 0xC2]) + struct.pack("!H", _KEEPALIVE_S)
+            + _mqtt_str(client_id.encode()) + _mqtt_str(broker["user"].encode())
+            + _mqtt_str(broker["password"].encode())
+        )  # fmt: skip
+        self.sock.sendall(_packet(0x10, body))
+        head, payload = self._read_packet()
+        if head != 0x20 or payload[1] != 0:
+            raise RuntimeError(f"broker refused the fleet: CONNACK {payload.hex()}")
+
+    def _next_pid(self) -> int:
+        self.pid = self.pid % 65535 + 1
+        return self.pid
+
+    def subscribe(self, topics: list[str], batch: int = 500) -> None:
+        """Subscribe QoS 1 to `topics` (in batches) and wait for every SUBACK."""
+        waiting = set()
+        for i in range(0, len(topics), batch):
+            pid = self._next_pid()
+            body = struct.pack("!H", pid) + b"".join(
+                _mqtt_str(t.encode()) + b"\x01" for t in topics[i : i + batch]
+            )
+            self.sock.sendall(_packet(0x82, body))
+            waiting.add(pid)
+        while waiting:
+            head, payload = self._read_packet()
+            if head == 0x90:
+                if 0x80 in payload[2:]:
+                    raise RuntimeError("broker refused a fleet subscription")
+                waiting.discard(struct.unpack_from("!H", payload)[0])
+
+    def publish(self, topic: bytes, payload: bytes) -> None:
+        """Queue a QoS 1 PUBLISH (written at the next `flush`)."""
+        self.tx.append(
+            _packet(0x32, _mqtt_str(topic) + struct.pack("!H", self._next_pid()) + payload)
+        )
+
+    def ping(self) -> None:
+        self.tx.append(b"\xc0\x00")
+
+    def flush(self) -> None:
+        if self.tx:
+            data = b"".join(self.tx)
+            self.tx.clear()
+            self.sock.sendall(data)
+
+    def poll(self) -> list[tuple[bytes, bytes]]:
+        """The application messages that arrived (topic, payload); QoS 1 ones are PUBACKed."""
+        while self.sock.pending() or select.select([self.sock], [], [], 0)[0]:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise RuntimeError("the broker closed the fleet's connection")
+            self.rx += chunk
+        messages = []
+        while (parsed := _parse(self.rx)) is not None:
+            head, payload, used = parsed
+            del self.rx[:used]
+            if head & 0xF0 == 0x30:
+                (n,) = struct.unpack_from("!H", payload)
+                topic, rest = payload[2 : 2 + n], payload[2 + n :]
+                if head & 0x06:  # QoS 1: the packet id, then the payload
+                    self.tx.append(b"\x40\x02" + rest[:2])
+                    rest = rest[2:]
+                messages.append((bytes(topic), bytes(rest)))
+        return messages
+
+    def _read_packet(self) -> tuple[int, bytes]:
+        while (parsed := _parse(self.rx)) is None:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise RuntimeError("the broker closed the fleet's connection")
+            self.rx += chunk
+        head, payload, used = parsed
+        del self.rx[:used]
+        return head, payload
+
+    def close(self) -> None:
+        try:
+            self.flush()
+            self.sock.sendall(b"\xe0\x00")
+        finally:
+            self.sock.close()
+
+
+def _mqtt_str(data: bytes) -> bytes:
+    return struct.pack("!H", len(data)) + data
+
+
+def _packet(head: int, body: bytes) -> bytes:
+    n, length = len(body), bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        length.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes([head]) + bytes(length) + body
+
+
+def _parse(buf: bytearray) -> tuple[int, bytes, int] | None:
+    """(first byte, body, bytes used) of the first whole packet in `buf`, or None."""
+    n = shift = 0
+    for i in range(1, min(len(buf), 5)):
+        n |= (buf[i] & 0x7F) << shift
+        shift += 7
+        if not buf[i] & 0x80:
+            end = i + 1 + n
+            return (buf[0], bytes(buf[i + 1 : end]), end) if len(buf) >= end else None
+    return None
+
+
 class Fleet:
     """Meters `ids` behind one MQTT connection, acting as boards towards the acknowledgement."""
 
     def __init__(self, ids: list[int], plan: Plan, broker: dict[str, Any]) -> None:
-        import paho.mqtt.client as mqtt
-
         self.plan = plan
         self.ids = ids
         self.names = [_meter_id(i) for i in ids]
-        self.index = {name: k for k, name in enumerate(self.names)}
+        self.topics = [f"mc/{MARKET}/r/{name}".encode() for name in self.names]
+        self.index = {f"mc/{MARKET}/ack/{name}".encode(): k for k, name in enumerate(self.names)}
         n = plan.per_meter()
         self.signed = [
             [
@@ -123,64 +265,65 @@ class Fleet:
         self.progress = [0.0] * len(ids)  # when the watermark last moved (or a rewind)
         self.resent = 0
         self.published = 0
-        self.lock = threading.Lock()
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"fleet-{ids[0]}",
-            protocol=mqtt.MQTTv311,
-            clean_session=True,
-        )
-        self.client.username_pw_set(broker["user"], broker["password"])
-        self.client.tls_set(ca_certs=broker["ca"], tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        self.client.max_inflight_messages_set(1000)
-        self.client.max_queued_messages_set(0)
-        subscribed = threading.Event()
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"mc/{MARKET}/ack/+", qos=1)
-        self.client.on_subscribe = lambda c, u, mid, rcs, p: subscribed.set()
-        self.client.on_message = self._on_ack
-        self.client.connect(broker["host"], broker["port"], keepalive=30)
-        self.client.loop_start()
-        if not subscribed.wait(30):
-            raise RuntimeError("fleet could not subscribe to acknowledgements")
+        # Resending after a rewind: up to where (a board resends its spool through its
+        # in-flight window, not all at once).
+        self.cursor = [0] * len(ids)
+        self.resending: set[int] = set()
+        self.link = FleetLink(broker, f"fleet-{ids[0]}")
+        # Each board subscribes to its own acknowledgement topic only.
+        self.link.subscribe([f"mc/{MARKET}/ack/{name}" for name in self.names])
+        self.last_ping = time.monotonic()
 
-    def _on_ack(self, client: Any, userdata: Any, message: Any) -> None:
-        k = self.index.get(message.topic.rsplit("/", 1)[-1])
-        if k is None:
-            return
-        try:
-            ack = codec.decode(bytes(message.payload))
-        except CodecError:
-            return
-        watermark = ack.get(2) if isinstance(ack, Mapping) else None
-        with self.lock:
+    def _service(self) -> None:
+        """Take the acknowledgements that arrived, resend, keep alive, write what is queued."""
+        now = time.monotonic()
+        for topic, payload in self.link.poll():
+            k = self.index.get(topic)
+            if k is None:
+                continue
+            try:
+                ack = codec.decode(payload)
+            except CodecError:
+                continue
+            watermark = ack.get(2) if isinstance(ack, Mapping) else None
             if type(watermark) is int and self.watermark[k] < watermark <= self.produced[k]:
                 self.watermark[k] = watermark
-                self.progress[k] = time.monotonic()
+                self.progress[k] = now
+        self._resend()
+        if now - self.last_ping > _KEEPALIVE_S / 3:
+            self.link.ping()
+            self.last_ping = now
+        self.link.flush()
 
     def _publish(self, k: int, seq: int) -> None:
-        self.client.publish(
-            f"mc/{MARKET}/r/{self.names[k]}", self.signed[k][seq - 1], qos=1
-        )
+        self.link.publish(self.topics[k], self.signed[k][seq - 1])
         self.published += 1
 
     def _rewind_stuck(self) -> None:
+        """Meters whose watermark has not moved for the ack timeout start again above it."""
         now = time.monotonic()
-        with self.lock:
-            stuck = [
-                (k, self.watermark[k], self.produced[k])
-                for k in range(len(self.ids))
-                if self.watermark[k] < self.produced[k] and now - self.progress[k] > ACK_TIMEOUT_S
-            ]
-            for k, _, _ in stuck:
+        for k in range(len(self.ids)):
+            stuck = now - self.progress[k] > self.plan.ack_timeout_s
+            if stuck and self.watermark[k] < self.produced[k]:
                 self.progress[k] = now
-        for k, low, high in stuck:
-            for seq in range(low + 1, high + 1):
+                self.cursor[k] = self.watermark[k]
+                self.resending.add(k)
+
+    def _resend(self) -> None:
+        """Resend above the watermark, at most a board's in-flight window ahead of it."""
+        for k in list(self.resending):
+            low, high = self.watermark[k], self.produced[k]
+            if low >= high:
+                self.resending.discard(k)
+                continue
+            top = min(high, low + BOARD_WINDOW)
+            for seq in range(max(self.cursor[k], low) + 1, top + 1):
                 self._publish(k, seq)
                 self.resent += 1
+            self.cursor[k] = max(self.cursor[k], top)
 
     def acknowledged(self) -> int:
-        with self.lock:
-            return sum(self.watermark)
+        return sum(self.watermark)
 
     def run(self, start_at: float) -> dict[str, Any]:
         plan = self.plan
@@ -202,15 +345,14 @@ class Fleet:
                 due = made_before + int(rate * (elapsed - phase_start))
                 while made < due:
                     k = made % len(self.ids)
-                    with self.lock:
-                        if self.produced[k] >= len(self.signed[k]):
-                            break
-                        self.produced[k] += 1
-                        if self.watermark[k] == self.produced[k] - 1:
-                            self.progress[k] = time.monotonic()
-                        seq = self.produced[k]
-                    self._publish(k, seq)
+                    if self.produced[k] >= len(self.signed[k]):
+                        break
+                    self.produced[k] += 1
+                    if self.watermark[k] == self.produced[k] - 1:
+                        self.progress[k] = time.monotonic()
+                    self._publish(k, self.produced[k])
                     made += 1
+                self._service()
                 if elapsed >= next_tick:
                     timeline.append((elapsed, made, self.acknowledged()))
                     self._rewind_stuck()
@@ -219,12 +361,14 @@ class Fleet:
             phase_start += duration
         deadline = time.monotonic() + plan.drain_s
         while self.acknowledged() < made and time.monotonic() < deadline:
-            timeline.append((time.monotonic() - begin, made, self.acknowledged()))
-            self._rewind_stuck()
-            time.sleep(0.5)
+            self._service()
+            if time.monotonic() - begin >= next_tick:
+                timeline.append((time.monotonic() - begin, made, self.acknowledged()))
+                self._rewind_stuck()
+                next_tick += 0.5
+            time.sleep(0.01)
         timeline.append((time.monotonic() - begin, made, self.acknowledged()))
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.link.close()
         return {
             "meters": list(zip(self.names, self.produced, self.watermark, strict=True)),
             "made": made,
@@ -249,7 +393,9 @@ def _fleet_main(ids: list[int], plan: Plan, broker: dict[str, Any], ready: Any, 
 # -- the site: broker, agent ---------------------------------------------------------
 
 
-def _write_site(root: Path, broker: MosquittoBroker, meters: int, metrics_port: int) -> Path:
+def _write_site(
+    root: Path, broker: MosquittoBroker, meters: int, metrics_port: int, ingest_workers: int
+) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     PrivateKey.from_secret(0x5EED).save(root / "node.key")
     secret = root / "broker.pass"
@@ -279,6 +425,7 @@ def _write_site(root: Path, broker: MosquittoBroker, meters: int, metrics_port: 
                 f'ca_file = "{broker.ca_file}"',
                 'password_file = "broker.pass"',
                 "batch_max = 256",
+                f"ingest_workers = {ingest_workers}",
                 "",
             ]
         )
@@ -317,17 +464,65 @@ def _accepted_total(port: int) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
 
 
-class Sampler(threading.Thread):
-    """The agent's accepted-readings counter, scraped every half second."""
+_TICKS = os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, port: int) -> None:
+
+def _process_tree_cpu(roots: list[int]) -> float:
+    """CPU seconds (user + system) used so far by `roots` and their live descendants (Linux)."""
+    parent: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        pid = int(entry.name)
+        parent[pid] = int(fields[1])
+        used[pid] = (int(fields[11]) + int(fields[12])) / _TICKS
+    total, wanted = 0.0, set(roots)
+    for pid in used:
+        p = pid
+        while p > 1 and p not in wanted:
+            p = parent.get(p, 0)
+        if p in wanted:
+            total += used[pid]
+    return total
+
+
+def _machine_cpu() -> tuple[float, float]:
+    """(busy, idle) CPU seconds of the whole machine so far, all cores."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks[:8]) - idle) / _TICKS, idle / _TICKS
+
+
+class Sampler(threading.Thread):
+    """Every half second: the agent's accepted-readings counter and where the CPU went.
+
+    CPU is split into the agent (with its ingest worker processes), the
+    broker, the meter fleets and everything else on the machine (other jobs:
+    the figures are only comparable when that is small).
+    """
+
+    def __init__(self, port: int, parts: dict[str, list[int]]) -> None:
         super().__init__(daemon=True)
         self.port = port
+        self.parts = parts  # component -> root pids
         self.samples: list[tuple[float, float]] = []  # (time.time(), accepted)
+        self.cpu: list[tuple[float, dict[str, float]]] = []  # (time.time(), CPU seconds)
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.wait(0.5):
+            busy, idle = _machine_cpu()
+            used = {name: _process_tree_cpu(pids) for name, pids in self.parts.items()}
+            used["other"] = busy - sum(used.values())
+            used["idle"] = idle
+            self.cpu.append((time.time(), used))
             try:
                 self.samples.append((time.time(), _accepted_total(self.port)))
             except OSError:
@@ -339,6 +534,26 @@ class Sampler(threading.Thread):
             return 0.0
         (t0, n0), (t1, n1) = inside[0], inside[-1]
         return (n1 - n0) / (t1 - t0)
+
+    def cores(self, start: float, end: float) -> dict[str, float]:
+        """Cores each component kept busy on average between `start` and `end`."""
+        inside = [(t, used) for t, used in self.cpu if start <= t <= end]
+        if len(inside) < 2:
+            return {}
+        (t0, u0), (t1, u1) = inside[0], inside[-1]
+        return {name: round((u1[name] - u0[name]) / (t1 - t0), 2) for name in u0}
+
+
+def _stall_later(group: int, at: float, seconds: float) -> None:
+    """Freeze process group `group` at time `at` for `seconds` (a thread; returns at once)."""
+
+    def stall() -> None:
+        time.sleep(max(0.0, at - time.time()))
+        os.killpg(group, signal.SIGSTOP)
+        time.sleep(seconds)
+        os.killpg(group, signal.SIGCONT)
+
+    threading.Thread(target=stall, daemon=True).start()
 
 
 def _committed(database: Path) -> dict[str, tuple[int, int]]:
@@ -383,7 +598,11 @@ def measure(plan: Plan) -> dict:
     meters, rate = plan.meters, plan.rate
     workdir = Path(tempfile.mkdtemp(prefix="bench-ingest-e2e-"))
     broker = MosquittoBroker(
-        workdir / "broker", users={NODE: "agent-pw", "fleet": "fleet-pw"}, acl=None
+        workdir / "broker",
+        users={NODE: "agent-pw", "fleet": "fleet-pw"},
+        acl=None,
+        max_inflight_messages=plan.broker_inflight,
+        max_queued_messages=plan.broker_queue,
     )
     agent: subprocess.Popen[bytes] | None = None
     ctx = multiprocessing.get_context("spawn")
@@ -391,13 +610,14 @@ def measure(plan: Plan) -> dict:
     try:
         broker.start()
         metrics_port = free_port()
-        config = _write_site(workdir / "site", broker, meters, metrics_port)
+        config = _write_site(workdir / "site", broker, meters, metrics_port, plan.ingest_workers)
         log = open(workdir / "agent.log", "wb")  # noqa: SIM115 - closed with the process
         agent = subprocess.Popen(
             [sys.executable, "-m", "meterchain.cli", "agent", "run", "--config", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            start_new_session=True,  # its own process group: the agent and its workers
         )
         _wait(lambda: _agent_ready(metrics_port), 60, "the agent to connect")
         time.sleep(1.0)  # its subscription is in place before the fleets publish
@@ -417,10 +637,20 @@ def measure(plan: Plan) -> dict:
         if not all(ready.get(timeout=1800) for _ in fleets):
             raise RuntimeError(f"a meter fleet failed: {results.get(timeout=10)}")
         start_at = time.time() + 1.0
-        sampler = Sampler(metrics_port)
+        assert broker.process is not None
+        sampler = Sampler(
+            metrics_port,
+            {
+                "agent": [agent.pid],
+                "broker": [broker.process.pid],
+                "fleets": [p.pid for p in fleets if p.pid is not None],
+            },
+        )
         sampler.start()
         for _ in fleets:
             go.put(start_at)
+        if plan.agent_stall_s:
+            _stall_later(agent.pid, start_at + plan.sustain_s, plan.agent_stall_s)
         load_before = os.getloadavg()[0]
         outcomes = [results.get(timeout=plan.sustain_s + plan.overload_s + plan.drain_s + 120)]
         outcomes += [results.get(timeout=120) for _ in fleets[1:]]
@@ -429,6 +659,8 @@ def measure(plan: Plan) -> dict:
             raise RuntimeError(f"meter fleet failed: {errors}")
         sampler.done.set()
         scrape, scrape_s = _scrape(metrics_port)
+        # Mosquitto says so (at most once a minute per client) when a queue overflows.
+        drop_notices = broker.log_path.read_text().count("being dropped")
         committed = _committed(workdir / "site" / "state" / "agent.sqlite")
     finally:
         for proc in fleets:
@@ -456,6 +688,7 @@ def measure(plan: Plan) -> dict:
     made = sum(o["made"] for o in outcomes)
     warm = min(_WARMUP_S, plan.sustain_s / 3)
     sustained = sampler.rate(start_at + warm, start_at + plan.sustain_s)
+    cores = sampler.cores(start_at + warm, start_at + plan.sustain_s)
     acknowledged = _acknowledged_rate([o["timeline"] for o in outcomes], plan)
     offered_sustained = sum(
         max(m for s, m, _ in o["timeline"] if s <= plan.sustain_s) for o in outcomes
@@ -474,6 +707,7 @@ def measure(plan: Plan) -> dict:
     return {
         "meters": meters,
         "fleets": FLEETS,
+        "ingest_workers": plan.ingest_workers,
         "offered_per_second": {"sustained": rate, "overload": 2 * rate},
         "offered_sustained_achieved_per_second": round(offered_sustained),
         "sustain_s": plan.sustain_s,
@@ -485,6 +719,7 @@ def measure(plan: Plan) -> dict:
         "readings_committed": sum(count for count, _ in committed.values()),
         "resent": sum(o["resent"] for o in outcomes),
         "lost": lost,
+        "broker_drop_notices": drop_notices,
         "zero_lost": lost == 0,
         "pending_on_boards_at_end": pending,
         "scrape_bytes": len(scrape.encode()),
@@ -492,6 +727,7 @@ def measure(plan: Plan) -> dict:
         "raw_verify_per_second": round(raw_rate),
         "ratio_to_raw_verify": round(sustained / raw_rate, 3),
         "load_average": round(load_before, 2),
+        "cpu_cores_sustained": cores,
         "target_readings_per_second": TARGET_READINGS_PER_SECOND,
         "meets_target": sustained >= TARGET_READINGS_PER_SECOND and lost == 0,
     }

@@ -93,11 +93,12 @@ class Agent:
         # any; this process's own session then only takes gateway readings and states.
         workers = config.broker.ingest_workers
         self.pool = (
-            IngestPool(config, self.metrics, on_state=lambda up: self._mqtt_state(pool=up))
+            IngestPool(config, self.metrics, on_state=self._pool_state)
             if workers
             else None
         )
         self._mqtt_up = {"link": False, "pool": self.pool is None}
+        self._subscriptions: set[str] = set()
         self.link = BrokerLink(
             url=config.broker.url,
             client_id=config.broker.client_id,
@@ -110,7 +111,7 @@ class Agent:
             ca_file=str(config.broker.ca_file) if config.broker.ca_file else None,
             keepalive_s=config.broker.keepalive_s,
             on_connected=lambda up: self._mqtt_state(link=up),
-            on_subscribed=self._subscribed,
+            on_subscribed=lambda: self._subscribed("link"),
             on_board_state=lambda meter, payload: self.status.board_state(meter, payload),
             reading_filters=[] if workers else None,
             # A session that ingested the whole market before keeps that subscription.
@@ -215,9 +216,17 @@ class Agent:
         while not self.ingest_failed():
             self.worker.stopped.wait(0.5)
 
-    def _subscribed(self) -> None:
-        # From the first subscription on, the broker keeps readings for us while we are down.
-        service.notify("STATUS=subscribed to readings")
+    def _pool_state(self, up: bool) -> None:
+        self._mqtt_state(pool=up)
+        if up:
+            self._subscribed("pool")
+
+    def _subscribed(self, part: str) -> None:
+        # From the first subscription on, the broker keeps readings for us while we are down
+        # (with ingest workers: once every worker's session has its meters' filters).
+        self._subscriptions.add(part)
+        if self.pool is None or self._subscriptions == {"link", "pool"}:
+            service.notify("STATUS=subscribed to readings")
 
     async def _on_sample(self, meter_id: str, sample: MeterSample) -> None:
         self.metrics.modbus_reads.labels(meter_id).inc()

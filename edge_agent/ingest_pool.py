@@ -258,6 +258,7 @@ class IngestPool:
                     self._died(worker, now)
                 if worker.restart_at is not None and now >= worker.restart_at:
                     self.restarts += 1
+                    self.metrics.ingest_worker_restarts.inc()
                     self._spawn(worker)
             up = all(w.up for w in self._workers)
             if up != self._up:

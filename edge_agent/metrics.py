@@ -4,7 +4,8 @@ Names (all prefixed `meterchain_agent_`): readings accepted per meter,
 duplicates, rejected by reason, deferred by reason (held above a sequence
 gap), last reading age per meter and the oldest of them, ingest batch size
 and commit time, Modbus errors by bus and kind, Modbus link state, setpoint
-writes that failed, round latency, changes of primary, MQTT connection state.
+writes that failed, round latency, changes of primary, MQTT connection state,
+ingest worker restarts.
 
 Per-meter series are bounded: the first `max_meter_series` meters get their
 own label; readings of any further meter count under `meter="_other"` and
@@ -150,6 +151,11 @@ class AgentMetrics:
         self.outbox_pending = Gauge(
             "meterchain_agent_outbox_pending",
             "Gateway readings committed but not yet acknowledged by the broker",
+            registry=r,
+        )
+        self.ingest_worker_restarts = Counter(
+            "meterchain_agent_ingest_worker_restarts",
+            "Ingest worker processes restarted after they died",
             registry=r,
         )
         self.outbox_dropped = Counter(

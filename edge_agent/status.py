@@ -106,6 +106,9 @@ class AgentStatus:
             }
         if a.submitter is not None:
             doc["consensus"] = {"connected": a.submitter.link.connected.is_set()}
+        if a.pool is not None:
+            doc["ingest_workers"] = {"up": a.pool.up, "restarts": a.pool.restarts,
+                                     "pids": a.pool.pids()}  # fmt: skip
         if a.reviewer is not None:
             doc["ledger"] = ledger_head(str(cfg.ledger))
         doc["meters"], doc["meters_total"] = self._meters(now)

@@ -51,6 +51,10 @@ class MosquittoBroker:
     by default because several test clients share one username.
     `autosave_interval_s` is how often Mosquitto saves its in-memory state
     (queued messages, retained messages, sessions) to disk: what a kill -9 loses.
+    `max_inflight_messages` is how many QoS 1 messages Mosquitto sends a
+    client before waiting for its PUBACKs; `max_queued_messages` how many it
+    queues per client beyond that window; it drops the rest silently (tests of
+    overload make both small).
     """
 
     host = "127.0.0.1"
@@ -64,8 +68,12 @@ class MosquittoBroker:
         plain_port: bool = False,
         bind_client_ids: bool = False,
         autosave_interval_s: int = 1,
+        max_inflight_messages: int = 1000,
+        max_queued_messages: int = 100_000,
     ) -> None:
         self.workdir = Path(workdir)
+        self.max_inflight_messages = max_inflight_messages
+        self.max_queued_messages = max_queued_messages
         self.bind_client_ids = bind_client_ids
         self.autosave_interval_s = autosave_interval_s
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -114,11 +122,11 @@ class MosquittoBroker:
             "persistence true",
             f"persistence_location {persistence}/",
             f"autosave_interval {self.autosave_interval_s}",
-            "max_inflight_messages 1000",
+            f"max_inflight_messages {self.max_inflight_messages}",
             # Consensus messages are small and latency-bound: without this Mosquitto's
             # writes wait for the previous segment's delayed ACK (Nagle, ~40 ms).
             "set_tcp_nodelay true",
-            "max_queued_messages 100000",
+            f"max_queued_messages {self.max_queued_messages}",
             "log_type error",
             "log_type warning",
             "log_type notice",

@@ -34,6 +34,8 @@ from meterchain.registry import entry_text, make_meter
 
 MARKET = "m1"
 NODE = "mg1"
+INGEST_WORKERS = 2
+INGEST_USER = f"{NODE}.ingest"
 
 
 @dataclass
@@ -78,6 +80,8 @@ class Site:
     extra: str = ""
     # Meters whose key lives elsewhere (an emulated board's flash): id -> public key point.
     external: dict[str, bytes] = field(default_factory=dict)
+    # Ingest worker processes, each its own broker user (the broker may bind client ids).
+    ingest_workers: int = INGEST_WORKERS
 
     @property
     def config_path(self) -> Path:
@@ -144,6 +148,8 @@ class Site:
             f'ca_file = "{self.broker.ca_file}"',
             'password_file = "broker.pass"',
             "batch_wait_ms = 5",
+            f"ingest_workers = {self.ingest_workers}",
+            f'ingest_username = "{INGEST_USER}"',
             "",
         ]
         for m in self.modbus:
@@ -171,6 +177,9 @@ class Site:
     def broker_users(self) -> tuple[dict[str, str], str]:
         users = {NODE: "agent-pw", "observer": "obs-pw"}
         acl = node_acl(MARKET, NODE) + f"user observer\ntopic read mc/{MARKET}/#\n"
+        for k in range(self.ingest_workers):
+            users[f"{INGEST_USER}{k}"] = "agent-pw"
+            acl += node_acl(MARKET, NODE, user=f"{INGEST_USER}{k}")
         for b in self.boards.values():
             users[b.meter_id] = b.password
             acl += meter_acl(MARKET, b.meter_id)

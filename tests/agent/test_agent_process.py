@@ -92,6 +92,10 @@ def test_energy_rejections_metrics_and_clean_shutdown(make_site, agents) -> None
         site.add_board("mg1-pv-01", source="pv")
         site.add_board("mg9-rogue", registered=False)
         site.add_modbus_meter("mg1-sdm-01", meter_port, poll_interval_s=0.2)
+        # Only ingest in the agent process subscribes to the whole market and so hears
+        # a meter missing from the registry; worker processes take registered meters'
+        # topics (test_agent_ingest_pool covers them).
+        site.ingest_workers = 0
 
     site: Site = make_site(configure)
     registry = Registry.load(site.root / "registry.toml")

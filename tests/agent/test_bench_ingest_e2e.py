@@ -1,4 +1,4 @@
-"""A small run of `bench ingest-e2e`: real broker, agent process, fleets, overload; nothing lost."""
+"""Small runs of `bench ingest-e2e`: real broker, agent process, fleets, overload; nothing lost."""
 
 from __future__ import annotations
 
@@ -22,3 +22,27 @@ def test_a_small_end_to_end_run_loses_nothing() -> None:
     assert result["pending_on_boards_at_end"] == 0
     assert result["readings_committed"] == result["readings_produced"] > 300
     assert result["scrape_bytes"] > 0 and result["raw_verify_per_second"] > 0
+
+
+def test_a_broker_dropping_readings_in_an_overload_loses_nothing() -> None:
+    # The agent freezes for 1 s as the 2x overload starts; Mosquitto sends each of its
+    # sessions 10 readings, queues 50 more and drops the rest silently. Only the
+    # end-to-end acknowledgement saves them: the boards keep what is not acknowledged
+    # and resend it (after 1 s here).
+    plan = Plan(
+        meters=10,
+        rate=300,
+        sustain_s=1,
+        overload_s=1,
+        drain_s=60,
+        t0=hour_start(int(time.time())) - 6 * HOUR_S,
+        ack_timeout_s=1,
+        broker_inflight=10,
+        broker_queue=50,
+        agent_stall_s=1,
+    )
+    result = measure(plan)
+    assert result["broker_drop_notices"] > 0, "the broker dropped nothing: no overload"
+    assert result["resent"] > 0
+    assert result["lost"] == 0 and result["pending_on_boards_at_end"] == 0
+    assert result["readings_committed"] == result["readings_produced"] >= 850
