@@ -39,17 +39,61 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.delivery import ack_payload
 from edge_agent.gateway import gateway_subscription
+from edge_agent.ingest import Result
 from edge_agent.store import StoreView
 from edge_agent.worker import Delivery, IngestWorker
 from meterchain.backoff import paho_backoff
 from meterchain.calm import CalmLog
 from meterchain.mqtt_auth import ack_topic, check_name
+from meterchain.reading import Reading
 
 log = logging.getLogger("meterchain.agent.mqtt")
 
 ACKS_IN_FLIGHT = 1000
 VERIFY_THREADS = 2  # signature checks in parallel with receiving
+VERIFY_CHUNK = 32  # readings per verify task: one task (a Future, a wake-up) per chunk
+RX_CHUNK = 1 << 16  # bytes taken from the TLS socket per read
 SUBSCRIBE_BATCH = 500  # topic filters per SUBSCRIBE packet (10,000 meters: 20 packets)
+
+
+class _ChunkedClient(mqtt.Client):
+    """paho's client with a leaner receive path.
+
+    paho reads a packet a few bytes at a time (type, length, body: about four
+    TLS reads per reading, each a GIL hand-over the verify threads and the
+    writer then compete for); this reads the socket in RX_CHUNK pieces and
+    serves paho from them. After each read burst it calls `after_read`, so
+    the link hands the readings of the burst to verification as chunks.
+    Relies on paho 2.x's `_sock_recv`/`_sock_close`/`loop_read`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rx = b""
+        self._rx_at = 0
+        self.after_read: Callable[[], None] = lambda: None
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rx_at >= len(self._rx):
+            chunk = super()._sock_recv(RX_CHUNK)  # BlockingIOError when nothing is there
+            if not chunk:
+                return chunk  # the connection closed
+            self._rx, self._rx_at = chunk, 0
+        data = self._rx[self._rx_at : self._rx_at + bufsize]
+        self._rx_at += len(data)
+        return data
+
+    def _sock_close(self) -> None:
+        self._rx, self._rx_at = b"", 0  # never parse one connection's bytes on the next
+        super()._sock_close()
+
+    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        # Select would not wake for bytes already taken off the socket: read them now.
+        rc = super().loop_read(max_packets)
+        while rc == mqtt.MQTT_ERR_SUCCESS and self._rx_at < len(self._rx):
+            rc = super().loop_read(max_packets)
+        self.after_read()
+        return rc
 
 
 class BrokerLink:
@@ -112,7 +156,7 @@ class BrokerLink:
         self._ack_busy: set[str] = set()  # meters with an acknowledgement in flight
         self._ack_mids: dict[int, str] = {}  # mid -> meter
         self._ack_early: set[int] = set()  # PUBACKed before publish() returned its mid
-        self._client = mqtt.Client(
+        self._client = _ChunkedClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             clean_session=False,
@@ -133,6 +177,8 @@ class BrokerLink:
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
         self._client.on_subscribe = self._on_subscribe
+        self._client.after_read = self._verify_received
+        self._received: list[tuple[bytes, str, Callable[[], None]]] = []  # to verify
 
     @property
     def topics(self) -> list[tuple[str, int]]:
@@ -228,11 +274,29 @@ class BrokerLink:
             ack()
             return
         sender = message.topic.rsplit("/", 1)[-1]
-        # Verified on the verify threads (OpenSSL releases the GIL, so they use the
-        # cores while this thread reads the next message); the writer takes the
-        # results in arrival order and only guards and commits.
-        checked = self._verify.submit(self.worker.ingest.check, bytes(message.payload))
-        self.worker.submit(Delivery(checked, sender, ack))
+        self._received.append((message.payload, sender, ack))
+        if len(self._received) >= VERIFY_CHUNK:
+            self._verify_received()
+
+    def _verify_received(self) -> None:
+        """Hand the readings received so far to the verify threads, as one task (paho's thread).
+
+        OpenSSL releases the GIL, so they use the cores while this thread reads
+        on; the writer takes the results in arrival order and only guards and
+        commits.
+        """
+        received = self._received
+        if not received:
+            return
+        self._received = []
+        checked = self._verify.submit(self._check_all, [payload for payload, _, _ in received])
+        for index, (_, sender, ack) in enumerate(received):
+            self.worker.submit(Delivery(checked, sender, ack, index))
+
+    def _check_all(self, payloads: list[bytes]) -> list[Reading | Result]:
+        check = self.worker.ingest.check
+        now = int(self.worker.ingest.clock())
+        return [check(payload, now) for payload in payloads]
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, rc: Any, props: Any

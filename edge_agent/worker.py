@@ -36,11 +36,16 @@ log = logging.getLogger("meterchain.agent.worker")
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """A delivered reading, checked (`Ingest.check`, or a future of it); `ack` once durable."""
+    """A delivered reading, checked (`Ingest.check`); `ack` once durable.
 
-    checked: Reading | Result | concurrent.futures.Future[Reading | Result]
+    `checked` is the outcome, or a future of the outcomes of a chunk of
+    readings verified together, of which this one is number `index`.
+    """
+
+    checked: Reading | Result | concurrent.futures.Future[list[Reading | Result]]
     sender: str
     ack: Callable[[], None]
+    index: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +173,9 @@ class IngestWorker(threading.Thread):
         started = time.perf_counter()
         # Futures are resolved in arrival order: each meter's readings stay in order.
         checked = [
-            d.checked.result() if isinstance(d.checked, concurrent.futures.Future) else d.checked
+            d.checked.result()[d.index]
+            if isinstance(d.checked, concurrent.futures.Future)
+            else d.checked
             for d in batch
         ]
         self.ingest.commit(checked, senders=[d.sender for d in batch])
