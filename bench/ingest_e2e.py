@@ -1,41 +1,44 @@
 """`meterchain bench ingest-e2e`: signed readings of 10,000 meters via TLS Mosquitto into the agent.
 
 Everything real: a Mosquitto broker with TLS and passwords (hil.broker), the
-agent as its own process (`meterchain agent run`, SQLite WAL with
-synchronous=FULL, acknowledgement after commit), and meter fleets in
-processes of their own that behave like boards towards the end-to-end
-acknowledgement: each meter keeps what it produced until the agent's
-retained watermark on `mc/<market>/ack/<meter_id>` covers it, and resends
-everything above the watermark when it has not moved for `Plan.ack_timeout_s`.
-Readings are signed before the clock starts (a board signs on its own CPU).
+agent as its own process (`meterchain agent run` with its ingest worker
+processes, `Plan.ingest_workers`; SQLite WAL with synchronous=FULL,
+acknowledgement after commit), and meter fleets in processes of their own
+that behave like boards towards the end-to-end acknowledgement: QoS 1
+publishes, each meter subscribed to its own acknowledgement topic, keeping
+what it produced until the agent's retained watermark on
+`mc/<market>/ack/<meter_id>` covers it, and resending above the watermark
+(at most a board's in-flight window ahead of it) when it has not moved for
+`Plan.ack_timeout_s`. Readings are signed before the clock starts (a board
+signs on its own CPU), and the fleets write pre-encoded MQTT packets many
+per TLS record (`FleetLink`), so the load generator takes little of the
+cores it shares with what it measures.
 
 Two phases: `sustained` offers the target rate for `sustain_s`; `overload`
 offers twice that for `overload_s`, then production stops and the run waits
 until every meter is acknowledged. Figures:
-- `committed_per_second`: readings the agent committed and acknowledged per
-  second over the sustained phase (after a warm-up), from the fleets' view
-  of the watermarks; `lag_at_end` is what was offered but not yet committed;
+- `committed_per_second`: readings the agent committed per second over the
+  sustained phase (after a warm-up), from its metrics;
+  `acknowledged_per_second` the same from the fleets' view of the
+  watermarks (a board frees only on these); `lag_at_end_of_sustained` is
+  what was offered but not yet acknowledged;
 - `lost` / `zero_lost`: readings a board was acknowledged (so could free)
   that are not in the agent's database, plus holes in what it holds (its
   sequence guard must hold exactly 1..n per meter); `pending_on_boards_at_end`
   is what the boards still hold when the drain time ran out (kept, not lost);
   `resent` counts what they sent again (the broker dropped it, or the agent
-  held it above a gap);
+  held it above a gap); `broker_drop_notices` counts Mosquitto's "being
+  dropped" log lines (a full queue);
+- `cpu_cores_sustained`: cores kept busy over the sustained phase by the
+  agent (with its workers), the broker, the fleets, everything else on the
+  machine, and idle: where the cores go at the ceiling;
 - `scrape_bytes` / `scrape_seconds`: one /metrics scrape with every meter known.
 
 Anchor (same run): bare OpenSSL ECDSA verification of the same readings on
 one thread; `ratio_to_raw_verify` = committed_per_second / anchor. Target:
 10,000 readings/s sustained, zero lost at 2x. The machine is shared while
-this runs (see `load_average`), so figures vary between runs.
-
-Measured on the 2-core CI machine class while other builds ran (load
-average 10-17): full run (10,000 meters, 9,941/s offered) 705 readings/s
-committed, anchor 3,418/s (0.21); after the 2x overload 0 lost, 779,095
-readings still held by the boards when the 15-minute drain ran out, 16.8
-million resends (every meter rewinding every 30 s while the agent was
-minutes behind). `--quick` (1,000 meters, 2,000/s): 938/s committed, anchor
-5,448/s (0.17), 0 lost, all 23,717 committed. The target is not met here:
-a quiet machine was not available.
+this runs (see `load_average` and `cpu_cores_sustained["other"]`), so
+figures vary between runs; README's performance table has the measurements.
 """
 
 from __future__ import annotations

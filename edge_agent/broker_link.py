@@ -49,7 +49,10 @@ from meterchain.reading import Reading
 
 log = logging.getLogger("meterchain.agent.mqtt")
 
-ACKS_IN_FLIGHT = 1000
+# paho's in-flight limit for what this link publishes: none (0). Our own bounds hold it
+# (one acknowledgement in flight per meter, outbox rows pumped 1000 at a time), and
+# with a limit paho scans every queued message on each PUBACK (quadratic under load).
+ACKS_IN_FLIGHT = 0
 VERIFY_THREADS = 2  # signature checks in parallel with receiving
 VERIFY_CHUNK = 32  # readings per verify task: one task (a Future, a wake-up) per chunk
 RX_CHUNK = 1 << 16  # bytes taken from the TLS socket per read
@@ -163,7 +166,7 @@ class BrokerLink:
             protocol=mqtt.MQTTv311,
             manual_ack=True,
         )
-        # Acknowledgements and outbox rows in flight at once (paho's default is 20).
+        # Acknowledgements and outbox rows in flight at once: unlimited (see ACKS_IN_FLIGHT).
         self._client.max_inflight_messages_set(ACKS_IN_FLIGHT)
         if username:
             self._client.username_pw_set(username, password)

@@ -468,6 +468,9 @@ def _write_agent(
         "ca_file": rel(ca, folder) if ca is not None else None,
         "username": ext_user or mg.id,
         "password_file": rel(site.secret(f"{mg.id}.pass"), folder),
+        # A lab site's agents have a few meters each and share one machine: ingest in
+        # the agent process, not one worker process per core per agent.
+        "ingest_workers": 0,
     }
     if not ext_user:
         broker["consensus_username"] = f"{mg.id}.sdbft"

@@ -18,9 +18,10 @@ from collections.abc import Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
-from agent_site import NODE, AgentProcess, Site, metric_value, wait_until
+from agent_site import INGEST_WORKERS, NODE, AgentProcess, Site, metric_value, wait_until
 from emulated_boards import ACK_TIMEOUT_S, RunningBoard, connect_board, make_board
 
+from edge_agent.ingest_pool import owner_of
 from hil.broker import MosquittoBroker
 
 BOARDS = ("mg1-a", "mg1-b")
@@ -142,7 +143,9 @@ def test_client_id_takeover_loses_no_reading(site_with_boards, agents) -> None:
     _start_boards(site, boards)
     _acknowledged_past(boards, 5, 30)
 
-    intruder = _take_over(site.broker, f"agent-{NODE}", site)
+    # The session that receives the first board's readings: its ingest worker's.
+    worker = owner_of(BOARDS[0], INGEST_WORKERS)
+    intruder = _take_over(site.broker, f"agent-{NODE}.ingest{worker}", site)
     try:
         time.sleep(1.5)  # the boards publish on; unbound, the agent's session is gone
     finally:
