@@ -121,7 +121,8 @@ def test_a_node_and_a_submitter_are_ready_only_with_their_consensus_link() -> No
     runner = SimpleNamespace(link=SimpleNamespace(connected=event(False)),
                              counts=Counter(deliveries=7), peers_seen={"mg2": 1_767_225_600.0})
     agent = SimpleNamespace(
-        worker=SimpleNamespace(stopped=event(False)),
+        worker=SimpleNamespace(stopped=event(False)), pool=None,
+        ingest_failed=lambda: agent.worker.stopped.is_set(),
         link=SimpleNamespace(connected=True),
         consensus=SimpleNamespace(runner=runner), submitter=None, reviewer=None, rounds=None,
         config=SimpleNamespace(broker=SimpleNamespace(url="mqtts://b:8883"),
