@@ -56,7 +56,7 @@ ACKS_IN_FLIGHT = 0
 VERIFY_THREADS = 2  # signature checks in parallel with receiving
 VERIFY_CHUNK = 32  # readings per verify task: one task (a Future, a wake-up) per chunk
 RX_CHUNK = 1 << 16  # bytes taken from the TLS socket per read
-SUBSCRIBE_BATCH = 500  # topic filters per SUBSCRIBE packet (10,000 meters: 20 packets)
+SUBSCRIBE_BATCH = 500  # filters per (UN)SUBSCRIBE packet (10,000 meters: 20 packets)
 
 
 class _ChunkedClient(mqtt.Client):
@@ -215,8 +215,8 @@ class BrokerLink:
         log.info(
             "connected to %s:%d (session present: %s)", self.host, self.port, flags.session_present
         )
-        if self.drop_filters:
-            client.unsubscribe(self.drop_filters)
+        for i in range(0, len(self.drop_filters), SUBSCRIBE_BATCH):
+            client.unsubscribe(self.drop_filters[i : i + SUBSCRIBE_BATCH])
         topics = self.topics
         with self._lock:
             self._subscribe_mids.clear()

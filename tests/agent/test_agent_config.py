@@ -83,6 +83,10 @@ def _chmod(name: str, mode: int) -> Callable[[Path], None]:
     return lambda root: (root / name).chmod(mode)
 
 
+def _append_to_broker(line: str) -> Callable[[Path], None]:
+    return _replace('password_file = "broker.pass"', f'password_file = "broker.pass"\n{line}')
+
+
 def _write(name: str, text: str, mode: int = 0o600) -> Callable[[Path], None]:
     def edit(root: Path) -> None:
         (root / name).write_text(text)
@@ -111,6 +115,16 @@ CASES: list[tuple[str, Callable[[Path], None], str]] = [
         "out-of-range",
         _replace('state_dir = "state"', 'state_dir = "state"\nmetrics_port = 70000'),
         "agent.metrics_port: must be 0 (off) or a TCP port, got 70000",
+    ),
+    (
+        "too-many-ingest-workers",
+        _append_to_broker("ingest_workers = 65"),
+        "broker.ingest_workers: must be 0 .. 64 (0: ingest in the agent process), got 65",
+    ),
+    (
+        "bad-ingest-user",
+        _append_to_broker('ingest_username = "a b"'),
+        "broker.ingest_username: user 'a b' must be",
     ),
     (
         "bad-name",
