@@ -169,19 +169,18 @@ class AgentMetrics:
     # -- IngestObserver -----------------------------------------------------------
 
     def accepted(self, reading: Reading, owner: str) -> None:
-        self.count_accepted(reading.meter_id, reading.time)
+        self.readings_accepted.labels(self._seen(reading.meter_id, reading.time)).inc()
 
-    def count_accepted(self, meter: str, last_time: int, n: int = 1) -> None:
-        """`n` readings of `meter` accepted, the last of them taken at `last_time` (Unix s)."""
+    def _seen(self, meter: str, last_time: int) -> str:
+        """Note the time (Unix s) of a meter's last accepted reading; its `meter` label value."""
         if meter not in self._last_time:
             if len(self._labelled) < self.max_meter_series:
                 self._labelled.add(meter)
                 self.last_reading_age.labels(meter).set_function(
                     lambda: self._clock() - self._last_time[meter]
                 )
-        self._last_time[meter] = max(last_time, self._last_time.get(meter, last_time))
-        label = meter if meter in self._labelled else self.OTHER_METERS
-        self.readings_accepted.labels(label).inc(n)
+        self._last_time[meter] = last_time
+        return meter if meter in self._labelled else self.OTHER_METERS
 
     def last_reading_times(self) -> dict[str, int]:
         """Every meter seen: the time (Unix s) of its last accepted reading."""
@@ -213,8 +212,12 @@ class AgentMetrics:
 
     def add_tally(self, tally: IngestTally) -> None:
         """Count what an ingest worker process reported (edge_agent.ingest_pool)."""
+        by_label: dict[str, int] = {}
         for meter, (n, last_time) in tally.by_meter.items():
-            self.count_accepted(meter, last_time, n)
+            label = self._seen(meter, last_time)
+            by_label[label] = by_label.get(label, 0) + n
+        for label, n in by_label.items():  # meters past the series cap: one increment
+            self.readings_accepted.labels(label).inc(n)
         if tally.duplicates:
             self.readings_duplicate.inc(tally.duplicates)
         for reason, n in tally.rejections.items():
