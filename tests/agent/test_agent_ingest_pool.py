@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import sqlite3
 import urllib.request
 
 from agent_site import INGEST_WORKERS, AgentProcess, Site, metric_value, wait_until
 from emulated_boards import ACK_TIMEOUT_S, RunningBoard, connect_board, make_board
+from prometheus_client import generate_latest
 
 from edge_agent.ingest_pool import owner_of
+from edge_agent.metrics import AgentMetrics, IngestTally
+from meterchain.reading import Reading
 
 # Two boards per worker (owner_of(.., 2) gives 1, 1, 0, 0).
 BOARDS = ("mg1-p0", "mg1-p1", "mg1-p4", "mg1-p5")
@@ -90,3 +94,51 @@ def test_a_killed_ingest_worker_is_restarted_and_loses_nothing(make_site, agents
         assert len(committed) >= watermark > 20, meter_id
         assert len(app.spool) == app.last_seq - watermark, meter_id
     assert agent.terminate() == 0
+
+
+def test_a_workers_tally_counts_exactly_what_counting_in_process_counts() -> None:
+    """Shipped through a pipe (pickled) in pieces, the same scrape as in-process counting."""
+    t0 = 1_767_225_600
+    readings = [
+        Reading(f"mg1-m{i % 300:03d}", i // 300 + 1, t0 + i, 0, 0, 0, 0, "load", b"", b"")
+        for i in range(3000)
+    ]
+    direct = AgentMetrics(clock=lambda: t0 + 7200, max_meter_series=100)
+    shipped = AgentMetrics(clock=lambda: t0 + 7200, max_meter_series=100)
+    tally = IngestTally()
+    for i, reading in enumerate(readings):
+        direct.accepted(reading, "mg1")
+        tally.accepted(reading, "mg1")
+        if i % 7 == 0:
+            direct.rejected("bad_signature")
+            tally.rejected("bad_signature")
+        if i % 11 == 0:
+            direct.duplicate(reading)
+            tally.duplicate(reading)
+            direct.deferred("sequence_gap")
+            tally.deferred("sequence_gap")
+        if i % 64 == 63:
+            direct.batch(64, 0.01)
+            tally.batch(64, 0.01)
+        if i % 1000 == 999:  # a report to the agent
+            shipped.add_tally(pickle.loads(pickle.dumps(tally.take())))
+    assert tally.take().empty()
+
+    def scrape(metrics: AgentMetrics) -> list[str]:  # without the series' creation times
+        text = generate_latest(metrics.registry).decode()
+        return [line for line in text.splitlines() if "_created" not in line]
+
+    assert scrape(shipped) == scrape(direct)
+    assert shipped.last_reading_times() == direct.last_reading_times()
+
+
+def test_meters_are_partitioned_by_a_stable_hash() -> None:
+    # crc32 of the id: the same worker in every process and run, every worker used.
+    assert [owner_of(f"mg1-m{i}", 3) for i in range(6)] == [
+        owner_of(f"mg1-m{i}", 3) for i in range(6)
+    ]
+    assert owner_of("mg1-p0", 2) == 1 and owner_of("mg1-p4", 2) == 0
+    counts = [0, 0, 0, 0]
+    for i in range(10_000):
+        counts[owner_of(f"mg1-m{i:05d}", 4)] += 1
+    assert min(counts) > 2300
