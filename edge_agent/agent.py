@@ -90,10 +90,11 @@ class Agent:
             on_outbox_dropped=self.metrics.outbox_dropped.inc,
         )
         # Readings of registered meters go to the ingest worker processes when there are
-        # any; this process's own session then only takes gateway readings and states.
-        workers = config.broker.ingest_workers
+        # any (never more than meters: an agent with an empty registry runs none); this
+        # process's own session then only takes gateway readings and states.
+        workers = min(config.broker.ingest_workers, len(self.registry))
         self.pool = (
-            IngestPool(config, self.metrics, on_state=self._pool_state)
+            IngestPool(config, workers, self.metrics, on_state=self._pool_state)
             if workers
             else None
         )

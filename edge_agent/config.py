@@ -91,7 +91,8 @@ class BrokerSection:
     # Ingest worker processes (edge_agent.ingest_pool), each owning the meters a stable
     # hash assigns it: its own MQTT session with one filter per meter, verification,
     # commits to the shared database and acknowledgements. 0: ingest in the agent
-    # process, subscribed to the whole market (unregistered meters' readings included).
+    # process, subscribed to the whole market (unregistered meters' readings included),
+    # as with an empty registry (never more workers than registered meters).
     ingest_workers: int = DEFAULT_INGEST_WORKERS
     # Worker k connects as f"{ingest_username}{k}" (a broker with
     # `use_username_as_clientid` needs one user per connection). Default: username.

@@ -2,7 +2,8 @@
 
 One Python process ingests at most about one core (the GIL): receiving,
 TLS, parsing and the writer's bookkeeping all take it. The agent therefore
-runs `broker.ingest_workers` processes; a stable hash of the meter id
+runs `broker.ingest_workers` processes (never more than it has registered
+meters); a stable hash of the meter id
 (`owner_of`) gives every registered meter to exactly one of them. Each
 worker is the single-process ingest path on its own meters: its own MQTT
 session subscribed to one filter per meter (`mc/<market>/r/<meter>`, never a
@@ -155,7 +156,7 @@ class _Worker:
 
 
 class IngestPool:
-    """Start, watch and restart the ingest workers; their tallies go into `metrics`.
+    """Start, watch and restart `count` ingest workers; their tallies go into `metrics`.
 
     `on_state(up)` is called when "every worker connected and subscribed"
     changes. `failed` is set when a worker's storage failed (the agent stops).
@@ -164,6 +165,7 @@ class IngestPool:
     def __init__(
         self,
         config: AgentConfig,
+        count: int,
         metrics: AgentMetrics,
         *,
         on_state: Callable[[bool], None] | None = None,
@@ -171,7 +173,7 @@ class IngestPool:
     ) -> None:
         assert config.path is not None, "workers load the same config file"
         self.config_path = Path(config.path)
-        self.count = config.broker.ingest_workers
+        self.count = count
         self.metrics = metrics
         self.on_state = on_state or (lambda up: None)
         self.restart_delay_s = restart_delay_s
