@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import multiprocessing.connection
+import signal
 import sys
 import threading
 import time
@@ -73,6 +74,10 @@ def _worker_main(
     from meterchain.registry import Registry
     from meterchain.sequence import SequenceGuard
 
+    # systemd's stop signals the whole unit, a terminal's Ctrl-C the whole process group:
+    # a worker stops when the agent tells it to (or is gone), after its batch in hand.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     service.setup_logging(f"meterchain-agent-ingest{index}", log_level)
     config = load(config_path)
     registry = Registry.load(config.agent.registry)
