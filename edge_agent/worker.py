@@ -1,7 +1,8 @@
 """The single writer thread: group-commits deliveries through the ingest path, then acknowledges.
 
-MQTT deliveries arrive already verified (the MQTT thread runs
-`Ingest.check`, so signature checks overlap this thread's disk syncs). They
+MQTT deliveries arrive being verified (the MQTT link's verify threads run
+`Ingest.check` on chunks of them, so signature checks overlap this thread's
+disk syncs; it takes the results in arrival order). They
 are gathered into batches of up to `batch_max` (waiting at most
 `batch_wait_s` for company), committed in one transaction, and only then
 acknowledged, in the order they arrived (MQTT 3.1.1 section 4.6). A delivery
