@@ -269,7 +269,9 @@ class PbftNode:
     """PBFT normal case (no view change) for message counting: f = (n-1)//3, quorums 2f+1.
 
     The primary of round seq proposes once it holds every member's request (or
-    after 2 delta); backups broadcast PREPARE; a node holding the proposal and
+    after 2 delta), its pre-prepare carrying that request set (as SDBFT's
+    proposal carries its value, so bytes compare like with like); backups
+    broadcast PREPARE; a node holding the proposal and
     2f matching PREPAREs broadcasts COMMIT; 2f+1 COMMITs decide. Messages are
     signed like SDBFT's so both cost the same per message.
     """
@@ -301,9 +303,9 @@ class PbftNode:
             },
         )
 
-    def _signed(self, tag: str, rid: RoundId, ref: Any) -> bytes:
+    def _signed(self, tag: str, rid: RoundId, ref: Any, attachment: Any = None) -> bytes:
         stmt = codec.encode([tag, self.market, rid.to_cbor(), 0, ref])
-        return codec.encode([stmt, self.node_id, self.signer.sign(stmt), None])
+        return codec.encode([stmt, self.node_id, self.signer.sign(stmt), attachment])
 
     def step(self, event: Event) -> list[Any]:
         self.now = max(self.now, event.now_ms)
@@ -353,10 +355,15 @@ class PbftNode:
         if primary == self.node_id and not rs["proposed"]:
             if len(rs["requests"]) == self.n or self.now >= rs["opened"] + 2 * self.delta:
                 rs["proposed"] = True
-                digest = codec.digest(sorted(rs["requests"].values()))
+                # Like with like: the pre-prepare carries the request set it orders, as
+                # SDBFT's proposal carries its value (PBFT's backups need it to execute).
+                requests = [rs["requests"][s] for s in sorted(rs["requests"])]
+                digest = codec.digest(requests)
                 rs["digest"] = digest
                 rs["prepares"].setdefault(digest, set()).add(self.node_id)
-                out.append(Broadcast("pre-prepare", self._signed("pre-prepare", rid, digest)))
+                out.append(
+                    Broadcast("pre-prepare", self._signed("pre-prepare", rid, digest, requests))
+                )
         digest = rs["digest"]
         if digest is None:
             return
