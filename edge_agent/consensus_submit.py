@@ -128,10 +128,11 @@ class FinalCollector:
                 value_cbor, _qc, fc_cbor = env.attachment
             except (TypeError, ValueError) as exc:
                 raise MessageError("final attachment must be [value, qc, fc]") from exc
-            value = self.decoder.value(self.market, rid, value_cbor)
-            if value.digest != vd:
-                raise MessageError("final's value does not hash to its digest")
-            wait.values.setdefault(vd, value)
+            if value_cbor is not None:  # the primary's, when participants are registered
+                value = self.decoder.value(self.market, rid, value_cbor)
+                if value.digest != vd:
+                    raise MessageError("final's value does not hash to its digest")
+                wait.values.setdefault(vd, value)
             if fc_cbor is not None:  # a catch-up answer carries the whole certificate
                 fc = parse_qc(fc_cbor)
                 fc.verify(self.keyring.membership, expect=expect)

@@ -9,7 +9,9 @@ and the hash or id of what the message refers to. Statements of one kind are
 byte-identical across senders, so their signatures aggregate into a
 `meterchain.quorum.QuorumCertificate`. The attachment carries
 self-authenticating evidence (forwarded signed proposals, certificates,
-signed requests) and is never trusted on its own.
+signed requests) and is never trusted on its own. A proposal's value travels
+only in the primary's own proposal and in answers to a fetch by digest
+(`value`); everything else carries the proposal's signed `header`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from meterchain import codec
 from meterchain.errors import CodecError, MeterChainError
 from meterchain.quorum import QuorumCertificate, QuorumError
 
-TAGS = ("req", "prop", "vote", "blame", "cert", "status", "final", "sync")
+TAGS = ("req", "prop", "vote", "blame", "cert", "status", "final", "sync", "value")
 MAX_DEPOSIT_REF = 64
 
 
@@ -101,6 +103,13 @@ class Envelope:
 
 def seal(signer_id: str, signature: bytes, stmt: bytes, attachment: Any = None) -> bytes:
     return codec.encode([stmt, signer_id, signature, attachment])
+
+
+def header(env: Envelope) -> bytes:
+    """A signed message without its attachment: for a proposal, the primary's signed
+    header [prop, market, round, view, value digest, justification digest], which is what
+    votes, certificates, statuses and equivocation evidence carry instead of the value."""
+    return seal(env.sender, env.signature, env.statement)
 
 
 def _parse_envelope(data: bytes) -> Envelope:

@@ -27,6 +27,7 @@ from edge_agent.consensus.messages import (
     Value,
     blame_statement,
     final_statement,
+    header,
     parse_qc,
     seal,
     statement,
@@ -154,13 +155,15 @@ class _Round:
     wait_until: int = 0
     entered_at: int = 0
     relayed: frozenset[str] = frozenset()  # submitters whose requests our request relayed
-    # proposals: view -> signed statement -> envelope (at most two: an equivocation proof)
+    # proposals: view -> signed statement -> signed header (at most two: an equivocation
+    # proof); bodies: signed statement -> the whole proposal (value, vote, justification)
     headers: dict[int, dict[bytes, Envelope]] = field(default_factory=dict)
     bodies: dict[bytes, Proposal] = field(default_factory=dict)
     seen_proposals: set[bytes] = field(default_factory=set)
     evidence_sent: set[int] = field(default_factory=set)  # views whose equivocation we relayed
-    fetch_wanted: set[bytes] = field(default_factory=set)  # value digests asked for by sync
+    fetch_wanted: set[tuple[int, bytes]] = field(default_factory=set)  # asked of us: (view, vd)
     fetch_answered: int = -(2**62)
+    fetch_asked: dict[tuple[int, bytes], int] = field(default_factory=dict)  # we asked, when
     vote_digests: dict[tuple[str, int], set[bytes]] = field(default_factory=dict)
     verdicts: dict[bytes, str] = field(default_factory=dict)
     justified: dict[bytes, bool] = field(default_factory=dict)
@@ -169,9 +172,10 @@ class _Round:
     voted: dict[int, bytes] = field(default_factory=dict)
     vote_time: dict[int, int] = field(default_factory=dict)
     votes: dict[tuple[int, bytes], dict[str, bytes]] = field(default_factory=dict)
+    all_voted_time: dict[tuple[int, bytes], int] = field(default_factory=dict)  # n votes held
     qcs: dict[tuple[int, bytes], QuorumCertificate] = field(default_factory=dict)
     qc_time: dict[tuple[int, bytes], int] = field(default_factory=dict)
-    qc_proposal: dict[tuple[int, bytes], bytes] = field(default_factory=dict)
+    qc_header: dict[tuple[int, bytes], bytes] = field(default_factory=dict)  # signed header
     lock: tuple[int, bytes] | None = None
     forwarded: dict[int, int] = field(default_factory=dict)
     blamed: set[int] = field(default_factory=set)
@@ -241,6 +245,7 @@ class Node:
             "status": self._on_status,
             "final": self._on_final,
             "sync": self._on_sync,
+            "value": self._on_value,
         }
         self._restore(records)
 
@@ -281,7 +286,7 @@ class Node:
         lock = None
         if rs.lock is not None:
             lv, lvd = rs.lock
-            lock = [lv, lvd, self._qc_cbor(rs.qcs[rs.lock]), rs.qc_proposal.get(rs.lock)]
+            lock = [lv, lvd, self._qc_cbor(rs.qcs[rs.lock]), rs.qc_header.get(rs.lock)]
         return codec.encode(
             {
                 "round": rs.rid.to_cbor(),
@@ -331,14 +336,12 @@ class Node:
                     rs.committed = (v, d)
                 lock = doc.get("lock")
                 if lock:
-                    lv, lvd, qc_cbor, prop_raw = lock
+                    lv, lvd, qc_cbor, header_raw = lock
                     rs.qcs[(lv, lvd)] = parse_qc(qc_cbor)
                     rs.qc_time[(lv, lvd)] = 0
-                    if prop_raw:
-                        rs.qc_proposal[(lv, lvd)] = prop_raw
-                        prop = self.decoder.proposal(prop_raw)
-                        if prop.value is not None:
-                            rs.values[prop.value.digest] = prop.value
+                    if header_raw:
+                        # older records kept the whole proposal: the header is what a lock needs
+                        rs.qc_header[(lv, lvd)] = header(self.decoder.envelope(header_raw))
                     rs.lock = (lv, lvd)
                 self.rounds[rid] = rs
             except (MessageError, ValueError, TypeError, KeyError) as exc:
@@ -587,13 +590,20 @@ class Node:
             rs.requests.setdefault(relayed.submitter, relayed)
 
     def _take_proposal(
-        self, rs: _Round, raw: Any, *, view: int | None = None, digest: bytes | None = None
+        self,
+        rs: _Round,
+        raw: Any,
+        *,
+        view: int | None = None,
+        digest: bytes | None = None,
+        named: bool | None = None,
     ) -> bool:
-        """Take in a proposal forwarded inside another message (vote, blame, status, cert).
+        """Take in a proposal (signed header, or whole) carried inside another message.
 
         With `view`/`digest` the carrying message is a signed statement naming exactly
-        that proposal's value (a vote, a vote certificate, a status lock): its body is
-        kept however many other proposals the primary signed for the view. Returns
+        that proposal's value (a vote, a vote certificate, a status lock): its header is
+        kept however many other proposals the primary signed for the view, and so is a
+        body that comes with it (`named`, by default whenever a digest is given). Returns
         whether the proposal is the one named (or, unnamed, one of this round).
         """
         if not isinstance(raw, bytes):
@@ -604,9 +614,9 @@ class Node:
         if view is not None and (env.view != view or (digest is not None and env.ref != digest)):
             return False
         if raw in rs.seen_proposals:
-            return True  # the same bytes again (every vote forwards the proposal)
+            return True  # the same whole proposal again
         try:
-            self._on_proposal(rs, env, named=digest is not None)
+            self._on_proposal(rs, env, named=digest is not None if named is None else named)
         except MessageError as exc:
             self.stats["invalid_prop"] += 1
             self.last_error = str(exc)
@@ -620,30 +630,51 @@ class Node:
         if env.sender != self.primary(rs.rid, env.view):
             self.stats["not_primary"] += 1
             return
-        if not isinstance(env.ref, bytes) or len(env.ref) != 32:
-            raise MessageError("proposal must name a 32-byte value digest")
+        if (
+            not isinstance(env.ref, bytes)
+            or len(env.ref) != 32
+            or len(env.extra) != 1
+            or not isinstance(env.extra[0], bytes)
+        ):
+            raise MessageError(
+                "proposal must be [prop, market, round, view, value digest, justification digest]"
+            )
+        key = (env.view, env.ref)
         headers = rs.headers.setdefault(env.view, {})
-        if env.statement not in headers and len(headers) < 2:
-            headers[env.statement] = env  # two of them are the equivocation proof
-        if env.statement in rs.bodies:
+        held = env.statement in headers
+        if not held and len(headers) < 2:
+            # two of them are the equivocation proof; the header is all the proof needs
+            headers[env.statement] = self._header(env)
+            held = True
+        if not held and not named:
+            self.stats["variant_dropped"] += 1  # a further variant: the proof is held already
             return
-        if env.statement not in headers and not named:
-            # A further variant nobody signed for: the proof is held, the body is not needed.
-            self.stats["variant_dropped"] += 1
+        # a signed header of the primary for (view, digest): with a QC, a lock
+        rs.qc_header.setdefault(key, header(env))
+        if key in rs.qcs:
+            self._add_qc(rs, env.view, env.ref, rs.qcs[key])
+        if env.attachment is None or env.statement in rs.bodies:
             return
-        rs.seen_proposals.add(env.raw)
+        if not held and any(self._body_key(p) == key for p in rs.bodies.values()):
+            self.stats["variant_dropped"] += 1  # named, but a body of its value is held
+            return
         # A copy whose attachment does not match the signed digests is a relay's
         # corruption, not the primary's: skip it and wait for a good copy.
         prop = self.decoder.proposal(env.raw)
+        rs.seen_proposals.add(env.raw)
         rs.bodies[env.statement] = prop
         if prop.value is not None:
             rs.values.setdefault(prop.digest, prop.value)
-        if (env.view, prop.digest) in rs.qcs:
-            rs.qc_proposal.setdefault((env.view, prop.digest), env.raw)
-            self._add_qc(rs, env.view, prop.digest, rs.qcs[(env.view, prop.digest)])
         vote_stmt = vote_statement(self.market, rs.rid, env.view, prop.digest)
         if self.keyring.verify(env.sender, vote_stmt, prop.primary_vote):
-            self._add_vote(rs, env.view, prop.digest, env.sender, prop.primary_vote, env.raw)
+            self._add_vote(rs, env.view, prop.digest, env.sender, prop.primary_vote, header(env))
+
+    def _header(self, env: Envelope) -> Envelope:
+        return env if env.attachment is None else self.decoder.envelope(header(env))
+
+    @staticmethod
+    def _body_key(prop: Proposal) -> tuple[int, bytes]:
+        return prop.env.view, prop.digest
 
     def _on_vote(self, rs: _Round, env: Envelope) -> None:
         if env.extra or not isinstance(env.ref, bytes) or len(env.ref) != 32:
@@ -659,19 +690,17 @@ class Node:
         self._add_vote(rs, env.view, env.ref, env.sender, env.signature, None)
 
     def _add_vote(
-        self, rs: _Round, view: int, vd: bytes, node: str, sig: bytes, prop_raw: bytes | None
+        self, rs: _Round, view: int, vd: bytes, node: str, sig: bytes, header_raw: bytes | None
     ) -> None:
         key = (view, vd)
-        if prop_raw is not None:
-            rs.qc_proposal.setdefault(key, prop_raw)
-        elif key not in rs.qc_proposal:
-            for stmt, env in rs.headers.get(view, {}).items():
-                if env.ref == vd and stmt in rs.bodies:
-                    rs.qc_proposal[key] = env.raw
+        if header_raw is not None:
+            rs.qc_header.setdefault(key, header_raw)
         votes = rs.votes.setdefault(key, {})
         if node in votes:
             return
         votes[node] = sig
+        if len(votes) == self.n:
+            rs.all_voted_time[key] = self.now  # every member voted: the fast commit's condition
         if len(votes) >= self.q and key not in rs.qcs:
             qc = QuorumCertificate.collect(
                 vote_statement(self.market, rs.rid, view, vd), votes.items()
@@ -683,7 +712,8 @@ class Node:
         if key not in rs.qcs:
             rs.qcs[key] = qc
             rs.qc_time[key] = self.now
-        if vd in rs.values and key in rs.qc_proposal and (rs.lock is None or view > rs.lock[0]):
+        # A lock is a QC with the primary's signed header; its value may be fetched later.
+        if key in rs.qc_header and (rs.lock is None or view > rs.lock[0]):
             rs.lock = key
 
     def _on_blame(self, rs: _Round, env: Envelope) -> None:
@@ -691,7 +721,7 @@ class Node:
             raise MessageError("blame must name the primary of its view")
         evidence = env.attachment or []
         if not isinstance(evidence, list) or len(evidence) > 2:
-            raise MessageError("blame evidence must be a list of at most two proposals")
+            raise MessageError("blame evidence must be a list of at most two proposal headers")
         for raw in evidence:
             self._take_proposal(rs, raw, view=env.view)
         self._add_blame(rs, env.view, env.sender, env.signature)
@@ -720,14 +750,14 @@ class Node:
         try:
             qc_cbor, prop_raw = env.attachment
         except (TypeError, ValueError) as exc:
-            raise MessageError("certificate attachment must be [qc, proposal]") from exc
+            raise MessageError("certificate attachment must be [qc, proposal header]") from exc
         qc = parse_qc(qc_cbor)
         fields = qc.fields()
         if fields[0] == "vote":
             view, vd = self._check_vote_qc(rs, qc)
             self._add_qc(rs, view, vd, qc)
             if prop_raw is not None:
-                # a certified value is kept whatever else its primary signed
+                # a certified header is kept whatever else its primary signed
                 self._take_proposal(rs, prop_raw, view=view, digest=vd)
         elif fields[0] == "blame":
             if len(fields) != 5 or fields[2] != rs.rid.to_cbor() or not isinstance(fields[3], int):
@@ -749,14 +779,14 @@ class Node:
             try:
                 qc_cbor, prop_raw = env.attachment
             except (TypeError, ValueError) as exc:
-                raise MessageError("status with a lock must attach [qc, proposal]") from exc
+                raise MessageError("status with a lock must attach [qc, header]") from exc
             qc = parse_qc(qc_cbor)
             view, vd = self._check_vote_qc(rs, qc)
             if (view, vd) != (lock_view, lock_vd) or view >= env.view:
                 raise MessageError("status certificate does not match its claimed lock")
             self._add_qc(rs, view, vd, qc)
             if not self._take_proposal(rs, prop_raw, view=view, digest=vd):
-                raise MessageError("status lock comes without its proposal")
+                raise MessageError("status lock comes without its proposal header")
         elif lock_vd != b"" or lock_view != -1:
             raise MessageError("status without a lock must claim view -1")
         stripped = seal(env.sender, env.signature, env.statement)
@@ -772,10 +802,11 @@ class Node:
                 value_cbor, qc_cbor, fc_cbor = env.attachment
             except (TypeError, ValueError) as exc:
                 raise MessageError("final attachment must be [value, qc, fc]") from exc
-            value = self.decoder.value(self.market, rs.rid, value_cbor)
-            if value.digest != vd:
-                raise MessageError("final's value does not hash to its digest")
-            rs.values.setdefault(vd, value)
+            if value_cbor is not None:
+                value = self.decoder.value(self.market, rs.rid, value_cbor)
+                if value.digest != vd:
+                    raise MessageError("final's value does not hash to its digest")
+                rs.values.setdefault(vd, value)
             if qc_cbor is not None:
                 qc = parse_qc(qc_cbor)
                 view, qvd = self._check_vote_qc(rs, qc)
@@ -797,11 +828,26 @@ class Node:
         finals.setdefault(env.sender, env.signature)
 
     def _on_sync(self, rs: _Round, env: Envelope) -> None:
-        """Someone asks for the decision (ref b"") or for a value by its digest."""
-        if isinstance(env.ref, bytes) and any(d == env.ref for _, d in rs.qc_proposal):
-            rs.fetch_wanted.add(env.ref)  # answered by forwarding its certificate
+        """Someone asks for the decision (ref b"") or fetches a value by (view, digest)."""
+        if isinstance(env.ref, bytes) and any(p.digest == env.ref for p in rs.bodies.values()):
+            rs.fetch_wanted.add((env.view, env.ref))  # answered by _answer_fetch
         else:
             self.stats["sync_unanswered"] += 1  # not decided here yet; others will answer
+
+    def _on_value(self, rs: _Round, env: Envelope) -> None:
+        """An answer to a fetch: a member forwards a primary's whole proposal.
+
+        The body is kept when its header is one of the view's two held headers, or
+        when a verified signature names its (view, digest) -- a vote, a QC, a final --
+        and no body of that (view, digest) is held yet: so wrong, unasked or repeated
+        answers cost nothing but their check.
+        """
+        if env.extra or not isinstance(env.ref, bytes):
+            raise MessageError("value must be [value, market, round, view, digest]")
+        key = (env.view, env.ref)
+        named = key in rs.votes or key in rs.qcs or env.ref in rs.finals
+        if not self._take_proposal(rs, env.attachment, view=env.view, digest=env.ref, named=named):
+            self.stats["value_unusable"] += 1
 
     def _answer_sync(
         self, rid: RoundId, done: tuple[bytes, Value, QuorumCertificate], out: list[Action]
@@ -827,6 +873,7 @@ class Node:
     def _advance_once(self, rs: _Round, out: list[Action]) -> None:
         if self._try_final(rs, out):
             return
+        self._answer_fetch(rs, out)
         if rs.recovering:
             if rs.committed and not rs.final_resent:
                 rs.final_resent = True
@@ -835,7 +882,6 @@ class Node:
                 self._send_sync(rs, out)
             return
         self._relay_evidence(rs, out)
-        self._answer_fetch(rs, out)
         self._check_vcc(rs, out)
         self._check_jump(rs)
         if rs.waiting and self.now >= rs.wait_until:
@@ -852,24 +898,42 @@ class Node:
             rs.sync_after = self.now + 8 * self.delta
             self._send_sync(rs, out)
 
-    def _send_sync(self, rs: _Round, out: list[Action], digest: bytes = b"") -> None:
-        """Ask for the decision (or, with `digest`, for that certified value)."""
+    def _send_sync(self, rs: _Round, out: list[Action]) -> None:
+        """Ask for the decision."""
         rs.next_sync = self.now + 4 * self.delta
-        stmt = statement("sync", self.market, rs.rid, 0, digest)
+        stmt = statement("sync", self.market, rs.rid, 0, b"")
+        out.append(Broadcast("sync", seal(self.node_id, self.signer.sign(stmt), stmt)))
+
+    def _fetch(self, rs: _Round, view: int, vd: bytes, out: list[Action]) -> None:
+        """Ask for the value `vd` (the whole proposal of `view`, if anyone has it), again
+        strictly after 3 delta without it: a correct holder answers within 2 delta of
+        the question reaching it (_answer_fetch), so one question per 3 delta suffices."""
+        asked = rs.fetch_asked.get((view, vd))
+        if asked is not None and self.now <= asked + 3 * self.delta:
+            return
+        rs.fetch_asked[(view, vd)] = self.now
+        self.stats["fetch"] += 1
+        stmt = statement("sync", self.market, rs.rid, view, vd)
         out.append(Broadcast("sync", seal(self.node_id, self.signer.sign(stmt), stmt)))
 
     def _answer_fetch(self, rs: _Round, out: list[Action]) -> None:
-        """Forward the certificate and proposal of a value someone asked for by digest."""
+        """Forward the whole proposal of each value asked for by digest: the one of the asked
+        view if held, else any with that value; at most one batch per delta, each proposal
+        once per batch, so answering costs at most the bodies held per delta."""
         if not rs.fetch_wanted or self.now - rs.fetch_answered < self.delta:
             return
         rs.fetch_answered = self.now
-        for key, prop_raw in list(rs.qc_proposal.items()):
-            if key[1] in rs.fetch_wanted and key in rs.qcs:
-                stmt = statement("cert", self.market, rs.rid, key[0], key[1])
-                attachment = [rs.qcs[key].to_cbor(), prop_raw]
-                sig = self.signer.sign(stmt)
-                out.append(Broadcast("cert", seal(self.node_id, sig, stmt, attachment)))
+        chosen: dict[bytes, Proposal] = {}
+        for view, vd in sorted(rs.fetch_wanted):
+            matches = [p for p in rs.bodies.values() if p.digest == vd]
+            best = [p for p in matches if p.env.view == view] or matches
+            if best:
+                chosen.setdefault(best[0].env.statement, best[0])
         rs.fetch_wanted.clear()
+        for prop in chosen.values():
+            stmt = statement("value", self.market, rs.rid, prop.env.view, prop.digest)
+            sig = self.signer.sign(stmt)
+            out.append(Broadcast("value", seal(self.node_id, sig, stmt, prop.env.raw)))
 
     def _check_vcc(self, rs: _Round, out: list[Action]) -> None:
         if not rs.vcc:
@@ -879,11 +943,12 @@ class Node:
             return
         v = max(ready)
         # Leave view v: stop voting and committing in it, forward the certificate so
-        # every node leaves within one delta, then wait one delta so that every
-        # vote certificate sent before anyone left reaches us before we report our lock.
+        # every node leaves within one delta, then wait two deltas so that every vote
+        # and vote certificate sent before anyone left reaches us before we report our
+        # lock (docs/consensus.md, lemma 3: a fast commit's honest votes).
         rs.view = v + 1
         rs.waiting = True
-        rs.wait_until = self.now + self.delta
+        rs.wait_until = self.now + 2 * self.delta
         if v not in rs.vcc_sent:
             rs.vcc_sent.add(v)
             qc = rs.vcc[v]
@@ -919,7 +984,7 @@ class Node:
         lock_view, lock_vd, attachment = -1, b"", None
         if rs.lock is not None:
             lock_view, lock_vd = rs.lock
-            attachment = [rs.qcs[rs.lock].to_cbor(), rs.qc_proposal[rs.lock]]
+            attachment = [rs.qcs[rs.lock].to_cbor(), rs.qc_header[rs.lock]]
         stmt = statement("status", self.market, rs.rid, rs.view, lock_vd, lock_view)
         sig = self.signer.sign(stmt)
         rs.statuses.setdefault(rs.view, {})[self.node_id] = seal(self.node_id, sig, stmt)
@@ -948,8 +1013,13 @@ class Node:
         if rs.committed is not None and rs.committed[1] != vd:
             self.stats["conflicting_lock"] += 1
             return
+        value = rs.values.get(vd)
+        if value is None:
+            # a lock is a QC and a signed header: the QC's correct voters hold the value
+            self._fetch(rs, top, vd, out)
+            return
         qc = rs.qcs[(top, vd)]
-        self._publish_proposal(rs, rs.values[vd], [justification_statuses, qc.to_cbor()], out)
+        self._publish_proposal(rs, value, [justification_statuses, qc.to_cbor()], out)
 
     def _propose_fresh(self, rs: _Round, justification: Any, out: list[Action]) -> None:
         # Correct members open within delta of us and their requests (with what they
@@ -1089,9 +1159,10 @@ class Node:
         headers = rs.headers.get(v, {})
         if len(headers) != 1:
             return  # nothing yet, or an equivocation (handled by _timeouts)
-        stmt = next(iter(headers))
+        stmt, signed = next(iter(headers.items()))
         prop = rs.bodies.get(stmt)
         if prop is None:
+            self._fetch(rs, v, signed.ref, out)  # a signed header without its value
             return
         if rs.committed is not None and rs.committed[1] != prop.digest:
             return  # never support anything but what we already treat as final
@@ -1102,7 +1173,7 @@ class Node:
             self._vote(rs, prop, out)
         elif v not in rs.blamed:
             self.stats["rejected_proposal"] += 1
-            self._blame(rs, v, [prop.env.raw], out)
+            self._blame(rs, v, [signed.raw], out)
 
     def _vote(self, rs: _Round, prop: Proposal, out: list[Action]) -> None:
         v, vd = prop.env.view, prop.digest
@@ -1110,9 +1181,10 @@ class Node:
         rs.voted[v] = vd
         rs.vote_time[v] = self.now
         rs.dirty = True
-        self._add_vote(rs, v, vd, self.node_id, sig, prop.env.raw)
+        signed = header(prop.env)  # the vote names the primary's signed header, not the value
+        self._add_vote(rs, v, vd, self.node_id, sig, signed)
         stmt = vote_statement(self.market, rs.rid, v, vd)
-        out.append(Broadcast("vote", seal(self.node_id, sig, stmt, prop.env.raw)))
+        out.append(Broadcast("vote", seal(self.node_id, sig, stmt, signed)))
 
     def _blame(self, rs: _Round, v: int, evidence: list[bytes], out: list[Action]) -> None:
         if v in rs.blamed:
@@ -1135,22 +1207,23 @@ class Node:
         vd = rs.voted[v]
         tv = rs.vote_time[v]
         window_end = tv + 2 * self.delta  # the equivocation window: 2 delta after our vote
-        qc_at = rs.qc_time.get((v, vd))
-        if qc_at is None:
+        if (v, vd) not in rs.qcs:
             return
-        blame_at = rs.blame_first.get(v)
-        fast = qc_at <= window_end and (blame_at is None or blame_at > window_end)
-        if fast:
+        all_at = rs.all_voted_time.get((v, vd))
+        if all_at is not None and all_at <= window_end:
+            # Every member voted for it by the window's end, so every correct member holds
+            # the value and the correct votes reach everyone before any status (lemma 3).
             if self.now > window_end:
                 self._commit(rs, v, vd, out)
             return
-        # Someone objected (or the certificate came late): an honest objector may lack
-        # the certificate, so forward it and give it one delta to arrive everywhere.
+        # Not every member voted (or someone objected): a correct member may lack the
+        # certificate, so forward it with the signed header and give it one delta.
+        blame_at = rs.blame_first.get(v)
         if v not in rs.forwarded and (blame_at is not None or self.now > window_end):
             rs.forwarded[v] = self.now
             qc = rs.qcs[(v, vd)]
             stmt = statement("cert", self.market, rs.rid, v, codec.digest(qc.statement))
-            attachment = [qc.to_cbor(), rs.qc_proposal.get((v, vd))]
+            attachment = [qc.to_cbor(), rs.qc_header.get((v, vd))]
             out.append(
                 Broadcast("cert", seal(self.node_id, self.signer.sign(stmt), stmt, attachment))
             )
@@ -1175,9 +1248,12 @@ class Node:
         attachment = None
         committed_view = rs.committed[0] if rs.committed else -1
         if committed_view >= 0 and self.primary(rs.rid, committed_view) == self.node_id:
-            # the primary publishes the result with its vote certificate (step 4)
+            # The primary publishes the result with its vote certificate (step 4). The
+            # value rides along only for submit-only participants, who read finals alone;
+            # members hold it or fetch it by digest.
             qc = rs.qcs.get((committed_view, vd))
-            attachment = [rs.values[vd].to_cbor(), qc.to_cbor() if qc else None, None]
+            value = rs.values[vd].to_cbor() if self.keyring.size > self.n else None
+            attachment = [value, qc.to_cbor() if qc else None, None]
         rs.finals.setdefault(vd, {})[self.node_id] = sig
         out.append(Broadcast("final", seal(self.node_id, sig, stmt, attachment)))
 
@@ -1193,8 +1269,9 @@ class Node:
         vd, fc = rs.fc
         value = rs.values.get(vd)
         if value is None:
-            if self.now >= rs.next_sync:
-                self._send_sync(rs, out, vd)  # fetch the certified value by its digest
+            # fetch the certified value by its digest (the highest view known to name it)
+            views = [v for (v, d) in [*rs.qcs, *rs.qc_header] if d == vd]
+            self._fetch(rs, max(views, default=0), vd, out)
             return False
         if rs.committed is None:
             qc_views = [v for (v, d) in rs.qcs if d == vd]
@@ -1230,12 +1307,13 @@ class Node:
         # view 0: open skew (delta) + the primary's request collection (2 delta + 1 ms)
         # + delivery; later views: entry skew + statuses to the primary (a fresh value
         # also waits for the requests, at most 2 delta + 1 ms after the primary's open,
-        # which is at most 2 delta + 1 ms after the first correct entry) + delivery.
+        # which is at most 2 delta + 1 ms after the first correct entry) + fetching the
+        # top lock's value by digest (3 delta) + delivery.
         # Blame strictly after the latest time a correct primary's proposal can arrive.
         k = self._backoff(rs.view)
         if rs.view == 0:
             return rs.entered_at + 4 * self.delta + 2
-        return rs.entered_at + k * 3 * self.delta + 2
+        return rs.entered_at + k * 6 * self.delta + 2
 
     def _after_vote_deadline(self, rs: _Round) -> int:
         tv = rs.vote_time[rs.view]
@@ -1280,9 +1358,13 @@ class Node:
             self._blame(rs, v, [], out)
 
     def _deadlines(self, rs: _Round) -> list[int]:
-        times: list[int] = []
+        # fetches: our questions are repeated strictly after 3 delta, others' answered
+        # once per delta
+        times = [t + 3 * self.delta + 1 for t in rs.fetch_asked.values()]
+        if rs.fetch_wanted:
+            times.append(rs.fetch_answered + self.delta)
         if rs.recovering or rs.fc is not None:
-            return [rs.next_sync]
+            return [t for t in [*times, rs.next_sync] if t > self.now]
         if rs.sync_after:
             times.append(rs.sync_after)
         if rs.waiting:
@@ -1310,17 +1392,18 @@ def liveness_bound_ms(delta_ms: int, faulty: int) -> int:
     delay between correct nodes at most delta and correct nodes opening within
     delta of each other: with a correct view-0 primary every correct node
     commits within 7 delta + 2 ms of the round's first open. A view led by a
-    faulty primary costs at most 17 delta + 4 ms (view 0, from the open) or
-    16 delta + 4 ms (a later view, from its first correct entry) until the next
-    view's first correct entry; a view led by a correct primary after a change
-    commits within 6 delta + 2 ms of its first correct entry. With f faulty
-    nodes at most f consecutive primaries are faulty, so the bound is
-    7 delta + 2 for f = 0 and 23 delta + 6 + (f - 1)(16 delta + 4) ms
-    otherwise. A correct node that learns the result from a finality
-    certificate (a decided node answers its blame, status or sync) does so
-    sooner than that.
+    faulty primary costs at most 18 delta + 4 ms (view 0, from the open) or
+    20 delta + 4 ms (a later view, from its first correct entry) until the next
+    view's first correct entry (each includes the 2-delta wait before the
+    status); a view led by a correct primary after a change commits within
+    9 delta + 2 ms of its first correct entry (3 delta of it to fetch the top
+    lock's value by digest). With f faulty nodes at most f consecutive
+    primaries are faulty, so the bound is 7 delta + 2 for f = 0 and
+    27 delta + 6 + (f - 1)(20 delta + 4) ms otherwise. A correct node that
+    learns the result from a finality certificate (a decided node answers its
+    blame, status or sync) does so sooner than that.
     """
     d = delta_ms
     if faulty <= 0:
         return 7 * d + 2
-    return 17 * d + 4 + (faulty - 1) * (16 * d + 4) + 6 * d + 2
+    return 18 * d + 4 + (faulty - 1) * (20 * d + 4) + 9 * d + 2

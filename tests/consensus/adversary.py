@@ -214,7 +214,7 @@ class ByzantineNode(Node):
         if lie == "none":
             rs.lock = None
         elif lie == "lowest" and rs.qcs:
-            usable = [k for k in rs.qcs if k in rs.qc_proposal and k[1] in rs.values]
+            usable = [k for k in rs.qcs if k in rs.qc_header and k[1] in rs.values]
             if usable:
                 rs.lock = min(usable)
         try:
@@ -249,7 +249,7 @@ class ByzantineNode(Node):
                 co.send(self, "final", seal(self.node_id, self.signer.sign(stmt), stmt), out)
             if st.forward and co.once(self.node_id, rid, "cert", key):
                 stmt = statement("cert", self.market, rid, key[0], codec.digest(qc.statement))
-                attachment = [qc.to_cbor(), rs.qc_proposal.get(key)]
+                attachment = [qc.to_cbor(), rs.qc_header.get(key)]
                 co.send(self, "cert", seal(self.node_id, self.signer.sign(stmt), stmt, attachment),
                         out)  # fmt: skip
         if st.forward:

@@ -11,6 +11,7 @@ from edge_agent.consensus.messages import (
     Decoder,
     MessageError,
     RoundId,
+    header,
     seal,
     statement,
     vote_statement,
@@ -92,7 +93,8 @@ def test_a_fault_free_round_step_by_step(trio) -> None:
     prop = sent(actions, "prop")
     vd = Decoder().proposal(prop).digest
 
-    # a backup persists its vote before the vote goes out; the vote forwards the proposal
+    # a backup persists its vote before the vote goes out; the vote names the primary's
+    # signed header, never the value
     b.step(Message(2, reqs["a"], "a"))
     b.step(Message(2, reqs["c"], "c"))
     actions = b.step(Message(3, prop, "a"))
@@ -102,8 +104,33 @@ def test_a_fault_free_round_step_by_step(trio) -> None:
     vote_b = sent(actions, "vote")
     vote_env = Decoder().envelope(vote_b)
     assert vote_env.statement == vote_statement("m1", R0, 0, vd)
-    assert vote_env.attachment == prop
-    # final only after 2 delta from its own vote, with a certificate in hand
+    assert vote_env.attachment == header(Decoder().envelope(prop))
+    assert len(vote_b) < len(prop) // 2
+
+    # c learns the proposal only from b's vote (the primary's copy never arrived): it holds
+    # the signed header without the value, so it fetches the value by (view, digest)
+    c.step(Message(3, reqs["a"], "a"))
+    c.step(Message(3, reqs["b"], "b"))
+    actions = c.step(Message(4, vote_b, "b"))
+    assert kinds(actions) == ["sync"]
+    ask = sent(actions, "sync")
+    assert (Decoder().envelope(ask).view, Decoder().envelope(ask).ref) == (0, vd)
+    assert c.next_deadline() == 4 + 3 * D + 1, "asked again strictly after 3 delta"
+    # any holder answers with the primary's whole proposal; c checks it and votes
+    actions = b.step(Message(5, ask, "c"))
+    assert kinds(actions) == ["value"]
+    answer = sent(actions, "value")
+    assert Decoder().envelope(answer).attachment == prop
+    actions = c.step(Message(6, answer, "b"))
+    assert kinds(actions) == ["Persist", "vote"]
+    vote_c = sent(actions, "vote")
+    assert b.step(Message(7, vote_c, "c")) == []
+    # a repeated question (a replay, or a faulty member's) waits: one answer batch per delta
+    assert b.step(Message(8, ask, "c")) == []
+    assert b.next_deadline() == 5 + D
+    assert kinds(b.step(Tick(5 + D))) == ["value"]
+
+    # final only after 2 delta from its own vote, every member's vote in hand (fast path)
     assert b.next_deadline() == 3 + 2 * D + 1
     assert b.step(Tick(3 + 2 * D)) == []
     actions = b.step(Tick(3 + 2 * D + 1))
@@ -115,28 +142,45 @@ def test_a_fault_free_round_step_by_step(trio) -> None:
     assert commit.value.result == DoubleAuction().execute(commit.value.requests)
     assert commit.certificate is not None and set(commit.certificate.signers) == {"a", "b"}
 
-    # c learns the proposal only from b's vote (the primary's copy never arrived)
-    c.step(Message(3, reqs["a"], "a"))
-    c.step(Message(3, reqs["b"], "b"))
-    actions = c.step(Message(4, vote_b, "b"))
-    assert kinds(actions) == ["Persist", "vote"]
-
     # the primary commits on its own clock, then two finals make a finality certificate
-    actions = a.step(Message(4, vote_b, "b"))
-    assert actions == []
+    assert a.step(Message(4, vote_b, "b")) == []
+    assert a.step(Message(7, vote_c, "c")) == []
     actions = a.step(Tick(2 + 2 * D + 1))
     assert kinds(actions) == ["Commit", "final"]
     final_a = sent(actions, "final")
     att = Decoder().envelope(final_a).attachment
-    assert att is not None and att[1] is not None, "the primary's final carries value and QC"
+    assert att is not None and att[1] is not None, "the primary's final carries the QC"
+    assert att[0] is None, "and no value: no submit-only participant needs it here"
     assert c.step(Message(24, final_a, "a")) == []
-    # c's own window ends at 4 + 2 delta: it commits, attests, and with a's attestation
+    # c's own window ends at 6 + 2 delta: it commits, attests, and with a's attestation
     # holds a finality certificate at once
-    actions = c.step(Tick(4 + 2 * D + 1))
+    actions = c.step(Tick(6 + 2 * D + 1))
     assert kinds(actions) == ["Persist", "Commit", "final", "Final"]  # the decision is stored
     b_final = [x for x in b.step(Message(26, final_a, "a")) if isinstance(x, Final)]
     assert b_final and b_final[0].certificate.signers == ("a", "b")
     assert R0 not in b.rounds and R0 in b.decided
+
+
+def test_without_every_members_vote_a_node_forwards_the_certificate_and_commits_later(
+    trio,
+) -> None:
+    """Fast commit needs all n votes: with only a quorum (c silent) b forwards the QC with
+    the signed header at the end of its window and commits strictly after one delta more."""
+    nodes, _ = trio
+    a, b = nodes["a"], nodes["b"]
+    reqs = {name: sent(node.step(Open(0, R0, b"dep", BIDS[name])), "req")
+            for name, node in nodes.items()}  # fmt: skip
+    a.step(Message(1, reqs["b"], "b"))
+    prop = sent(a.step(Message(1, reqs["c"], "c")), "prop")
+    b.step(Message(1, reqs["a"], "a"))
+    b.step(Message(1, reqs["c"], "c"))
+    assert kinds(b.step(Message(2, prop, "a"))) == ["Persist", "vote"]
+    actions = b.step(Tick(2 + 2 * D + 1))
+    assert kinds(actions) == ["cert"], "two votes of three: no fast commit"
+    qc_cbor, signed = Decoder().envelope(sent(actions, "cert")).attachment
+    assert signed == header(Decoder().envelope(prop))
+    assert b.next_deadline() == 2 + 3 * D + 2
+    assert kinds(b.step(Tick(2 + 3 * D + 2))) == ["Commit", "final"]
 
 
 def test_bad_input_is_dropped_and_counted(trio) -> None:
