@@ -29,19 +29,25 @@ Messages: [statement, sender, signature, attachment], statement =
 [tag, market, [seq, kind], view, ref, ...], P-256 signature over it
     req     [.., 0, deposit ref, submitter, body]  a participant's signed bid; a
             member's attaches the requests it held when it opened (relays)
-    prop    [.., v, value digest, justification digest]  by the primary; attaches
-            the value (exact signed request set + contract result), the
-            primary's own vote, and for v > 0 the justification (below)
-    vote    [.., v, value digest]  attaches the proposal it votes for
+    prop    [.., v, value digest, justification digest]  by the primary; the
+            statement is the proposal's header; attaches the value (exact
+            signed request set + contract result), the primary's own vote,
+            and for v > 0 the justification (below). The *signed header* is
+            this message without its attachment.
+    vote    [.., v, value digest]  attaches the primary's signed header
     blame   [.., v, primary id]  change-primary request; attaches evidence
-            (the wrong proposal, or two conflicting ones)
+            (the wrong proposal's signed header, or two conflicting ones)
     cert    [.., v, digest of certificate]  forwards a certificate: q blames
-            (leave view v) or q votes (see "objection" below)
+            (leave view v) or q votes with the signed header (see below)
     status  [.., v+1, lock digest, lock view]  sent on entering view v+1;
-            attaches the node's highest vote certificate and its proposal
+            attaches the node's highest vote certificate and its signed header
     final   [.., 0, value digest]  "I treat this value as final"; q of them
-            form the finality certificate; the primary attaches value + QC
-    sync    [.., 0, b"" or digest]  asks for a decided round (or a certified value)
+            form the finality certificate; the primary attaches its QC (and
+            the value when submit-only participants need it)
+    sync    [.., v, b"" or digest]  asks for a decided round, or fetches the
+            value of (view v, digest)
+    value   [.., v, value digest]  answers a fetch: attaches the primary's
+            whole signed proposal
 Vote and final statements are identical across signers, so they aggregate
 into `meterchain.quorum.QuorumCertificate`s.
 
@@ -51,15 +57,20 @@ A round, fault-free
     2. The primary proposes once it holds every member's request, or 2 delta
        + 1 ms after its open, with the exact request set it used.
     3. A backup checks the proposal (signatures, `contract.check` -- it may
-       verify rather than re-execute) and votes, forwarding the proposal; a
-       backup votes no (blames) on a fresh proposal missing its own request or
-       any request it relayed -- censorship.
+       verify rather than re-execute) and votes with the primary's signed
+       header (never the value; a backup that holds only the header fetches
+       the value by digest first); a backup votes no (blames) on a fresh
+       proposal missing its own request or any request it relayed --
+       censorship.
     4. Votes reach everyone; q votes are a vote certificate (QC).
     5. A node treats the value as final when more than 2 delta have passed
-       since its own vote, it holds the QC, it saw no conflicting proposal
-       of that primary in that view, and it has not left the view. It then
-       broadcasts `final`; the primary's carries the value and the QC (the
-       SPEC's "primary publishes the result with a quorum certificate").
+       since its own vote, it held votes from all n members by then, it saw
+       no conflicting proposal of that primary in that view, and it has not
+       left the view. Without all n votes it forwards the QC with the signed
+       header and waits one delta more. It then broadcasts `final`; the
+       primary's carries the QC (the SPEC's "primary publishes the result
+       with a quorum certificate"), and the value for submit-only
+       participants.
     6. q finals form the finality certificate (FC): the proof the
        aggregator and late nodes rely on (at least one correct node treated
        the value as final by rule 5).
@@ -67,16 +78,18 @@ A round, fault-free
 Timers (delta units; "+1" = 1 ms margins for equal timestamps)
     primary request collection  2 delta + 1 after its open (any fresh value)
     blame when no usable proposal  view 0: 4 delta + 2 after open;
-                                   view v > 0: 3 delta + 2 after entering
-    finality window             more than 2 delta after own vote
+                                   view v > 0: 6 delta + 2 after entering
+    finality window             more than 2 delta after own vote (all n votes)
     objection forwarding        +1 delta after forwarding the QC (below)
     blame when not final        3 delta + 2 after own vote (10 delta + 2 for a
                                 node that is final but has no FC yet)
-    view-change wait            1 delta between leaving a view and entering
+    view-change wait            2 delta between leaving a view and entering
                                 the next (sending the status)
+    fetch by digest             asked again strictly after 3 delta; answers
+                                at most once per delta
     After view (n-1)//2 -- which a round never passes with f < n/2 and delays
     within delta -- the blame timeouts double per view (capped at 64x), so a
-    too-small delta still recovers; the 2-delta window and the 1-delta wait
+    too-small delta still recovers; the 2-delta window and the 2-delta wait
     never grow.
 
 Change of primary
@@ -85,7 +98,7 @@ Change of primary
     primary for one round and view -- every node accepts it), a node
     broadcasts a blame. q blames for view v are a change-primary
     certificate; a node holding one forwards it, stops voting and committing
-    in v, waits delta, enters v+1 and broadcasts its status. The new primary
+    in v, waits 2 delta, enters v+1 and broadcasts its status. The new primary
     proposes once it holds q statuses: the value of the highest certified
     lock among them (ties: smallest digest), else a fresh result over every
     request it holds. The proposal carries those q signed statuses and the
@@ -99,14 +112,15 @@ Change of primary
 Safety and liveness (docs/consensus.md)
     If a correct node h commits B in view v (the smallest such view): no QC
     for anything else exists in v (any correct voter of another value would
-    have forwarded it to h within the 2-delta window); every correct node
-    holds B's QC, value and proposal before any correct status for a later
-    view goes out (all correct nodes voted B, or h forwarded the QC one delta
-    before committing; named values are always kept; evidence is always
+    have sent its signed header to h within the 2-delta window); every
+    correct node holds B's QC and signed header before any correct status
+    for a later view goes out (all n members voted B and the correct votes
+    arrive within the 2-delta status wait, or h forwarded the QC one delta
+    before committing; named headers are always kept; evidence is always
     relayed); so any q statuses carry B's lock and every later QC is B.
     Every correct node commits within `node.liveness_bound_ms`: 7 delta + 2 ms
-    of the round's first open with no faulty node, 23 delta + 6 +
-    (f - 1)(16 delta + 4) ms with f >= 1 faulty nodes; the FC follows within
+    of the round's first open with no faulty node, 27 delta + 6 +
+    (f - 1)(20 delta + 4) ms with f >= 1 faulty nodes; the FC follows within
     one more delta. The simulator checks this on every schedule.
 
 Messages per round and what O(n) means
@@ -114,6 +128,8 @@ Messages per round and what O(n) means
     most 3n MQTT publishes: O(n) publishes on a broker that fans out. Every
     publish reaches every node, so deliveries (point to point) are O(n^2),
     as for PBFT: the safety amendment needs every vote to reach everyone.
+    The value itself travels once, in the proposal (n - 1 deliveries, like
+    PBFT's pre-prepare); votes and finals carry digests and signed headers.
     O(n) is the fault-free figure; a change of primary adds O(n) publishes
     (blames, certificate forwards, statuses) whose attachments carry O(n)
     signatures each.

@@ -19,7 +19,12 @@ rewrites what it publishes:
   unrelated view), statuses reporting the highest, a lower or no lock;
 - selective forwarding of vote and change-primary certificates and finals;
 - floods: copies and distinct messages for the current and the next round,
-  aimed at the hold buffer and the de-duplication.
+  aimed at the hold buffer and the de-duplication;
+- values withheld: as primary, the whole proposal (with the value) to all, a
+  random subset or one correct node, and to the others its signed header
+  only or nothing; votes towards one correct node only; fetches by digest
+  answered honestly, not at all, or with a wrong body (another proposal of
+  the view, or the right header with a value that does not hash to it).
 
 `Strategy` fixes which of these a schedule uses; `ScheduledLink` is the
 network side (correct-to-correct delays stay within delta, chosen uniformly,
@@ -37,6 +42,7 @@ from edge_agent.consensus.messages import (
     Value,
     blame_statement,
     final_statement,
+    header,
     seal,
     statement,
     vote_statement,
@@ -62,6 +68,10 @@ class Strategy:
     status_lie: str = "honest"  # honest | none | lowest: which lock a status reports
     forward: bool = False  # re-send certificates and finals to chosen nodes only
     flood: int = 0  # distinct messages for the next round aimed at the hold buffer
+    value_to: str = "all"  # all | subset | one: who gets a proposal with its value
+    header_to_rest: bool = True  # the others get the signed header only (else nothing)
+    votes_to_one: bool = False  # every vote towards one correct node only
+    fetch_answers: str = "honest"  # honest | silent | wrong
 
     @classmethod
     def draw(cls, rng: random.Random) -> Strategy:
@@ -79,6 +89,10 @@ class Strategy:
             status_lie=rng.choice(["honest", "none", "lowest"]),
             forward=rng.random() < 0.5,
             flood=rng.choice([0, 0, 0, 20]),
+            value_to=rng.choice(["all", "subset", "one", "one"]),
+            header_to_rest=rng.random() < 0.7,
+            votes_to_one=rng.random() < 0.3,
+            fetch_answers=rng.choice(["honest", "silent", "wrong"]),
         )
 
 
@@ -129,6 +143,31 @@ class Coalition:
         for dst in chosen:
             out.append(Targeted((dst,), kind, data, self.delay_for(dst, node.now, node.delta)))
 
+    def others(self, node: ByzantineNode) -> list[str]:
+        return [m for m in node.membership.node_ids if m not in self.members]
+
+    def send_proposal(self, node: ByzantineNode, raw: bytes, out: list[Any]) -> None:
+        """A proposal with its value to `value_to` of the correct nodes, its signed header
+        (or nothing) to the others, each at the coalition's moment."""
+        others, mode = self.others(node), self.strategy.value_to
+        if mode == "all" or not others or self.strategy.silent:
+            self.send(node, "prop", raw, out)
+            return
+        if mode == "one":
+            chosen = {self.rng.choice(others)}
+        else:
+            chosen = {m for m in others if self.rng.random() < 0.5}
+        signed = header(node.decoder.envelope(raw))
+        for m in self.members:
+            if m != node.node_id:
+                out.append(Targeted((m,), "prop", raw, 0))
+        for dst in others:
+            if dst in chosen or self.strategy.header_to_rest:
+                data = raw if dst in chosen else signed
+                out.append(
+                    Targeted((dst,), "prop", data, self.delay_for(dst, node.now, node.delta))
+                )
+
 
 def _next_deadline(sim: Simulator, node_id: str) -> int | None:
     for inst in sim.instances.values():
@@ -151,17 +190,50 @@ class ByzantineNode(Node):
     def step(self, event: Event) -> list[Any]:
         honest = super().step(event)
         out: list[Any] = []
+        st = self.coalition.strategy
         for action in honest:
-            if isinstance(action, Broadcast):
-                self.coalition.send(self, action.kind, action.data, out)
-            else:
+            if not isinstance(action, Broadcast):
                 out.append(action)
+            elif action.kind == "value" and st.fetch_answers != "honest":
+                if st.fetch_answers == "wrong" and not st.silent:
+                    self._wrong_answer(action.data, out)
+            elif action.kind == "vote" and st.votes_to_one and not st.silent:
+                self._to_one(action.kind, action.data, out)
+            else:
+                self.coalition.send(self, action.kind, action.data, out)
         if not self.coalition.strategy.silent:
             for rs in list(self.rounds.values()):
                 self._attack(rs, out)
             if isinstance(event, Open):
                 self._flood(event.round, out)
         return out
+
+    def _to_one(self, kind: str, data: bytes, out: list[Any]) -> None:
+        co = self.coalition
+        for m in co.members:
+            if m != self.node_id:
+                out.append(Targeted((m,), kind, data, 0))
+        others = co.others(self)
+        if others:
+            dst = co.rng.choice(others)
+            out.append(Targeted((dst,), kind, data, co.delay_for(dst, self.now, self.delta)))
+
+    def _wrong_answer(self, data: bytes, out: list[Any]) -> None:
+        """Answer a fetch for (view, digest) with another body of the round, or with the
+        right header and a value that does not hash to it."""
+        env = self.decoder.envelope(data)
+        rs = self.rounds.get(env.round)
+        if rs is None:
+            return
+        others = [p.env.raw for p in rs.bodies.values() if p.env.raw != env.attachment]
+        if others and self.coalition.rng.random() < 0.5:
+            body = self.coalition.rng.choice(others)
+        else:
+            stmt, sender, sig, (value, vote, just) = codec.decode(env.attachment)
+            body = codec.encode([stmt, sender, sig, [[value[0], ["wrong", value[1]]], vote, just]])
+        answer = statement("value", self.market, rs.rid, env.view, env.ref)
+        sealed = seal(self.node_id, self.signer.sign(answer), answer, body)
+        self.coalition.send(self, "value", sealed, out)
 
     # --- as primary: up to three variants per view ------------------------------------
 
@@ -178,7 +250,7 @@ class ByzantineNode(Node):
         for val, just in variants:
             raw, _ = self.sign_proposal(rs, val, just)
             self._on_proposal(rs, self.decoder.envelope(raw))
-            self.coalition.send(self, "prop", raw, out)
+            self.coalition.send_proposal(self, raw, out)
         rs.voted[rs.view] = value.digest
         rs.vote_time[rs.view] = self.now
 
