@@ -262,3 +262,69 @@ def test_finding2_a_member_flooding_syncs_through_the_broker_cannot_stall_the_ne
         flooder.close()
         for r in runners:
             r.stop()
+
+
+class MissesProposals(Node):
+    """A member whose copy of every proposal is lost on the way: it sees the value's signed
+    header only (in the others' votes) and must fetch the value by digest."""
+
+    def step(self, event: Any) -> list[Any]:
+        data = getattr(event, "data", None)
+        if data is not None and self.decoder.envelope(data).tag == "prop":
+            self.stats["proposal_lost"] += 1
+            return []
+        return super().step(event)
+
+
+def test_a_member_that_missed_the_proposal_fetches_the_value_by_digest_over_the_broker(
+    tmp_path: Path, mosquitto_factory
+) -> None:
+    """Fetch by digest end to end through a real Mosquitto (TLS, ACLs): g3 never gets the
+    primary's proposal, only votes carrying its signed header; it asks (`sync` with view and
+    digest), a holder answers (`value`, the primary's whole proposal), g3 checks it, votes,
+    and the round commits with all three votes (fast) in view 0 -- at g3 by its own rule or,
+    if the others' finals come first, from the finality certificate."""
+    ids = ["g1", "g2", "g3"]
+    users = {i: f"pw-{i}" for i in ids}
+    broker = mosquitto_factory(users=users, acl="".join(node_acl("m1", i) for i in ids))
+    signers = p256_identities(ids, seed=29)
+    membership = membership_for("m1", public_keys(signers))
+    commits: dict[str, Commit] = {}
+    done = threading.Condition()
+
+    def on_commit(c: Commit, me: str) -> None:
+        with done:
+            commits[me] = c
+            done.notify_all()
+
+    runners = []
+    for i in ids:
+        store, records = open_store(tmp_path / i)
+        cls = MissesProposals if i == "g3" else Node
+        node = cls(signers[i], Keyring(membership), {"settle": Tally()}, delta_ms=150)
+        settings = MqttSettings(
+            broker.host, broker.port, i, users[i], str(broker.ca_file), client_id=f"fe-{i}"
+        )
+        runners.append(
+            NodeRunner(node, store, settings, on_commit=lambda c, me=i: on_commit(c, me))
+        )
+    try:
+        for r in runners:
+            r.start()
+        time.sleep(0.3)
+        for k, r in enumerate(runners):
+            r.open_round(RoundId(0, "settle"), body=k)
+        with done:
+            assert done.wait_for(lambda: len(commits) == 3, 15), commits
+        assert len({c.digest for c in commits.values()}) == 1
+        assert commits["g1"].view == commits["g2"].view == 0 and commits["g3"].view in (0, -1)
+        g3 = runners[2]
+        assert g3.node.stats["proposal_lost"] >= 1 and g3.node.stats["fetch"] >= 1
+        assert g3.counts["publish_sync"] >= 1 and g3.counts["publish_vote"] == 1
+        assert sum(r.counts["publish_value"] for r in runners[:2]) >= 1
+        assert commits["g3"].value.result == {"count": 3, "sum": 3}
+        for r in runners:
+            assert not r.errors
+    finally:
+        for r in runners:
+            r.stop()
