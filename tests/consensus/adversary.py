@@ -24,7 +24,12 @@ rewrites what it publishes:
   random subset or one correct node, and to the others its signed header
   only or nothing; votes towards one correct node only; fetches by digest
   answered honestly, not at all, or with a wrong body (another proposal of
-  the view, or the right header with a value that does not hash to it).
+  the view, or the right header with a value that does not hash to it);
+- isolation (the withheld-value attack of `test_header_votes`, adaptively):
+  the whole proposal to one correct victim only, landing one delta and a
+  millisecond before the others' next deadline; every faulty vote to the
+  victim only, no blame and no certificate to it; statuses without a lock,
+  and as the next primary the victim's status ignored.
 
 `Strategy` fixes which of these a schedule uses; `ScheduledLink` is the
 network side (correct-to-correct delays stay within delta, chosen uniformly,
@@ -72,6 +77,7 @@ class Strategy:
     header_to_rest: bool = True  # the others get the signed header only (else nothing)
     votes_to_one: bool = False  # every vote towards one correct node only
     fetch_answers: str = "honest"  # honest | silent | wrong
+    isolate: bool = False  # the value, and every faulty vote, to one correct victim only
 
     @classmethod
     def draw(cls, rng: random.Random) -> Strategy:
@@ -93,6 +99,7 @@ class Strategy:
             header_to_rest=rng.random() < 0.7,
             votes_to_one=rng.random() < 0.3,
             fetch_answers=rng.choice(["honest", "silent", "wrong"]),
+            isolate=rng.random() < 0.25,
         )
 
 
@@ -104,6 +111,7 @@ class Coalition:
     strategy: Strategy
     sim: Simulator | None = None
     members: dict[str, ByzantineNode] = field(default_factory=dict)
+    victim: str | None = None  # the correct node an isolation attack shows the value to
     sent: set[tuple[Any, ...]] = field(default_factory=set)  # one-off attacks already made
 
     def once(self, *key: Any) -> bool:
@@ -146,10 +154,55 @@ class Coalition:
     def others(self, node: ByzantineNode) -> list[str]:
         return [m for m in node.membership.node_ids if m not in self.members]
 
+    def isolated(self, node: ByzantineNode) -> str | None:
+        """The isolation attack's victim (chosen once per schedule), if the attack is on."""
+        others = self.others(node)
+        if not self.strategy.isolate or self.strategy.silent or not others:
+            return None
+        if self.victim is None:
+            self.victim = self.rng.choice(others)
+        return self.victim
+
+    def send_isolated(self, node: ByzantineNode, kind: str, data: bytes, out: list[Any]) -> None:
+        """Route a message of a view a faulty primary leads around the victim; messages of
+        the other views (statuses, a correct primary's view) go out as usual."""
+        victim = self.isolated(node)
+        assert victim is not None
+        if kind == "value":
+            return  # the victim is the only correct holder of the value: it alone answers
+        env = node.decoder.envelope(data)
+        if kind == "status":  # no lock (see _enter), and at once: first at the next primary
+            out.extend(Targeted((m,), kind, data, 0) for m in node.membership.node_ids)
+            return
+        if kind == "sync" or node.primary(env.round, env.view) not in self.members:
+            self.send(node, kind, data, out)
+            return
+        for m in self.members:
+            if m != node.node_id:
+                out.append(Targeted((m,), kind, data, 0))
+        if kind == "prop":
+            # land one delta and a millisecond before the others' earliest deadline, so
+            # that the victim's vote (with the header only) reaches them just before it
+            dues = [_next_deadline(self.sim, m) for m in self.others(node) if m != victim]
+            due = min((d for d in dues if d is not None), default=None) if self.sim else None
+            at = node.now if due is None else max(node.now, due - node.delta - 1)
+            out.append(Targeted((victim,), kind, data, at - node.now))
+        elif kind in ("vote", "final"):
+            out.append(Targeted((victim,), kind, data, 0))
+        elif kind in ("blame", "req"):
+            rest = tuple(m for m in self.others(node) if m != victim)
+            if rest:
+                out.append(Targeted(rest, kind, data, 0))
+            if kind == "req":
+                out.append(Targeted((victim,), kind, data, 0))
+
     def send_proposal(self, node: ByzantineNode, raw: bytes, out: list[Any]) -> None:
         """A proposal with its value to `value_to` of the correct nodes, its signed header
         (or nothing) to the others, each at the coalition's moment."""
         others, mode = self.others(node), self.strategy.value_to
+        if self.isolated(node) is not None:
+            self.send_isolated(node, "prop", raw, out)
+            return
         if mode == "all" or not others or self.strategy.silent:
             self.send(node, "prop", raw, out)
             return
@@ -191,9 +244,12 @@ class ByzantineNode(Node):
         honest = super().step(event)
         out: list[Any] = []
         st = self.coalition.strategy
+        isolating = self.coalition.isolated(self) is not None
         for action in honest:
             if not isinstance(action, Broadcast):
                 out.append(action)
+            elif isolating:
+                self.coalition.send_isolated(self, action.kind, action.data, out)
             elif action.kind == "value" and st.fetch_answers != "honest":
                 if st.fetch_answers == "wrong" and not st.silent:
                     self._wrong_answer(action.data, out)
@@ -201,7 +257,7 @@ class ByzantineNode(Node):
                 self._to_one(action.kind, action.data, out)
             else:
                 self.coalition.send(self, action.kind, action.data, out)
-        if not self.coalition.strategy.silent:
+        if not self.coalition.strategy.silent and not isolating:
             for rs in list(self.rounds.values()):
                 self._attack(rs, out)
             if isinstance(event, Open):
@@ -241,8 +297,11 @@ class ByzantineNode(Node):
         self, rs: _Round, value: Value, justification: Any, out: list[Any]
     ) -> None:
         variants = [(value, justification)]
-        want = self.coalition.strategy.variants
-        for i in range(1, want):
+        isolating = self.coalition.isolated(self) is not None
+        if isolating:
+            # one value, and not the one a correct next primary would propose afresh
+            variants = [self._variant(rs, value, justification, 1) or variants[0]]
+        for i in range(1, 1 if isolating else self.coalition.strategy.variants):
             alt = self._variant(rs, value, justification, i)
             if alt is not None:
                 variants.append(alt)
@@ -253,6 +312,19 @@ class ByzantineNode(Node):
             self.coalition.send_proposal(self, raw, out)
         rs.voted[rs.view] = value.digest
         rs.vote_time[rs.view] = self.now
+        if isolating:
+            # blame our own view at once towards the others, so that they leave it before
+            # the value they fetch from the victim comes back
+            self._blame(rs, rs.view, [], out)
+
+    def _check_vcc(self, rs: _Round, out: list[Any]) -> None:
+        super()._check_vcc(rs, out)
+        if rs.waiting and self.coalition.isolated(self) is not None:
+            rs.wait_until = self.now  # a faulty member need not wait to send its status
+
+    def _commit_duty(self, rs: _Round, out: list[Any]) -> None:
+        if self.coalition.isolated(self) is None:  # an isolating coalition never commits,
+            super()._commit_duty(rs, out)  # so it votes for whatever comes next
 
     def _variant(
         self, rs: _Round, value: Value, justification: Any, i: int
@@ -280,8 +352,12 @@ class ByzantineNode(Node):
 
     # --- as a status sender: which lock to report -------------------------------------
 
+    def _on_status(self, rs: _Round, env: Any) -> None:
+        if env.sender != self.coalition.isolated(self):  # as next primary: not the victim's
+            super()._on_status(rs, env)
+
     def _enter(self, rs: _Round, out: list[Any]) -> None:
-        lie = self.coalition.strategy.status_lie
+        lie = "none" if self.coalition.isolated(self) else self.coalition.strategy.status_lie
         keep = rs.lock
         if lie == "none":
             rs.lock = None

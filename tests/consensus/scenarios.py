@@ -193,6 +193,7 @@ def build(sc: Scenario) -> Built:
     scheduler = ScheduledLink(
         sim, random.Random(sc.seed * 31 + 7), sc.link_mode, adversary_rng.choice(victims)
     )
+    coalition.victim = scheduler.victim  # the slow links and the isolation hit one node
     lossy = {node for node, kind in sc.faults.items() if kind == "lossy"}
     partitions: dict[tuple[str, int], set[str]] = {}
 
