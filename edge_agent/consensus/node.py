@@ -982,9 +982,14 @@ class Node:
         rs.waiting = False
         rs.entered_at = self.now
         lock_view, lock_vd, attachment = -1, b"", None
-        if rs.lock is not None:
-            lock_view, lock_vd = rs.lock
-            attachment = [rs.qcs[rs.lock].to_cbor(), rs.qc_header[rs.lock]]
+        lock = rs.lock
+        if lock is not None and lock[0] >= rs.view:
+            # a QC of the view we enter formed while we waited: a status reports the
+            # highest lock of an earlier view (`_on_status` refuses any other)
+            lock = max((k for k in rs.qcs if k[0] < rs.view and k in rs.qc_header), default=None)
+        if lock is not None:
+            lock_view, lock_vd = lock
+            attachment = [rs.qcs[lock].to_cbor(), rs.qc_header[lock]]
         stmt = statement("status", self.market, rs.rid, rs.view, lock_vd, lock_view)
         sig = self.signer.sign(stmt)
         rs.statuses.setdefault(rs.view, {})[self.node_id] = seal(self.node_id, sig, stmt)
@@ -1217,9 +1222,11 @@ class Node:
                 self._commit(rs, v, vd, out)
             return
         # Not every member voted (or someone objected): a correct member may lack the
-        # certificate, so forward it with the signed header and give it one delta.
+        # certificate, so forward it with the signed header and give it one delta. After
+        # a change of primary a member is likely down and its vote will not come: forward
+        # as soon as the certificate forms, so the commit is due at the window's end.
         blame_at = rs.blame_first.get(v)
-        if v not in rs.forwarded and (blame_at is not None or self.now > window_end):
+        if v not in rs.forwarded and (blame_at is not None or self.now > window_end or v > 0):
             rs.forwarded[v] = self.now
             qc = rs.qcs[(v, vd)]
             stmt = statement("cert", self.market, rs.rid, v, codec.digest(qc.statement))
