@@ -153,6 +153,8 @@ class _Round:
     view: int = 0
     waiting: bool = False  # left view-1 after a change-primary certificate, not entered yet
     wait_until: int = 0
+    status_early: int = 0  # when the status may go out before entering (see _check_vcc)
+    status_sent: set[int] = field(default_factory=set)  # views we sent our status for
     entered_at: int = 0
     relayed: frozenset[str] = frozenset()  # submitters whose requests our request relayed
     # proposals: view -> signed statement -> signed header (at most two: an equivocation
@@ -887,6 +889,13 @@ class Node:
         if rs.waiting and self.now >= rs.wait_until:
             self._enter(rs, out)
         if rs.waiting:
+            if (
+                rs.view not in rs.status_sent
+                and self.now >= rs.status_early
+                and self._may_report_early(rs)
+            ):
+                self._send_status(rs, out)
+            self._primary_duty(rs, out)  # q statuses may be in before our own entry
             return
         self._primary_duty(rs, out)
         self._backup_duty(rs, out)
@@ -945,10 +954,12 @@ class Node:
         # Leave view v: stop voting and committing in it, forward the certificate so
         # every node leaves within one delta, then wait two deltas so that every vote
         # and vote certificate sent before anyone left reaches us before we report our
-        # lock (docs/consensus.md, lemma 3: a fast commit's honest votes).
+        # lock (docs/consensus.md, lemma 3: a fast commit's honest votes). A node that
+        # voted in no view above its lock's reports after one delta (_may_report_early).
         rs.view = v + 1
         rs.waiting = True
         rs.wait_until = self.now + 2 * self.delta
+        rs.status_early = self.now + self.delta
         if v not in rs.vcc_sent:
             rs.vcc_sent.add(v)
             qc = rs.vcc[v]
@@ -981,12 +992,29 @@ class Node:
     def _enter(self, rs: _Round, out: list[Action]) -> None:
         rs.waiting = False
         rs.entered_at = self.now
-        lock_view, lock_vd, attachment = -1, b"", None
+        if rs.view not in rs.status_sent:
+            self._send_status(rs, out)
+
+    def _status_lock(self, rs: _Round) -> tuple[int, bytes] | None:
+        """The lock a status for the current view reports: ours, or -- when a QC of this
+        view formed while we waited -- the highest of an earlier view (`_on_status`
+        refuses any other)."""
         lock = rs.lock
         if lock is not None and lock[0] >= rs.view:
-            # a QC of the view we enter formed while we waited: a status reports the
-            # highest lock of an earlier view (`_on_status` refuses any other)
             lock = max((k for k in rs.qcs if k[0] < rs.view and k in rs.qc_header), default=None)
+        return lock
+
+    def _may_report_early(self, rs: _Round) -> bool:
+        """A fast commit needs every member's vote, ours included: if we voted in no view
+        above our lock's, no fast commit can rest on votes we have not seen, and only a
+        forwarded certificate (at most one delta in flight) can still raise our lock."""
+        lock = self._status_lock(rs)
+        return max(rs.voted, default=-1) <= (lock[0] if lock is not None else -1)
+
+    def _send_status(self, rs: _Round, out: list[Action]) -> None:
+        rs.status_sent.add(rs.view)
+        lock_view, lock_vd, attachment = -1, b"", None
+        lock = self._status_lock(rs)
         if lock is not None:
             lock_view, lock_vd = lock
             attachment = [rs.qcs[lock].to_cbor(), rs.qc_header[lock]]
@@ -1375,7 +1403,7 @@ class Node:
         if rs.sync_after:
             times.append(rs.sync_after)
         if rs.waiting:
-            return [t for t in [*times, rs.wait_until] if t > self.now]
+            return [t for t in [*times, rs.status_early, rs.wait_until] if t > self.now]
         v = rs.view
         if self.primary(rs.rid, v) == self.node_id and v not in rs.proposed:
             times.append(rs.opened_at + 2 * self.delta + 1)

@@ -171,7 +171,7 @@ class Coalition:
         if kind == "value":
             return  # the victim is the only correct holder of the value: it alone answers
         env = node.decoder.envelope(data)
-        if kind == "status":  # no lock (see _enter), and at once: first at the next primary
+        if kind == "status":  # no lock (see _send_status), and at once: first at the next primary
             out.extend(Targeted((m,), kind, data, 0) for m in node.membership.node_ids)
             return
         if kind == "sync" or node.primary(env.round, env.view) not in self.members:
@@ -356,7 +356,7 @@ class ByzantineNode(Node):
         if env.sender != self.coalition.isolated(self):  # as next primary: not the victim's
             super()._on_status(rs, env)
 
-    def _enter(self, rs: _Round, out: list[Any]) -> None:
+    def _send_status(self, rs: _Round, out: list[Any]) -> None:
         lie = "none" if self.coalition.isolated(self) else self.coalition.strategy.status_lie
         keep = rs.lock
         if lie == "none":
@@ -366,7 +366,7 @@ class ByzantineNode(Node):
             if usable:
                 rs.lock = min(usable)
         try:
-            super()._enter(rs, out)
+            super()._send_status(rs, out)
         finally:
             rs.lock = keep
 

@@ -129,12 +129,12 @@ class ScriptedPrimary(Node):
             out.append(action)
         return out
 
-    def _enter(self, rs: _Round, out: Any) -> None:
+    def _send_status(self, rs: _Round, out: Any) -> None:
         keep = rs.lock
         if not self.choice.status_lock:
             rs.lock = None
         try:
-            super()._enter(rs, out)
+            super()._send_status(rs, out)
         finally:
             rs.lock = keep
 

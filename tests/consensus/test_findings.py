@@ -162,10 +162,10 @@ class SplitColluder(Node):
             out.append(Targeted(to, action.kind, action.data, delay))
         return out
 
-    def _enter(self, rs: _Round, out: Any) -> None:
+    def _send_status(self, rs: _Round, out: Any) -> None:
         keep, rs.lock = rs.lock, None  # report no lock
         try:
-            super()._enter(rs, out)
+            super()._send_status(rs, out)
         finally:
             rs.lock = keep
 

@@ -102,10 +102,10 @@ class Colluder(Node):
         if env.sender != H:
             super()._on_status(rs, env)
 
-    def _enter(self, rs: _Round, out: Any) -> None:
+    def _send_status(self, rs: _Round, out: Any) -> None:
         keep, rs.lock = rs.lock, None
         try:
-            super()._enter(rs, out)
+            super()._send_status(rs, out)
         finally:
             rs.lock = keep
 
