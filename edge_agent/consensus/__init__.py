@@ -84,7 +84,9 @@ Timers (delta units; "+1" = 1 ms margins for equal timestamps)
     blame when not final        3 delta + 2 after own vote (10 delta + 2 for a
                                 node that is final but has no FC yet)
     view-change wait            2 delta between leaving a view and entering
-                                the next (sending the status)
+                                the next (sending the status); 1 delta for
+                                the status of a node that voted in no view
+                                above its lock's
     fetch by digest             asked again strictly after 3 delta; answers
                                 at most once per delta
     After view (n-1)//2 -- which a round never passes with f < n/2 and delays

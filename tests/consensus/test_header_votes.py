@@ -161,9 +161,9 @@ def test_withheld_value_every_correct_node_commits_b() -> None:
 
 
 class WrongAnswers(Node):
-    """A faulty member that answers every fetch at once with a wrong body: another proposal
-    of the view's primary's signing, or the right header with a value that does not hash
-    to it, or nothing; `tamper` picks which."""
+    """A faulty member that answers every fetch at once with the right header and a value
+    that does not hash to it ("corrupt"), or never answers ("silent"). (The adversary's
+    coalition also answers with another proposal of the view: `adversary.py`.)"""
 
     def __init__(self, *args: Any, tamper: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
