@@ -1332,8 +1332,8 @@ class Node:
         (n-1)//2 (at most that many faulty primaries in a row), so the liveness bound
         is unaffected; a later view means delta was too small for the real network,
         and longer timeouts let views succeed again (eventual liveness). The 2-delta
-        finality window and the 1-delta view-change wait never grow: safety rests
-        on them.
+        finality window and the view-change wait (2 delta, 1 for an early status)
+        never grow: safety rests on them.
         """
         f_max = (self.n - 1) // 2
         return 1 if view <= f_max else 2 ** min(view - f_max, 6)
