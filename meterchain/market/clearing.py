@@ -652,13 +652,14 @@ def solve_window(request: ClearingRequest, *, solver: str = DEFAULT_SOLVER) -> S
         x_alone, _ = qp_mod.solve_standalone(alone_qp, request.ids, solver)
         coop_qp = qp_mod.build(request.market, mgs, cooperative=True)
         x_coop_later = qp_mod.solve_later(coop_qp, solver)
+    # Rounded here, while the cooperative QP may still be running in the helper.
+    alone = _round_plans(alone_qp, x_alone, mgs)
+    standalone_cost = window_costs(request, alone)
     try:
         x_coop = x_coop_later()
     except qp_mod.Infeasible as exc:
         raise InfeasibleWindow(", ".join(request.ids), f"cooperative window: {exc}") from None
-    alone = _round_plans(alone_qp, x_alone, mgs)
     coop = _round_plans(coop_qp, x_coop, mgs)
-    standalone_cost = window_costs(request, alone)
     if request.executed_periods == 1:
         continuation = continuation_costs(request, alone_qp, alone, coop, solver)
     else:

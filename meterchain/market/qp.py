@@ -54,7 +54,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
@@ -358,36 +358,95 @@ def solve_standalone(
 
     Returns (x, infeasible): ``infeasible`` maps the id of every microgrid whose
     own block has no solution (both solvers agree) to the reason; its part of
-    x stays 0. ``only`` restricts the solve to those microgrid indices.
+    x stays 0. ``only`` restricts the solve to those microgrid indices. A large
+    batch is shared with the helper process whenever it is free (`_solve_blocks`).
     """
     x = np.zeros(qp.size)
     infeasible: dict[str, str] = {}
-    for i in range(len(ids)) if only is None else only:
-        mg_id = ids[i]
-        c0, c1 = int(qp.col_off[i]), int(qp.col_off[i + 1])
-        e0, e1 = int(qp.eq_off[i]), int(qp.eq_off[i + 1])
-        i0, i1 = int(qp.in_off[i]), int(qp.in_off[i + 1])
-        part = WindowQP(
-            p_diag=qp.p_diag[c0:c1],
-            c=qp.c[c0:c1],
-            a_eq=_block(qp.a_eq, e0, e1, c0, c1),
-            b_eq=qp.b_eq[e0:e1],
-            a_in=_block(qp.a_in, i0, i1, c0, c1),
-            l_in=qp.l_in[i0:i1],
-            u_in=qp.u_in[i0:i1],
-            lb=qp.lb[c0:c1],
-            ub=qp.ub[c0:c1],
-            index={},
-            col_off=np.array([0, c1 - c0]),
-            eq_off=np.array([0, e1 - e0]),
-            in_off=np.array([0, i1 - i0]),
-            deficit_types=qp.deficit_types,
-        )
-        try:
-            x[c0:c1] = solve(part, solver)
-        except Infeasible as exc:
-            infeasible[mg_id] = str(exc)
+    chosen = list(range(len(ids))) if only is None else list(only)
+    for i, outcome in zip(
+        chosen, _solve_blocks([_own_block(qp, i) for i in chosen], solver), strict=True
+    ):
+        if isinstance(outcome, str):
+            infeasible[ids[i]] = outcome
+        else:
+            x[int(qp.col_off[i]) : int(qp.col_off[i + 1])] = outcome
     return x, infeasible
+
+
+def _own_block(qp: WindowQP, i: int) -> WindowQP:
+    """Microgrid ``i``'s own problem: its diagonal block of ``qp``."""
+    c0, c1 = int(qp.col_off[i]), int(qp.col_off[i + 1])
+    e0, e1 = int(qp.eq_off[i]), int(qp.eq_off[i + 1])
+    i0, i1 = int(qp.in_off[i]), int(qp.in_off[i + 1])
+    return WindowQP(
+        p_diag=qp.p_diag[c0:c1],
+        c=qp.c[c0:c1],
+        a_eq=_block(qp.a_eq, e0, e1, c0, c1),
+        b_eq=qp.b_eq[e0:e1],
+        a_in=_block(qp.a_in, i0, i1, c0, c1),
+        l_in=qp.l_in[i0:i1],
+        u_in=qp.u_in[i0:i1],
+        lb=qp.lb[c0:c1],
+        ub=qp.ub[c0:c1],
+        index={},
+        col_off=np.array([0, c1 - c0]),
+        eq_off=np.array([0, e1 - e0]),
+        in_off=np.array([0, i1 - i0]),
+        deficit_types=qp.deficit_types,
+    )
+
+
+def solve_each(parts: Sequence[WindowQP], solver: str) -> list[np.ndarray | str]:
+    """`solve` of every QP in turn: its x, or the reason where it is `Infeasible`."""
+    out: list[np.ndarray | str] = []
+    for part in parts:
+        try:
+            out.append(solve(part, solver))
+        except Infeasible as exc:
+            out.append(str(exc))
+    return out
+
+
+SHARE_FROM = 128
+"""Batches of at least this many small QPs are shared with the helper process, if one runs."""
+
+SHARE_CHUNKS = 16
+
+
+def _solve_blocks(parts: Sequence[WindowQP], solver: str) -> list[np.ndarray | str]:
+    """`solve_each` of ``parts``, with the helper process taking chunks from the end.
+
+    The chunks after the first are queued for the helper last-first while this
+    process solves from the front, withdrawing (`Future.cancel`) each chunk it
+    reaches that the helper has not started; the first chunk the helper holds
+    ends this process's share. So a busy helper (solving the cooperative QP)
+    leaves the batch here and an idle one takes about half. Each QP is solved
+    by the same code wherever it runs, so the outcome does not depend on the split.
+    """
+    if _helper is None or len(parts) < SHARE_FROM:
+        return solve_each(parts, solver)
+    step = -(-len(parts) // SHARE_CHUNKS)
+    chunks = [parts[k : k + step] for k in range(0, len(parts), step)]
+    queued: dict[int, Future[list[np.ndarray | str]]] = {}
+    try:
+        for k in reversed(range(1, len(chunks))):
+            queued[k] = _helper.submit(solve_each, chunks[k], solver)
+    except (OSError, RuntimeError, BrokenProcessPool):
+        for future in queued.values():
+            future.cancel()
+        return solve_each(parts, solver)
+    out: list[np.ndarray | str] = []
+    mine = 0
+    while mine < len(chunks) and (mine == 0 or queued[mine].cancel()):
+        out += solve_each(chunks[mine], solver)
+        mine += 1
+    for k in range(mine, len(chunks)):
+        try:
+            out += queued[k].result()
+        except BrokenProcessPool:
+            out += solve_each(chunks[k], solver)
+    return out
 
 
 def _diagonal(values: np.ndarray) -> sp.csc_matrix:
@@ -400,9 +459,11 @@ class Infeasible(MarketError):
     """Both solvers found that the constraints of a QP cannot all hold."""
 
 
-PARALLEL_FROM = 200_000
-"""QPs with at least this many variables (about 800 microgrids x 24 h) are solved in a
-helper process while the caller goes on (the disagreement problems on the other core)."""
+PARALLEL_FROM = 50_000
+"""QPs with at least this many variables (about 330 microgrids x 24 h: 150 a microgrid in
+the synthetic window) are solved in a helper process while the caller goes on (the
+disagreement problems on the other core). At 1000 microgrids this took the cooperative
+QP off the critical path; the threshold was 200,000, which that QP (149,489) missed."""
 
 _helper: ProcessPoolExecutor | None = None
 
