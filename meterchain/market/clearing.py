@@ -638,7 +638,10 @@ def solve_window(request: ClearingRequest, *, solver: str = DEFAULT_SOLVER) -> S
     coop_qp = qp_mod.build(request.market, mgs, cooperative=True)
     x_coop_later = qp_mod.solve_later(coop_qp, solver)
     alone_qp = qp_mod.build(request.market, mgs, cooperative=False)
-    x_alone, infeasible = qp_mod.solve_standalone(alone_qp, request.ids, solver)
+    alone_blocks = [qp_mod.own_block(alone_qp, i) for i in range(len(mgs))]
+    x_alone, infeasible = qp_mod.solve_standalone(
+        alone_qp, request.ids, solver, blocks=alone_blocks
+    )
     excluded = tuple(
         (mg_id, f"no feasible schedule of its own for the window ({why})")
         for mg_id, why in sorted(infeasible.items())
@@ -649,7 +652,8 @@ def solve_window(request: ClearingRequest, *, solver: str = DEFAULT_SOLVER) -> S
         request = participants(request, excluded)
         mgs = request.microgrids
         alone_qp = qp_mod.build(request.market, mgs, cooperative=False)
-        x_alone, _ = qp_mod.solve_standalone(alone_qp, request.ids, solver)
+        alone_blocks = [qp_mod.own_block(alone_qp, i) for i in range(len(mgs))]
+        x_alone, _ = qp_mod.solve_standalone(alone_qp, request.ids, solver, blocks=alone_blocks)
         coop_qp = qp_mod.build(request.market, mgs, cooperative=True)
         x_coop_later = qp_mod.solve_later(coop_qp, solver)
     # Rounded here, while the cooperative QP may still be running in the helper.
@@ -661,7 +665,7 @@ def solve_window(request: ClearingRequest, *, solver: str = DEFAULT_SOLVER) -> S
         raise InfeasibleWindow(", ".join(request.ids), f"cooperative window: {exc}") from None
     coop = _round_plans(coop_qp, x_coop, mgs)
     if request.executed_periods == 1:
-        continuation = continuation_costs(request, alone_qp, alone, coop, solver)
+        continuation = continuation_costs(request, alone_qp, alone_blocks, alone, coop, solver)
     else:
         continuation = [0] * len(mgs)
     return SolvedWindow(excluded, alone, coop, standalone_cost, continuation)
@@ -670,6 +674,7 @@ def solve_window(request: ClearingRequest, *, solver: str = DEFAULT_SOLVER) -> S
 def continuation_costs(
     request: ClearingRequest,
     alone_qp: qp_mod.WindowQP,
+    alone_blocks: Sequence[qp_mod.WindowQP],
     alone: Sequence[MicrogridPlan],
     coop: Sequence[MicrogridPlan],
     solver: str,
@@ -697,17 +702,23 @@ def continuation_costs(
         if mg.storage is not None and a.soc_wh[0] != c.soc_wh[0]
     ]
     if need:
-        lb, ub = alone_qp.lb.copy(), alone_qp.ub.copy()
+        pinned = {}
         for i in need:
+            # ``alone_blocks[i]`` (cut when the disagreement point was solved) with its
+            # period-0 storage flows fixed: same matrices, other bounds.
+            block = alone_blocks[i]
+            lb, ub = block.lb.copy(), block.ub.copy()
             for name in ("charge", "discharge"):
-                col = alone_qp.index[name][i, 0]
+                col = alone_qp.index[name][i, 0] - alone_qp.col_off[i]
                 lb[col] = ub[col] = getattr(coop[i], f"{name}_w")[0] * qp_mod.KW
-        pinned = replace(alone_qp, lb=lb, ub=ub)
-        x, infeasible = qp_mod.solve_standalone(pinned, request.ids, solver, only=need)
+            pinned[i] = replace(block, lb=lb, ub=ub)
+        x, infeasible = qp_mod.solve_standalone(
+            alone_qp, request.ids, solver, only=need, blocks=pinned
+        )
         # A state from which the microgrid cannot go on alone: value it by its own plan.
         solved = [i for i in need if mgs[i].id not in infeasible]
         if solved:
-            for i, plan in zip(solved, _round_plans(pinned, x, mgs, rows=solved), strict=True):
+            for i, plan in zip(solved, _round_plans(alone_qp, x, mgs, rows=solved), strict=True):
                 rest[i] = plan
     return [div_round(total, COST_SCALE) for total in _costs_e12(request, rest, first=1)]
 

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -352,21 +352,26 @@ def _block(matrix: sp.csc_matrix, r0: int, r1: int, c0: int, c1: int) -> sp.csc_
 
 
 def solve_standalone(
-    qp: WindowQP, ids: Sequence[str], solver: str, only: Sequence[int] | None = None
+    qp: WindowQP,
+    ids: Sequence[str],
+    solver: str,
+    only: Sequence[int] | None = None,
+    blocks: Sequence[WindowQP] | Mapping[int, WindowQP] | None = None,
 ) -> tuple[np.ndarray, dict[str, str]]:
     """Solve each microgrid's own block (the disagreement problems) and stack the solutions.
 
     Returns (x, infeasible): ``infeasible`` maps the id of every microgrid whose
     own block has no solution (both solvers agree) to the reason; its part of
-    x stays 0. ``only`` restricts the solve to those microgrid indices. A large
-    batch is shared with the helper process whenever it is free (`_solve_blocks`).
+    x stays 0. ``only`` restricts the solve to those microgrid indices.
+    ``blocks[i]``, where given, is microgrid i's block already cut (`own_block`),
+    possibly with other variable bounds. A large batch is shared with the helper
+    process whenever it is free (`_solve_blocks`).
     """
     x = np.zeros(qp.size)
     infeasible: dict[str, str] = {}
     chosen = list(range(len(ids))) if only is None else list(only)
-    for i, outcome in zip(
-        chosen, _solve_blocks([_own_block(qp, i) for i in chosen], solver), strict=True
-    ):
+    parts = [own_block(qp, i) if blocks is None else blocks[i] for i in chosen]
+    for i, outcome in zip(chosen, _solve_blocks(parts, solver), strict=True):
         if isinstance(outcome, str):
             infeasible[ids[i]] = outcome
         else:
@@ -374,8 +379,8 @@ def solve_standalone(
     return x, infeasible
 
 
-def _own_block(qp: WindowQP, i: int) -> WindowQP:
-    """Microgrid ``i``'s own problem: its diagonal block of ``qp``."""
+def own_block(qp: WindowQP, i: int) -> WindowQP:
+    """Microgrid ``i``'s own problem: its diagonal block of ``qp`` (columns from 0)."""
     c0, c1 = int(qp.col_off[i]), int(qp.col_off[i + 1])
     e0, e1 = int(qp.eq_off[i]), int(qp.eq_off[i + 1])
     i0, i1 = int(qp.in_off[i]), int(qp.in_off[i + 1])
@@ -408,47 +413,6 @@ def solve_each(parts: Sequence[WindowQP], solver: str) -> list[np.ndarray | str]
     return out
 
 
-SHARE_FROM = 128
-"""Batches of at least this many small QPs are shared with the helper process, if one runs."""
-
-SHARE_CHUNKS = 16
-
-
-def _solve_blocks(parts: Sequence[WindowQP], solver: str) -> list[np.ndarray | str]:
-    """`solve_each` of ``parts``, with the helper process taking chunks from the end.
-
-    The chunks after the first are queued for the helper last-first while this
-    process solves from the front, withdrawing (`Future.cancel`) each chunk it
-    reaches that the helper has not started; the first chunk the helper holds
-    ends this process's share. So a busy helper (solving the cooperative QP)
-    leaves the batch here and an idle one takes about half. Each QP is solved
-    by the same code wherever it runs, so the outcome does not depend on the split.
-    """
-    if _helper is None or len(parts) < SHARE_FROM:
-        return solve_each(parts, solver)
-    step = -(-len(parts) // SHARE_CHUNKS)
-    chunks = [parts[k : k + step] for k in range(0, len(parts), step)]
-    queued: dict[int, Future[list[np.ndarray | str]]] = {}
-    try:
-        for k in reversed(range(1, len(chunks))):
-            queued[k] = _helper.submit(solve_each, chunks[k], solver)
-    except (OSError, RuntimeError, BrokenProcessPool):
-        for future in queued.values():
-            future.cancel()
-        return solve_each(parts, solver)
-    out: list[np.ndarray | str] = []
-    mine = 0
-    while mine < len(chunks) and (mine == 0 or queued[mine].cancel()):
-        out += solve_each(chunks[mine], solver)
-        mine += 1
-    for k in range(mine, len(chunks)):
-        try:
-            out += queued[k].result()
-        except BrokenProcessPool:
-            out += solve_each(chunks[k], solver)
-    return out
-
-
 def _diagonal(values: np.ndarray) -> sp.csc_matrix:
     n = values.shape[0]
     ramp = np.arange(n + 1, dtype=np.int32)
@@ -466,6 +430,11 @@ disagreement problems on the other core). At 1000 microgrids this took the coope
 QP off the critical path; the threshold was 200,000, which that QP (149,489) missed."""
 
 _helper: ProcessPoolExecutor | None = None
+_helper_task: Future[np.ndarray] | None = None  # the last QP handed to the helper
+
+
+def _helper_idle() -> bool:
+    return _helper_task is None or _helper_task.done()
 
 
 def _peak_rss_kb() -> int:
@@ -486,13 +455,13 @@ def solve_later(qp: WindowQP, solver: str) -> Callable[[], np.ndarray]:
     a service's threads); the same code runs there, so x is the same as a local
     solve. Small ones, or a helper that cannot start, are solved when asked.
     """
-    global _helper
+    global _helper, _helper_task
     if qp.size < PARALLEL_FROM:
         return lambda: solve(qp, solver)
     try:
         if _helper is None:
             _helper = ProcessPoolExecutor(1, mp_context=mp.get_context("forkserver"))
-        future = _helper.submit(solve, qp, solver)
+        future = _helper_task = _helper.submit(solve, qp, solver)
     except (OSError, RuntimeError, BrokenProcessPool):
         _helper = None
         return lambda: solve(qp, solver)
@@ -506,6 +475,53 @@ def solve_later(qp: WindowQP, solver: str) -> Callable[[], np.ndarray]:
             return solve(qp, solver)
 
     return wait
+
+
+SHARE_FROM = 128
+"""Batches of at least this many small QPs are shared with the helper process, if one runs
+and is idle (`_solve_blocks`)."""
+
+SHARE_CHUNKS = 16
+"""Pieces a shared batch is cut into: the two processes end at most one piece apart."""
+
+
+def _solve_blocks(parts: Sequence[WindowQP], solver: str) -> list[np.ndarray | str]:
+    """`solve_each` of ``parts``, with the helper process taking chunks from the end.
+
+    The chunks after the first are queued for the helper last-first while this
+    process solves from the front, withdrawing (`Future.cancel`) each chunk it
+    reaches that the helper has not started; the first chunk the helper holds
+    ends this process's share, so both finish together. A busy helper (solving
+    the cooperative QP) is left alone: the process pool would hand it two chunks
+    at once, which this process would then wait for behind that QP. Each QP is solved
+    by the same code wherever it runs, so the outcome does not depend on the split.
+    """
+    global _helper
+    if _helper is None or len(parts) < SHARE_FROM or not _helper_idle():
+        return solve_each(parts, solver)
+    step = -(-len(parts) // SHARE_CHUNKS)
+    chunks = [parts[k : k + step] for k in range(0, len(parts), step)]
+    queued: dict[int, Future[list[np.ndarray | str]]] = {}
+    try:
+        for k in reversed(range(1, len(chunks))):
+            queued[k] = _helper.submit(solve_each, chunks[k], solver)
+    except (OSError, RuntimeError, BrokenProcessPool):
+        for future in queued.values():
+            future.cancel()
+        _helper = None
+        return solve_each(parts, solver)
+    out: list[np.ndarray | str] = []
+    mine = 0
+    while mine < len(chunks) and (mine == 0 or queued[mine].cancel()):
+        out += solve_each(chunks[mine], solver)
+        mine += 1
+    for k in range(mine, len(chunks)):
+        try:
+            out += queued[k].result()
+        except BrokenProcessPool:
+            _helper = None
+            out += solve_each(chunks[k], solver)
+    return out
 
 
 def solve(qp: WindowQP, solver: str) -> np.ndarray:
