@@ -443,6 +443,14 @@ def _peak_rss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def stop_helper() -> None:
+    """Shut the helper process down (the next large solve starts a new one)."""
+    global _helper, _helper_task
+    if _helper is not None:
+        _helper.shutdown(cancel_futures=True)
+    _helper, _helper_task = None, None
+
+
 def helper_peak_rss_kb() -> int:
     """Peak resident memory of the helper process (KB; 0 if none was started)."""
     return 0 if _helper is None else _helper.submit(_peak_rss_kb).result()
