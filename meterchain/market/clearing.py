@@ -769,8 +769,8 @@ def _round_plans(
         cap_s = np.where(qp.index["sell"] >= 0, cap_sell, 0)
         for t in range(t_len):
             total = int(np.rint((s_f[:, t].sum() + b_f[:, t].sum()) / 2))
-            sell[:, t] = to_ints_with_total(s_f[:, t].tolist(), total, cap_s[:, t].tolist())
-            buy[:, t] = to_ints_with_total(b_f[:, t].tolist(), total, cap_buy[:, t].tolist())
+            sell[:, t] = to_ints_with_total(s_f[:, t], total, cap_s[:, t])
+            buy[:, t] = to_ints_with_total(b_f[:, t], total, cap_buy[:, t])
         both = np.minimum(sell, buy)  # selling and buying at once only pays fees twice
         sell -= both
         buy -= both
