@@ -583,7 +583,8 @@ def _solve_piqp(qp: WindowQP) -> np.ndarray:
         raise Infeasible("constraints cannot all hold")
     if status != piqp.Status.PIQP_SOLVED:
         raise SolverFailure(f"PIQP stopped with status {status.name}")
-    return np.asarray(engine.result.x, dtype=float)
+    # a copy: the result's x is a view that keeps the whole solver (its KKT factor) alive
+    return np.array(engine.result.x, dtype=float)
 
 
 def _solve_clarabel(qp: WindowQP) -> np.ndarray:
