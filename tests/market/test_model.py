@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from clearing_cases import microgrid
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meterchain.errors import MeterChainError
 from meterchain.market.errors import InvalidModel, MarketError
@@ -188,6 +192,62 @@ def test_rounding_keeps_totals_and_caps() -> None:
     assert to_ints_with_total([2.6, 2.6], 4) == [2, 2]
     assert split_pro_rata(10, [1, 1, 1]) == [4, 3, 3]
     assert split_pro_rata(0, [0, 0]) == [0, 0]
+    with pytest.raises(ValueError, match="not reachable"):
+        to_ints_with_total([0.5, 0.5], 3, caps=[1, 1])
+    with pytest.raises(ValueError, match="non-finite"):
+        to_ints_with_total([math.nan, 1.0], 1)
     flows = np.array([[0.4, 0.4, 0.4, 0.4, 0.4]])
     rounded = to_ints_cumulative(flows)
     assert rounded.sum() == 2 and np.all(np.abs(np.cumsum(rounded) - np.cumsum(flows)) <= 0.5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(st.floats(0, 1e6, allow_nan=False), st.sampled_from([0.0, 0.5, 1.5, 2.25])),
+            st.one_of(st.none(), st.integers(0, 10**6)),
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+    st.integers(-40, 40),
+    st.booleans(),
+)
+def test_largest_remainder_rounding_keeps_the_total_the_caps_and_the_order(
+    entries: list[tuple[float, int | None]], shift: int, capped: bool
+) -> None:
+    """Each entry is its floor (capped) plus or minus at most one unit, the total is exact,
+    and the units go to the largest fractional parts (taken from the smallest), ties to the
+    lower index: the pool rounding at 10,000 microgrids (numpy) keeps this order."""
+    values = [v for v, _ in entries]
+    caps = [c if c is not None else 10**7 for _, c in entries] if capped else None
+    floors = [
+        math.floor(v) if caps is None else min(math.floor(v), caps[k]) for k, v in enumerate(values)
+    ]
+    total = round(sum(values)) + shift
+    try:
+        out = to_ints_with_total(np.array(values), total, caps)
+    except ValueError:
+        missing = total - sum(floors)
+        room = [k for k in range(len(values)) if caps is None or floors[k] < caps[k]]
+        assert missing > len(room) or -missing > sum(f > 0 for f in floors)
+        return
+    assert sum(out) == total and all(isinstance(v, int) for v in out)
+    frac = [v - f for v, f in zip(values, floors, strict=True)]
+    moved = [o - f for o, f in zip(out, floors, strict=True)]
+    step = 1 if total >= sum(floors) else -1
+    assert all(m in (0, step) for m in moved)
+    if caps is not None:
+        assert all(o <= c for o, c in zip(out, caps, strict=True))
+
+    def eligible(k: int) -> bool:
+        if step == 1:
+            return caps is None or floors[k] < caps[k]
+        return floors[k] > 0
+
+    got = [k for k, m in enumerate(moved) if m]
+    passed = [k for k, m in enumerate(moved) if not m and eligible(k)]
+    # every entry that got a unit ranks before every eligible one that did not
+    key = (lambda k: (-frac[k], k)) if step == 1 else (lambda k: (frac[k], k))
+    assert all(key(a) < key(b) for a in got for b in passed)
