@@ -22,7 +22,10 @@ their own process, so each reports its own peak memory (`peak_rss_mb`), and
 them. At 1000 a second solver (Clarabel) solves the same cooperative QP and
 its objective is compared with PIQP's (`second_solver_rel_diff`).
 `verify_seconds` (a backup's `verify.check` given its own result) must stay
-below `seconds` at every size.
+below `seconds` at every size. `cpu_seconds` gives, from 1000 on, the CPU time
+per `clear` of the clearing process and of the helper process (the cooperative
+QP, and part of the continuation QPs): it does not grow with other work on the
+machine as wall time does, so two runs under load compare by it.
 """
 
 from __future__ import annotations
@@ -45,8 +48,10 @@ SEED = 1
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _ours(n: int, repeats: int) -> tuple[float, int, float]:
-    """(median seconds of `clear`, total cooperative cost, seconds of `verify.check`)."""
+def _ours(n: int, repeats: int) -> tuple[float, int, float, dict[str, float]]:
+    """(median seconds of `clear`, total cooperative cost, seconds of `verify.check`, CPU
+    seconds per `clear` of this process and of the helper process)."""
+    from meterchain.market import qp
     from meterchain.market.clearing import clear
     from meterchain.market.reference import synthetic_request
     from meterchain.market.verify import check
@@ -55,27 +60,38 @@ def _ours(n: int, repeats: int) -> tuple[float, int, float]:
     clear(request)  # warm imports and caches outside the timing
     times = []
     result = None
+    cpu_start, helper_start = time.process_time(), qp.helper_cpu_seconds()
     for _ in range(repeats):
         start = time.perf_counter()
         result = clear(request)
         times.append(time.perf_counter() - start)
+    # CPU time does not grow with other work on the machine, wall time does
+    cpu = {
+        "clearing": round((time.process_time() - cpu_start) / repeats, 3),
+        "helper": round((qp.helper_cpu_seconds() - helper_start) / repeats, 3),
+    }
     assert result is not None
     start = time.perf_counter()
     verdict = check(request, result, own=result)
     verify_s = time.perf_counter() - start
     if not verdict.accepted:
         raise RuntimeError(f"own result rejected by verify: {verdict.problems[:3]}")
-    return statistics.median(times), sum(result.cooperative_cost), verify_s
+    return statistics.median(times), sum(result.cooperative_cost), verify_s, cpu
 
 
-def large_case(n: int, repeats: int) -> dict[str, float]:
+def large_case(n: int, repeats: int) -> dict[str, Any]:
     """`_ours` at size n plus this process's peak memory (run it in a fresh process)."""
     import resource
 
     from meterchain.market import qp
 
-    seconds, objective, verify_s = _ours(n, repeats)
-    out = {"seconds": seconds, "objective": objective, "verify_seconds": verify_s}
+    seconds, objective, verify_s, cpu = _ours(n, repeats)
+    out: dict[str, Any] = {
+        "seconds": seconds,
+        "objective": objective,
+        "verify_seconds": verify_s,
+        "cpu_seconds": cpu,
+    }
     # this process plus the helper that solves the cooperative QP at scale
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + qp.helper_peak_rss_kb()
     if n == LARGE[0]:
@@ -258,6 +274,7 @@ def run(quick: bool) -> dict:
                 large["seconds"], large["objective"], large["verify_seconds"]
             )  # fmt: skip
             case["peak_rss_mb"] = round(large["peak_rss_mb"])
+            case["cpu_seconds"] = large["cpu_seconds"]
             if "second_solver_rel_diff" in large:
                 case["second_solver_rel_diff"] = large["second_solver_rel_diff"]
             if n in TARGET_RSS_MB:
@@ -265,7 +282,7 @@ def run(quick: bool) -> dict:
                 case["meets_rss_target"] = large["peak_rss_mb"] <= TARGET_RSS_MB[n]
             growth.append((n, seconds))
         else:
-            seconds, objective, verify_s = _ours(n, repeats[n])
+            seconds, objective, verify_s, _ = _ours(n, repeats[n])
         case["seconds"] = round(seconds, 4)
         case["verify_seconds"] = round(verify_s, 4)
         case["verify_below_clear"] = verify_s < seconds

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -454,6 +455,11 @@ def stop_helper() -> None:
 def helper_peak_rss_kb() -> int:
     """Peak resident memory of the helper process (KB; 0 if none was started)."""
     return 0 if _helper is None else _helper.submit(_peak_rss_kb).result()
+
+
+def helper_cpu_seconds() -> float:
+    """CPU time the helper process has used so far (s; 0 if none was started)."""
+    return 0.0 if _helper is None else _helper.submit(time.process_time).result()
 
 
 def solve_later(qp: WindowQP, solver: str) -> Callable[[], np.ndarray]:
