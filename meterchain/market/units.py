@@ -76,14 +76,15 @@ def to_ints_with_total(
     if not np.all(np.isfinite(vals)):
         raise ValueError("cannot round non-finite values")
     floors = np.floor(vals).astype(np.int64)
-    if caps is not None:
-        floors = np.minimum(floors, np.asarray(caps, dtype=np.int64))
+    cap_arr = None if caps is None else np.asarray(caps, dtype=np.int64)
+    if cap_arr is not None:
+        floors = np.minimum(floors, cap_arr)
     # the fractional part as Python computes float - int (the int made a float)
     frac = vals - floors.astype(float)
     missing = total - int(floors.sum())
     ranks = np.arange(vals.shape[0])
     if missing >= 0:
-        eligible = ranks if caps is None else ranks[floors < np.asarray(caps, dtype=np.int64)]
+        eligible = ranks if cap_arr is None else ranks[floors < cap_arr]
         if missing > eligible.shape[0]:
             raise ValueError(f"total {total} is not reachable by rounding {len(vals)} values")
         # largest fraction first, ties to the lower index (lexsort: last key is primary)
