@@ -518,7 +518,7 @@ def _solve_blocks(parts: Sequence[WindowQP], solver: str) -> list[np.ndarray | s
     queued: dict[int, Future[list[np.ndarray | str]]] = {}
     try:
         for k in reversed(range(1, len(chunks))):
-            queued[k] = _helper.submit(solve_each, chunks[k], solver)
+            queued[k] = _helper.submit(_solve_stacked, _stack(chunks[k]), solver)
     except (OSError, RuntimeError, BrokenProcessPool):
         for future in queued.values():
             future.cancel()
@@ -536,6 +536,52 @@ def _solve_blocks(parts: Sequence[WindowQP], solver: str) -> list[np.ndarray | s
             _helper = None
             out += solve_each(chunks[k], solver)
     return out
+
+
+def _stack(parts: Sequence[WindowQP]) -> WindowQP:
+    """The block-diagonal QP of ``parts``, to ship a chunk to the helper as a few arrays:
+    pickling thousands of small QPs cost 0.27 ms each, more than solving one (0.17 ms)."""
+    col_off = np.cumsum([0] + [p.size for p in parts])
+    eq_off = np.cumsum([0] + [p.b_eq.shape[0] for p in parts])
+    in_off = np.cumsum([0] + [p.l_in.shape[0] for p in parts])
+
+    def diagonal(blocks: list[sp.csc_matrix], row_off: np.ndarray) -> sp.csc_matrix:
+        nnz_off = np.cumsum([0] + [b.indptr[-1] for b in blocks])
+        return sp.csc_matrix(
+            (
+                np.concatenate([b.data for b in blocks]),
+                np.concatenate([b.indices + r for b, r in zip(blocks, row_off, strict=False)]),
+                np.concatenate(
+                    [[0]] + [b.indptr[1:] + o for b, o in zip(blocks, nnz_off, strict=False)]
+                ),
+            ),
+            shape=(int(row_off[-1]), int(col_off[-1])),
+        )
+
+    def joined(name: str) -> np.ndarray:
+        return np.concatenate([getattr(p, name) for p in parts])
+
+    return WindowQP(
+        p_diag=joined("p_diag"),
+        c=joined("c"),
+        a_eq=diagonal([p.a_eq for p in parts], eq_off),
+        b_eq=joined("b_eq"),
+        a_in=diagonal([p.a_in for p in parts], in_off),
+        l_in=joined("l_in"),
+        u_in=joined("u_in"),
+        lb=joined("lb"),
+        ub=joined("ub"),
+        index={},
+        col_off=col_off,
+        eq_off=eq_off,
+        in_off=in_off,
+        deficit_types=parts[0].deficit_types,
+    )
+
+
+def _solve_stacked(stacked: WindowQP, solver: str) -> list[np.ndarray | str]:
+    """`solve_each` of the blocks of a `_stack` (in the helper): the same QPs as the parts."""
+    return solve_each([own_block(stacked, k) for k in range(len(stacked.col_off) - 1)], solver)
 
 
 def solve(qp: WindowQP, solver: str) -> np.ndarray:
