@@ -505,7 +505,8 @@ def _solve_blocks(parts: Sequence[WindowQP], solver: str) -> list[np.ndarray | s
     The chunks after the first are queued for the helper last-first while this
     process solves from the front, withdrawing (`Future.cancel`) each chunk it
     reaches that the helper has not started; the first chunk the helper holds
-    ends this process's share, so both finish together. A busy helper (solving
+    ends this process's share, so both finish together. The last chunk is always
+    the helper's (one chunk's wait at most if it starts late). A busy helper (solving
     the cooperative QP) is left alone: the process pool would hand it two chunks
     at once, which this process would then wait for behind that QP. Each QP is solved
     by the same code wherever it runs, so the outcome does not depend on the split.
@@ -526,7 +527,7 @@ def _solve_blocks(parts: Sequence[WindowQP], solver: str) -> list[np.ndarray | s
         return solve_each(parts, solver)
     out: list[np.ndarray | str] = []
     mine = 0
-    while mine < len(chunks) and (mine == 0 or queued[mine].cancel()):
+    while mine == 0 or (mine < len(chunks) - 1 and queued[mine].cancel()):
         out += solve_each(chunks[mine], solver)
         mine += 1
     for k in range(mine, len(chunks)):

@@ -60,6 +60,7 @@ def test_an_idle_helper_takes_part_of_a_batch_and_the_outcome_is_unchanged(
     assert list(infeasible_here) == ["zz-island"]
     monkeypatch.setattr(qp_mod, "PARALLEL_FROM", 1)
     monkeypatch.setattr(qp_mod, "SHARE_FROM", 2)
+    monkeypatch.setattr(qp_mod, "SHARE_CHUNKS", 2)  # the second half is always the helper's
     first = qp_mod.build(req.market, req.microgrids[:1], cooperative=False)
     qp_mod.solve_later(first, "piqp")()  # starts the helper; it is idle afterwards
     assert qp_mod.helper_cpu_seconds() > 0
