@@ -5,7 +5,9 @@ own meter's acknowledged watermark, and the rejection log, where every
 reading refused is kept with its bytes and reason (bounded, oldest dropped
 and counted), so a refusal that lets a board free a reading loses nothing.
 
-One connection, owned by the ingest thread, writes. The sequence guard
+One connection, owned by the ingest thread, writes (one per process: the
+agent and each ingest worker; their transactions queue on a file lock next
+to the database, `<db>.writelock`). The sequence guard
 (`meterchain.sequence.SequenceGuard`) keeps its tables in the same database
 through the same connection, so every change a reading causes (guard state,
 hourly energy, outbox row) happens in one transaction, and MQTT
@@ -22,6 +24,7 @@ previous one (the guard's last state), split over hours by
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import sqlite3
 import threading
@@ -115,6 +118,10 @@ class AgentStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = connect(self.path)
         self.conn.executescript(SCHEMA)
+        # Writers of one database (the agent and its ingest workers) queue on this lock:
+        # a blocked flock wakes as soon as the holder commits, where SQLite's busy handler
+        # polls with sleeps of up to 100 ms, leaving cores idle while work waits.
+        self._write_lock = open(self.path.with_name(self.path.name + ".writelock"), "a+b")  # noqa: SIM115
         self.outbox_limit = 100_000
         self.outbox_dropped = 0
         self.rejection_limit = 100_000
@@ -125,7 +132,12 @@ class AgentStore:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... (hourly rows written) COMMIT, or ROLLBACK on any error."""
-        self.conn.execute("BEGIN IMMEDIATE")
+        fcntl.flock(self._write_lock, fcntl.LOCK_EX)
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            fcntl.flock(self._write_lock, fcntl.LOCK_UN)
+            raise
         self._pending.clear()
         try:
             yield self.conn
@@ -138,10 +150,16 @@ class AgentStore:
                     [(hour, meter, *row) for (hour, meter), row in self._pending.items()],
                 )
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            try:
+                self.conn.execute("ROLLBACK")
+            finally:
+                fcntl.flock(self._write_lock, fcntl.LOCK_UN)
             self._pending.clear()
             raise
-        self.conn.execute("COMMIT")
+        try:
+            self.conn.execute("COMMIT")
+        finally:
+            fcntl.flock(self._write_lock, fcntl.LOCK_UN)
 
     def fold(
         self,
@@ -231,6 +249,7 @@ class AgentStore:
 
     def close(self) -> None:
         self.conn.close()
+        self._write_lock.close()
 
 
 class StoreView:
