@@ -9,12 +9,13 @@ boots it on a thread of the test process.
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from agent_site import MARKET, Site
+from agent_site import MARKET, Site, wait_until
 
 from meterchain.board.emulated import ensure_firmware_importable, run_board
 
@@ -101,3 +102,20 @@ class RunningBoard:
         """A power cut (flash keeps what was written)."""
         self.stop.set()
         self.thread.join(10)
+
+
+def committed_seqs(site: Site, meter_id: str) -> list[int]:
+    """Sequence numbers of `meter_id` the agent has durably accepted (its guard's record)."""
+    with sqlite3.connect(f"file:{site.database}?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT seq FROM accepted WHERE meter_id = ?", (meter_id,)).fetchall()
+    return sorted(int(seq) for (seq,) in rows)
+
+
+def acknowledged_past(boards: list[RunningBoard], margin: int, timeout: float) -> None:
+    """Wait until each board's watermark passes what it had produced by now, plus `margin`."""
+    targets = [b.app.last_seq + margin for b in boards]
+    wait_until(
+        lambda: all(b.app.uplink.watermark >= t for b, t in zip(boards, targets, strict=True)),
+        timeout,
+        f"acknowledgements past {targets}",
+    )

@@ -12,14 +12,20 @@ every reading above it.
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
 from collections.abc import Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
 from agent_site import INGEST_WORKERS, NODE, AgentProcess, Site, metric_value, wait_until
-from emulated_boards import ACK_TIMEOUT_S, RunningBoard, connect_board, make_board
+from emulated_boards import (
+    ACK_TIMEOUT_S,
+    RunningBoard,
+    acknowledged_past,
+    committed_seqs,
+    connect_board,
+    make_board,
+)
 
 from edge_agent.ingest_pool import owner_of
 from hil.broker import MosquittoBroker
@@ -27,21 +33,8 @@ from hil.broker import MosquittoBroker
 BOARDS = ("mg1-a", "mg1-b")
 
 
-def _committed(site: Site, meter_id: str) -> list[int]:
-    """Sequence numbers of `meter_id` the agent has durably accepted (its guard's record)."""
-    with sqlite3.connect(f"file:{site.database}?mode=ro", uri=True) as db:
-        rows = db.execute("SELECT seq FROM accepted WHERE meter_id = ?", (meter_id,)).fetchall()
-    return sorted(int(seq) for (seq,) in rows)
 
 
-def _acknowledged_past(boards: list[RunningBoard], margin: int, timeout: float) -> None:
-    """Wait until each board's watermark passes what it had produced by now, plus `margin`."""
-    targets = [b.app.last_seq + margin for b in boards]
-    wait_until(
-        lambda: all(b.app.uplink.watermark >= t for b, t in zip(boards, targets, strict=True)),
-        timeout,
-        f"acknowledgements past {targets}",
-    )
 
 
 def _nothing_lost(site: Site, boards: list[RunningBoard]) -> None:
@@ -50,7 +43,7 @@ def _nothing_lost(site: Site, boards: list[RunningBoard]) -> None:
     for board in boards:
         app = board.app
         watermark = app.uplink.watermark
-        committed = _committed(site, app.cfg["meter_id"])
+        committed = committed_seqs(site, app.cfg["meter_id"])
         # Gap-free; it may run ahead of the board's watermark (an ack still on its way).
         assert committed == list(range(1, len(committed) + 1))
         assert len(committed) >= watermark > 0
@@ -88,12 +81,12 @@ def test_broker_kill_9_loses_no_reading(site_with_boards, agents) -> None:
     agent = AgentProcess(site).start()
     agents.append(agent)
     _start_boards(site, boards)
-    _acknowledged_past(boards, 10, 30)
+    acknowledged_past(boards, 10, 30)
 
     # Mid-stream: the broker dies with PUBACKed readings on their way to the agent.
     site.broker.kill()
     site.broker.start()
-    _acknowledged_past(boards, 10, 30)
+    acknowledged_past(boards, 10, 30)
 
     # Agent away: readings wait only in the broker's memory, PUBACKed, and die with it.
     assert agent.terminate() == 0
@@ -104,7 +97,7 @@ def test_broker_kill_9_loses_no_reading(site_with_boards, agents) -> None:
     site.broker.start()
     agent = AgentProcess(site).start()
     agents.append(agent)
-    _acknowledged_past(boards, 5, 30 + 2 * ACK_TIMEOUT_S)
+    acknowledged_past(boards, 5, 30 + 2 * ACK_TIMEOUT_S)
     # The restarted broker had nothing for the agent: the boards' resends brought them.
     assert all(b.app.last_seq > q + 10 for b, q in zip(boards, queued_from, strict=True))
     # ... after their ack timeout (`rewinds` counts those, not the rewinds at connect).
@@ -141,7 +134,7 @@ def test_client_id_takeover_loses_no_reading(site_with_boards, agents) -> None:
     agent = AgentProcess(site).start()
     agents.append(agent)
     _start_boards(site, boards)
-    _acknowledged_past(boards, 5, 30)
+    acknowledged_past(boards, 5, 30)
 
     # The session that receives the first board's readings: its ingest worker's.
     worker = owner_of(BOARDS[0], INGEST_WORKERS)
@@ -156,7 +149,7 @@ def test_client_id_takeover_loses_no_reading(site_with_boards, agents) -> None:
         20,
         "the agent to be connected",
     )
-    _acknowledged_past(boards, 5, 30 + 2 * ACK_TIMEOUT_S)
+    acknowledged_past(boards, 5, 30 + 2 * ACK_TIMEOUT_S)
     kicked = "disconnected from" in agent.log_path.read_text()
     if bound:
         assert not kicked, "with client ids bound to usernames nobody can take the agent's id"

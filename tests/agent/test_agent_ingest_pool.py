@@ -16,11 +16,17 @@ import json
 import os
 import pickle
 import signal
-import sqlite3
 import urllib.request
 
 from agent_site import INGEST_WORKERS, AgentProcess, Site, metric_value, wait_until
-from emulated_boards import ACK_TIMEOUT_S, RunningBoard, connect_board, make_board
+from emulated_boards import (
+    ACK_TIMEOUT_S,
+    RunningBoard,
+    acknowledged_past,
+    committed_seqs,
+    connect_board,
+    make_board,
+)
 from prometheus_client import generate_latest
 
 from edge_agent.ingest_pool import owner_of
@@ -36,19 +42,8 @@ def _status(site: Site) -> dict:
         return dict(json.load(r))
 
 
-def _committed(site: Site, meter_id: str) -> list[int]:
-    with sqlite3.connect(f"file:{site.database}?mode=ro", uri=True) as db:
-        rows = db.execute("SELECT seq FROM accepted WHERE meter_id = ?", (meter_id,)).fetchall()
-    return sorted(int(seq) for (seq,) in rows)
 
 
-def _acknowledged_past(boards: list[RunningBoard], margin: int, timeout: float) -> None:
-    targets = [b.app.last_seq + margin for b in boards]
-    wait_until(
-        lambda: all(b.app.uplink.watermark >= t for b, t in zip(boards, targets, strict=True)),
-        timeout,
-        f"acknowledgements past {targets}",
-    )
 
 
 def test_a_killed_ingest_worker_is_restarted_and_loses_nothing(make_site, agents) -> None:
@@ -68,7 +63,7 @@ def test_a_killed_ingest_worker_is_restarted_and_loses_nothing(make_site, agents
     boards = [RunningBoard(folders[m], interval_ms=20) for m in BOARDS]
     try:
         wait_until(lambda: _status(site)["ingest_workers"]["up"], 20, "both workers subscribed")
-        _acknowledged_past(boards, 20, 30)
+        acknowledged_past(boards, 20, 30)
         pids = _status(site)["ingest_workers"]["pids"]
         victim = owner_of(BOARDS[0], 2)
         os.kill(pids[victim], signal.SIGKILL)
@@ -82,14 +77,14 @@ def test_a_killed_ingest_worker_is_restarted_and_loses_nothing(make_site, agents
         assert _status(site)["ingest_workers"]["pids"][1 - victim] == pids[1 - victim]
         assert metric_value(agent.metrics(), "meterchain_agent_ingest_worker_restarts_total") == 1
         # Every board moves on, those of the killed worker included.
-        _acknowledged_past(boards, 20, 30 + 2 * ACK_TIMEOUT_S)
+        acknowledged_past(boards, 20, 30 + 2 * ACK_TIMEOUT_S)
     finally:
         for board in boards:
             board.halt()
     for meter_id, board in zip(BOARDS, boards, strict=True):
         app = board.app
         watermark = app.uplink.watermark
-        committed = _committed(site, meter_id)
+        committed = committed_seqs(site, meter_id)
         assert committed == list(range(1, len(committed) + 1)), meter_id
         assert len(committed) >= watermark > 20, meter_id
         assert len(app.spool) == app.last_seq - watermark, meter_id
