@@ -132,32 +132,31 @@ class AgentStore:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... (hourly rows written) COMMIT, or ROLLBACK on any error."""
+        with self._writer_turn():
+            self.conn.execute("BEGIN IMMEDIATE")
+            self._pending.clear()
+            try:
+                yield self.conn
+                if self._pending:
+                    self.conn.executemany(
+                        "INSERT INTO hourly_energy VALUES (?, ?, ?, ?, ?, ?) "
+                        "ON CONFLICT (hour, meter_id) DO UPDATE SET "
+                        "import_wh = import_wh + excluded.import_wh, "
+                        "export_wh = export_wh + excluded.export_wh",
+                        [(hour, meter, *row) for (hour, meter), row in self._pending.items()],
+                    )
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                self._pending.clear()
+                raise
+            self.conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _writer_turn(self) -> Iterator[None]:
+        """Hold the database's write lock (shared by every process that writes it)."""
         fcntl.flock(self._write_lock, fcntl.LOCK_EX)
         try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except BaseException:
-            fcntl.flock(self._write_lock, fcntl.LOCK_UN)
-            raise
-        self._pending.clear()
-        try:
-            yield self.conn
-            if self._pending:
-                self.conn.executemany(
-                    "INSERT INTO hourly_energy VALUES (?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (hour, meter_id) DO UPDATE SET "
-                    "import_wh = import_wh + excluded.import_wh, "
-                    "export_wh = export_wh + excluded.export_wh",
-                    [(hour, meter, *row) for (hour, meter), row in self._pending.items()],
-                )
-        except BaseException:
-            try:
-                self.conn.execute("ROLLBACK")
-            finally:
-                fcntl.flock(self._write_lock, fcntl.LOCK_UN)
-            self._pending.clear()
-            raise
-        try:
-            self.conn.execute("COMMIT")
+            yield
         finally:
             fcntl.flock(self._write_lock, fcntl.LOCK_UN)
 
