@@ -286,23 +286,33 @@ class Attestation:
         return statement(self.market, self.height, self.block_hash, self.digest)
 
 
+def _attestation(fields: list) -> Attestation | None:
+    """[market, height, hash, digest] as an Attestation, or None if they are not that."""
+    market, height, block_hash, digest = fields
+    if (
+        isinstance(market, str)
+        and type(height) is int
+        and all(isinstance(v, bytes) and len(v) == 32 for v in (block_hash, digest))
+    ):
+        return Attestation(market, height, block_hash, digest)
+    return None
+
+
 def parse_proposal(data: bytes) -> Attestation:
     """The aggregator's proposed checkpoint: exactly a `statement`."""
     try:
         value = codec.decode(data)
     except CodecError as exc:
         raise CheckpointError(f"malformed checkpoint proposal: {exc}") from exc
-    if not (
-        isinstance(value, list)
-        and len(value) == 5
-        and value[0] == "checkpoint"
-        and isinstance(value[1], str)
-        and type(value[2]) is int
-        and all(isinstance(v, bytes) and len(v) == 32 for v in value[3:])
-    ):
+    proposed = (
+        _attestation(value[1:])
+        if isinstance(value, list) and len(value) == 5 and value[0] == "checkpoint"
+        else None
+    )
+    if proposed is None:
         raise CheckpointError('malformed checkpoint proposal: not ["checkpoint", market, '
                               "height, hash, digest]")  # fmt: skip
-    return Attestation(value[1], value[2], value[3], value[4])
+    return proposed
 
 
 @dataclass(frozen=True)
@@ -324,18 +334,14 @@ class CheckpointVote:
             value = codec.decode(data)
         except CodecError as exc:
             raise CheckpointError(f"malformed checkpoint vote: {exc}") from exc
-        if not (
-            isinstance(value, list)
-            and len(value) == 7
-            and value[0] == "checkpoint-vote"
-            and isinstance(value[1], str)
-            and type(value[2]) is int
-            and all(isinstance(v, bytes) for v in (value[3], value[4], value[6]))
-            and isinstance(value[5], str)
-        ):
+        attestation = (
+            _attestation(value[1:5])
+            if isinstance(value, list) and len(value) == 7 and value[0] == "checkpoint-vote"
+            else None
+        )
+        if attestation is None or not (isinstance(value[5], str) and isinstance(value[6], bytes)):
             raise CheckpointError("malformed checkpoint vote")
-        _, market, height, block_hash, digest, node_id, signature = value
-        return cls(node_id, Attestation(market, height, block_hash, digest), signature)
+        return cls(value[5], attestation, value[6])
 
 
 def attest(

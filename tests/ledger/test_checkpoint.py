@@ -283,3 +283,21 @@ def test_members_attest_only_their_own_state_at_checkpoint_heights(
     with pytest.raises(cp.CheckpointError, match="no checkpoint open at height 4"):
         collector.add("node2", cp.attest(mine, mine, "node2", sb.key("node2")).encode())
     node1.store.close()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ["m", 4, b"h" * 31, b"d" * 32],  # a hash that is not SHA-256 sized
+        ["m", 4, b"h" * 32, "digest"],
+        ["m", True, b"h" * 32, b"d" * 32],
+        [7, 4, b"h" * 32, b"d" * 32],
+    ],
+)
+def test_malformed_checkpoint_proposals_and_votes_are_refused_alike(fields: list) -> None:
+    with pytest.raises(cp.CheckpointError, match=r"^malformed checkpoint proposal: not \["):
+        cp.parse_proposal(codec.encode(["checkpoint", *fields]))
+    with pytest.raises(cp.CheckpointError, match=r"^malformed checkpoint vote$"):
+        cp.CheckpointVote.decode(codec.encode(["checkpoint-vote", *fields, "node1", b"s" * 64]))
+    good = cp.CheckpointVote("node1", cp.Attestation("m", 4, b"h" * 32, b"d" * 32), b"s" * 64)
+    assert cp.CheckpointVote.decode(good.encode()) == good
