@@ -117,15 +117,16 @@ def _pipeline(
     acked = 0
     done = threading.Event()
 
-    def ack() -> None:
+    def acknowledge(tokens: list[int]) -> None:
         nonlocal acked
-        acked += 1  # only the writer thread runs acks
+        acked += len(tokens)  # only the writer thread acknowledges
         if acked == len(messages):
             done.set()
 
+    worker.acknowledge = acknowledge
     started = time.perf_counter()
-    for meter_id, data in messages:
-        worker.submit(Delivery(ingest.check(data, clock_end), meter_id, ack))
+    for i, (meter_id, data) in enumerate(messages):
+        worker.submit(Delivery(ingest.check(data, clock_end), meter_id, i & 0xFFFF))
     while not done.wait(0.5):
         if worker.stopped.is_set():
             raise RuntimeError(f"ingest writer failed: {worker.failure!r}")

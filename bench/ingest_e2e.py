@@ -70,6 +70,7 @@ from hil.broker import MosquittoBroker, free_port
 from meterchain import codec
 from meterchain.errors import CodecError
 from meterchain.keys import PrivateKey
+from meterchain.mqtt_wire import mqtt_str, next_packet, packet
 from meterchain.reading import sign_reading
 from meterchain.registry import Registry, entry_text, make_meter
 
@@ -136,11 +137,11 @@ class FleetLink:
         self.tx: list[bytes] = []
         self.pid = 0
         body = (
-            _mqtt_str(b"MQTT") + bytes([4, 0xC2]) + struct.pack("!H", _KEEPALIVE_S)
-            + _mqtt_str(client_id.encode()) + _mqtt_str(broker["user"].encode())
-            + _mqtt_str(broker["password"].encode())
+            mqtt_str(b"MQTT") + bytes([4, 0xC2]) + struct.pack("!H", _KEEPALIVE_S)
+            + mqtt_str(client_id.encode()) + mqtt_str(broker["user"].encode())
+            + mqtt_str(broker["password"].encode())
         )  # fmt: skip
-        self.sock.sendall(_packet(0x10, body))
+        self.sock.sendall(packet(0x10, body))
         head, payload = self._read_packet()
         if head != 0x20 or payload[1] != 0:
             raise RuntimeError(f"broker refused the fleet: CONNACK {payload.hex()}")
@@ -155,9 +156,9 @@ class FleetLink:
         for i in range(0, len(topics), batch):
             pid = self._next_pid()
             body = struct.pack("!H", pid) + b"".join(
-                _mqtt_str(t.encode()) + b"\x01" for t in topics[i : i + batch]
+                mqtt_str(t.encode()) + b"\x01" for t in topics[i : i + batch]
             )
-            self.sock.sendall(_packet(0x82, body))
+            self.sock.sendall(packet(0x82, body))
             waiting.add(pid)
         while waiting:
             head, payload = self._read_packet()
@@ -169,7 +170,7 @@ class FleetLink:
     def publish(self, topic: bytes, payload: bytes) -> None:
         """Queue a QoS 1 PUBLISH (written at the next `flush`)."""
         self.tx.append(
-            _packet(0x32, _mqtt_str(topic) + struct.pack("!H", self._next_pid()) + payload)
+            packet(0x32, mqtt_str(topic) + struct.pack("!H", self._next_pid()) + payload)
         )
 
     def ping(self) -> None:
@@ -219,29 +220,13 @@ class FleetLink:
             self.sock.close()
 
 
-def _mqtt_str(data: bytes) -> bytes:
-    return struct.pack("!H", len(data)) + data
-
-
-def _packet(head: int, body: bytes) -> bytes:
-    n, length = len(body), bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        length.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes([head]) + bytes(length) + body
-
-
 def _parse(buf: bytearray) -> tuple[int, bytes, int] | None:
     """(first byte, body, bytes used) of the first whole packet in `buf`, or None."""
-    n = shift = 0
-    for i in range(1, min(len(buf), 5)):
-        n |= (buf[i] & 0x7F) << shift
-        shift += 7
-        if not buf[i] & 0x80:
-            end = i + 1 + n
-            return (buf[0], bytes(buf[i + 1 : end]), end) if len(buf) >= end else None
-    return None
+    found = next_packet(buf)
+    if found is None:
+        return None
+    head, start, end = found
+    return head, bytes(buf[start:end]), end
 
 
 class Fleet:
@@ -382,8 +367,9 @@ class Fleet:
         }
 
 
-def _fleet_main(ids: list[int], plan: Plan, broker: dict[str, Any], ready: Any, go: Any,
-                results: Any) -> None:
+def _fleet_main(
+    ids: list[int], plan: Plan, broker: dict[str, Any], ready: Any, go: Any, results: Any
+) -> None:
     try:
         fleet = Fleet(ids, plan, broker)
         ready.put(True)
@@ -693,18 +679,18 @@ def measure(plan: Plan) -> dict:
     sustained = sampler.rate(start_at + warm, start_at + plan.sustain_s)
     cores = sampler.cores(start_at + warm, start_at + plan.sustain_s)
     acknowledged = _acknowledged_rate([o["timeline"] for o in outcomes], plan)
-    offered_sustained = sum(
-        max(m for s, m, _ in o["timeline"] if s <= plan.sustain_s) for o in outcomes
-    ) / plan.sustain_s
-    lag = sum(
-        [m - a for s, m, a in o["timeline"] if s <= plan.sustain_s][-1] for o in outcomes
+    offered_sustained = (
+        sum(max(m for s, m, _ in o["timeline"] if s <= plan.sustain_s) for o in outcomes)
+        / plan.sustain_s
     )
+    lag = sum([m - a for s, m, a in o["timeline"] if s <= plan.sustain_s][-1] for o in outcomes)
     registry = Registry()
     sample = []
     for i in range(min(meters, 2000)):
         registry.add(_meter_id(i), _key(i).public_key(), NODE, "load")
-        sample.append((_meter_id(i), sign_reading(_key(i), _meter_id(i), 1, plan.t0, 1, 0, 0, 0,
-                                                  "load")))
+        sample.append(
+            (_meter_id(i), sign_reading(_key(i), _meter_id(i), 1, plan.t0, 1, 0, 0, 0, "load"))
+        )
     prepared = prepare_anchor(registry, sample)
     raw_rate = len(prepared) / min(raw_verify_seconds(prepared) for _ in range(3))
     return {

@@ -120,6 +120,7 @@ class Agent:
         )
         self.worker.on_outbox = self.link.pump_outbox
         self.ingest.on_watermarks = self.link.publish_acks
+        self.worker.acknowledge = self.link.acknowledge
         self.metrics.rejection_log_dropped.set_function(lambda: self.store.rejections_dropped)
         self.metrics.outbox_pending.set_function(self.view.outbox_pending)
         self.buses = {

@@ -5,7 +5,7 @@ backoff; this class owns the session policy:
 - persistent session (`clean_session=False`, fixed client id) and QoS 1, so
   readings published while the agent is down wait at the broker;
 - manual acknowledgement: a PUBACK is sent only when the ingest writer has
-  committed the reading (`Delivery.ack`);
+  committed the reading, the batch's PUBACKs as one write (`acknowledge`);
 - acknowledgements belong to one connection: a message received on an
   earlier connection is never acked on a later one (the broker re-sends it
   with the same packet id, and a late ack could otherwise acknowledge a
@@ -13,10 +13,12 @@ backoff; this class owns the session policy:
 - the gateway outbox: rows are published QoS 1 and deleted on PUBACK; rows
   left from before a restart are published at start-up;
 - end-to-end acknowledgements (edge_agent.delivery): after each commit the
-  watermarks of the batch's own meters are published retained, QoS 1, on
-  `mc/<market>/ack/<meter_id>`; a board frees its spool only on these, so a
-  PUBACK the broker then loses (kill -9, a dropped queue) costs a resend,
-  never a reading;
+  watermarks of the batch's own meters are published retained, QoS 0, many
+  per write, on `mc/<market>/ack/<meter_id>`; a board frees its spool only
+  on these, so a PUBACK or an acknowledgement the broker then loses (kill
+  -9, a dropped queue) costs a resend, never a reading;
+- the hot paths (receiving readings, PUBACKs, acknowledgements) bypass
+  paho's per-packet Python (`_LeanClient`); the session stays paho's;
 - which readings: the whole market (`mc/<market>/r/+`), or, in an ingest
   worker process (edge_agent.ingest_pool), explicit per-meter filters for
   the meters it owns, subscribed in batches. The persistent session keeps
@@ -35,7 +37,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.client import time_func as paho_clock
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.exception import MalformedPacket
 
 from edge_agent.delivery import ack_payload
 from edge_agent.gateway import gateway_subscription
@@ -45,57 +49,152 @@ from edge_agent.worker import Delivery, IngestWorker
 from meterchain.backoff import paho_backoff
 from meterchain.calm import CalmLog
 from meterchain.mqtt_auth import ack_topic, check_name
+from meterchain.mqtt_wire import PUBACK, PUBLISH, FramingError, next_packet, pubacks, publish_qos0
 from meterchain.reading import Reading
 
 log = logging.getLogger("meterchain.agent.mqtt")
 
-# paho's in-flight limit for what this link publishes: none (0). Our own bounds hold it
-# (one acknowledgement in flight per meter, outbox rows pumped 1000 at a time), and
-# with a limit paho scans every queued message on each PUBACK (quadratic under load).
+# paho's in-flight limit for the outbox's QoS 1 publishes: none (0). Our own bound holds
+# it (rows pumped 1000 at a time), and with a limit paho scans every queued message on
+# each PUBACK (quadratic under load).
 ACKS_IN_FLIGHT = 0
 VERIFY_THREADS = 2  # signature checks in parallel with receiving
 VERIFY_CHUNK = 32  # readings per verify task: one task (a Future, a wake-up) per chunk
 RX_CHUNK = 1 << 16  # bytes taken from the TLS socket per read
+RX_READS = 8  # reads per read burst before paho's loop writes (PUBACKs) and keeps alive
+NO_ACK = -1  # the acknowledgement token of a QoS 0 delivery
 SUBSCRIBE_BATCH = 500  # filters per (UN)SUBSCRIBE packet (10,000 meters: 20 packets)
 
 
-class _ChunkedClient(mqtt.Client):
-    """paho's client with a leaner receive path.
+class _LeanClient(mqtt.Client):
+    """paho's client with the per-reading paths taken over.
 
-    paho reads a packet a few bytes at a time (type, length, body: about four
-    TLS reads per reading, each a GIL hand-over the verify threads and the
-    writer then compete for); this reads the socket in RX_CHUNK pieces and
-    serves paho from them. After each read burst it calls `after_read`, so
-    the link hands the readings of the burst to verification as chunks.
-    Relies on paho 2.x's `_sock_recv`/`_sock_close`/`loop_read`.
+    paho keeps the session: connecting, reconnecting with backoff,
+    keepalive, (un)subscribing, the outbox's QoS 1 publishes. But its
+    per-packet Python (a few TLS reads per packet, a message object, locks
+    and callbacks; a socket write and a wake-up per PUBACK and per
+    acknowledgement) cost more than the signature check of a reading. So:
+    - the socket is read RX_CHUNK bytes at a time and every whole packet in
+      the bytes is cut out at once (`meterchain.mqtt_wire`); a PUBLISH goes
+      straight to `on_packet(topic, payload, mid, qos)`, every other packet
+      to paho's own handler; after each read burst `after_read` runs, so
+      the link hands the burst's readings to verification as chunks;
+    - `send_raw(data)` queues pre-encoded packets (a batch's PUBACKs, its
+      acknowledgements) as one write: one wake-up and one TLS record for
+      the batch; `after_write` runs when everything queued is written.
+    Relies on paho 2.x's `_sock_recv`, `_sock_close`, `_in_packet`,
+    `_packet_handle`, `_packet_queue`, `_out_packet`, `_loop_rc_handle` and
+    `_last_bytes_received` (paho-mqtt is pinned below 2.3 for this;
+    tests/agent/test_agent_lean_link.py runs it against a real broker).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._rx = b""
-        self._rx_at = 0
+        self._rx = bytearray()
+        self.on_packet: Callable[[bytes, bytes, int, int], None] = lambda t, p, m, q: None
         self.after_read: Callable[[], None] = lambda: None
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if self._rx_at >= len(self._rx):
-            chunk = super()._sock_recv(RX_CHUNK)  # BlockingIOError when nothing is there
-            if not chunk:
-                return chunk  # the connection closed
-            self._rx, self._rx_at = chunk, 0
-        data = self._rx[self._rx_at : self._rx_at + bufsize]
-        self._rx_at += len(data)
-        return data
+        self.after_write: Callable[[], None] = lambda: None
 
     def _sock_close(self) -> None:
-        self._rx, self._rx_at = b"", 0  # never parse one connection's bytes on the next
+        self._rx.clear()  # never parse one connection's bytes on the next
         super()._sock_close()
 
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
-        # Select would not wake for bytes already taken off the socket: read them now.
-        rc = super().loop_read(max_packets)
-        while rc == mqtt.MQTT_ERR_SUCCESS and self._rx_at < len(self._rx):
-            rc = super().loop_read(max_packets)
+        for _ in range(RX_READS):  # then paho's loop writes and keeps alive before reading on
+            if self._sock is None:
+                return mqtt.MQTT_ERR_NO_CONN
+            try:
+                chunk = self._sock_recv(RX_CHUNK)
+            except BlockingIOError:
+                break
+            except OSError as err:
+                log.warning("failed to receive from the broker: %s", err)
+                return self._loop_rc_handle(mqtt.MQTT_ERR_CONN_LOST)
+            if not chunk:
+                return self._loop_rc_handle(mqtt.MQTT_ERR_CONN_LOST)
+            self._rx += chunk
+            rc = self._cut_packets()
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                return self._loop_rc_handle(rc)
+        with self._msgtime_mutex:
+            self._last_bytes_received = paho_clock()
         self.after_read()
+        return mqtt.MQTT_ERR_SUCCESS
+
+    def _cut_packets(self) -> mqtt.MQTTErrorCode:
+        """Handle every whole packet in the received bytes; keep a partial one for the next read."""
+        rx, pos, sock = self._rx, 0, self._sock
+        try:
+            while (found := next_packet(rx, pos)) is not None:
+                head, start, end = found
+                pos = end
+                if head & 0xF0 != PUBLISH:
+                    rc = self._paho_handles(head, rx[start:end])
+                    if rc != mqtt.MQTT_ERR_SUCCESS:
+                        return rc
+                    if self._sock is not sock:  # the handler closed the connection
+                        return mqtt.MQTT_ERR_NO_CONN
+                    continue
+                qos = (head >> 1) & 3
+                topic_end = start + 2 + (rx[start] << 8 | rx[start + 1])
+                payload_at = topic_end + (2 if qos else 0)
+                if qos > 1 or payload_at > end:  # subscribed at QoS 1: a QoS 2 is a broken broker
+                    log.error("malformed PUBLISH from the broker (QoS %d)", qos)
+                    return mqtt.MQTT_ERR_PROTOCOL
+                mid = rx[topic_end] << 8 | rx[topic_end + 1] if qos else 0
+                topic, payload = bytes(rx[start + 2 : topic_end]), bytes(rx[payload_at:end])
+                self.on_packet(topic, payload, mid, qos)
+        except FramingError as exc:
+            log.error("malformed packet from the broker: %s", exc)
+            return mqtt.MQTT_ERR_PROTOCOL
+        finally:
+            del rx[:pos]
+        return mqtt.MQTT_ERR_SUCCESS
+
+    def _paho_handles(self, head: int, body: bytearray) -> mqtt.MQTTErrorCode:
+        """Give paho one whole packet as its own reader would have left it."""
+        self._in_packet = {
+            "command": head,
+            "have_remaining": 1,
+            "remaining_count": [],
+            "remaining_mult": 1,
+            "remaining_length": len(body),
+            "packet": body,
+            "to_process": 0,
+            "pos": 0,
+        }
+        try:
+            return self._packet_handle()
+        except MalformedPacket as exc:
+            log.error("malformed packet from the broker: %s", exc)
+            return mqtt.MQTT_ERR_PROTOCOL
+        finally:
+            self._reset_in_packet()
+
+    def _reset_in_packet(self) -> None:
+        self._in_packet = {
+            "command": 0,
+            "have_remaining": 0,
+            "remaining_count": [],
+            "remaining_mult": 1,
+            "remaining_length": 0,
+            "packet": bytearray(b""),
+            "to_process": 0,
+            "pos": 0,
+        }
+
+    def send_raw(self, data: bytes) -> None:
+        """Queue pre-encoded packets as one write (any thread; dropped at a reconnect)."""
+        # The PUBACK label only keeps paho from treating the bytes as one publish.
+        self._packet_queue(PUBACK, data, 0, 0)
+
+    def writing(self) -> bool:
+        return bool(self._out_packet)
+
+    def loop_write(self) -> mqtt.MQTTErrorCode:
+        rc = super().loop_write()
+        if not self._out_packet:
+            self.after_write()
         return rc
 
 
@@ -152,14 +251,13 @@ class BrokerLink:
         self._verify = concurrent.futures.ThreadPoolExecutor(
             VERIFY_THREADS, thread_name_prefix="verify"
         )
-        # Acknowledgements: at most one in flight per meter, the newest watermark waiting
-        # behind it (a retained topic only keeps the last one anyway).
+        # Acknowledgements waiting for the previous write to finish (coalesced: a
+        # retained topic only keeps the last one anyway), and the last sent per meter.
         self._ack_lock = threading.Lock()
         self._ack_due: dict[str, int] = {}  # meter -> watermark to publish next
-        self._ack_busy: set[str] = set()  # meters with an acknowledgement in flight
-        self._ack_mids: dict[int, str] = {}  # mid -> meter
-        self._ack_early: set[int] = set()  # PUBACKed before publish() returned its mid
-        self._client = _ChunkedClient(
+        self._ack_sent: dict[str, int] = {}  # meter -> watermark last published
+        self._ack_topics: dict[str, bytes] = {}  # meter -> its acknowledgement topic, encoded
+        self._client = _LeanClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             clean_session=False,
@@ -177,11 +275,14 @@ class BrokerLink:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_connect_fail = self._on_connect_fail
         self._calm = CalmLog(log, per_kind=False)  # a refusing broker: one line, then summaries
-        self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
         self._client.on_subscribe = self._on_subscribe
+        self._client.on_packet = self._on_packet
         self._client.after_read = self._verify_received
-        self._received: list[tuple[bytes, str, Callable[[], None]]] = []  # to verify
+        self._client.after_write = self._flush_acks
+        self._own_prefix_bytes = self._own_prefix.encode()
+        self._status_prefix_bytes = self._status_prefix.encode()
+        self._received: list[tuple[bytes, str, int]] = []  # to verify: payload, sender, ack token
 
     @property
     def topics(self) -> list[tuple[str, int]]:
@@ -260,26 +361,37 @@ class BrokerLink:
         if complete:
             self.on_subscribed()
 
-    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        epoch = self._epoch
-        mid, qos = message.mid, message.qos
-
-        def ack() -> None:
-            with self._lock:
-                if self._epoch == epoch and qos:
-                    client.ack(mid, qos)
-
-        if message.topic.startswith(self._own_prefix):
-            ack()
+    def _on_packet(self, topic: bytes, payload: bytes, mid: int, qos: int) -> None:
+        """A PUBLISH (paho's thread): a reading, one of our own gateway's, a board's state."""
+        token = self._epoch << 16 | mid if qos else NO_ACK
+        if topic.startswith(self._own_prefix_bytes):
+            self.acknowledge([token])
             return
-        if message.topic.startswith(self._status_prefix) and self.on_board_state is not None:
-            self.on_board_state(message.topic[len(self._status_prefix) :], bytes(message.payload))
-            ack()
+        if topic.startswith(self._status_prefix_bytes):
+            if self.on_board_state is not None:
+                meter = topic[len(self._status_prefix_bytes) :].decode("utf-8", "replace")
+                self.on_board_state(meter, payload)
+            self.acknowledge([token])
             return
-        sender = message.topic.rsplit("/", 1)[-1]
-        self._received.append((message.payload, sender, ack))
+        sender = topic[topic.rfind(b"/") + 1 :].decode("utf-8", "replace")
+        self._received.append((payload, sender, token))
         if len(self._received) >= VERIFY_CHUNK:
             self._verify_received()
+
+    def acknowledge(self, tokens: list[int]) -> None:
+        """PUBACK the deliveries among `tokens` that came on this connection, as one write.
+
+        A token is (connection epoch << 16 | packet id), NO_ACK for a QoS 0
+        delivery. One received on an earlier connection is never acked on a
+        later one: the broker re-sends it with the same packet id, and a late
+        ack could acknowledge a different message that reused the id before
+        it was committed.
+        """
+        with self._lock:  # the epoch cannot move (a reconnect) between the check and the queue
+            epoch = self._epoch
+            mids = [t & 0xFFFF for t in tokens if t >> 16 == epoch and t != NO_ACK]
+            if mids and self.connected:
+                self._client.send_raw(pubacks(mids))
 
     def _verify_received(self) -> None:
         """Hand the readings received so far to the verify threads, as one task (paho's thread).
@@ -293,8 +405,8 @@ class BrokerLink:
             return
         self._received = []
         checked = self._verify.submit(self._check_all, [payload for payload, _, _ in received])
-        for index, (_, sender, ack) in enumerate(received):
-            self.worker.submit(Delivery(checked, sender, ack, index))
+        for index, (_, sender, token) in enumerate(received):
+            self.worker.submit(Delivery(checked, sender, token, index))
 
     def _check_all(self, payloads: list[bytes]) -> list[Reading | Result]:
         check = self.worker.ingest.check
@@ -306,77 +418,60 @@ class BrokerLink:
     ) -> None:
         with self._lock:
             row_id = self._in_flight.pop(mid, None)
-        if row_id is not None:
-            if self.outbox is not None:
-                self.outbox.delete_outbox(row_id)
-            return
-        with self._ack_lock:
-            meter_id = self._ack_mids.pop(mid, None)
-            if meter_id is None:
-                self._ack_early.add(mid)
-                return
-            next_ack = self._next_ack(meter_id)
-        if next_ack is not None:
-            self._send_ack(*next_ack)
+        if row_id is not None and self.outbox is not None:
+            self.outbox.delete_outbox(row_id)
 
     # -- end-to-end acknowledgements -------------------------------------------------
 
     def publish_acks(self, watermarks: dict[str, int]) -> None:
-        """Publish each meter's committed watermark, retained, QoS 1 (any thread).
+        """Publish each meter's committed watermark, retained (any thread).
 
-        One acknowledgement per meter is in flight at a time; a newer
-        watermark waits behind it and replaces any older one still waiting,
-        so a busy broker gets fewer, fresher acknowledgements instead of a
-        growing queue. paho keeps what is in flight across reconnects; a board
-        that misses one resends and gets the next (a duplicate is
-        acknowledged again).
+        QoS 0, many per write: what makes a board free its spool is the
+        watermark itself, and one lost on the way (a dropped connection, a
+        broker killed before it stored it) only makes the board resend after
+        its ack timeout and be acknowledged again. While the previous write
+        is still going out, newer watermarks wait and replace older ones, so
+        a busy broker gets fewer, fresher acknowledgements instead of a
+        growing queue; they never go backwards.
         """
         with self._ack_lock:
             due = self._ack_due
             for meter_id, watermark in watermarks.items():
                 if watermark >= due.get(meter_id, 0):
                     due[meter_id] = watermark
-            ready = [self._next_ack(m) for m in watermarks if m not in self._ack_busy]
-        for meter_id, watermark in filter(None, ready):
-            self._send_ack(meter_id, watermark)
+        if not self._client.writing():
+            self._flush_acks()
 
     def _resume_acks(self) -> None:
-        """After a (re)connect nothing is waited for: send every watermark still due.
+        """After a (re)connect: publish every watermark of this session again.
 
-        paho resends what was in flight itself; forgetting it here means a
-        lost PUBACK can never keep a meter's acknowledgements stuck.
+        What was in the socket when the connection broke may never have
+        reached the broker; boards that reconnected in between look for it.
         """
         with self._ack_lock:
-            self._ack_busy.clear()
-            self._ack_mids.clear()
-            self._ack_early.clear()
-            ready = [self._next_ack(m) for m in list(self._ack_due)]
-        for meter_id, watermark in filter(None, ready):
-            self._send_ack(meter_id, watermark)
+            self._ack_due = {**self._ack_sent, **self._ack_due}
+        self._flush_acks()
 
-    def _next_ack(self, meter_id: str) -> tuple[str, int] | None:
-        """Take the meter's waiting watermark and mark it in flight (holding the ack lock)."""
-        watermark = self._ack_due.pop(meter_id, None)
-        if watermark is None:
-            self._ack_busy.discard(meter_id)
-            return None
-        self._ack_busy.add(meter_id)
-        return meter_id, watermark
-
-    def _send_ack(self, meter_id: str, watermark: int) -> None:
-        # Outside the ack lock: paho calls _on_publish holding its own message lock,
-        # which publish() takes too.
-        info = self._client.publish(
-            ack_topic(self.market, meter_id), ack_payload(meter_id, watermark), qos=1, retain=True
-        )
+    def _flush_acks(self) -> None:
+        """Write the waiting watermarks as one write (any thread; after each finished write)."""
+        if not self.connected:
+            return
         with self._ack_lock:
-            if info.mid not in self._ack_early:
-                self._ack_mids[info.mid] = meter_id
+            if not self._ack_due:
                 return
-            self._ack_early.discard(info.mid)
-            next_ack = self._next_ack(meter_id)
-        if next_ack is not None:
-            self._send_ack(*next_ack)
+            due, self._ack_due = self._ack_due, {}
+            self._ack_sent.update(due)
+            data = b"".join(
+                publish_qos0(self._ack_topic(m), ack_payload(m, w), retain=True)
+                for m, w in due.items()
+            )
+        self._client.send_raw(data)
+
+    def _ack_topic(self, meter_id: str) -> bytes:
+        topic = self._ack_topics.get(meter_id)
+        if topic is None:
+            topic = self._ack_topics[meter_id] = ack_topic(self.market, meter_id).encode()
+        return topic
 
     # -- outbox ----------------------------------------------------------------------
 

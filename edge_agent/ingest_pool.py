@@ -128,6 +128,7 @@ def _worker_main(
         drop_filters=others,
     )
     ingest.on_watermarks = link.publish_acks
+    writer.acknowledge = link.acknowledge
     writer.start()
     link.start()
     try:

@@ -37,15 +37,16 @@ log = logging.getLogger("meterchain.agent.worker")
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """A delivered reading, checked (`Ingest.check`); `ack` once durable.
+    """A delivered reading, checked (`Ingest.check`); acknowledged by `ack` once durable.
 
     `checked` is the outcome, or a future of the outcomes of a chunk of
     readings verified together, of which this one is number `index`.
+    `ack` is the link's token for its PUBACK (`BrokerLink.acknowledge`).
     """
 
     checked: Reading | Result | concurrent.futures.Future[list[Reading | Result]]
     sender: str
-    ack: Callable[[], None]
+    ack: int
     index: int = 0
 
 
@@ -84,6 +85,7 @@ class IngestWorker(threading.Thread):
         on_outbox: Callable[[], None] | None = None,
         on_outbox_dropped: Callable[[int], None] | None = None,
         on_batch: Callable[[int, float], None] | None = None,
+        acknowledge: Callable[[list[int]], None] | None = None,
     ) -> None:
         super().__init__(name="ingest-writer", daemon=True)
         self.ingest = ingest
@@ -93,6 +95,8 @@ class IngestWorker(threading.Thread):
         self.on_outbox = on_outbox or (lambda: None)
         self.on_outbox_dropped = on_outbox_dropped or (lambda n: None)
         self.on_batch = on_batch or (lambda size, seconds: None)
+        # A committed batch's acknowledgement tokens, in arrival order (the MQTT link's).
+        self.acknowledge = acknowledge or (lambda tokens: None)
         # Bounded: when the disk is slow, the MQTT thread blocks here and the
         # broker holds the rest (in-flight window), instead of memory growing.
         self.queue: queue.Queue[object] = queue.Queue(maxsize=4096)
@@ -180,8 +184,7 @@ class IngestWorker(threading.Thread):
             for d in batch
         ]
         self.ingest.commit(checked, senders=[d.sender for d in batch])
-        for delivery in batch:
-            delivery.ack()
+        self.acknowledge([d.ack for d in batch])
         self.on_batch(len(batch), time.perf_counter() - started)
 
     def _key(self, meter_id: str) -> PrivateKey:
