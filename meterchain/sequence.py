@@ -60,12 +60,12 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from meterchain.errors import (
     CounterBackwards,
@@ -82,6 +82,7 @@ DEFAULT_WINDOW = 1024
 # The longest interval (s) one reading's energy is spread over: 31 days, 745 hourly rows.
 MAX_SPREAD_S = 31 * 24 * 3600
 _BUSY_TIMEOUT_MS = 5000
+_QUERY_IDS = 500  # meter ids per IN (...) query (SQLite allows 999 parameters at least)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sequence_guard_schema (version INTEGER NOT NULL);
@@ -148,6 +149,12 @@ class Admission:
 
 def _u64(value: int) -> str:
     return f"{value:020d}"
+
+
+def _state_of(meter_id: str, row: Sequence[Any]) -> MeterState:
+    """A meter_state row (seq, time, import_wh, export_wh, digest) as a MeterState."""
+    seq, time, import_wh, export_wh, digest = row
+    return MeterState(meter_id, int(seq), int(time), int(import_wh), int(export_wh), digest)
 
 
 class SequenceGuard:
@@ -374,15 +381,27 @@ class SequenceGuard:
     def _store_error(self, action: str, exc: sqlite3.Error) -> SequenceStateError:
         return SequenceStateError(f"{self.path}: cannot {action} sequence state: {exc}")
 
+    def _states(self, meter_ids: set[str]) -> dict[str, MeterState]:
+        """The stored states of `meter_ids` (meters never accepted have none)."""
+        ids = sorted(meter_ids)
+        found: dict[str, MeterState] = {}
+        for i in range(0, len(ids), _QUERY_IDS):
+            chunk = ids[i : i + _QUERY_IDS]
+            rows = self._db.execute(
+                "SELECT meter_id, seq, time, import_wh, export_wh, digest FROM meter_state "
+                f"WHERE meter_id IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+            for meter_id, *row in rows:
+                found[meter_id] = _state_of(meter_id, row)
+        return found
+
     def _state(self, meter_id: str) -> MeterState | None:
         row = self._db.execute(
             "SELECT seq, time, import_wh, export_wh, digest FROM meter_state WHERE meter_id = ?",
             (meter_id,),
         ).fetchone()
-        if row is None:
-            return None
-        seq, time, import_wh, export_wh, digest = row
-        return MeterState(meter_id, int(seq), int(time), int(import_wh), int(export_wh), digest)
+        return None if row is None else _state_of(meter_id, row)
 
     def _promote(self) -> None:
         self._cache.update(self._pending)
@@ -404,6 +423,12 @@ class SequenceGuard:
             self._cache.clear()
             self._cache_version = version
         pending = self._pending
+        readings = list(readings)
+        # Another writer's commit emptied the cache (ingest workers share one database):
+        # the batch's meters come back in a few queries, not one query per reading.
+        unknown = {r.meter_id for r in readings} - self._cache.keys()
+        if unknown:
+            self._cache.update(self._states(unknown))
         digests: dict[tuple[str, int], bytes] = {}  # accepted in this batch
         pruned: dict[str, int] = {}  # per meter: seqs at or below are deleted by this batch
         outcomes: list[Admission | RejectedReading] = []

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from edge_agent.energy import split_interval
 from meterchain import errors, reading
+from meterchain.keys import PrivateKey
 from meterchain.reading import (
     FLAG_CLOCK_NOT_SYNCED,
     FLAG_COUNTER_RESET,
@@ -511,3 +512,39 @@ def test_booked_energy_equals_true_energy_across_resets_and_losses(
         true["export"] -= d_export
     assert booked == true
     guard.close()
+
+
+def test_two_writers_on_one_file_see_each_others_meters_in_big_batches(tmp_path: Path) -> None:
+    """Ingest workers share one database: after the other's commit a batch re-reads its meters.
+
+    More meters than one state query takes (`_QUERY_IDS`), so the chunked
+    re-read is crossed; a stale state would accept the other writer's
+    readings again (a duplicate key) or miss its replays.
+    """
+    registry = Registry()
+    meters = [f"mg1-m{i:04d}" for i in range(1_100)]
+    keys = {m: PrivateKey.from_secret(0x5E9 + i) for i, m in enumerate(meters)}
+    for meter_id, key in keys.items():
+        registry.add(meter_id, key.public_key(), "mg1", "load")
+
+    def signed(meter_id: str, seq: int, import_wh: int) -> Reading:
+        values = {**DEFAULTS, "meter_id": meter_id, "source": "load", "seq": seq,
+                  "time": T0 + 60 * seq, "import_wh": import_wh}  # fmt: skip
+        return reading.verify(reading.sign_reading(keys[meter_id], **values), registry)
+
+    path = tmp_path / "seq.db"
+    with SequenceGuard(path) as first, SequenceGuard(path) as second:
+        assert all(type(o) is Admission for o in first.check_and_accept_many(
+            [signed(m, 1, 1_000) for m in meters]))  # fmt: skip
+        by_second = [signed(m, 2, 1_010) for m in meters[::2]]
+        assert all(type(o) is Admission for o in second.check_and_accept_many(by_second))
+        # The first writer's cache still says seq 1 for every meter.
+        outcomes = first.check_and_accept_many(
+            [*by_second, *(signed(m, 2, 1_020) for m in meters[1::2]),
+             *(signed(m, 2, 1_030) for m in meters[::2])]  # fmt: skip
+        )
+    half = len(meters[::2])
+    duplicates, accepted, replays = outcomes[:half], outcomes[half:-half], outcomes[-half:]
+    assert all(type(o) is errors.DuplicateReading for o in duplicates)
+    assert all(type(o) is Admission and o.gap == 0 for o in accepted)
+    assert all(type(o) is errors.ReplayedReading for o in replays)
