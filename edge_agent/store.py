@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 from edge_agent.energy import split_interval
 from meterchain.market.model import Dispatch
+from meterchain.sqlrows import execute_rows
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS hourly_energy (
@@ -137,14 +138,14 @@ class AgentStore:
             self._pending.clear()
             try:
                 yield self.conn
-                if self._pending:
-                    self.conn.executemany(
-                        "INSERT INTO hourly_energy VALUES (?, ?, ?, ?, ?, ?) "
-                        "ON CONFLICT (hour, meter_id) DO UPDATE SET "
-                        "import_wh = import_wh + excluded.import_wh, "
-                        "export_wh = export_wh + excluded.export_wh",
-                        [(hour, meter, *row) for (hour, meter), row in self._pending.items()],
-                    )
+                execute_rows(
+                    self.conn,
+                    "INSERT INTO hourly_energy",
+                    [(hour, meter, *row) for (hour, meter), row in self._pending.items()],
+                    "ON CONFLICT (hour, meter_id) DO UPDATE SET "
+                    "import_wh = import_wh + excluded.import_wh, "
+                    "export_wh = export_wh + excluded.export_wh",
+                )
             except BaseException:
                 self.conn.execute("ROLLBACK")
                 self._pending.clear()
@@ -213,10 +214,11 @@ class AgentStore:
     def set_watermarks(self, watermarks: dict[str, int]) -> None:
         """Record advanced watermarks in the open transaction."""
         assert self.conn.in_transaction, "set_watermarks() must run inside transaction()"
-        self.conn.executemany(
-            "INSERT INTO delivery (meter_id, watermark) VALUES (?, ?) "
-            "ON CONFLICT (meter_id) DO UPDATE SET watermark = excluded.watermark",
+        execute_rows(
+            self.conn,
+            "INSERT INTO delivery (meter_id, watermark)",
             [(meter_id, str(seq)) for meter_id, seq in watermarks.items()],
+            "ON CONFLICT (meter_id) DO UPDATE SET watermark = excluded.watermark",
         )
 
     def log_rejections(self, rejections: list[Rejection]) -> None:

@@ -76,6 +76,7 @@ from meterchain.errors import (
     ReplayedReading,
 )
 from meterchain.reading import FLAG_COUNTER_RESET, Reading
+from meterchain.sqlrows import execute_rows
 
 SCHEMA_VERSION = 1
 DEFAULT_WINDOW = 1024
@@ -551,11 +552,9 @@ class SequenceGuard:
     def _record(self, digests: dict[tuple[str, int], bytes], pruned: dict[str, int]) -> None:
         """Write a batch's admissions: one statement per table, not three per reading."""
         pending = self._pending
-        self._db.executemany(
-            "INSERT INTO meter_state (meter_id, seq, time, import_wh, export_wh, digest) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (meter_id) DO UPDATE SET "
-            "seq = excluded.seq, time = excluded.time, import_wh = excluded.import_wh, "
-            "export_wh = excluded.export_wh, digest = excluded.digest",
+        execute_rows(
+            self._db,
+            "INSERT INTO meter_state (meter_id, seq, time, import_wh, export_wh, digest)",
             [
                 (
                     state.meter_id,
@@ -567,9 +566,13 @@ class SequenceGuard:
                 )
                 for state in (pending[m] for m in {m for m, _ in digests})
             ],
+            "ON CONFLICT (meter_id) DO UPDATE SET "
+            "seq = excluded.seq, time = excluded.time, import_wh = excluded.import_wh, "
+            "export_wh = excluded.export_wh, digest = excluded.digest",
         )
-        self._db.executemany(
-            "INSERT INTO accepted (meter_id, seq, digest) VALUES (?, ?, ?)",
+        execute_rows(
+            self._db,
+            "INSERT INTO accepted (meter_id, seq, digest)",
             [(meter_id, _u64(seq), digest) for (meter_id, seq), digest in digests.items()],
         )
         if pruned:
