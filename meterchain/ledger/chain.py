@@ -11,104 +11,127 @@ against the meters registered on the ledger), and re-executed settlement.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import multiprocessing
 import os
 import time as _time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
-from meterchain import codec, reading
-from meterchain.errors import CodecError, MeterChainError, RejectedReading
+from meterchain import codec
+from meterchain.errors import CodecError, MeterChainError
 from meterchain.keys import PublicKey
 from meterchain.ledger import checkpoint as cp
 from meterchain.ledger.block import GENESIS_PREV, BlockError, Header, block_statement
 from meterchain.ledger.merkle import leaf_hash, root_of_hashes
+from meterchain.ledger.reading_signatures import MeterKeys, first_bad_signature
 from meterchain.ledger.readings import LedgerReading
 from meterchain.ledger.state import LedgerState, TxContext
 from meterchain.ledger.store import LedgerStore, StoredBlock, StoreError
 from meterchain.ledger.transactions import Tx, TxError
 from meterchain.quorum import QuorumCertificate, QuorumError
-from meterchain.registry import Meter, Registry, make_meter
 
 # Ledgers with at least this many readings check reading signatures in worker processes,
 # one per core, while the main process replays the ledger rules; smaller ones inline.
 PARALLEL_FROM_READINGS = 20_000
-_CHUNK = 2_000  # readings per worker task
+# Readings per worker task: whole reading batches are gathered across blocks up to this,
+# so a year of 20-reading blocks costs one task hand-over per hundred blocks, not per block.
+_CHUNK = 2_000
 _LINK_CHUNK = 2_000  # blocks per query of the hash pass below a checkpoint
 
-# (position, meter id, seq, COSE bytes) of one reading.
-SignedRow = tuple[int, str, int, bytes]
-MeterKeys = dict[str, tuple[bytes, str, str]]  # meter id -> (point, owner, source)
 
+@dataclass
+class _Chunk:
+    """Reading batches gathered for one worker task, and where each batch starts in it."""
 
-def check_reading_signatures(rows: Sequence[SignedRow], keys: MeterKeys) -> str | None:
-    """Verify each reading against its meter's key; the first failure as a message, or None.
+    coses: list[bytes] = field(default_factory=list)
+    keys: MeterKeys = field(default_factory=dict)
+    batches: list[tuple[int, int, str]] = field(default_factory=list)  # (start, height, label)
+    future: Future[tuple[int, str] | None] | None = None
 
-    Runs in a worker process: everything it needs travels as plain bytes and strings.
-    """
-    registry = Registry(_meter(m, *key) for m, key in keys.items())
-    for pos, meter_id, seq, cose in rows:
-        try:
-            reading.verify(cose, registry)
-        except RejectedReading as exc:
-            return f"reading {pos} ({meter_id}:{seq}): {exc}"
-    return None
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _meter(meter_id: str, point: bytes, owner: str, source: str) -> Meter:
-    """A meter with its key parsed once per worker process, not once per chunk it checks."""
-    return make_meter(meter_id, point, owner, source)
+    def failure(self, found: tuple[int, str] | None) -> ChainError | None:
+        """The worker's (index, reason) as the error of the block that holds that reading."""
+        if found is None:
+            return None
+        index, reason = found
+        start, height, label = max(b for b in self.batches if b[0] <= index)
+        return ChainError(height, f"{label}: reading {index - start} {reason}")
 
 
 class _SignaturePool:
     """Reading signature checks fanned out to worker processes, failures named by block.
 
-    If the pool breaks (a worker killed, no way to start one), the chunks it holds
-    are checked here instead: a broken pool costs speed, never a check.
+    Only the signed bytes travel, in tasks of about _CHUNK readings, and at most a
+    few tasks per worker are in flight (the main process waits for the oldest
+    beyond that), so memory stays bounded on a ledger of any length. If the pool
+    breaks (a worker killed, no way to start one), the chunks it holds are checked
+    here instead: a broken pool costs speed, never a check.
     """
 
     def __init__(self, workers: int) -> None:
         # spawn, not fork: the parent holds database connections and OpenSSL state.
         context = multiprocessing.get_context("spawn")
         self.executor = ProcessPoolExecutor(workers, mp_context=context)
-        self.pending: list[tuple[int, str, list[SignedRow], MeterKeys, Future[str | None]]] = []
+        self.in_flight: deque[_Chunk] = deque()
+        self.max_in_flight = 2 * workers + 1
+        self.chunk = _Chunk()
+        self.failure: ChainError | None = None  # the first, so the lowest block's
 
     def submit(self, height: int, label: str, rows: Sequence[tuple], state: LedgerState) -> int:
         """Queue one reading batch's signatures; returns how many will be checked."""
-        signed: list[SignedRow] = [(pos, row[1], row[2], row[6]) for pos, row in rows]
-        for start in range(0, len(signed), _CHUNK):
-            chunk = signed[start : start + _CHUNK]
-            keys: MeterKeys = {}
-            for _, meter_id, _, _ in chunk:
-                meter = state.meters.get(meter_id)
-                if meter is not None and meter_id not in keys:
-                    keys[meter_id] = (meter.key.point, meter.owner, meter.source)
-            try:
-                future = self.executor.submit(check_reading_signatures, chunk, keys)
-            except (BrokenProcessPool, RuntimeError):
-                future = Future()
-                future.set_result(check_reading_signatures(chunk, keys))
-            self.pending.append((height, label, chunk, keys, future))
-        return len(signed)
+        wanted: MeterKeys = {}
+        for meter_id in {row[1] for _, row in rows}:
+            meter = state.meters.get(meter_id)
+            if meter is not None:
+                wanted[meter_id] = (meter.key.point, meter.owner, meter.source)
+        chunk = self.chunk
+        if any(chunk.keys.get(m, key) != key for m, key in wanted.items()):
+            # A meter registered anew with another key: its readings go in a new task.
+            self._send()
+            chunk = self.chunk
+        chunk.keys.update(wanted)
+        chunk.batches.append((len(chunk.coses), height, label))
+        chunk.coses.extend(row[6] for _, row in rows)
+        if len(chunk.coses) >= _CHUNK:
+            self._send()
+        return len(rows)
+
+    def _send(self) -> None:
+        chunk, self.chunk = self.chunk, _Chunk()
+        if not chunk.coses:
+            return
+        try:
+            chunk.future = self.executor.submit(first_bad_signature, chunk.coses, chunk.keys)
+        except (BrokenProcessPool, RuntimeError):
+            self._record(chunk.failure(first_bad_signature(chunk.coses, chunk.keys)))
+            return
+        self.in_flight.append(chunk)
+        while len(self.in_flight) > self.max_in_flight:
+            self._collect(self.in_flight.popleft())
+
+    def _collect(self, chunk: _Chunk) -> None:
+        assert chunk.future is not None
+        try:
+            found = chunk.future.result()
+        except BrokenProcessPool:
+            found = first_bad_signature(chunk.coses, chunk.keys)
+        self._record(chunk.failure(found))
+
+    def _record(self, failure: ChainError | None) -> None:
+        if failure is not None and (self.failure is None or failure.height < self.failure.height):
+            self.failure = failure
 
     def first_failure(self, below: int | None = None) -> ChainError | None:
         """The lowest-height failure among checks of blocks below `below` (all if None)."""
-        worst: ChainError | None = None
-        for height, label, chunk, keys, future in self.pending:
-            if below is not None and height >= below:
-                continue
-            try:
-                problem = future.result()
-            except BrokenProcessPool:
-                problem = check_reading_signatures(chunk, keys)
-            if problem is not None and (worst is None or height < worst.height):
-                worst = ChainError(height, f"{label}: {problem}")
-        return worst
+        self._send()
+        while self.in_flight:
+            self._collect(self.in_flight.popleft())
+        if self.failure is not None and (below is None or self.failure.height < below):
+            return self.failure
+        return None
 
     def close(self) -> None:
         self.executor.shutdown(cancel_futures=True)
