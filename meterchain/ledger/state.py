@@ -471,14 +471,19 @@ class LedgerState:
             raise BatchError("Merkle root mismatch")
         for meter_id, *ends in runs:
             self._snapshot(meter_id, hour, *ends)
+        day = self.latest_hour // 24
         self.latest_hour = max(self.latest_hour, hour)
+        if self.latest_hour // 24 != day:
+            self._drop_unreadable_snapshots(ctx.time // HOUR)
         return checked
 
     def _snapshot(
         self, meter_id: str, hour: int, s0: int, i0: int, e0: int, s1: int, i1: int, e1: int
     ) -> None:
         """Merge a meter's first and last readings of a batch into its hour snapshot."""
-        hours = self.snapshots.setdefault(meter_id, History())
+        hours = self.snapshots.get(meter_id)
+        if hours is None:  # not setdefault: that would build a History for every call
+            hours = self.snapshots[meter_id] = History()
         cur = hours.get(hour)
         if cur is None:
             hours[hour] = (s0, i0, e0, s1, i1, e1)
@@ -486,6 +491,30 @@ class LedgerState:
         first = (s0, i0, e0) if s0 < cur[0] else cur[:3]
         last = (s1, i1, e1) if s1 > cur[3] else cur[3:]
         hours[hour] = (*first, *last)
+
+    def _drop_unreadable_snapshots(self, block_hour: int) -> None:
+        """Keep of each meter's hour snapshots only what a settlement or a contract can still read.
+
+        The energy of hour H reads the snapshot of H (or the latest before it) and
+        the latest before H. Hours below `floor` are never asked for again: a
+        clearing is recorded before its hour ends and an order or its change names a
+        delivery hour not yet begun, so every hour still to be settled or fired is
+        an unsettled clearing's, an open order's, or from the block's hour on.
+        Below the floor a meter keeps only its latest snapshot (the start of its
+        next energy), so the state stays bounded by meters x open hours, not
+        meters x ledger hours, with every energy it can still give unchanged.
+        Runs when the readings reach a new day: the same blocks on every member.
+        """
+        floor = min(
+            [
+                block_hour,
+                *(h for h in self.clearings if h not in self.settlements),
+                *(o.delivery for o in self.orders.values() if o.status == "open"),
+            ]
+        )
+        for hours in self.snapshots.values():
+            for h in sorted(h for h in hours if h < floor)[:-1]:
+                del hours[h]
 
     def meter_energy(self, meter_id: str, hour: int) -> tuple[int, int]:
         """Imported and exported Wh of one meter in `hour`, from its cumulative registers."""
