@@ -33,7 +33,7 @@ def first_bad_signature(coses: Sequence[bytes], keys: MeterKeys) -> tuple[int, s
 
 
 def _meter_seq(cose: bytes) -> str:
-    """"meter:seq" as the reading's payload says (the pass has held them to the stored columns)."""
+    """`meter:seq` as the reading's payload says (the pass has held them to the stored columns)."""
     try:
         meter_id, seq = columns(cose)[:2]
     except ReadingFormatError:
