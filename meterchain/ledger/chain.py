@@ -97,6 +97,10 @@ class _SignaturePool:
         chunk.coses.extend(row[6] for _, row in rows)
         if len(chunk.coses) >= _CHUNK:
             self._send()
+        if self.failure is not None:
+            # Its block and all below passed the rules, and the tasks before it are
+            # collected (in order): it is the first bad block, no need to go on.
+            raise self.failure
         return len(rows)
 
     def _send(self) -> None:

@@ -10,6 +10,7 @@ import pytest
 from ledger_world import T0
 
 from meterchain.keys import PrivateKey
+from meterchain.ledger import chain as chain_module
 from meterchain.ledger.chain import ChainError, verify_store
 from meterchain.ledger.readings import HOUR, LedgerReading
 from meterchain.ledger.sandbox import Chain, Sandbox, signed
@@ -37,16 +38,26 @@ def _hours_of_readings(chain: Chain, sb: Sandbox, hours: range, forged: dict[int
         chain.commit_readings(rs, t + HOUR - 1, signatures=False)
 
 
-def test_a_forged_signature_deep_in_a_many_block_task_names_its_block(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunk", [6, chain_module._CHUNK])
+def test_a_forged_signature_deep_in_a_many_block_task_names_its_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """In one task of 40 blocks, or (chunk 6) a task a block, so that the pass stops as soon
+    as the task holding block 19 is collected, long before the end."""
+    monkeypatch.setattr(chain_module, "_CHUNK", chunk)
     sb = Sandbox()
     chain = Chain(sb, open_store(str(tmp_path / "l.db")))
     chain.genesis(T0 - 10, [sb.participant("mg1", "microgrid", T0 - 10)])
     chain.commit([sb.meter(m, "mg1", "pv", T0 - 5) for m in ("pv1", "pv2")], T0 - 5)
-    # 40 blocks of 6 readings: one worker task holds them all; forgeries in blocks 19 and 33.
+    # 40 blocks of 6 readings, forgeries in blocks 19 and 33.
     _hours_of_readings(chain, sb, range(40), {17: 4, 31: 0})
     for workers in (1, 2):
+        replayed: list[int] = []
         with pytest.raises(ChainError, match=r"^block 19: .* reading 4 \(pv2:53\): ES256"):
-            verify_store(chain.store, workers=workers)
+            verify_store(chain.store, workers=workers, progress=replayed.append)
+        # Inline stops at block 19 itself; a task a block a few blocks later (tasks in flight).
+        stopped = {(1, 6): 18, (1, chain_module._CHUNK): 18, (2, 6): 23}
+        assert replayed[-1] == stopped.get((workers, chunk), 41)
     chain.store.close()
 
 
