@@ -299,14 +299,16 @@ def verify_store(
     otherwise), and the rules and signatures are replayed only after it.
 
     `regulator`, when given, pins the trust anchor: the genesis must name this key.
-    With `signatures`, a ledger of PARALLEL_FROM_READINGS readings or more has its
+    With `signatures`, a pass over PARALLEL_FROM_READINGS readings or more has its
     reading signatures checked by `workers` processes (default: one per core) while
     the rules are replayed here; `workers=1` checks them inline.
     Returns the final state and counts of what was checked.
     """
     if workers is None:
         workers = os.cpu_count() or 1
-        if store.reading_count() < PARALLEL_FROM_READINGS:
+        # Only the readings the pass replays count: a day after a checkpoint is checked inline.
+        since = checkpoint.height + 1 if checkpoint is not None else 0
+        if store.reading_count(since) < PARALLEL_FROM_READINGS:
             workers = 1
     started = _time.perf_counter()
     pool = _SignaturePool(workers) if signatures and workers > 1 else None

@@ -380,8 +380,9 @@ class LedgerStore(abc.ABC):
         )
         return [tuple(r) for r in rows]  # type: ignore[misc]
 
-    def reading_count(self) -> int:
-        return int(self._execute("SELECT COUNT(*) FROM readings")[0][0])
+    def reading_count(self, since: int = 0) -> int:
+        """Readings committed in blocks at height `since` or above (all by default)."""
+        return int(self._execute("SELECT COUNT(*) FROM readings WHERE height >= ?", (since,))[0][0])
 
     # --- inboxes ------------------------------------------------------------------
     def ingest_readings(self, readings: Sequence[LedgerReading]) -> IngestResult:

@@ -13,6 +13,7 @@ from ledger_world import H0, World, build_world, hour_readings
 
 from meterchain import codec
 from meterchain.keys import PrivateKey
+from meterchain.ledger import chain as chain_module
 from meterchain.ledger import checkpoint as cp
 from meterchain.ledger.chain import BadCheckpoint, ChainError, latest_checkpoint, verify_store
 from meterchain.ledger.cli import main as ledger_main
@@ -68,6 +69,31 @@ def test_incremental_verify_equals_full_replay(ledger_url: str) -> None:
     assert inc.checkpoint == checkpoint.height == 7 and full.checkpoint == -1
     # Only the two blocks after the checkpoint were replayed with their readings.
     assert inc.readings == inc.signatures_checked == 48 < full.readings
+    world.store.close()
+
+
+def test_worker_processes_are_started_for_the_readings_replayed_not_the_ledger(
+    ledger_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint leaves a few blocks to replay: their signatures are checked inline."""
+    world = build_world(open_store(ledger_url))
+    _checkpoint_head(world)
+    _extend(world)
+    pools: list[int] = []
+
+    class CountedPool(chain_module._SignaturePool):
+        def __init__(self, workers: int) -> None:
+            pools.append(workers)
+            super().__init__(workers)
+
+    monkeypatch.setattr(chain_module, "_SignaturePool", CountedPool)
+    total = world.store.reading_count()
+    assert world.store.reading_count(since=8) == 48 < total
+    monkeypatch.setattr(chain_module, "PARALLEL_FROM_READINGS", 49)
+    _, inc = verify_store(world.store, checkpoint=latest_checkpoint(world.store))
+    assert (inc.signatures_checked, pools) == (48, [])  # inline
+    _, full = verify_store(world.store)
+    assert (full.signatures_checked, len(pools)) == (total, 1)  # a pool for the full pass
     world.store.close()
 
 
