@@ -49,8 +49,20 @@ class _Chunk:
 
     coses: list[bytes] = field(default_factory=list)
     keys: MeterKeys = field(default_factory=dict)
+    points: dict[bytes, str] = field(default_factory=dict)  # key point -> meter id
     batches: list[tuple[int, int, str]] = field(default_factory=list)  # (start, height, label)
     future: Future[tuple[int, str] | None] | None = None
+
+    def add_keys(self, wanted: MeterKeys) -> bool:
+        """Take the keys of a batch's meters; False (nothing taken) if a meter had another key
+        here, or its key another meter: a registry holds one key per meter and one meter per key.
+        """
+        for meter_id, key in wanted.items():
+            if self.keys.get(meter_id, key) != key or self.points.get(key[0], meter_id) != meter_id:
+                return False
+        self.keys.update(wanted)
+        self.points.update((key[0], meter_id) for meter_id, key in wanted.items())
+        return True
 
     def failure(self, found: tuple[int, str] | None) -> ChainError | None:
         """The worker's (index, reason) as the error of the block that holds that reading."""
@@ -88,11 +100,12 @@ class _SignaturePool:
             if meter is not None:
                 wanted[meter_id] = (meter.key.point, meter.owner, meter.source)
         chunk = self.chunk
-        if any(chunk.keys.get(m, key) != key for m, key in wanted.items()):
-            # A meter registered anew with another key: its readings go in a new task.
+        if not chunk.add_keys(wanted):
+            # A meter registered anew with another key, or a retired meter's key given to
+            # a new one: this batch starts a new task.
             self._send()
             chunk = self.chunk
-        chunk.keys.update(wanted)
+            chunk.add_keys(wanted)
         chunk.batches.append((len(chunk.coses), height, label))
         chunk.coses.extend(row[6] for _, row in rows)
         if len(chunk.coses) >= _CHUNK:

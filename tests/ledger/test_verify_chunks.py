@@ -62,27 +62,32 @@ def test_a_forged_signature_deep_in_a_many_block_task_names_its_block(
 
 
 def test_a_meter_registered_again_with_a_new_key_is_checked_with_that_key(tmp_path: Path) -> None:
+    """Keys change between blocks of one worker task: each reading meets its meter's key then."""
     sb = Sandbox()
     chain = Chain(sb, open_store(str(tmp_path / "l.db")))
     chain.genesis(T0 - 10, [sb.participant("mg1", "microgrid", T0 - 10)])
     chain.commit([sb.meter(m, "mg1", "pv", T0 - 5) for m in ("pv1", "pv2")], T0 - 5)
     _hours_of_readings(chain, sb, range(3), {})
-    # pv1 leaves and comes back with a new key; its later readings are signed with it.
+    # pv1 leaves; its key goes to a new meter pv3 (allowed: no active meter holds it), whose
+    # readings share a worker task with pv1's; then pv1 comes back with a new key.
     exit_terms = {"id": "pv1", "reason": "board replaced", "time": T0 + 3 * HOUR}
     chain.commit([signed(sb.market, "meter_exit", exit_terms, sb.regulator)], T0 + 3 * HOUR)
-    old_key = sb.key("pv1")
+    old_key = sb.keys["pv3"] = sb.key("pv1")
+    chain.commit([sb.meter("pv3", "mg1", "pv", T0 + 3 * HOUR + 1)], T0 + 3 * HOUR + 1)
+    pv3 = [sb.reading("pv3", s, T0 + 3 * HOUR + 60 * s, 0, 10 * s, "pv") for s in (1, 2)]
+    chain.commit_readings(pv3, T0 + 3 * HOUR + 600, signatures=False)
     sb.keys["pv1"] = PrivateKey.from_secret(0xC0FFEE)
-    chain.commit([sb.meter("pv1", "mg1", "pv", T0 + 3 * HOUR + 1)], T0 + 3 * HOUR + 1)
+    chain.commit([sb.meter("pv1", "mg1", "pv", T0 + 3 * HOUR + 700)], T0 + 3 * HOUR + 700)
     _hours_of_readings(chain, sb, range(4, 7), {})
     _, inline = verify_store(chain.store, workers=1)
     _, pooled = verify_store(chain.store, workers=2)
-    assert pooled.signatures_checked == inline.signatures_checked == 36
-    # ... and readings signed with the old key after the change are refused, in their block
-    # (block 11; block 10 is in the same worker task, with the new key).
+    assert pooled.signatures_checked == inline.signatures_checked == 38
+    # ... and pv1's readings signed with its old key after the change are refused, in their
+    # block (block 13; block 12 is in the same worker task, with the new key).
     _hours_of_readings(chain, sb, range(7, 8), {})
     sb.keys["pv1"] = old_key
     _hours_of_readings(chain, sb, range(8, 9), {})
     for workers in (1, 2):
-        with pytest.raises(ChainError, match=r"^block 11: .* reading 0 \(pv1:25\): ES256"):
+        with pytest.raises(ChainError, match=r"^block 13: .* reading 0 \(pv1:25\): ES256"):
             verify_store(chain.store, workers=workers)
     chain.store.close()
