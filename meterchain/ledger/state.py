@@ -499,7 +499,9 @@ class LedgerState:
         the latest before H. Hours below `floor` are never asked for again: a
         clearing is recorded before its hour ends and an order or its change names a
         delivery hour not yet begun, so every hour still to be settled or fired is
-        an unsettled clearing's, an open order's, or from the block's hour on.
+        an unsettled clearing's, an open order's, or from the block's hour on; and
+        a settled hour's remedies (M21) read its energy again as long as its
+        reserves and rights are kept, SNAPSHOT_WINDOW_HOURS behind the latest hour.
         Below the floor a meter keeps only its latest snapshot (the start of its
         next energy), so the state stays bounded by meters x open hours, not
         meters x ledger hours, with every energy it can still give unchanged.
@@ -508,6 +510,7 @@ class LedgerState:
         floor = min(
             [
                 block_hour,
+                self.latest_hour - SNAPSHOT_WINDOW_HOURS,
                 *(h for h in self.clearings if h not in self.settlements),
                 *(o.delivery for o in self.orders.values() if o.status == "open"),
             ]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ledger_world import build_world
 
-from meterchain.ledger.state import Clearing, History, LedgerState
+from meterchain.ledger.state import SNAPSHOT_WINDOW_HOURS, Clearing, History, LedgerState
 from meterchain.ledger.store import open_store
 
 
@@ -52,6 +52,7 @@ def test_only_readable_hours_survive_and_their_energy_is_unchanged(tmp_path: Pat
     for o in list(state.orders.values()):
         if o.id not in ("open", "done"):
             state.orders[o.id] = replace(o, status="fired")
+    state.latest_hour = 390  # the remedies' window reaches back to 318: above the order's 250
     readable = range(250, 420)
     before = _energies(state, readable)
     kept_before = {m: sorted(h for h in hs if h >= 250) for m, hs in state.snapshots.items()}
@@ -61,13 +62,32 @@ def test_only_readable_hours_survive_and_their_energy_is_unchanged(tmp_path: Pat
         below = sorted(h for h in hours if h < 250)
         assert len(below) == 1  # the start of the meter's next energy
         assert sorted(h for h in hours if h >= 250) == kept_before[m]
-    # Once the order fires and the clearing is settled, the block's hour is the floor.
+    # Once the order fires and the clearing is settled, the remedies' window is the floor:
+    # hour 300's remedies may still read its energy.
     state.orders["open"] = replace(state.orders["open"], status="fired")
     state.settlements[300] = b"s300"
-    later = _energies(state, range(390, 420))
+    later = _energies(state, range(390 - SNAPSHOT_WINDOW_HOURS, 420))
     state._drop_unreadable_snapshots(390)
-    assert _energies(state, range(390, 420)) == later
-    assert all(len([h for h in hs if h < 390]) == 1 for hs in state.snapshots.values())
+    assert _energies(state, range(390 - SNAPSHOT_WINDOW_HOURS, 420)) == later
+    floor = 390 - SNAPSHOT_WINDOW_HOURS
+    assert all(len([h for h in hs if h < floor]) == 1 for hs in state.snapshots.values())
+
+
+def test_a_settled_hours_remedy_reads_the_same_energy_after_a_new_day(tmp_path: Path) -> None:
+    """A remedy (M21) of a settled hour re-reads its metered energy for SNAPSHOT_WINDOW_HOURS."""
+    state = _state(tmp_path)
+    for o in list(state.orders.values()):
+        state.orders[o.id] = replace(o, status="fired")
+    for h in list(state.clearings):
+        state.settlements.setdefault(h, b"s")
+    _random_snapshots(state, 24 * 10, seed=21)
+    state.latest_hour = 24 * 10 - 1
+    settled = state.latest_hour - SNAPSHOT_WINDOW_HOURS + 1  # settled, remedies still due
+    state.clearings[settled] = Clearing(settled, 1, b"", b"", b"c")
+    state.settlements[settled] = b"s"
+    before = _energies(state, range(settled, settled + 1))
+    state._drop_unreadable_snapshots(state.latest_hour)
+    assert _energies(state, range(settled, settled + 1)) == before
 
 
 def test_a_year_of_readings_keeps_a_state_of_days_not_of_the_year(tmp_path: Path) -> None:
@@ -78,5 +98,6 @@ def test_a_year_of_readings_keeps_a_state_of_days_not_of_the_year(tmp_path: Path
     for h in list(state.clearings):
         state.settlements.setdefault(h, b"s")
     _random_snapshots(state, 24 * 365, seed=7)
+    state.latest_hour = 24 * 365 - 24
     state._drop_unreadable_snapshots(24 * 365 - 24)
-    assert max(len(hs) for hs in state.snapshots.values()) <= 25
+    assert max(len(hs) for hs in state.snapshots.values()) <= SNAPSHOT_WINDOW_HOURS + 25
