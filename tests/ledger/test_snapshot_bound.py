@@ -20,6 +20,16 @@ def _state(tmp_path: Path) -> LedgerState:
     return state.copy()
 
 
+def _closed_state(tmp_path: Path) -> LedgerState:
+    """A state with every order fired and every clearing settled: nothing open."""
+    state = _state(tmp_path)
+    for o in list(state.orders.values()):
+        state.orders[o.id] = replace(o, status="fired")
+    for h in list(state.clearings):
+        state.settlements.setdefault(h, b"s")
+    return state
+
+
 def _random_snapshots(state: LedgerState, hours: int, seed: int) -> None:
     """Every meter with increasing registers at a random half of `hours` hours."""
     rng = random.Random(seed)
@@ -75,11 +85,7 @@ def test_only_readable_hours_survive_and_their_energy_is_unchanged(tmp_path: Pat
 
 def test_a_settled_hours_remedy_reads_the_same_energy_after_a_new_day(tmp_path: Path) -> None:
     """A remedy (M21) of a settled hour re-reads its metered energy for SNAPSHOT_WINDOW_HOURS."""
-    state = _state(tmp_path)
-    for o in list(state.orders.values()):
-        state.orders[o.id] = replace(o, status="fired")
-    for h in list(state.clearings):
-        state.settlements.setdefault(h, b"s")
+    state = _closed_state(tmp_path)
     _random_snapshots(state, 24 * 10, seed=21)
     state.latest_hour = 24 * 10 - 1
     settled = state.latest_hour - SNAPSHOT_WINDOW_HOURS + 1  # settled, remedies still due
@@ -92,11 +98,7 @@ def test_a_settled_hours_remedy_reads_the_same_energy_after_a_new_day(tmp_path: 
 
 def test_a_year_of_readings_keeps_a_state_of_days_not_of_the_year(tmp_path: Path) -> None:
     """Readings alone (no clearing, no order): a meter keeps the hours since the block's hour."""
-    state = _state(tmp_path)
-    for o in list(state.orders.values()):
-        state.orders[o.id] = replace(o, status="fired")
-    for h in list(state.clearings):
-        state.settlements.setdefault(h, b"s")
+    state = _closed_state(tmp_path)
     _random_snapshots(state, 24 * 365, seed=7)
     state.latest_hour = 24 * 365 - 24
     state._drop_unreadable_snapshots(24 * 365 - 24)
