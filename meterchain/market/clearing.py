@@ -774,30 +774,78 @@ def _round_plans(
         both = np.minimum(sell, buy)  # selling and buying at once only pays fees twice
         sell -= both
         buy -= both
-    ch_l, dis_l = charge.tolist(), discharge.tolist()
-    for i, mg in enumerate(mgs):
-        if mg.storage is not None:
-            keep_storage_in_bounds(mg, ch_l[i], dis_l[i])
-    charge, discharge = np.array(ch_l, dtype=np.int64), np.array(dis_l, dtype=np.int64)
+    charge, discharge, soc = storage_rounded(mgs, charge, discharge)
     grid = load + charge + sell - ren - gas - discharge - buy
+    series = [a.tolist() for a in (gas, charge, discharge, grid, sell, buy, soc)]
+    return [MicrogridPlan(mg.id, *(tuple(s[i]) for s in series)) for i, mg in enumerate(mgs)]
 
-    plans = []
-    gas_l, grid_l, sell_l, buy_l = gas.tolist(), grid.tolist(), sell.tolist(), buy.tolist()
-    for i, mg in enumerate(mgs):
-        soc = soc_series(mg, ch_l[i], dis_l[i])
-        plans.append(
-            MicrogridPlan(
-                mg.id,
-                tuple(gas_l[i]),
-                tuple(ch_l[i]),
-                tuple(dis_l[i]),
-                tuple(grid_l[i]),
-                tuple(sell_l[i]),
-                tuple(buy_l[i]),
-                tuple(soc),
-            )
-        )
-    return plans
+
+def storage_rounded(
+    mgs: Sequence[Microgrid], charge_w: np.ndarray, discharge_w: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`keep_storage_in_bounds` and `soc_series` of every microgrid at once, on (N, T) arrays:
+    (charge W, discharge W, storage energy Wh), zeros where a microgrid has no storage.
+
+    The same integers as the per-microgrid functions, period by period across all
+    microgrids in int64 where no exact numerator can overflow (checked first from the
+    model's bounds); a model too large for that takes the per-microgrid loop.
+    """
+    charge_w, discharge_w = charge_w.copy(), discharge_w.copy()
+    soc = np.zeros(charge_w.shape, dtype=np.int64)
+    rows = [i for i, mg in enumerate(mgs) if mg.storage is not None]
+    if not rows:
+        return charge_w, discharge_w, soc
+    stores = [mgs[i].storage for i in rows]
+    ppm = np.array([s.efficiency_ppm for s in stores], dtype=np.int64)
+    chmax = np.array([s.charge_max_w for s in stores], dtype=np.int64)
+    dismax = np.array([s.discharge_max_w for s in stores], dtype=np.int64)
+    ch, dis = charge_w[rows], discharge_w[rows]
+    # Numerators in units of 1/(PPM ppm / g^2) Wh, g = gcd(PPM, ppm): every term of
+    # `Storage.energy_step_exact` divides by g^2, so the ratios and their rounding are the
+    # same with smaller integers. A numerator stays within [low, high] after each period's
+    # fix, so one period's step (the power limits, or the flows given) beyond the largest
+    # bound covers it.
+    g = np.gcd(ppm, PPM)
+    den = (PPM // g) * (ppm // g)
+    ch_unit, dis_unit = (ppm // g) ** 2, (PPM // g) ** 2
+    flows = int(max(np.abs(ch).max(), np.abs(dis).max(), chmax.max(), dismax.max()))
+    largest = max(max(s.e_max_wh, s.soc_wh) for s in stores)
+    if (largest + 2 * flows) * int(dis_unit.max()) >= 2**62:
+        for i in rows:
+            ch_l, dis_l = charge_w[i].tolist(), discharge_w[i].tolist()
+            keep_storage_in_bounds(mgs[i], ch_l, dis_l)
+            charge_w[i], discharge_w[i] = ch_l, dis_l
+            soc[i] = soc_series(mgs[i], ch_l, dis_l)
+        return charge_w, discharge_w, soc
+    low = np.array([s.e_min_wh for s in stores], dtype=np.int64) * den
+    high = np.array([s.e_max_wh for s in stores], dtype=np.int64) * den
+    num = np.array([s.soc_wh for s in stores], dtype=np.int64) * den
+    out = np.empty(ch.shape, dtype=np.int64)
+    for t in range(ch.shape[1]):
+        num += ch_unit * ch[:, t] - dis_unit * dis[:, t]
+        below, above = num < low, num > high
+        if below.any():
+            cut = np.where(below, np.minimum(dis[:, t], -((num - low) // dis_unit)), 0)
+            dis[:, t] -= cut
+            num += cut * dis_unit
+            below &= num < low
+            more = np.where(below, np.minimum(chmax - ch[:, t], -((num - low) // ch_unit)), 0)
+            ch[:, t] += more
+            num += more * ch_unit
+        if above.any():
+            cut = np.where(above, np.minimum(ch[:, t], -((high - num) // ch_unit)), 0)
+            ch[:, t] -= cut
+            num -= cut * ch_unit
+            above &= num > high
+            more = np.where(above, np.minimum(dismax - dis[:, t], -((high - num) // dis_unit)), 0)
+            dis[:, t] += more
+            num -= more * dis_unit
+        # div_round(num, den): half to even
+        quotient, remainder = np.divmod(num, den)
+        twice = 2 * remainder
+        out[:, t] = quotient + ((twice > den) | ((twice == den) & (quotient % 2 == 1)))
+    charge_w[rows], discharge_w[rows], soc[rows] = ch, dis, out
+    return charge_w, discharge_w, soc
 
 
 def keep_storage_in_bounds(mg: Microgrid, charge_w: list[int], discharge_w: list[int]) -> None:
