@@ -1039,6 +1039,38 @@ def north_west_corner(
     return cells
 
 
+def _window_trades(first_period: int, plans: Sequence[MicrogridPlan]) -> list[WindowTrade]:
+    """Every period's pool split into bilateral trades: the non-empty cells of
+    `north_west_corner` over the sellers and buyers in id order, all periods at once.
+
+    A positive north-west-corner cell is the overlap of one seller's and one buyer's
+    stretch of the pool when both queue their volumes end to end, so the cells are the
+    gaps between the merged running totals, in the same order.
+    """
+    ids = [p.id for p in plans]
+    sell = np.array([p.sell_w for p in plans], dtype=np.int64).reshape(len(plans), -1)
+    buy = np.array([p.buy_w for p in plans], dtype=np.int64).reshape(len(plans), -1)
+    out = []
+    for t in range(sell.shape[1]):
+        sellers = np.flatnonzero(sell[:, t] > 0)
+        buyers = np.flatnonzero(buy[:, t] > 0)
+        if not sellers.size or not buyers.size:
+            continue
+        sold, bought = np.cumsum(sell[sellers, t]), np.cumsum(buy[buyers, t])
+        if sold[-1] != bought[-1]:
+            raise ValueError("pool sales and purchases differ")
+        ends = np.union1d(sold, bought)
+        starts = np.concatenate([[0], ends[:-1]])
+        seller = sellers[np.searchsorted(sold, starts, side="right")].tolist()
+        buyer = buyers[np.searchsorted(bought, starts, side="right")].tolist()
+        period = first_period + t
+        out += [
+            WindowTrade(period, ids[i], ids[j], wh)
+            for i, j, wh in zip(seller, buyer, (ends - starts).tolist(), strict=True)
+        ]
+    return out
+
+
 def equal_shares(saving: int, members: int) -> list[int]:
     """Split ``saving`` (minor units) equally; the first ``saving mod members`` get one more."""
     q, r = divmod(saving, members)
@@ -1210,15 +1242,7 @@ def assemble(
             executed=(),
             excluded=tuple(excluded),
         )
-    window_trades = []
-    for t in range(taking_part.periods):
-        sellers = [(p.id, p.sell_w[t]) for p in plans if p.sell_w[t] > 0]
-        buyers = [(p.id, p.buy_w[t]) for p in plans if p.buy_w[t] > 0]
-        for i, j, wh in north_west_corner(sellers, buyers):
-            if wh > 0:
-                window_trades.append(
-                    WindowTrade(request.first_period + t, sellers[i][0], buyers[j][0], wh)
-                )
+    window_trades = _window_trades(request.first_period, plans)
     window_cost = window_costs(taking_part, plans)
     executed = tuple(
         _executed_hour(
