@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from clearing_cases import FEE, microgrid, request, two_microgrids
 from hypothesis import HealthCheck, given, settings
@@ -16,15 +17,20 @@ from meterchain.market.clearing import (
     ClearingRequest,
     ClearingResult,
     MicrogridPlan,
+    WindowTrade,
     _costs_e12,
     _window_costs_exact,
+    _window_trades,
     clear,
     equal_shares,
+    keep_storage_in_bounds,
     north_west_corner,
+    soc_series,
+    storage_rounded,
     window_costs,
 )
 from meterchain.market.errors import InvalidRequest, InvalidResult
-from meterchain.market.model import GasTurbine, Market, Storage, TradeRequest
+from meterchain.market.model import MAX_POWER_W, GasTurbine, Market, Storage, TradeRequest
 from meterchain.market.settlement import metered_from_dispatch, parties_sum, settle
 from meterchain.market.units import div_round
 from meterchain.market.verify import check
@@ -368,3 +374,106 @@ def test_vectorised_window_costs_equal_the_exact_loop(req: ClearingRequest, data
     for first in range(req.periods):
         assert _costs_e12(req, plans, first) == _window_costs_exact(req, plans, first)
     assert window_costs(req, plans)[0] == div_round(_window_costs_exact(req, plans)[0], 10**12)
+
+
+@st.composite
+def storages(draw: st.DrawFn) -> Storage:
+    """Any valid storage: round and odd efficiencies, from a few Wh to 10 GWh (the int64 path
+    and, above a few MWh at an odd efficiency, the exact per-microgrid loop)."""
+    cap = draw(st.one_of(st.integers(0, 1_000), st.integers(0, 10**7), st.integers(0, 10**12)))
+    e_min = draw(st.integers(0, cap))
+    power = st.integers(0, min(max(cap, 1), MAX_POWER_W))
+    return Storage(
+        charge_max_w=draw(power),
+        discharge_max_w=draw(power),
+        efficiency_ppm=draw(st.sampled_from([10**6, 950_000]) | st.integers(1, 10**6)),
+        e_min_wh=e_min,
+        e_max_wh=cap,
+        soc_wh=draw(st.integers(e_min, cap)),
+    )
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(st.none(), storages()), min_size=1, max_size=6), st.data())
+def test_storage_rounded_for_all_at_once_equals_the_per_microgrid_loop(
+    stores: list[Storage | None], data: st.DataObject
+) -> None:
+    """`storage_rounded` (int64 across microgrids where no numerator can overflow) gives the
+    integers of `keep_storage_in_bounds` then `soc_series`, one microgrid at a time, for
+    flows that overrun either bound, mixed storages and none."""
+    periods = data.draw(st.integers(1, 5))
+    mgs = [microgrid(f"m{k}", (0,) * periods, 0, 0, storage=s) for k, s in enumerate(stores)]
+    flows = []
+    for s in stores:
+        top = [0 if s is None else s.charge_max_w, 0 if s is None else s.discharge_max_w]
+        flows.append([[data.draw(st.integers(0, cap)) for _ in range(periods)] for cap in top])
+    charge = np.array([f[0] for f in flows], dtype=np.int64)
+    discharge = np.array([f[1] for f in flows], dtype=np.int64)
+    got = storage_rounded(mgs, charge, discharge)
+    for i, mg in enumerate(mgs):
+        ch, dis = charge[i].tolist(), discharge[i].tolist()
+        keep_storage_in_bounds(mg, ch, dis)
+        assert got[0][i].tolist() == ch
+        assert got[1][i].tolist() == dis
+        assert got[2][i].tolist() == soc_series(mg, ch, dis)
+
+
+def test_storage_rounded_moves_flows_at_both_bounds() -> None:
+    """Worst cases by hand: charging past e_max and discharging past e_min are cut in the
+    period where they happen, at an efficiency that leaves fractions of a Wh."""
+    sto = Storage(100_000, 100_000, 923_457, 10_000, 50_000, 45_000)
+    mg = microgrid("m", (0, 0, 0, 0), 0, 0, storage=sto)
+    charge = np.array([[9_000, 0, 0, 0]], dtype=np.int64)
+    discharge = np.array([[0, 40_000, 3_000, 100_000]], dtype=np.int64)
+    ch, dis, soc = (a[0].tolist() for a in storage_rounded([mg], charge, discharge))
+    # 45,000 + 0.923457 x 5,414 = 49,999.596 Wh; one W more would end above e_max
+    assert ch == [5_414, 0, 0, 0]
+    # 49,999.596 - 36,937 / 0.923457 = 10,000.98 Wh; one W more ends below e_min, and
+    # then even 1 W of discharge (1.08 Wh) would, so later discharge is cut to nothing
+    assert dis == [0, 36_937, 0, 0]
+    assert soc == [50_000, 10_001, 10_001, 10_001]
+    ref_ch, ref_dis = charge[0].tolist(), discharge[0].tolist()
+    keep_storage_in_bounds(mg, ref_ch, ref_dis)
+    assert (ch, dis, soc) == (ref_ch, ref_dis, soc_series(mg, ref_ch, ref_dis))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_window_trades_are_the_north_west_corner_cells_of_each_period(data: st.DataObject) -> None:
+    """All periods at once give the positive north-west-corner cells in the same order,
+    with small volumes so running totals tie often (the degenerate zero cells)."""
+    n, periods = data.draw(st.integers(1, 7)), data.draw(st.integers(1, 3))
+    sell = [[0] * periods for _ in range(n)]
+    buy = [[0] * periods for _ in range(n)]
+    for t in range(periods):
+        for i in range(n):
+            side = data.draw(st.sampled_from([sell, buy, None]))
+            if side is not None:
+                side[i][t] = data.draw(st.integers(1, 4))
+        # balance the period where a microgrid is free to take the gap (else it stays
+        # unbalanced, which must be refused)
+        gap = sum(row[t] for row in sell) - sum(row[t] for row in buy)
+        short, other = (buy, sell) if gap > 0 else (sell, buy)
+        free = [i for i in range(n) if not other[i][t]]
+        if free:
+            short[free[0]][t] += abs(gap)
+    zeros = (0,) * periods
+    plans = [
+        MicrogridPlan(f"m{i}", zeros, zeros, zeros, zeros, tuple(sell[i]), tuple(buy[i]), zeros)
+        for i in range(n)
+    ]
+    try:
+        expected = []
+        for t in range(periods):
+            sellers = [(p.id, p.sell_w[t]) for p in plans if p.sell_w[t] > 0]
+            buyers = [(p.id, p.buy_w[t]) for p in plans if p.buy_w[t] > 0]
+            expected += [
+                WindowTrade(9 + t, sellers[i][0], buyers[j][0], wh)
+                for i, j, wh in north_west_corner(sellers, buyers)
+                if wh > 0
+            ]
+    except ValueError:
+        with pytest.raises(ValueError, match="pool sales and purchases differ"):
+            _window_trades(9, plans)
+        return
+    assert _window_trades(9, plans) == expected
