@@ -41,7 +41,7 @@ How a window is cleared:
    positive, even when the hour alone saves nothing (storage plans pay off
    later); otherwise everyone runs its disagreement hour. Member i's gain
    from the executed hour is C_non_i - C_i(h) - V_i, where V_i
-   (`continuation_costs`) is what the rest of the window costs it alone from
+   (`continuation_costs_later`) is what the rest of the window costs it alone from
    the storage energy the plan leaves after the hour, so stored energy is
    valued and nobody is worse off even if the market stopped after the hour.
    The hour's saving (the sum of the gains) is split equally: max sum
@@ -73,7 +73,7 @@ reported, not enforced.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
@@ -607,6 +607,7 @@ def clear(request: ClearingRequest, *, solver: str = DEFAULT_SOLVER) -> Clearing
         continuation_cost=solved.continuation_cost,
         excluded=solved.excluded,
         solver=solver,
+        window=solved.window,
     )
 
 
@@ -619,6 +620,21 @@ class SolvedWindow:
     coop_plans: list[MicrogridPlan]
     standalone_cost: list[int]
     continuation_cost: list[int]
+    window: WindowPart | None  # of the cooperative plans; None when nobody takes part
+
+
+@dataclass(frozen=True)
+class WindowPart:
+    """What `assemble` derives from the cooperative plans alone: the window's bilateral
+    trades and each microgrid's window cost C_i (money minor units)."""
+
+    trades: list[WindowTrade]
+    cost: list[int]
+
+
+def window_part(request: ClearingRequest, plans: Sequence[MicrogridPlan]) -> WindowPart:
+    """`WindowPart` of ``plans`` (the cooperative plans of ``request``'s microgrids)."""
+    return WindowPart(_window_trades(request.first_period, plans), window_costs(request, plans))
 
 
 def participants(request: ClearingRequest, excluded: Sequence[tuple[str, str]]) -> ClearingRequest:
@@ -647,7 +663,7 @@ def solve_window(request: ClearingRequest, *, solver: str = DEFAULT_SOLVER) -> S
         for mg_id, why in sorted(infeasible.items())
     )
     if len(excluded) == len(mgs):
-        return SolvedWindow(excluded, [], [], [], [])
+        return SolvedWindow(excluded, [], [], [], [], None)
     if excluded:
         request = participants(request, excluded)
         mgs = request.microgrids
@@ -664,23 +680,28 @@ def solve_window(request: ClearingRequest, *, solver: str = DEFAULT_SOLVER) -> S
     except qp_mod.Infeasible as exc:
         raise InfeasibleWindow(", ".join(request.ids), f"cooperative window: {exc}") from None
     coop = _round_plans(coop_qp, x_coop, mgs)
-    if request.executed_periods == 1:
-        continuation = continuation_costs(request, alone_qp, alone_blocks, alone, coop, solver)
-    else:
-        continuation = [0] * len(mgs)
-    return SolvedWindow(excluded, alone, coop, standalone_cost, continuation)
+    continuation = (
+        continuation_costs_later(request, alone_qp, alone_blocks, alone, coop, solver)
+        if request.executed_periods == 1
+        else lambda: [0] * len(mgs)
+    )
+    # Needs the plans only: worked out while the helper starts on the continuation QPs.
+    window = window_part(request, coop)
+    return SolvedWindow(excluded, alone, coop, standalone_cost, continuation(), window)
 
 
-def continuation_costs(
+def continuation_costs_later(
     request: ClearingRequest,
     alone_qp: qp_mod.WindowQP,
     alone_blocks: Sequence[qp_mod.WindowQP],
     alone: Sequence[MicrogridPlan],
     coop: Sequence[MicrogridPlan],
     solver: str,
-) -> list[int]:
+) -> Callable[[], list[int]]:
     """V_i: each microgrid's cost of running alone for periods 1.. of the window, starting from
     the storage energy its cooperative plan leaves after period 0 (money minor units).
+    Returns the function that gives them: the QPs it needs start now, and the helper
+    process works on them until it is called (`qp.solve_standalone_later`).
 
     Where that energy equals the disagreement plan's (or there is no storage) V_i is
     the disagreement plan's own cost for those periods; otherwise the microgrid's
@@ -691,36 +712,48 @@ def continuation_costs(
     mgs = request.microgrids
     periods = request.periods
     if periods == 1:
-        return [
+        last = [
             div_round(target_shortfall_e12(mg, c.soc_wh[0]), COST_SCALE) if mg.storage else 0
             for mg, c in zip(mgs, coop, strict=True)
         ]
+        return lambda: last
     rest = list(alone)
     need = [
         i
         for i, (mg, a, c) in enumerate(zip(mgs, alone, coop, strict=True))
         if mg.storage is not None and a.soc_wh[0] != c.soc_wh[0]
     ]
-    if need:
-        pinned = {}
-        for i in need:
-            # ``alone_blocks[i]`` (cut when the disagreement point was solved) with its
-            # period-0 storage flows fixed: same matrices, other bounds.
-            block = alone_blocks[i]
-            lb, ub = block.lb.copy(), block.ub.copy()
-            for name in ("charge", "discharge"):
-                col = alone_qp.index[name][i, 0] - alone_qp.col_off[i]
-                lb[col] = ub[col] = getattr(coop[i], f"{name}_w")[0] * qp_mod.KW
-            pinned[i] = replace(block, lb=lb, ub=ub)
-        x, infeasible = qp_mod.solve_standalone(
-            alone_qp, request.ids, solver, only=need, blocks=pinned
-        )
+    if not need:
+        return lambda: _rest_costs(request, rest)
+    pinned = {}
+    for i in need:
+        # ``alone_blocks[i]`` (cut when the disagreement point was solved) with its
+        # period-0 storage flows fixed: same matrices, other bounds.
+        block = alone_blocks[i]
+        lb, ub = block.lb.copy(), block.ub.copy()
+        for name in ("charge", "discharge"):
+            col = alone_qp.index[name][i, 0] - alone_qp.col_off[i]
+            lb[col] = ub[col] = getattr(coop[i], f"{name}_w")[0] * qp_mod.KW
+        pinned[i] = replace(block, lb=lb, ub=ub)
+    solved_later = qp_mod.solve_standalone_later(
+        alone_qp, request.ids, solver, only=need, blocks=pinned
+    )
+
+    def finish() -> list[int]:
+        x, infeasible = solved_later()
         # A state from which the microgrid cannot go on alone: value it by its own plan.
         solved = [i for i in need if mgs[i].id not in infeasible]
         if solved:
             for i, plan in zip(solved, _round_plans(alone_qp, x, mgs, rows=solved), strict=True):
                 rest[i] = plan
-    return [div_round(total, COST_SCALE) for total in _costs_e12(request, rest, first=1)]
+        return _rest_costs(request, rest)
+
+    return finish
+
+
+def _rest_costs(request: ClearingRequest, plans: Sequence[MicrogridPlan]) -> list[int]:
+    """Each plan's cost over periods 1.. of the window, money minor units (rounded once)."""
+    return [div_round(total, COST_SCALE) for total in _costs_e12(request, plans, first=1)]
 
 
 def _column(qp: qp_mod.WindowQP, x: np.ndarray, name: str) -> np.ndarray:
@@ -1217,15 +1250,17 @@ def assemble(
     continuation_cost: Sequence[int],
     solver: str,
     excluded: Sequence[tuple[str, str]] = (),
+    window: WindowPart | None = None,
 ) -> ClearingResult:
     """The deterministic part of clearing: window costs, trades and stage 2 from integer inputs.
 
     ``plans`` are the cooperative schedules of the taking-part microgrids (the
     request without ``excluded``), ``standalone_rows[h]`` their disagreement
     dispatch in executed period h, ``standalone_cost`` the disagreement window
-    costs C_non_i, ``continuation_cost`` the V_i of `continuation_costs`.
-    Same inputs, same result bytes: `verify` runs this on a proposal's own
-    inputs and compares exactly.
+    costs C_non_i, ``continuation_cost`` the V_i of `continuation_costs_later`;
+    ``window``, if given, is `window_part` of ``plans`` already worked out (`clear`
+    does it while continuation QPs run). Same inputs, same result bytes: `verify` runs
+    this on a proposal's own inputs and compares exactly.
     """
     taking_part = participants(request, excluded) if len(excluded) < len(request.ids) else None
     if taking_part is None:
@@ -1242,8 +1277,9 @@ def assemble(
             executed=(),
             excluded=tuple(excluded),
         )
-    window_trades = _window_trades(request.first_period, plans)
-    window_cost = window_costs(taking_part, plans)
+    if window is None:
+        window = window_part(taking_part, plans)
+    window_trades, window_cost = window.trades, window.cost
     executed = tuple(
         _executed_hour(
             taking_part,

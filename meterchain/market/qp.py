@@ -57,7 +57,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -366,18 +366,36 @@ def solve_standalone(
     x stays 0. ``only`` restricts the solve to those microgrid indices.
     ``blocks[i]``, where given, is microgrid i's block already cut (`own_block`),
     possibly with other variable bounds. A large batch is shared with the helper
-    process whenever it is free (`_solve_blocks`).
+    process whenever it is free (`_start_blocks`).
     """
-    x = np.zeros(qp.size)
-    infeasible: dict[str, str] = {}
+    return solve_standalone_later(qp, ids, solver, only, blocks)()
+
+
+def solve_standalone_later(
+    qp: WindowQP,
+    ids: Sequence[str],
+    solver: str,
+    only: Sequence[int] | None = None,
+    blocks: Sequence[WindowQP] | Mapping[int, WindowQP] | None = None,
+) -> Callable[[], tuple[np.ndarray, dict[str, str]]]:
+    """Start `solve_standalone` and return the function that finishes it: the helper's
+    share is queued now, this process solves its own share when the function is called,
+    so work done in between overlaps the helper's (`_start_blocks`)."""
     chosen = list(range(len(ids))) if only is None else list(only)
     parts = [own_block(qp, i) if blocks is None else blocks[i] for i in chosen]
-    for i, outcome in zip(chosen, _solve_blocks(parts, solver), strict=True):
-        if isinstance(outcome, str):
-            infeasible[ids[i]] = outcome
-        else:
-            x[int(qp.col_off[i]) : int(qp.col_off[i + 1])] = outcome
-    return x, infeasible
+    outcomes = _start_blocks(parts, solver)
+
+    def finish() -> tuple[np.ndarray, dict[str, str]]:
+        x = np.zeros(qp.size)
+        infeasible: dict[str, str] = {}
+        for i, outcome in zip(chosen, outcomes(), strict=True):
+            if isinstance(outcome, str):
+                infeasible[ids[i]] = outcome
+            else:
+                x[int(qp.col_off[i]) : int(qp.col_off[i + 1])] = outcome
+        return x, infeasible
+
+    return finish
 
 
 def own_block(qp: WindowQP, i: int) -> WindowQP:
@@ -475,7 +493,8 @@ def solve_later(qp: WindowQP, solver: str) -> Callable[[], np.ndarray]:
     try:
         if _helper is None:
             _helper = ProcessPoolExecutor(1, mp_context=mp.get_context("forkserver"))
-        future = _helper_task = _helper.submit(solve, qp, solver)
+        # without the column index, which the solver does not use (a fifth of the bytes)
+        future = _helper_task = _helper.submit(solve, replace(qp, index={}), solver)
     except (OSError, RuntimeError, BrokenProcessPool):
         _helper = None
         return lambda: solve(qp, solver)
@@ -493,27 +512,29 @@ def solve_later(qp: WindowQP, solver: str) -> Callable[[], np.ndarray]:
 
 SHARE_FROM = 128
 """Batches of at least this many small QPs are shared with the helper process, if one runs
-and is idle (`_solve_blocks`)."""
+and is idle (`_start_blocks`)."""
 
 SHARE_CHUNKS = 16
 """Pieces a shared batch is cut into: the two processes end at most one piece apart."""
 
 
-def _solve_blocks(parts: Sequence[WindowQP], solver: str) -> list[np.ndarray | str]:
-    """`solve_each` of ``parts``, with the helper process taking chunks from the end.
+def _start_blocks(parts: Sequence[WindowQP], solver: str) -> Callable[[], list[np.ndarray | str]]:
+    """Start `solve_each` of ``parts``, with the helper process taking chunks from the end;
+    the returned function solves this process's share and collects every outcome.
 
-    The chunks after the first are queued for the helper last-first while this
-    process solves from the front, withdrawing (`Future.cancel`) each chunk it
-    reaches that the helper has not started; the first chunk the helper holds
-    ends this process's share, so both finish together. The last chunk is always
-    the helper's (one chunk's wait at most if it starts late). A busy helper (solving
-    the cooperative QP) is left alone: the process pool would hand it two chunks
-    at once, which this process would then wait for behind that QP. Each QP is solved
-    by the same code wherever it runs, so the outcome does not depend on the split.
+    The chunks after the first are queued for the helper last-first at once; when the
+    returned function is called, this process solves from the front, withdrawing
+    (`Future.cancel`) each chunk it reaches that the helper has not started; the first
+    chunk the helper holds ends this process's share, so both finish together. The last
+    chunk is always the helper's (one chunk's wait at most if it starts late). A busy
+    helper (solving the cooperative QP) is left alone: the process pool would hand it
+    two chunks at once, which this process would then wait for behind that QP. Each QP
+    is solved by the same code wherever it runs, so the outcome does not depend on the
+    split.
     """
     global _helper
     if _helper is None or len(parts) < SHARE_FROM or not _helper_idle():
-        return solve_each(parts, solver)
+        return lambda: solve_each(parts, solver)
     step = -(-len(parts) // SHARE_CHUNKS)
     chunks = [parts[k : k + step] for k in range(0, len(parts), step)]
     queued: dict[int, Future[list[np.ndarray | str]]] = {}
@@ -524,19 +545,24 @@ def _solve_blocks(parts: Sequence[WindowQP], solver: str) -> list[np.ndarray | s
         for future in queued.values():
             future.cancel()
         _helper = None
-        return solve_each(parts, solver)
-    out: list[np.ndarray | str] = []
-    mine = 0
-    while mine == 0 or (mine < len(chunks) - 1 and queued[mine].cancel()):
-        out += solve_each(chunks[mine], solver)
-        mine += 1
-    for k in range(mine, len(chunks)):
-        try:
-            out += queued[k].result()
-        except BrokenProcessPool:
-            _helper = None
-            out += solve_each(chunks[k], solver)
-    return out
+        return lambda: solve_each(parts, solver)
+
+    def finish() -> list[np.ndarray | str]:
+        global _helper
+        out: list[np.ndarray | str] = []
+        mine = 0
+        while mine == 0 or (mine < len(chunks) - 1 and queued[mine].cancel()):
+            out += solve_each(chunks[mine], solver)
+            mine += 1
+        for k in range(mine, len(chunks)):
+            try:
+                out += queued[k].result()
+            except BrokenProcessPool:
+                _helper = None
+                out += solve_each(chunks[k], solver)
+        return out
+
+    return finish
 
 
 def _stack(parts: Sequence[WindowQP]) -> WindowQP:
