@@ -679,13 +679,15 @@ def solve_window(request: ClearingRequest, *, solver: str = DEFAULT_SOLVER) -> S
         x_coop = x_coop_later()
     except qp_mod.Infeasible as exc:
         raise InfeasibleWindow(", ".join(request.ids), f"cooperative window: {exc}") from None
-    coop = _round_plans(coop_qp, x_coop, mgs)
+    # The continuation QPs need only the cooperative storage schedule: the helper starts on
+    # them while the rest of the plans and what follows from them are worked out here.
+    coop_storage = _round_storage(coop_qp, x_coop, mgs)
     continuation = (
-        continuation_costs_later(request, alone_qp, alone_blocks, alone, coop, solver)
+        continuation_costs_later(request, alone_qp, alone_blocks, alone, coop_storage, solver)
         if request.executed_periods == 1
         else lambda: [0] * len(mgs)
     )
-    # Needs the plans only: worked out while the helper starts on the continuation QPs.
+    coop = _round_plans(coop_qp, x_coop, mgs, storage=coop_storage)
     window = window_part(request, coop)
     return SolvedWindow(excluded, alone, coop, standalone_cost, continuation(), window)
 
@@ -695,11 +697,12 @@ def continuation_costs_later(
     alone_qp: qp_mod.WindowQP,
     alone_blocks: Sequence[qp_mod.WindowQP],
     alone: Sequence[MicrogridPlan],
-    coop: Sequence[MicrogridPlan],
+    coop_storage: tuple[np.ndarray, np.ndarray, np.ndarray],
     solver: str,
 ) -> Callable[[], list[int]]:
     """V_i: each microgrid's cost of running alone for periods 1.. of the window, starting from
-    the storage energy its cooperative plan leaves after period 0 (money minor units).
+    the storage energy its cooperative plan leaves after period 0 (money minor units);
+    ``coop_storage`` is that plan's `_round_storage`.
     Returns the function that gives them: the QPs it needs start now, and the helper
     process works on them until it is called (`qp.solve_standalone_later`).
 
@@ -711,17 +714,18 @@ def continuation_costs_later(
     """
     mgs = request.microgrids
     periods = request.periods
+    charge, discharge, soc = (column.tolist() for column in (a[:, 0] for a in coop_storage))
     if periods == 1:
         last = [
-            div_round(target_shortfall_e12(mg, c.soc_wh[0]), COST_SCALE) if mg.storage else 0
-            for mg, c in zip(mgs, coop, strict=True)
+            div_round(target_shortfall_e12(mg, energy), COST_SCALE) if mg.storage else 0
+            for mg, energy in zip(mgs, soc, strict=True)
         ]
         return lambda: last
     rest = list(alone)
     need = [
         i
-        for i, (mg, a, c) in enumerate(zip(mgs, alone, coop, strict=True))
-        if mg.storage is not None and a.soc_wh[0] != c.soc_wh[0]
+        for i, (mg, a, energy) in enumerate(zip(mgs, alone, soc, strict=True))
+        if mg.storage is not None and a.soc_wh[0] != energy
     ]
     if not need:
         return lambda: _rest_costs(request, rest)
@@ -731,9 +735,9 @@ def continuation_costs_later(
         # period-0 storage flows fixed: same matrices, other bounds.
         block = alone_blocks[i]
         lb, ub = block.lb.copy(), block.ub.copy()
-        for name in ("charge", "discharge"):
+        for name, flow in (("charge", charge), ("discharge", discharge)):
             col = alone_qp.index[name][i, 0] - alone_qp.col_off[i]
-            lb[col] = ub[col] = getattr(coop[i], f"{name}_w")[0] * qp_mod.KW
+            lb[col] = ub[col] = flow[i] * qp_mod.KW
         pinned[i] = replace(block, lb=lb, ub=ub)
     solved_later = qp_mod.solve_standalone_later(
         alone_qp, request.ids, solver, only=need, blocks=pinned
@@ -765,17 +769,35 @@ def _column(qp: qp_mod.WindowQP, x: np.ndarray, name: str) -> np.ndarray:
     return out
 
 
+def _round_storage(
+    qp: qp_mod.WindowQP, x: np.ndarray, mgs: Sequence[Microgrid]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Integer storage flows and energy of ``mgs`` from the solver's ``x``: (charge W,
+    discharge W, energy Wh) as (N, T) arrays, the part of `_round_plans` that depends on
+    nothing else."""
+    chmax = np.array([[m.storage.charge_max_w if m.storage else 0] for m in mgs])
+    dismax = np.array([[m.storage.discharge_max_w if m.storage else 0] for m in mgs])
+    charge = np.clip(to_ints_cumulative(np.clip(_column(qp, x, "charge"), 0, None)), 0, chmax)
+    discharge = np.clip(
+        to_ints_cumulative(np.clip(_column(qp, x, "discharge"), 0, None)), 0, dismax
+    )
+    return storage_rounded(mgs, charge, discharge)
+
+
 def _round_plans(
     qp: qp_mod.WindowQP,
     x: np.ndarray,
     mgs: Sequence[Microgrid],
     rows: Sequence[int] | None = None,
+    storage: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> list[MicrogridPlan]:
-    """Integer plans of ``mgs`` (or of ``mgs[rows]`` only) from the solver's ``x``."""
+    """Integer plans of ``mgs`` (or of ``mgs[rows]`` only) from the solver's ``x``;
+    ``storage``, if given, is `_round_storage` of the same already worked out."""
     if rows is not None:
         pick = np.asarray(rows)
         qp = replace(qp, index={name: idx[pick] for name, idx in qp.index.items()})
         mgs = [mgs[i] for i in rows]
+    charge, discharge, soc = _round_storage(qp, x, mgs) if storage is None else storage
     n, t_len = len(mgs), mgs[0].periods
     ren = np.array([m.renewable_w for m in mgs], dtype=np.int64)
     load = np.array([m.load_w for m in mgs], dtype=np.int64)
@@ -784,12 +806,6 @@ def _round_plans(
     pmin = np.array([[m.gas.p_min_w if m.gas else 0] for m in mgs], dtype=float)
     pmax = np.array([[m.gas.p_max_w if m.gas else 0] for m in mgs], dtype=float)
     gas = to_int_array(np.clip(_column(qp, x, "gas"), pmin, pmax))
-    chmax = np.array([[m.storage.charge_max_w if m.storage else 0] for m in mgs])
-    dismax = np.array([[m.storage.discharge_max_w if m.storage else 0] for m in mgs])
-    charge = np.clip(to_ints_cumulative(np.clip(_column(qp, x, "charge"), 0, None)), 0, chmax)
-    discharge = np.clip(
-        to_ints_cumulative(np.clip(_column(qp, x, "discharge"), 0, None)), 0, dismax
-    )
 
     sell = np.zeros((n, t_len), dtype=np.int64)
     buy = np.zeros((n, t_len), dtype=np.int64)
@@ -807,7 +823,6 @@ def _round_plans(
         both = np.minimum(sell, buy)  # selling and buying at once only pays fees twice
         sell -= both
         buy -= both
-    charge, discharge, soc = storage_rounded(mgs, charge, discharge)
     grid = load + charge + sell - ren - gas - discharge - buy
     series = [a.tolist() for a in (gas, charge, discharge, grid, sell, buy, soc)]
     return [MicrogridPlan(mg.id, *(tuple(s[i]) for s in series)) for i, mg in enumerate(mgs)]
