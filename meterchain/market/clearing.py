@@ -76,7 +76,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any
+from itertools import repeat
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -237,9 +238,12 @@ class MicrogridPlan:
         return [list(getattr(self, name)) for name in self.SERIES]
 
 
-@dataclass(frozen=True)
-class WindowTrade:
-    """Planned bilateral trade in window period ``period`` (absolute hour): seller -> buyer, Wh."""
+class WindowTrade(NamedTuple):
+    """Planned bilateral trade in window period ``period`` (absolute hour): seller -> buyer, Wh.
+
+    A named tuple, not a dataclass like the other records: a window of 10,000 microgrids
+    holds some 235,000 of them, and a tuple is made in about half the time.
+    """
 
     period: int
     seller: str
@@ -373,9 +377,7 @@ class ClearingResult:
             "periods": self.periods,
             "microgrids": list(self.microgrids),
             "plan": [p.to_list() for p in self.plan],
-            "window_trades": [
-                [w.period, w.seller, w.buyer, w.energy_wh] for w in self.window_trades
-            ],
+            "window_trades": [list(w) for w in self.window_trades],
             "standalone_cost": list(self.standalone_cost),
             "cooperative_cost": list(self.cooperative_cost),
             "executed": [e.to_dict() for e in self.executed],
@@ -1111,11 +1113,13 @@ def _window_trades(first_period: int, plans: Sequence[MicrogridPlan]) -> list[Wi
         starts = np.concatenate([[0], ends[:-1]])
         seller = sellers[np.searchsorted(sold, starts, side="right")].tolist()
         buyer = buyers[np.searchsorted(bought, starts, side="right")].tolist()
-        period = first_period + t
-        out += [
-            WindowTrade(period, ids[i], ids[j], wh)
-            for i, j, wh in zip(seller, buyer, (ends - starts).tolist(), strict=True)
-        ]
+        out += map(
+            WindowTrade,
+            repeat(first_period + t),
+            map(ids.__getitem__, seller),
+            map(ids.__getitem__, buyer),
+            (ends - starts).tolist(),
+        )
     return out
 
 
