@@ -826,8 +826,9 @@ def _round_plans(
         sell -= both
         buy -= both
     grid = load + charge + sell - ren - gas - discharge - buy
-    series = [a.tolist() for a in (gas, charge, discharge, grid, sell, buy, soc)]
-    return [MicrogridPlan(mg.id, *(tuple(s[i]) for s in series)) for i, mg in enumerate(mgs)]
+    series = [map(tuple, a.tolist()) for a in (gas, charge, discharge, grid, sell, buy, soc)]
+    per_microgrid = zip(*series, strict=True)
+    return [MicrogridPlan(mg.id, *row) for mg, row in zip(mgs, per_microgrid, strict=True)]
 
 
 def storage_rounded(
