@@ -415,3 +415,30 @@ def test_a_resent_reading_is_not_verified_again_but_a_changed_one_is(acked, boar
     forged[-1] ^= 1
     assert _send(ingest, board, bytes(forged)) == [Outcome.REJECTED]
     assert len(calls) == 2
+
+
+def test_the_verified_cache_forgets_the_oldest_first(acked, board, monkeypatch):
+    """Bounded: at the limit the oldest reading is verified again, the newer ones are not."""
+    import edge_agent.ingest as ingest_module
+
+    ingest, _, _, _ = acked
+    monkeypatch.setattr(ingest_module, "VERIFIED_CACHE", 3)
+    calls = []
+    real_verify = ingest_module.verify
+
+    def counting_verify(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real_verify(*args, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "verify", counting_verify)
+    readings = [board.reading(T0 + 60 * k, 5 + k) for k in range(5)]
+    for reading in readings:
+        ingest.check(reading)
+    assert len(calls) == 5 and len(ingest._verified) == 3
+    for reading in readings[2:]:  # still known: no new check
+        ingest.check(reading)
+    assert len(calls) == 5
+    ingest.check(readings[0])  # forgotten: checked again, and the oldest kept one goes
+    assert len(calls) == 6 and len(ingest._verified) == 3
+    ingest.check(readings[2])
+    assert len(calls) == 7
