@@ -396,17 +396,25 @@ def test_per_meter_metric_series_stay_bounded() -> None:
     assert len(text) < 50_000
 
 
-def test_a_resent_reading_is_not_verified_again_but_a_changed_one_is(acked, board, monkeypatch):
+@pytest.fixture
+def verify_calls(monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
+    """Counts the ingest path's signature checks (one entry a `reading.verify` call)."""
     import edge_agent.ingest as ingest_module
 
-    ingest, _, _, _ = acked
-    calls = []
+    calls: list[int] = []
     real_verify = ingest_module.verify
+
     def counting_verify(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(1)
         return real_verify(*args, **kwargs)
 
     monkeypatch.setattr(ingest_module, "verify", counting_verify)
+    return calls
+
+
+def test_a_resent_reading_is_not_verified_again_but_a_changed_one_is(acked, board, verify_calls):
+    ingest, _, _, _ = acked
+    calls = verify_calls
     reading = board.reading(T0, 5)
     assert _send(ingest, board, reading) == [Outcome.ACCEPTED]
     assert _send(ingest, board, reading, reading) == [Outcome.DUPLICATE] * 2
@@ -417,20 +425,13 @@ def test_a_resent_reading_is_not_verified_again_but_a_changed_one_is(acked, boar
     assert len(calls) == 2
 
 
-def test_the_verified_cache_forgets_the_oldest_first(acked, board, monkeypatch):
+def test_the_verified_cache_forgets_the_oldest_first(acked, board, verify_calls, monkeypatch):
     """Bounded: at the limit the oldest reading is verified again, the newer ones are not."""
     import edge_agent.ingest as ingest_module
 
     ingest, _, _, _ = acked
     monkeypatch.setattr(ingest_module, "VERIFIED_CACHE", 3)
-    calls = []
-    real_verify = ingest_module.verify
-
-    def counting_verify(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        return real_verify(*args, **kwargs)
-
-    monkeypatch.setattr(ingest_module, "verify", counting_verify)
+    calls = verify_calls
     readings = [board.reading(T0 + 60 * k, 5 + k) for k in range(5)]
     for reading in readings:
         ingest.check(reading)
