@@ -66,6 +66,20 @@ NO_ACK = -1  # the acknowledgement token of a QoS 0 delivery
 SUBSCRIBE_BATCH = 500  # filters per (UN)SUBSCRIBE packet (10,000 meters: 20 packets)
 
 
+def _paho_in_packet(head: int, body: bytearray) -> Any:
+    """paho's `_in_packet` record: a whole packet read (`head` 0: nothing read yet)."""
+    return {
+        "command": head,
+        "have_remaining": 1 if head else 0,
+        "remaining_count": [],
+        "remaining_mult": 1,
+        "remaining_length": len(body),
+        "packet": body,
+        "to_process": 0,
+        "pos": 0,
+    }
+
+
 class _LeanClient(mqtt.Client):
     """paho's client with the per-reading paths taken over.
 
@@ -153,35 +167,14 @@ class _LeanClient(mqtt.Client):
 
     def _paho_handles(self, head: int, body: bytearray) -> mqtt.MQTTErrorCode:
         """Give paho one whole packet as its own reader would have left it."""
-        self._in_packet = {
-            "command": head,
-            "have_remaining": 1,
-            "remaining_count": [],
-            "remaining_mult": 1,
-            "remaining_length": len(body),
-            "packet": body,
-            "to_process": 0,
-            "pos": 0,
-        }
+        self._in_packet = _paho_in_packet(head, body)
         try:
             return self._packet_handle()
         except MalformedPacket as exc:
             log.error("malformed packet from the broker: %s", exc)
             return mqtt.MQTT_ERR_PROTOCOL
         finally:
-            self._reset_in_packet()
-
-    def _reset_in_packet(self) -> None:
-        self._in_packet = {
-            "command": 0,
-            "have_remaining": 0,
-            "remaining_count": [],
-            "remaining_mult": 1,
-            "remaining_length": 0,
-            "packet": bytearray(b""),
-            "to_process": 0,
-            "pos": 0,
-        }
+            self._in_packet = _paho_in_packet(0, bytearray())  # paho's reader starts afresh
 
     def send_raw(self, data: bytes) -> None:
         """Queue pre-encoded packets as one write (any thread; dropped at a reconnect)."""

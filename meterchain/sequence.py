@@ -60,12 +60,12 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from meterchain.errors import (
     CounterBackwards,
@@ -150,12 +150,6 @@ class Admission:
 
 def _u64(value: int) -> str:
     return f"{value:020d}"
-
-
-def _state_of(meter_id: str, row: Sequence[Any]) -> MeterState:
-    """A meter_state row (seq, time, import_wh, export_wh, digest) as a MeterState."""
-    seq, time, import_wh, export_wh, digest = row
-    return MeterState(meter_id, int(seq), int(time), int(import_wh), int(export_wh), digest)
 
 
 class SequenceGuard:
@@ -393,16 +387,14 @@ class SequenceGuard:
                 f"WHERE meter_id IN ({', '.join('?' * len(chunk))})",
                 chunk,
             )
-            for meter_id, *row in rows:
-                found[meter_id] = _state_of(meter_id, row)
+            for meter_id, seq, time, import_wh, export_wh, digest in rows:
+                found[meter_id] = MeterState(
+                    meter_id, int(seq), int(time), int(import_wh), int(export_wh), digest
+                )
         return found
 
     def _state(self, meter_id: str) -> MeterState | None:
-        row = self._db.execute(
-            "SELECT seq, time, import_wh, export_wh, digest FROM meter_state WHERE meter_id = ?",
-            (meter_id,),
-        ).fetchone()
-        return None if row is None else _state_of(meter_id, row)
+        return self._states({meter_id}).get(meter_id)
 
     def _promote(self) -> None:
         self._cache.update(self._pending)
@@ -425,8 +417,9 @@ class SequenceGuard:
             self._cache_version = version
         pending = self._pending
         readings = list(readings)
-        # Another writer's commit emptied the cache (ingest workers share one database):
-        # the batch's meters come back in a few queries, not one query per reading.
+        # Every meter of the batch is looked up here, in a few queries (after another
+        # writer's commit emptied the cache, not one query per reading); a meter left
+        # out of the cache then has no stored state.
         unknown = {r.meter_id for r in readings} - self._cache.keys()
         if unknown:
             self._cache.update(self._states(unknown))
@@ -435,7 +428,7 @@ class SequenceGuard:
         outcomes: list[Admission | RejectedReading] = []
         for reading in readings:
             meter_id = reading.meter_id
-            last = pending.get(meter_id) or self._cache.get(meter_id) or self._state(meter_id)
+            last = pending.get(meter_id) or self._cache.get(meter_id)
             try:
                 admission = self._admit(reading, last, digests, pruned, received)
             except RejectedReading as exc:
