@@ -327,6 +327,7 @@ class Fleet:
         made = 0
         next_tick = 0.0
         phase_start = 0.0
+        made_by_phase: list[int] = []  # produced by the end of each phase
         for duration, rate in phases:
             made_before = made
             while (elapsed := time.monotonic() - begin) < phase_start + duration:
@@ -346,6 +347,7 @@ class Fleet:
                     self._rewind_stuck()
                     next_tick += 0.5
                 time.sleep(0.002)
+            made_by_phase.append(made)
             phase_start += duration
         deadline = time.monotonic() + plan.drain_s
         while self.acknowledged() < made and time.monotonic() < deadline:
@@ -360,6 +362,7 @@ class Fleet:
         return {
             "meters": list(zip(self.names, self.produced, self.watermark, strict=True)),
             "made": made,
+            "made_sustained": made_by_phase[0],
             "acknowledged": self.acknowledged(),
             "published": self.published,
             "resent": self.resent,
@@ -688,10 +691,9 @@ def measure(plan: Plan) -> dict:
     sustained = sampler.rate(start_at + warm, start_at + plan.sustain_s)
     cores = sampler.cores(start_at + warm, start_at + plan.sustain_s)
     acknowledged = _acknowledged_rate([o["timeline"] for o in outcomes], plan)
-    offered_sustained = (
-        sum(max(m for s, m, _ in o["timeline"] if s <= plan.sustain_s) for o in outcomes)
-        / plan.sustain_s
-    )
+    # What the fleets produced by the end of the sustained phase (the timeline, sampled
+    # every half second, would miss up to its last half second).
+    offered_sustained = sum(o["made_sustained"] for o in outcomes) / plan.sustain_s
     lag = sum([m - a for s, m, a in o["timeline"] if s <= plan.sustain_s][-1] for o in outcomes)
     registry = Registry()
     sample = []

@@ -22,6 +22,9 @@ def test_a_small_end_to_end_run_loses_nothing() -> None:
     assert result["pending_on_boards_at_end"] == 0
     assert result["readings_committed"] == result["readings_produced"] > 300
     assert result["scrape_bytes"] > 0 and result["raw_verify_per_second"] > 0
+    # What the fleets offered over the sustained phase, counted at its end (a timeline
+    # sampled every half second would leave out up to a quarter of this 2 s phase).
+    assert 0.98 * plan.rate <= result["offered_sustained_achieved_per_second"] <= plan.rate
 
 
 def test_a_broker_dropping_readings_in_an_overload_loses_nothing() -> None:
