@@ -59,7 +59,6 @@ log = logging.getLogger("meterchain.agent.mqtt")
 # each PUBACK (quadratic under load).
 ACKS_IN_FLIGHT = 0
 VERIFY_THREADS = 2  # signature checks in parallel with receiving
-_WRITER_GRACE_S = 0.05  # longest a verify thread waits for the writer to leave its lock
 VERIFY_CHUNK = 32  # readings per verify task: one task (a Future, a wake-up) per chunk
 RX_CHUNK = 1 << 16  # bytes taken from the TLS socket per read
 RX_READS = 8  # reads per read burst before paho's loop writes (PUBACKs) and keeps alive
@@ -403,17 +402,9 @@ class BrokerLink:
             self.worker.submit(Delivery(checked, sender, token, index))
 
     def _check_all(self, payloads: list[bytes]) -> list[Reading | Result]:
-        ingest = self.worker.ingest
-        check = ingest.check
-        now = int(ingest.clock())
-        # Out of the writer's way while it holds the database's write lock (see
-        # AgentStore.between_writes); never more than a moment, should a writer hang.
-        wait = ingest.store.between_writes.wait
-        checked = []
-        for payload in payloads:
-            wait(_WRITER_GRACE_S)
-            checked.append(check(payload, now))
-        return checked
+        check = self.worker.ingest.check
+        now = int(self.worker.ingest.clock())
+        return [check(payload, now) for payload in payloads]
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, rc: Any, props: Any

@@ -123,13 +123,6 @@ class AgentStore:
         # a blocked flock wakes as soon as the holder commits, where SQLite's busy handler
         # polls with sleeps of up to 100 ms, leaving cores idle while work waits.
         self._write_lock = open(self.path.with_name(self.path.name + ".writelock"), "a+b")  # noqa: SIM115
-        # Cleared while this process holds the write lock. Every other writer waits for
-        # that lock, so the holder should finish fast; but each SQLite call lets go of the
-        # GIL, and a verify thread that takes it keeps it up to a switch interval (5 ms),
-        # so with verify threads busy a transaction took four times its CPU time and the
-        # lock was held 86 % of the time. Verify threads wait on this between readings.
-        self.between_writes = threading.Event()
-        self.between_writes.set()
         self.outbox_limit = 100_000
         self.outbox_dropped = 0
         self.rejection_limit = 100_000
@@ -163,11 +156,9 @@ class AgentStore:
     def _writer_turn(self) -> Iterator[None]:
         """Hold the database's write lock (shared by every process that writes it)."""
         fcntl.flock(self._write_lock, fcntl.LOCK_EX)
-        self.between_writes.clear()
         try:
             yield
         finally:
-            self.between_writes.set()
             fcntl.flock(self._write_lock, fcntl.LOCK_UN)
 
     def fold(

@@ -12,20 +12,14 @@ from __future__ import annotations
 
 import struct
 import threading
-import time
 
 import paho.mqtt.client as mqtt
 from agent_site import wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent import broker_link
 from edge_agent.broker_link import NO_ACK, BrokerLink, _LeanClient
-from edge_agent.ingest import Ingest
-from edge_agent.store import AgentStore
-from edge_agent.worker import IngestWorker
 from meterchain import codec
-from meterchain.keys import PrivateKey
 from meterchain.mqtt_auth import node_acl, observer_acl
 from meterchain.mqtt_wire import (
     FramingError,
@@ -35,9 +29,6 @@ from meterchain.mqtt_wire import (
     pubacks,
     publish_qos0,
 )
-from meterchain.reading import Reading, sign_reading
-from meterchain.registry import Registry
-from meterchain.sequence import SequenceGuard
 
 PINGRESP = b"\xd0\x00"
 
@@ -184,44 +175,3 @@ def _retained(broker) -> dict[str, int]:  # type: ignore[no-untyped-def]
         observer.disconnect()
         observer.loop_stop()
     return got
-
-
-def test_verify_threads_keep_out_of_the_writers_way_while_it_holds_the_write_lock(
-    tmp_path, monkeypatch
-) -> None:  # type: ignore[no-untyped-def]
-    """While this process holds the database's write lock (which the other ingest workers
-    wait for), its verify threads pause between readings; a writer that hangs holds them
-    up only for the grace time."""
-    key = PrivateKey.generate()
-    registry = Registry()
-    registry.add("mg1-m1", key.public_key(), "mg1", "load")
-    store = AgentStore(tmp_path / "agent.sqlite")
-    ingest = Ingest(store, registry, SequenceGuard(store.conn))
-    link = BrokerLink(
-        url="mqtt://127.0.0.1:1", client_id="agent", market="m1", node_id="mg1",
-        worker=IngestWorker(ingest, batch_max=8, batch_wait_s=0.0),
-    )  # fmt: skip
-    now = int(time.time())
-    payloads = [sign_reading(key, "mg1-m1", s, now - 60 + s, s, 0, 0, 0, "load") for s in (1, 2, 3)]
-    monkeypatch.setattr(broker_link, "_WRITER_GRACE_S", 30.0)
-    checked: list[list[object]] = []
-    with store.transaction():
-        assert not store.between_writes.is_set()
-        verifier = threading.Thread(target=lambda: checked.append(link._check_all(payloads)))
-        verifier.start()
-        time.sleep(0.3)
-        assert not checked, "a verify thread ran while the writer held the write lock"
-    assert store.between_writes.is_set()
-    verifier.join(10)
-    assert [r.seq for r in checked[0] if isinstance(r, Reading)] == [1, 2, 3]
-
-    # A writer stuck in its transaction (or failing in it) never stops verification for long.
-    monkeypatch.setattr(broker_link, "_WRITER_GRACE_S", 0.01)
-    try:
-        with store.transaction():
-            assert len(link._check_all(payloads)) == 3
-            raise RuntimeError("the disk went away")
-    except RuntimeError:
-        pass
-    assert store.between_writes.is_set(), "the gate stayed shut after a failed transaction"
-    link._verify.shutdown()
