@@ -62,7 +62,8 @@ TARGET_VERIFY = 50_000
 # Issue 18 at filing: 30 days of a 100-microgrid market, 1.73 M readings in 150 s with signatures.
 FILING_SIGNATURES_PER_SECOND = 11_500
 # ... on a machine whose one-thread OpenSSL verify did 15.4k/s (the filing's measurement).
-FILING_TO_BARE_VERIFY = FILING_SIGNATURES_PER_SECOND / 15_400
+FILING_BARE_VERIFY_PER_SECOND = 15_400
+FILING_TO_BARE_VERIFY = FILING_SIGNATURES_PER_SECOND / FILING_BARE_VERIFY_PER_SECOND
 _BARE_SAMPLE = 2_400  # readings of the same ledger verified bare (one block's worth)
 TARGET_FULL_PASS = 2 * FILING_SIGNATURES_PER_SECOND
 T = TypeVar("T")
@@ -152,6 +153,9 @@ def _full_pass(path: Path, sb: Sandbox, hours: int) -> dict:
     (_, inline), inline_cpu = _with_cpu(lambda: verify_store(store, workers=1))
     store.close()
     rate = pool.signatures_checked / pool.seconds
+    # The comparison with the filing made machine-independent: its ratio to its own
+    # day's bare verify against ours.
+    to_filing_by_bare = rate / bare_rate / FILING_TO_BARE_VERIFY
     return {
         "readings": pool.readings,
         "readings_per_block": meters * per_hour,
@@ -165,11 +169,9 @@ def _full_pass(path: Path, sb: Sandbox, hours: int) -> dict:
         "to_filing": round(rate / FILING_SIGNATURES_PER_SECOND, 2),
         "bare_verify_per_second": round(bare_rate),
         "to_bare_verify": round(rate / bare_rate, 3),
-        # The same comparison with the filing made machine-independent: its ratio to its
-        # own day's bare verify against ours.
-        "to_filing_by_bare_verify": round(rate / bare_rate / FILING_TO_BARE_VERIFY, 2),
+        "to_filing_by_bare_verify": round(to_filing_by_bare, 2),
         "load_average": [round(x, 2) for x in os.getloadavg()],
-        "meets_target": rate >= TARGET_FULL_PASS and rate / bare_rate >= 2 * FILING_TO_BARE_VERIFY,
+        "meets_target": rate >= TARGET_FULL_PASS and to_filing_by_bare >= 2,
     }
 
 
