@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ CREATE TABLE IF NOT EXISTS tx_inbox (
 
 
 WAL_CHECKPOINT_PAGES = 4_000
+_OPEN_TIMEOUT_S = 30.0  # how long an open waits for another writer (SQLite's busy timeout)
 
 # The SQLite storage class every value of a ledger table must have (see mistyped_rows).
 _LEDGER_COLUMN_TYPES = {
@@ -81,7 +83,7 @@ class SQLiteStore(LedgerStore):
             # One thread at a time uses a store, but not always the one that opened it
             # (services open it, then hand it to their worker thread).
             self._db = sqlite3.connect(
-                str(path), isolation_level=None, timeout=30.0, check_same_thread=False
+                str(path), isolation_level=None, timeout=_OPEN_TIMEOUT_S, check_same_thread=False
             )
             # FULL: a committed block survives power loss, not only a process crash.
             self._db.execute("PRAGMA synchronous=FULL")
@@ -97,18 +99,36 @@ class SQLiteStore(LedgerStore):
             if row is None:
                 # A new ledger: only then take the write lock (a reader opening a live
                 # ledger must not contend with the writer).
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.executescript(SCHEMA)
-                self._db.execute(
-                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
-                    (SCHEMA_VERSION,),
-                )
+                self._create()
             elif row[0] != SCHEMA_VERSION:
                 raise StoreError(
                     f"{path}: ledger schema {row[0]}, this build reads {SCHEMA_VERSION}"
                 )
         except sqlite3.Error as exc:
             raise StoreError(f"{path}: cannot open SQLite ledger: {exc}") from exc
+
+    def _create(self) -> None:
+        """Make the ledger's tables, however many processes open the new file at once.
+
+        Switching to WAL needs the file to itself, and SQLite answers "database is
+        locked" at once (no busy wait) while another connection is creating it; every
+        step is idempotent, so a busy creation waits and runs again until the timeout.
+        """
+        deadline = time.monotonic() + _OPEN_TIMEOUT_S
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.executescript(SCHEMA)
+                self._db.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
+                    (SCHEMA_VERSION,),
+                )
+                return
+            except sqlite3.OperationalError as exc:
+                busy = exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+                if not busy or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.01)
 
     def _schema_version(self) -> tuple[str] | None:
         try:

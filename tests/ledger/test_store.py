@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
+import time
+
 import pytest
 from ledger_world import H0, T0, build_world, hour_readings
 
@@ -153,3 +157,50 @@ def test_unopenable_ledgers_say_why(tmp_path) -> None:
 def test_hour_readings_are_all_in_their_hour() -> None:
     rs = hour_readings(Sandbox(), H0 + 3, 1)
     assert {r.hour for r in rs} == {H0 + 3}
+
+
+def test_a_new_ledger_opened_by_several_processes_at_once_is_made_once(tmp_path) -> None:
+    """While one connection is in the middle of creating the file, another that opens it
+    waits its turn (SQLite answers "database is locked" at once to the switch to WAL;
+    the aggregator and a reader racing at start-up saw that) and finds one ledger."""
+    path = tmp_path / "ledger.db"
+    creator = sqlite3.connect(path, isolation_level=None)
+    creator.execute("BEGIN IMMEDIATE")
+    creator.execute("CREATE TABLE half_made (x)")
+    opened: list[object] = []
+
+    def open_it() -> None:
+        try:
+            with open_store(str(path)) as store:
+                opened.append(store.head())
+        except StoreError as exc:
+            opened.append(exc)
+
+    opener = threading.Thread(target=open_it)
+    opener.start()
+    time.sleep(0.3)
+    assert not opened, f"the open did not wait for the creator to finish: {opened}"
+    creator.execute("COMMIT")
+    creator.close()
+    opener.join(35)
+    assert opened == [None], f"the open failed: {opened}"  # a ledger, still empty
+
+    # Many openers of one new file at once, as services starting together.
+    for i in range(40):
+        fresh = tmp_path / f"race{i}.db"
+        start = threading.Barrier(3)
+        failures: list[StoreError] = []
+
+        def race(fresh=fresh, start=start, failures=failures) -> None:  # type: ignore[no-untyped-def]
+            start.wait()
+            try:
+                open_store(str(fresh)).close()
+            except StoreError as exc:
+                failures.append(exc)
+
+        racers = [threading.Thread(target=race) for _ in range(3)]
+        for t in racers:
+            t.start()
+        for t in racers:
+            t.join(35)
+        assert not failures, failures
