@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 from edge_agent.energy import split_interval
 from meterchain.market.model import Dispatch
+from meterchain.sqlitewal import use_wal
 from meterchain.sqlrows import execute_rows
 
 SCHEMA = """
@@ -105,7 +106,7 @@ class Rejection(NamedTuple):
 def connect(path: Path) -> sqlite3.Connection:
     """A connection in WAL mode with full fsync on commit and explicit transactions."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-    conn.execute("PRAGMA journal_mode=WAL")
+    use_wal(conn, 30.0)
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")
     return conn

@@ -76,6 +76,7 @@ from meterchain.errors import (
     ReplayedReading,
 )
 from meterchain.reading import FLAG_COUNTER_RESET, Reading
+from meterchain.sqlitewal import use_wal
 from meterchain.sqlrows import execute_rows
 
 SCHEMA_VERSION = 1
@@ -203,7 +204,7 @@ class SequenceGuard:
 
     def _configure(self) -> None:
         self._db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = use_wal(self._db, _BUSY_TIMEOUT_MS / 1000)
         if mode != "wal":
             raise SequenceStateError(f"{self.path}: cannot switch to WAL (journal mode {mode})")
         # FULL: a commit is on disk when it returns (NORMAL may lose the last

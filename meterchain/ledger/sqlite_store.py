@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from meterchain.ledger.store import SCHEMA_VERSION, LedgerStore, StoreError
+from meterchain.sqlitewal import use_wal
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -99,36 +99,18 @@ class SQLiteStore(LedgerStore):
             if row is None:
                 # A new ledger: only then take the write lock (a reader opening a live
                 # ledger must not contend with the writer).
-                self._create()
+                use_wal(self._db, _OPEN_TIMEOUT_S)
+                self._db.executescript(SCHEMA)
+                self._db.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
+                    (SCHEMA_VERSION,),
+                )
             elif row[0] != SCHEMA_VERSION:
                 raise StoreError(
                     f"{path}: ledger schema {row[0]}, this build reads {SCHEMA_VERSION}"
                 )
         except sqlite3.Error as exc:
             raise StoreError(f"{path}: cannot open SQLite ledger: {exc}") from exc
-
-    def _create(self) -> None:
-        """Make the ledger's tables, however many processes open the new file at once.
-
-        Switching to WAL needs the file to itself, and SQLite answers "database is
-        locked" at once (no busy wait) while another connection is creating it; every
-        step is idempotent, so a busy creation waits and runs again until the timeout.
-        """
-        deadline = time.monotonic() + _OPEN_TIMEOUT_S
-        while True:
-            try:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.executescript(SCHEMA)
-                self._db.execute(
-                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
-                    (SCHEMA_VERSION,),
-                )
-                return
-            except sqlite3.OperationalError as exc:
-                busy = exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-                if not busy or time.monotonic() >= deadline:
-                    raise
-            time.sleep(0.01)
 
     def _schema_version(self) -> tuple[str] | None:
         try:
