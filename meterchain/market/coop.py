@@ -126,6 +126,13 @@ def _is_flat(unit: GeneratorUnit) -> bool:
 def _output(unit: GeneratorUnit, lam: float, upper: bool) -> float:
     """Output at multiplier lam; for a flat offer exactly at lam, p_max if upper else p_min."""
     if not _is_flat(unit):
+        # At or beyond its own limit offers the unit sits at that limit exactly: solving
+        # for p there cancels (b/2a) when a is tiny, and a unit at p_max came out 3.5e-5
+        # MW inside it, looking like a marginal unit at a lower offer than the price.
+        if lam <= unit.offer(unit.p_min):
+            return unit.p_min
+        if lam >= unit.offer(unit.p_max):
+            return unit.p_max
         p = (lam / unit.k - unit.b) / (2 * unit.a)
         return min(max(p, unit.p_min), unit.p_max)
     step = unit.offer(unit.p_min)

@@ -7,7 +7,7 @@ import math
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from meterchain.market.coop import (
@@ -98,6 +98,13 @@ def test_quadratic_unit_hits_its_limit_and_the_next_unit_takes_over() -> None:
         max_size=5,
     ),
     st.floats(0, 1),
+)
+# Found by CI: a unit with a = 1e-10 at its p_max came out 3.5e-5 MW inside it (b/2a cancels).
+@example(
+    params=[
+        (0.0, 0.0, 2.0, 0.0, 1.0), (0.1875, 11.0, 3.0, 0.0, 32.0), (1e-10, 32.0, 2.0, 0.0, 1.0)
+    ],
+    fraction=0.875,
 )
 @FEW
 def test_dispatch_meets_demand_within_limits_at_a_common_offer(params, fraction) -> None:
