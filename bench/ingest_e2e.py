@@ -73,6 +73,7 @@ from meterchain.keys import PrivateKey
 from meterchain.mqtt_wire import mqtt_str, next_packet, packet
 from meterchain.reading import sign_reading
 from meterchain.registry import Registry, entry_text, make_meter
+from meterchain.sequence import window_seqs
 
 TARGET_READINGS_PER_SECOND = 10_000
 MARKET = "m1"
@@ -560,10 +561,8 @@ def _stall_later(group: int, at: float, seconds: float) -> None:
 def _committed(database: Path) -> dict[str, tuple[int, int]]:
     """Per meter: (readings the guard holds, highest sequence)."""
     with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
-        rows = db.execute(
-            "SELECT meter_id, count(*), max(CAST(seq AS INTEGER)) FROM accepted GROUP BY meter_id"
-        ).fetchall()
-    return {meter: (count, top) for meter, count, top in rows}
+        held = window_seqs(db)
+    return {meter: (len(seqs), seqs[-1]) for meter, seqs in held.items() if seqs}
 
 
 def _acknowledged_rate(timelines: list[list[tuple[float, int, int]]], plan: Plan) -> float:

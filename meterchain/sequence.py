@@ -43,6 +43,17 @@ Thread-safe: one connection behind one lock. Several processes may share a
 file; SQLite's write lock (taken at BEGIN IMMEDIATE) serializes them. With a
 shared connection the caller's transaction discipline applies.
 
+Where the window's digests live: the last RECENT accepted readings of a meter
+ride in its `meter_state` row (`recent`: 8-byte big-endian seq + 32-byte
+digest each, oldest first), and spill as one run of rows into `accepted` when
+the next reading finds the ring full, dropping that meter's rows older than
+the window there. A batch then dirties about one page per meter instead of
+two (its state row and its `accepted` leaf), and each meter's `accepted` run
+is written RECENT rows at a time into one place. Rows below the window that
+were not dropped yet are never consulted: what is older than the last
+accepted seq minus the window is treated as gone, exactly as if each
+acceptance had deleted it at once.
+
 Per-meter state is cached in memory, but the database stays the source of
 truth: a state enters the cache only after the transaction that wrote or read
 it committed (`committed()`; the guard's own transactions call it), the
@@ -62,7 +73,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import NoReturn
@@ -79,8 +90,12 @@ from meterchain.reading import FLAG_COUNTER_RESET, Reading
 from meterchain.sqlitewal import use_wal
 from meterchain.sqlrows import execute_rows
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: meter_state.recent (version 1 files are migrated when opened)
 DEFAULT_WINDOW = 1024
+RECENT = 16  # accepted digests a state row carries before they spill to `accepted`; 16 keeps
+# the row (about 130 + 16 x 40 bytes) inside its page (SQLite keeps up to ~1,000 bytes of
+# a 4 KB page's cell local; 24 entries overflowed and cost more than they saved)
+_ENTRY = 40  # bytes per `recent` entry: seq (8, big-endian) + SHA-256 digest (32)
 # The longest interval (s) one reading's energy is spread over: 31 days, 745 hourly rows.
 MAX_SPREAD_S = 31 * 24 * 3600
 _BUSY_TIMEOUT_MS = 5000
@@ -94,7 +109,8 @@ CREATE TABLE IF NOT EXISTS meter_state (
     time      TEXT NOT NULL,
     import_wh TEXT NOT NULL,
     export_wh TEXT NOT NULL,
-    digest    BLOB NOT NULL
+    digest    BLOB NOT NULL,
+    recent    BLOB NOT NULL DEFAULT x''
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS accepted (
     meter_id TEXT NOT NULL,
@@ -111,7 +127,11 @@ class SequenceStateError(MeterChainError):
 
 @dataclass(frozen=True)
 class MeterState:
-    """The last accepted reading of a meter, as the guard remembers it (Wh, Unix seconds)."""
+    """The last accepted reading of a meter, as the guard remembers it (Wh, Unix seconds).
+
+    `recent` holds the (seq, digest) entries of its latest accepted readings not yet
+    spilled to the `accepted` table, this one last (see the module docstring).
+    """
 
     meter_id: str
     seq: int
@@ -119,6 +139,22 @@ class MeterState:
     import_wh: int
     export_wh: int
     digest: bytes
+    recent: bytes = field(default=b"", repr=False)
+
+    def recent_digest(self, seq: int) -> bytes | None:
+        """The digest `recent` holds for `seq`, or None."""
+        key = seq.to_bytes(8, "big")
+        for i in range(0, len(self.recent), _ENTRY):
+            if self.recent[i : i + 8] == key:
+                return self.recent[i + 8 : i + _ENTRY]
+        return None
+
+    def recent_entries(self) -> list[tuple[int, bytes]]:
+        """`recent` as (seq, digest) pairs, oldest first."""
+        return [
+            (int.from_bytes(self.recent[i : i + 8], "big"), self.recent[i + 8 : i + _ENTRY])
+            for i in range(0, len(self.recent), _ENTRY)
+        ]
 
 
 @dataclass(frozen=True)
@@ -213,19 +249,37 @@ class SequenceGuard:
 
     def _create_schema(self) -> None:
         # The tables carry their own version row: user_version belongs to whoever
-        # owns a shared database file.
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                self._db.execute(statement)
-        row = self._db.execute("SELECT version FROM sequence_guard_schema").fetchone()
-        if row is None:
-            self._db.execute(
-                "INSERT INTO sequence_guard_schema (version) VALUES (?)", (SCHEMA_VERSION,)
-            )
-        elif row[0] != SCHEMA_VERSION:
-            raise SequenceStateError(
-                f"{self.path}: sequence state schema {row[0]}, this build reads {SCHEMA_VERSION}"
-            )
+        # owns a shared database file. One write transaction, so two processes
+        # opening a new (or version 1) file create (or migrate) it once.
+        own = not self._db.in_transaction
+        if own:
+            self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            row = self._db.execute("SELECT version FROM sequence_guard_schema").fetchone()
+            if row is None:
+                self._db.execute(
+                    "INSERT INTO sequence_guard_schema (version) VALUES (?)", (SCHEMA_VERSION,)
+                )
+            elif row[0] == 1:
+                # Version 1 kept every digest in `accepted`: an empty ring reads the same.
+                self._db.execute(
+                    "ALTER TABLE meter_state ADD COLUMN recent BLOB NOT NULL DEFAULT x''"
+                )
+                self._db.execute("UPDATE sequence_guard_schema SET version = ?", (SCHEMA_VERSION,))
+            elif row[0] != SCHEMA_VERSION:
+                raise SequenceStateError(
+                    f"{self.path}: sequence state schema {row[0]}, "
+                    f"this build reads {SCHEMA_VERSION}"
+                )
+        except BaseException:
+            if own and self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        if own:
+            self._db.execute("COMMIT")
 
     # --- queries -------------------------------------------------------------------
 
@@ -234,12 +288,17 @@ class SequenceGuard:
         with self._lock, self._transaction("DEFERRED"):
             return self._state(meter_id)
 
+    def accepted_seqs(self, meter_id: str | None = None) -> dict[str, list[int]]:
+        """Per meter (or just `meter_id`): the accepted seqs inside the replay window, ascending."""
+        with self._lock, self._transaction("DEFERRED"):
+            return window_seqs(self._db, self.window, meter_id)
+
     def check(self, reading: Reading, *, received: int | None = None) -> Admission:
         """What `check_and_accept` would do now, without recording anything."""
         # A read transaction, so both lookups see one snapshot even while
         # another process writes.
         with self._lock, self._transaction("DEFERRED"):
-            return self._admit(reading, self._state(reading.meter_id), {}, {}, received)
+            return self._admit(reading, self._state(reading.meter_id), {}, received)
 
     # --- recording -----------------------------------------------------------------
 
@@ -384,13 +443,13 @@ class SequenceGuard:
         for i in range(0, len(ids), _QUERY_IDS):
             chunk = ids[i : i + _QUERY_IDS]
             rows = self._db.execute(
-                "SELECT meter_id, seq, time, import_wh, export_wh, digest FROM meter_state "
-                f"WHERE meter_id IN ({', '.join('?' * len(chunk))})",
+                "SELECT meter_id, seq, time, import_wh, export_wh, digest, recent "
+                f"FROM meter_state WHERE meter_id IN ({', '.join('?' * len(chunk))})",
                 chunk,
             )
-            for meter_id, seq, time, import_wh, export_wh, digest in rows:
+            for meter_id, seq, time, import_wh, export_wh, digest, recent in rows:
                 found[meter_id] = MeterState(
-                    meter_id, int(seq), int(time), int(import_wh), int(export_wh), digest
+                    meter_id, int(seq), int(time), int(import_wh), int(export_wh), digest, recent
                 )
         return found
 
@@ -424,20 +483,30 @@ class SequenceGuard:
         unknown = {r.meter_id for r in readings} - self._cache.keys()
         if unknown:
             self._cache.update(self._states(unknown))
-        digests: dict[tuple[str, int], bytes] = {}  # accepted in this batch
-        pruned: dict[str, int] = {}  # per meter: seqs at or below are deleted by this batch
+        spilled: dict[tuple[str, int], bytes] = {}  # ring entries this batch moves to `accepted`
         outcomes: list[Admission | RejectedReading] = []
+        ring_bytes = RECENT * _ENTRY
         for reading in readings:
             meter_id = reading.meter_id
             last = pending.get(meter_id) or self._cache.get(meter_id)
             try:
-                admission = self._admit(reading, last, digests, pruned, received)
+                admission = self._admit(reading, last, spilled, received)
             except RejectedReading as exc:
                 if last is not None:
                     pending[meter_id] = last
                 outcomes.append(exc)
                 continue
             assert admission.time is not None
+            entry = reading.seq.to_bytes(8, "big") + reading.digest
+            if last is None:
+                recent = entry
+            elif len(last.recent) < ring_bytes:
+                recent = last.recent + entry
+            else:
+                for seq, digest in last.recent_entries():
+                    if seq > reading.seq - self.window:  # older ones are gone already
+                        spilled[(meter_id, seq)] = digest
+                recent = entry
             pending[meter_id] = MeterState(
                 meter_id,
                 reading.seq,
@@ -445,21 +514,19 @@ class SequenceGuard:
                 reading.import_wh,
                 reading.export_wh,
                 reading.digest,
+                recent,
             )
-            digests[(meter_id, reading.seq)] = reading.digest
-            if reading.seq >= self.window:
-                pruned[meter_id] = reading.seq - self.window
             outcomes.append(admission)
-        if digests:
-            self._record(digests, pruned)
+        written = [m for m, o in zip(readings, outcomes, strict=True) if isinstance(o, Admission)]
+        if written:
+            self._record({r.meter_id for r in written}, spilled)
         return outcomes
 
     def _admit(
         self,
         reading: Reading,
         last: MeterState | None,
-        digests: dict[tuple[str, int], bytes],
-        pruned: dict[str, int],
+        spilled: dict[tuple[str, int], bytes],
         received: int | None,
     ) -> Admission:
         reset_flag = bool(reading.flags & FLAG_COUNTER_RESET)
@@ -469,7 +536,7 @@ class SequenceGuard:
                 reading.meter_id, reading.seq, True, 0, reset_flag, None, None, False, None, booked
             )
         if reading.seq <= last.seq:
-            self._refuse_old_seq(reading, last, digests, pruned)
+            self._refuse_old_seq(reading, last, spilled)
         gap = reading.seq - last.seq - 1
         import_reset = reading.import_wh < last.import_wh
         export_reset = reading.export_wh < last.export_wh
@@ -506,12 +573,20 @@ class SequenceGuard:
         )
 
     def _accepted_digest(
-        self, reading: Reading, digests: dict[tuple[str, int], bytes], pruned: dict[str, int]
+        self, reading: Reading, last: MeterState, spilled: dict[tuple[str, int], bytes]
     ) -> bytes | None:
-        """The digest accepted for the reading's seq, counting this batch's unwritten rows."""
-        if reading.seq <= pruned.get(reading.meter_id, -1):
-            return None  # this batch's pruning deletes that row
-        digest = digests.get((reading.meter_id, reading.seq))
+        """The digest accepted for the reading's seq (below `last.seq`), or None.
+
+        Looks in the state's ring, then in what this batch spilled and has not
+        written yet, then in `accepted`. Below the window nothing counts, even
+        a row not dropped yet.
+        """
+        if reading.seq <= last.seq - self.window:
+            return None
+        digest = last.recent_digest(reading.seq)
+        if digest is not None:
+            return digest
+        digest = spilled.get((reading.meter_id, reading.seq))
         if digest is not None:
             return digest
         row = self._db.execute(
@@ -521,13 +596,9 @@ class SequenceGuard:
         return None if row is None else bytes(row[0])
 
     def _refuse_old_seq(
-        self,
-        reading: Reading,
-        last: MeterState,
-        digests: dict[tuple[str, int], bytes],
-        pruned: dict[str, int],
+        self, reading: Reading, last: MeterState, spilled: dict[tuple[str, int], bytes]
     ) -> NoReturn:
-        accepted = self._accepted_digest(reading, digests, pruned)
+        accepted = self._accepted_digest(reading, last, spilled)
         where = f"meter {reading.meter_id!r} seq {reading.seq}"
         if accepted is not None:
             if accepted == reading.digest:
@@ -543,12 +614,12 @@ class SequenceGuard:
             )
         raise OutOfOrder(f"{where}: below the last accepted seq {last.seq} and never accepted")
 
-    def _record(self, digests: dict[tuple[str, int], bytes], pruned: dict[str, int]) -> None:
-        """Write a batch's admissions: one statement per table, not three per reading."""
+    def _record(self, meters: set[str], spilled: dict[tuple[str, int], bytes]) -> None:
+        """Write a batch's admissions: the states of `meters`, then the spilled ring entries."""
         pending = self._pending
         execute_rows(
             self._db,
-            "INSERT INTO meter_state (meter_id, seq, time, import_wh, export_wh, digest)",
+            "INSERT INTO meter_state (meter_id, seq, time, import_wh, export_wh, digest, recent)",
             [
                 (
                     state.meter_id,
@@ -557,20 +628,51 @@ class SequenceGuard:
                     _u64(state.import_wh),
                     _u64(state.export_wh),
                     state.digest,
+                    state.recent,
                 )
-                for state in (pending[m] for m in {m for m, _ in digests})
+                for state in (pending[m] for m in meters)
             ],
             "ON CONFLICT (meter_id) DO UPDATE SET "
             "seq = excluded.seq, time = excluded.time, import_wh = excluded.import_wh, "
-            "export_wh = excluded.export_wh, digest = excluded.digest",
+            "export_wh = excluded.export_wh, digest = excluded.digest, recent = excluded.recent",
         )
+        if not spilled:
+            return
         execute_rows(
             self._db,
             "INSERT INTO accepted (meter_id, seq, digest)",
-            [(meter_id, _u64(seq), digest) for (meter_id, seq), digest in digests.items()],
+            [(meter_id, _u64(seq), digest) for (meter_id, seq), digest in spilled.items()],
         )
-        if pruned:
-            self._db.executemany(
-                "DELETE FROM accepted WHERE meter_id = ? AND seq <= ?",
-                [(meter_id, _u64(below)) for meter_id, below in pruned.items()],
-            )
+        # What fell out of the window, for the meters whose runs this batch wrote to.
+        self._db.executemany(
+            "DELETE FROM accepted WHERE meter_id = ? AND seq <= ?",
+            [
+                (meter_id, _u64(pending[meter_id].seq - self.window))
+                for meter_id in {m for m, _ in spilled}
+                if pending[meter_id].seq >= self.window
+            ],
+        )
+
+
+def window_seqs(
+    db: sqlite3.Connection, window: int = DEFAULT_WINDOW, meter_id: str | None = None
+) -> dict[str, list[int]]:
+    """Per meter (or just `meter_id`): the accepted seqs inside the replay window, ascending.
+
+    Reads the guard's tables through any connection, a read-only one too (for
+    tools and tests that look at a live agent's file): the `accepted` rows plus
+    the states' rings, without the rows below the window not dropped yet.
+    """
+    where, args = ("WHERE meter_id = ?", (meter_id,)) if meter_id is not None else ("", ())
+    held: dict[str, list[int]] = {}
+    floors: dict[str, int] = {}
+    for meter, seq, recent in db.execute(
+        f"SELECT meter_id, seq, recent FROM meter_state {where}", args
+    ):
+        state = MeterState(meter, int(seq), 0, 0, 0, b"", recent)
+        floors[meter] = state.seq - window
+        held[meter] = [s for s, _ in state.recent_entries() if s > floors[meter]]
+    for meter, seq in db.execute(f"SELECT meter_id, seq FROM accepted {where}", args):
+        if int(seq) > floors.get(meter, -1):
+            held.setdefault(meter, []).append(int(seq))
+    return {meter: sorted(seqs) for meter, seqs in held.items()}

@@ -18,6 +18,7 @@ from typing import Any
 from agent_site import MARKET, Site, wait_until
 
 from meterchain.board.emulated import ensure_firmware_importable, run_board
+from meterchain.sequence import window_seqs
 
 ACK_TIMEOUT_S = 5  # the firmware's lower bound
 
@@ -107,8 +108,7 @@ class RunningBoard:
 def committed_seqs(site: Site, meter_id: str) -> list[int]:
     """Sequence numbers of `meter_id` the agent has durably accepted (its guard's record)."""
     with sqlite3.connect(f"file:{site.database}?mode=ro", uri=True) as db:
-        rows = db.execute("SELECT seq FROM accepted WHERE meter_id = ?", (meter_id,)).fetchall()
-    return sorted(int(seq) for (seq,) in rows)
+        return window_seqs(db, meter_id=meter_id).get(meter_id, [])
 
 
 def acknowledged_past(boards: list[RunningBoard], margin: int, timeout: float) -> None:

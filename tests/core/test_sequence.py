@@ -128,9 +128,7 @@ def test_below_the_window_is_out_of_order(tmp_path: Path, make: Make) -> None:
             guard.check_and_accept(make(seq) if seq != 1 else first)
         message = _refused(guard, first, errors.OutOfOrder)
         assert "older than the 4-seq replay window" in message
-        with sqlite3.connect(tmp_path / "w.db") as db:
-            kept = [int(s) for (s,) in db.execute("SELECT seq FROM accepted ORDER BY seq")]
-        assert kept == [3, 4, 5, 6]
+        assert guard.accepted_seqs() == {first.meter_id: [3, 4, 5, 6]}
 
 
 @pytest.mark.parametrize("register", ["import_wh", "export_wh"])
@@ -540,11 +538,171 @@ def test_two_writers_on_one_file_see_each_others_meters_in_big_batches(tmp_path:
         assert all(type(o) is Admission for o in second.check_and_accept_many(by_second))
         # The first writer's cache still says seq 1 for every meter.
         outcomes = first.check_and_accept_many(
-            [*by_second, *(signed(m, 2, 1_020) for m in meters[1::2]),
-             *(signed(m, 2, 1_030) for m in meters[::2])]  # fmt: skip
+            [
+                *by_second,
+                *(signed(m, 2, 1_020) for m in meters[1::2]),
+                *(signed(m, 2, 1_030) for m in meters[::2]),
+            ]  # fmt: skip
         )
     half = len(meters[::2])
     duplicates, accepted, replays = outcomes[:half], outcomes[half:-half], outcomes[-half:]
     assert all(type(o) is errors.DuplicateReading for o in duplicates)
     assert all(type(o) is Admission and o.gap == 0 for o in accepted)
     assert all(type(o) is errors.ReplayedReading for o in replays)
+
+
+# --- where the window's digests live: the state's ring and `accepted` ----------------
+
+
+def _model_outcomes(
+    ops: list[tuple[int, int]], digest: Callable[[int, int], bytes], window: int
+) -> tuple[list[str], list[int]]:
+    """The module docstring's rules on a dict: each outcome, and the seqs left in the window."""
+    accepted: dict[int, bytes] = {}
+    last: int | None = None
+    outcomes = []
+    for seq, variant in ops:
+        mine = digest(seq, variant)
+        if last is None or seq > last:
+            accepted[seq] = mine
+            last = seq
+            accepted = {s: d for s, d in accepted.items() if s > last - window}
+            outcomes.append("ok")
+        elif accepted.get(seq) == mine:
+            outcomes.append("duplicate")
+        elif seq in accepted:
+            outcomes.append("replayed")
+        else:
+            outcomes.append("out_of_order")
+    return outcomes, sorted(accepted)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    ops=st.lists(st.tuples(st.integers(1, 48), st.integers(0, 1)), min_size=1, max_size=70),
+    window=st.sampled_from([1, 2, 5, 7, 1024]),
+    recent=st.sampled_from([1, 3, 16]),
+    cuts=st.lists(st.integers(1, 6), min_size=1, max_size=20),
+    reopen=st.booleans(),
+)
+def test_ring_and_table_refuse_exactly_as_one_table_of_every_digest(
+    tmp_path_factory: pytest.TempPathFactory,
+    make: Make,
+    monkeypatch: pytest.MonkeyPatch,
+    ops: list[tuple[int, int]],
+    window: int,
+    recent: int,
+    cuts: list[int],
+    reopen: bool,
+) -> None:
+    """An attacker's mix of new, resent, altered and stale seqs, in batches of any size.
+
+    Whatever the ring's size, the window, where batches are cut and whether
+    the guard is reopened between them, every outcome and every seq still
+    held must be what a single table of every accepted digest gives.
+    """
+    from meterchain import sequence
+
+    monkeypatch.setattr(sequence, "RECENT", recent)
+    cache: dict[tuple[int, int], Reading] = {}
+
+    def signed(seq: int, variant: int) -> Reading:
+        if (seq, variant) not in cache:  # altered content: another power value, same seq
+            cache[(seq, variant)] = make(seq, power_w=100 + variant, import_wh=1_000 + seq)
+        return cache[(seq, variant)]
+
+    expected, held = _model_outcomes(ops, lambda s, v: signed(s, v).digest, window)
+    path = tmp_path_factory.mktemp("ring") / "seq.db"
+    guard = SequenceGuard(path, window=window)
+    got: list[str] = []
+    i = 0
+    for cut in cuts * (len(ops) // len(cuts) + 1):
+        if i >= len(ops):
+            break
+        batch = [signed(*op) for op in ops[i : i + cut]]
+        got += [o.reason if isinstance(o, errors.RejectedReading) else "ok"
+                for o in guard.check_and_accept_many(batch)]  # fmt: skip
+        i += cut
+        if reopen:
+            guard.close()
+            guard = SequenceGuard(path, window=window)
+    assert got == expected
+    assert guard.accepted_seqs().get(PV_METER, []) == held
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        assert sequence.window_seqs(db, window).get(PV_METER, []) == held
+        # Nothing kept below the window beyond one ring's worth of stragglers.
+        rows = db.execute("SELECT count(*) FROM accepted").fetchone()[0]
+    assert rows <= min(window, max(s for s, _ in ops)) + recent
+    guard.close()
+
+
+def _as_version_1(path: Path) -> None:
+    """Rewrite a guard file as version 1 wrote it: every ring entry a row, no ring column."""
+    with sqlite3.connect(path) as db:
+        for meter_id, recent in db.execute("SELECT meter_id, recent FROM meter_state").fetchall():
+            for k in range(0, len(recent), 40):
+                seq = int.from_bytes(recent[k : k + 8], "big")
+                db.execute(
+                    "INSERT INTO accepted VALUES (?, ?, ?)",
+                    (meter_id, f"{seq:020d}", recent[k + 8 : k + 40]),
+                )
+        db.execute("ALTER TABLE meter_state DROP COLUMN recent")
+        db.execute("UPDATE sequence_guard_schema SET version = 1")
+
+
+def test_a_version_1_file_is_migrated_and_keeps_refusing_its_replays(
+    tmp_path: Path, make: Make
+) -> None:
+    """A file written before the ring (every digest in `accepted`) opens, migrates, still knows."""
+    path = tmp_path / "seq.db"
+    with SequenceGuard(path) as guard:
+        guard.check_and_accept_many([make(s, import_wh=1_000 + s) for s in range(1, 6)])
+    _as_version_1(path)
+    with SequenceGuard(path) as guard:
+        assert isinstance(guard.check_and_accept_many([make(3, import_wh=1_003)])[0],
+                          errors.DuplicateReading)  # fmt: skip
+        replay = make(2, import_wh=1_002, power_w=7)
+        assert isinstance(guard.check_and_accept_many([replay])[0], errors.ReplayedReading)
+        for s in range(6, 40):
+            assert isinstance(guard.check_and_accept(make(s, import_wh=1_000 + s)), Admission)
+        assert guard.accepted_seqs() == {PV_METER: list(range(1, 40))}
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version FROM sequence_guard_schema").fetchall() == [(2,)]
+
+
+def test_a_newer_schema_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "seq.db"
+    SequenceGuard(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE sequence_guard_schema SET version = 3")
+    with pytest.raises(SequenceStateError, match="schema 3, this build reads 2"):
+        SequenceGuard(path)
+
+
+def test_processes_opening_a_version_1_file_together_migrate_it_once(
+    tmp_path: Path, make: Make
+) -> None:
+    path = tmp_path / "seq.db"
+    with SequenceGuard(path) as guard:
+        guard.check_and_accept(make(1))
+    _as_version_1(path)
+    failures: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def open_it() -> None:
+        barrier.wait()
+        try:
+            SequenceGuard(path).close()
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            failures.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    with SequenceGuard(path) as guard:
+        assert isinstance(guard.check_and_accept_many([make(1)])[0], errors.DuplicateReading)
