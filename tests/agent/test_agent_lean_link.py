@@ -10,14 +10,17 @@ again after the broker lost them.
 
 from __future__ import annotations
 
+import ssl
 import struct
 import threading
+import time
 
 import paho.mqtt.client as mqtt
 from agent_site import wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edge_agent import broker_link
 from edge_agent.broker_link import NO_ACK, BrokerLink, _LeanClient
 from meterchain import codec
 from meterchain.mqtt_auth import node_acl, observer_acl
@@ -107,6 +110,70 @@ def test_framing_helpers() -> None:
         assert "longer than 4 bytes" in str(exc)
     else:
         raise AssertionError("a 5-byte remaining length was accepted")
+
+
+class _TrickleSocket:
+    """A non-blocking TLS socket as `ssl.SSLSocket` behaves: one record per recv.
+
+    `arrivals` are (seconds after the first recv, record); a recv before the
+    next record is due raises SSLWantReadError, and an empty bytes is the
+    peer closing.
+    """
+
+    def __init__(self, arrivals: list[tuple[float, bytes]]) -> None:
+        self.arrivals = list(arrivals)
+        self.started: float | None = None
+        self.recvs = 0
+
+    def recv(self, size: int) -> bytes:
+        now = time.monotonic()
+        if self.started is None:
+            self.started = now
+        self.recvs += 1
+        if not self.arrivals:
+            raise ssl.SSLWantReadError("The operation did not complete (read)")
+        due, record = self.arrivals[0]
+        if now - self.started < due:
+            raise ssl.SSLWantReadError("The operation did not complete (read)")
+        self.arrivals.pop(0)
+        assert len(record) <= size
+        return record
+
+    def close(self) -> None:
+        self.arrivals = []
+
+
+def test_a_trickle_of_readings_is_gathered_into_one_burst() -> None:
+    """Records arriving a little apart are read in one pass, bounded by one short wait.
+
+    Without the wait each pass of paho's loop (select, keepalive, GIL
+    hand-overs) would carry one reading; a burst that already has enough
+    never waits, and one that has nothing more coming returns after a single
+    wait.
+    """
+    client, got, _ = _client()
+    bursts: list[int] = []
+    client.after_read = lambda: bursts.append(len(got))
+    records = [_encode(b"mc/m1/r/m%d" % i, b"p" * 150, i + 1, 1) for i in range(3)]
+    client._sock = _TrickleSocket([(0.0, records[0]), (0.0005, records[1]), (0.001, records[2])])
+    started = time.monotonic()
+    assert client.loop_read() == mqtt.MQTT_ERR_SUCCESS
+    waited = time.monotonic() - started
+    assert [mid for _, _, mid, _ in got] == [1, 2, 3]  # one pass took all three, in order
+    assert bursts == [3]  # handed on (to verification) once
+    assert broker_link.RX_WAIT_S <= waited < 1.0  # it waited once, not per record
+    # A full burst does not wait: RX_GATHER records already there are read at once.
+    client, got, _ = _client()
+    many = [(0.0, _encode(b"t", b"x", i + 1, 1)) for i in range(broker_link.RX_GATHER)]
+    client._sock = sock = _TrickleSocket(many)
+    assert client.loop_read() == mqtt.MQTT_ERR_SUCCESS
+    assert len(got) == broker_link.RX_GATHER
+    assert sock.recvs == broker_link.RX_GATHER + 1  # the last found nothing and it returned
+    # The peer closing is still the connection lost, after the wait.
+    client, got, _ = _client()
+    client._sock = _TrickleSocket([(0.0, records[0]), (0.0, b"")])
+    assert client.loop_read() != mqtt.MQTT_ERR_SUCCESS
+    assert len(got) == 1
 
 
 def test_no_puback_for_a_delivery_of_an_earlier_connection() -> None:
