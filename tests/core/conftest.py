@@ -1,8 +1,11 @@
-"""Fixtures for the core tests: meter keys, a registry of them, and a signed-reading factory."""
+"""Fixtures for the core tests: meter keys, a registry of them, a signed-reading factory,
+and openers racing for one file."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -58,3 +61,25 @@ def signed() -> Callable[..., bytes]:
         return reading.sign_reading(key, **{**DEFAULTS, **overrides})
 
     return make
+
+
+def open_together(
+    open_file: Callable[[Path], object], path: Path, openers: int = 3
+) -> list[Exception]:
+    """Run `open_file(path)` in `openers` threads released at the same moment; their errors."""
+    start = threading.Barrier(openers)
+    failures: list[Exception] = []
+
+    def open_it() -> None:
+        start.wait()
+        try:
+            open_file(path)
+        except Exception as exc:  # noqa: BLE001 - collected for the caller's assertion
+            failures.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(openers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(35)
+    return failures

@@ -25,7 +25,7 @@ from meterchain.reading import (
 from meterchain.registry import Registry
 from meterchain.sequence import MAX_SPREAD_S, Admission, SequenceGuard, SequenceStateError
 
-from .conftest import DEFAULTS, LOAD_KEY, LOAD_METER, PV_KEY, PV_METER, T0
+from .conftest import DEFAULTS, LOAD_KEY, LOAD_METER, PV_KEY, PV_METER, T0, open_together
 
 Make = Callable[..., Reading]
 
@@ -688,21 +688,7 @@ def test_processes_opening_a_version_1_file_together_migrate_it_once(
     with SequenceGuard(path) as guard:
         guard.check_and_accept(make(1))
     _as_version_1(path)
-    failures: list[BaseException] = []
-    barrier = threading.Barrier(4)
-
-    def open_it() -> None:
-        barrier.wait()
-        try:
-            SequenceGuard(path).close()
-        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
-            failures.append(exc)
-
-    threads = [threading.Thread(target=open_it) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    failures = open_together(lambda p: SequenceGuard(p).close(), path, openers=4)
     assert failures == []
     with SequenceGuard(path) as guard:
         assert isinstance(guard.check_and_accept_many([make(1)])[0], errors.DuplicateReading)

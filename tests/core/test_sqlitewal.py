@@ -15,6 +15,8 @@ from meterchain.ledger.store import open_store
 from meterchain.sequence import SequenceGuard
 from meterchain.sqlitewal import use_wal
 
+from .conftest import open_together
+
 
 def _half_made(path: Path) -> sqlite3.Connection:
     """A connection in the middle of creating `path` (its write lock held, not committed)."""
@@ -53,23 +55,7 @@ def test_the_switch_gives_up_after_its_timeout(tmp_path: Path) -> None:
 def _open_together(open_file: Callable[[Path], object], folder: Path) -> None:
     """Three threads open each of 40 new files at the same moment; none may fail."""
     for i in range(40):
-        path = folder / f"new{i}.sqlite"
-        start = threading.Barrier(3)
-        failures: list[BaseException] = []
-
-        def open_it(path: Path = path, start: threading.Barrier = start,
-                    failures: list[BaseException] = failures) -> None:  # fmt: skip
-            start.wait()
-            try:
-                open_file(path)
-            except Exception as exc:  # noqa: BLE001 - collected for the assertion
-                failures.append(exc)
-
-        openers = [threading.Thread(target=open_it) for _ in range(3)]
-        for t in openers:
-            t.start()
-        for t in openers:
-            t.join(35)
+        failures = open_together(open_file, folder / f"new{i}.sqlite")
         assert not failures, failures
 
 
