@@ -1,7 +1,10 @@
 """The edge agent service: wires config, ingest, MQTT, Modbus, rounds, block review and systemd.
 
 `run_agent(config)` starts every part, tells systemd it is ready, pings the
-watchdog while the ingest writer is alive, and on SIGTERM/SIGINT shuts down
+watchdog while the ingest writer is alive, on SIGHUP reads the meter registry
+again (`Agent.reload`: meters added, removed or re-keyed are taken up without
+a restart; a registry file that does not load is refused and the running one
+kept), and on SIGTERM/SIGINT shuts down
 in order: stop polling meters, let the writer finish the transaction in
 hand (what is still queued stays unacknowledged at the broker), disconnect
 from the broker, close buses and the database, exit 0. If the writer dies
@@ -40,7 +43,7 @@ from edge_agent.status import AgentStatus
 from edge_agent.store import AgentStore, StoreView
 from edge_agent.worker import GatewayIdentity, IngestWorker
 from meterchain import service
-from meterchain.errors import ConfigError
+from meterchain.errors import ConfigError, MeterChainError
 
 if TYPE_CHECKING:
     from edge_agent.consensus_clearing import ConsensusClearing
@@ -62,6 +65,7 @@ class Agent:
         forecaster = self._forecaster()
         self.metrics = AgentMetrics(clock=self.clock)
         self.registry = Registry.load(config.agent.registry)
+        self.metrics.registered_meters.set(len(self.registry))
         self.store = AgentStore(config.database)
         self.guard = SequenceGuard(self.store.conn)
         self.ingest = Ingest(
@@ -205,6 +209,38 @@ class Agent:
             return submit_lead_s(self.config)
         return self.config.consensus.bid_lead_s
 
+    def reload(self) -> bool:
+        """Read the registry file again and use it; False (and the old one kept) if it is bad.
+
+        This process's ingest swaps it in at once (readings in flight for a
+        changed or removed meter are checked again at commit); the ingest
+        workers are restarted one after another and read it when they start.
+        """
+        path = self.config.agent.registry
+        try:
+            registry = Registry.load(path)
+        except (MeterChainError, OSError) as exc:
+            log.error("registry not reloaded, still using the one loaded before: %s", exc)
+            self.metrics.registry_reloads.labels("refused").inc()
+            return False
+        before = {m.id for m in self.registry}
+        changed = self.ingest.set_registry(registry)
+        self.registry = registry
+        if self.pool is not None:
+            self.pool.reload()
+        after = {m.id for m in registry}
+        log.info(
+            "registry reloaded from %s: %d meter(s), %d added, %d removed, %d changed",
+            path,
+            len(after),
+            len(after - before),
+            len(before - after),
+            len(changed - (before - after)),
+        )
+        self.metrics.registry_reloads.labels("loaded").inc()
+        self.metrics.registered_meters.set(len(after))
+        return True
+
     def _mqtt_state(self, **up: bool) -> None:
         """Connected means this process's session and every ingest worker's."""
         self._mqtt_up.update(up)
@@ -330,6 +366,16 @@ def run_agent(config: AgentConfig) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        return await Agent(config).run(stop)
+        agent = Agent(config)
+
+        def reload() -> None:
+            # Parsing thousands of meters' keys takes a while: not on the event loop.
+            done = loop.run_in_executor(None, agent.reload)
+            done.add_done_callback(
+                lambda f: f.exception() and log.error("reload failed: %r", f.exception())
+            )
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        return await agent.run(stop)
 
     return asyncio.run(main())

@@ -27,6 +27,13 @@ up): such readings are logged and not acknowledged.
 Rejected readings are counted by reason and logged calmly: ERROR the first
 time a meter shows a reason, DEBUG while it repeats, INFO when the meter's
 next reading is accepted.
+
+The registry can be replaced while readings flow (`set_registry`, the
+agent's reload): a reading checked against the old one may still be on its
+way to `commit`, so a commit checks again the readings of every meter whose
+entry changed or went (a re-keyed meter's old signatures fail; a removed
+meter's readings are not final and stay on the board), and each commit
+reads one registry from start to end.
 """
 
 from __future__ import annotations
@@ -191,6 +198,27 @@ class Ingest:
         # (29 us a reading at 50,000 entries, against 0.8 us here).
         self._verified: OrderedDict[bytes, Reading] = OrderedDict()
         self._verified_lock = threading.Lock()
+        # Meters whose entry changed or went in a registry swap: their readings are
+        # checked again at commit (one checked against the old entry may be in flight).
+        self._recheck: frozenset[str] = frozenset()
+
+    def set_registry(self, registry: Registry) -> frozenset[str]:
+        """Use `registry` from now on; the ids of meters whose entry changed or went.
+
+        Readings verified against the old registry are forgotten, and those of
+        the changed meters still on their way to `commit` are checked again there.
+        """
+        old = self.registry
+        changed = frozenset(
+            meter.id
+            for meter in old
+            if (new := registry.get(meter.id)) is None or not new.same_entry(meter)
+        )
+        with self._verified_lock:
+            self._verified.clear()
+            self._recheck = self._recheck | changed
+            self.registry = registry
+        return changed
 
     def _stored_watermark(self, meter_id: str) -> int | None:
         """The committed watermark; for a meter accepted before acknowledgements, its last seq."""
@@ -261,12 +289,15 @@ class Ingest:
         which case nothing was committed and nothing may be acknowledged.
         """
         received = int(self.clock())
+        registry, recheck = self.registry, self._recheck  # one registry for the whole commit
         slots: list[Result | None] = []
         readings: list[Reading] = []
         touched: set[str] = set()
         for i, item in enumerate(checked):
+            if isinstance(item, Reading) and item.meter_id in recheck:
+                item = self._check_again(item, registry, received)
             sender = senders[i] if senders else ""
-            meter_id = self._acknowledged_meter(item, sender)
+            meter_id = self._acknowledged_meter(item, sender, registry)
             if meter_id is not None:
                 touched.add(meter_id)
                 seq = item.seq if isinstance(item, Reading) else self._claimed_seq(item)
@@ -279,7 +310,7 @@ class Ingest:
                 slots.append(None)
                 readings.append(item)
         try:
-            results = self._commit(slots, readings, before_commit, senders, received)
+            results = self._commit(slots, readings, before_commit, senders, received, registry)
         except BaseException:
             self.watermarks.rollback()
             raise
@@ -298,6 +329,7 @@ class Ingest:
         before_commit: Callable[[list[Result]], None] | None,
         senders: Sequence[str] | None,
         received: int,
+        registry: Registry,
     ) -> list[Result]:
         if not readings and not any(
             r is not None and r.outcome is Outcome.REJECTED for r in slots
@@ -307,7 +339,8 @@ class Ingest:
             outcomes = self.guard.admit_many(readings, received=received)
             admissions = zip(readings, outcomes, strict=True)
             results = [
-                slot if slot is not None else self._fold(*next(admissions)) for slot in slots
+                slot if slot is not None else self._fold(*next(admissions), registry)
+                for slot in slots
             ]
             if before_commit is not None:
                 before_commit(results)
@@ -325,7 +358,18 @@ class Ingest:
             self.guard.committed()
         return results
 
-    def _acknowledged_meter(self, item: Reading | Result, sender: str) -> str | None:
+    def _check_again(self, reading: Reading, registry: Registry, now: int) -> Reading | Result:
+        """`reading` verified again against `registry` (its meter's entry changed or went)."""
+        try:
+            return verify(
+                reading.signed, registry, now=now, max_clock_ahead_s=self.max_clock_ahead_s
+            )
+        except RejectedReading as exc:
+            return Result(Outcome.REJECTED, None, exc.reason, str(exc), payload=reading.signed)
+
+    def _acknowledged_meter(
+        self, item: Reading | Result, sender: str, registry: Registry
+    ) -> str | None:
         """The own meter whose watermark this item moves, or None (not ours, or not final)."""
         if self.acknowledge is None:
             return None
@@ -340,7 +384,7 @@ class Ingest:
             if claimed is None or claimed[0] != sender:
                 return None  # only the meter's own topic speaks for its sequence
             meter_id = claimed[0]
-        meter = self.registry.get(meter_id)
+        meter = registry.get(meter_id)
         return meter_id if meter is not None and meter.owner == self.acknowledge else None
 
     @staticmethod
@@ -359,14 +403,16 @@ class Ingest:
             f"waiting for {watermark + 1}..{seq - 1}",
         )
 
-    def _fold(self, reading: Reading, admission: Admission | RejectedReading) -> Result:
+    def _fold(
+        self, reading: Reading, admission: Admission | RejectedReading, registry: Registry
+    ) -> Result:
         """The reading's Result; an admitted one's energy is added to its hourly rows."""
         if isinstance(admission, DuplicateReading):
             return Result(Outcome.DUPLICATE, reading, admission.reason, str(admission))
         if isinstance(admission, RejectedReading):
             return Result(Outcome.REJECTED, reading, admission.reason, str(admission))
-        meter = self.registry.get(reading.meter_id)
-        if meter is None:  # verify() looked it up a moment ago; a registry swap raced us
+        meter = registry.get(reading.meter_id)
+        if meter is None:  # commit checked it again against this registry after any swap
             raise MeterChainError(f"meter {reading.meter_id!r} vanished from the registry")
         if admission.previous_time is not None:
             # Register by register (a restarted one counts from zero) over the booking

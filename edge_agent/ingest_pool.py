@@ -24,9 +24,13 @@ had not is still in its persistent broker session and on the boards, which
 resend from their watermark. A worker whose storage fails exits with
 STORAGE_FAILED; the agent then stops, as when its own writer fails.
 
-Meters added to the registry are taken up at the agent's next start (the
-registry is read then); a worker unsubscribes the filters of meters it no
-longer owns on every connect, so changing the number of workers never
+A worker reads the registry when it starts. The agent's reload (SIGHUP,
+`systemctl reload`) restarts the workers one after another (`reload`): each
+finishes the batch in hand, disconnects, and its successor subscribes the
+filters of the meters the new registry gives it; what the old one had not
+committed is still in the persistent session. The number of workers stays
+as started. A worker unsubscribes the filters of meters it no longer owns
+on every connect, so changing the number of workers (a restart) never
 leaves a meter with two sessions.
 """
 
@@ -52,6 +56,7 @@ log = logging.getLogger("meterchain.agent.ingest_pool")
 STORAGE_FAILED = 3  # a worker's exit status when its writer failed (the disk, not the worker)
 REPORT_S = 0.25  # how often a worker reports its tally and connection state
 RESTART_DELAY_S = 1.0  # between a worker's death and its restart
+RELOAD_WAIT_S = 30.0  # longest a reload waits for a restarted worker to subscribe again
 
 
 def owner_of(meter_id: str, workers: int) -> int:
@@ -78,6 +83,7 @@ def _worker_main(
     # a worker stops when the agent tells it to (or is gone), after its batch in hand.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal's hang-up; reload: the agent
     service.setup_logging(f"meterchain-agent-ingest{index}", log_level)
     config = load(config_path)
     registry = Registry.load(config.agent.registry)
@@ -159,6 +165,8 @@ class _Worker:
         self.conn: Connection | None = None
         self.up = False
         self.restart_at: float | None = None
+        self.reloading = False  # told to stop for a reload: restarted at once when it exits
+        self.reload_wait: float | None = None  # restarted for a reload: next waits till up or this
 
 
 class IngestPool:
@@ -191,6 +199,9 @@ class IngestPool:
         self._up = False
         self._log_level = logging.getLogger().getEffectiveLevel()
         self._thread = threading.Thread(target=self._supervise, name="ingest-pool", daemon=True)
+        self._reloads: list[int] = []  # workers still to restart for a reload, in order
+        self._reload_lock = threading.Lock()
+        self.reloads = 0  # worker restarts done for reloads
 
     @property
     def up(self) -> bool:
@@ -225,6 +236,36 @@ class IngestPool:
                 worker.process.kill()
                 worker.process.join()
 
+    def reload(self) -> None:
+        """Restart every worker, one after another, so each reads the registry again.
+
+        The next is told to stop only once the previous one's successor is
+        connected and subscribed, so at most one partition pauses at a time.
+        A reload asked for while one is under way restarts every worker again.
+        """
+        with self._reload_lock:
+            self._reloads = [w.index for w in self._workers]
+
+    def _next_reload(self) -> None:
+        """Tell the next worker of a reload to stop, once no other is restarting for one."""
+        now = time.monotonic()
+        for w in self._workers:
+            if w.reload_wait is not None and (w.up or now >= w.reload_wait):
+                w.reload_wait = None  # subscribed again (or the broker is away: go on)
+        if any(w.reloading or w.reload_wait is not None for w in self._workers):
+            return  # one at a time
+        with self._reload_lock:
+            if not self._reloads:
+                return
+            worker = self._workers[self._reloads.pop(0)]
+        if worker.conn is None:
+            return  # dead and waiting for its restart, which reads the registry anyway
+        worker.reloading = True
+        try:
+            worker.conn.send(None)
+        except (BrokenPipeError, OSError):
+            pass  # it died meanwhile: _died restarts it
+
     def _spawn(self, worker: _Worker) -> None:
         parent, child = self._ctx.Pipe()
         worker.process = self._ctx.Process(
@@ -238,6 +279,7 @@ class IngestPool:
         worker.conn = parent
         worker.up = False
         worker.restart_at = None
+        worker.reloading = False
 
     def _drain(self, worker: _Worker) -> None:
         """Take every report waiting on the worker's pipe."""
@@ -268,6 +310,7 @@ class IngestPool:
                     self.restarts += 1
                     self.metrics.ingest_worker_restarts.inc()
                     self._spawn(worker)
+            self._next_reload()
             up = all(w.up for w in self._workers)
             if up != self._up:
                 self._up = up
@@ -285,6 +328,12 @@ class IngestPool:
             log.critical("ingest worker %d: storage failure, the agent stops", worker.index)
             worker.process = None
             self.failed.set()
+            return
+        if worker.reloading and code == 0:
+            log.info("ingest worker %d stopped for the reload: starting it again", worker.index)
+            self.reloads += 1
+            self._spawn(worker)
+            worker.reload_wait = time.monotonic() + RELOAD_WAIT_S
             return
         log.error(
             "ingest worker %d (pid %s) died (exit status %s): restarting in %.0f s",

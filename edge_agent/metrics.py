@@ -158,6 +158,17 @@ class AgentMetrics:
             "Ingest worker processes restarted after they died",
             registry=r,
         )
+        self.registry_reloads = Counter(
+            "meterchain_agent_registry_reloads",
+            "Registry reloads (SIGHUP) by result: loaded, or refused (the old one kept)",
+            ["result"],
+            registry=r,
+        )
+        self.registered_meters = Gauge(
+            "meterchain_agent_registered_meters",
+            "Meters in the registry in use",
+            registry=r,
+        )
         self.outbox_dropped = Counter(
             "meterchain_agent_outbox_dropped",
             "Gateway readings dropped from a full outbox (still counted locally)",

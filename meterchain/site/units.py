@@ -34,7 +34,11 @@ UMask=0077
 """
 
 
-def _unit(site: Site, description: str, command: str, config: str, after: str) -> str:
+def _unit(
+    site: Site, description: str, command: str, config: str, after: str, *, reload: bool = False
+) -> str:
+    # The agent reads its registry again on SIGHUP (`systemctl reload`).
+    reload_line = "ExecReload=/bin/kill -HUP $MAINPID\n" if reload else ""
     return f"""\
 # {description}, written by `meterchain site init` for the site in {site.root}.
 # Install: sudo cp {site.root}/systemd/*.service /etc/systemd/system/
@@ -52,7 +56,7 @@ User={getpass.getuser()}
 WorkingDirectory={site.root}
 ExecStartPre={INSTALL} {command} check-config --config {config}
 ExecStart={INSTALL} {command} run --config {config}
-WatchdogSec=60
+{reload_line}WatchdogSec=60
 Restart=on-failure
 RestartSec=5
 RestartPreventExitStatus=2
@@ -75,5 +79,5 @@ def aggregator_unit(site: Site) -> str:
 def agent_unit(site: Site, node_id: str) -> str:
     return _unit(
         site, f"MeterChain edge agent {node_id} of market {site.market}", "agent",
-        str(site.agent_config(node_id)), "mosquitto.service",
+        str(site.agent_config(node_id)), "mosquitto.service", reload=True,
     )  # fmt: skip

@@ -443,3 +443,50 @@ def test_the_verified_cache_forgets_the_oldest_first(acked, board, verify_calls,
     assert len(calls) == 6 and len(ingest._verified) == 3
     ingest.check(readings[2])
     assert len(calls) == 7
+
+
+def _registry(*boards: BoardMeter) -> Registry:
+    registry = Registry()
+    for b in boards:
+        registry.add(b.meter_id, b.key.public_key(), b.owner, b.source)
+    return registry
+
+
+def test_a_registry_swap_takes_effect_for_readings_checked_before_it(acked, board) -> None:
+    """The agent's reload: a new meter is taken up, and what was checked against the old
+    registry but commits after the swap is judged by the new one.
+
+    Worst case for the swap: the readings were verified (and cached) against the
+    old entries and reach `commit` only after it.
+    """
+    ingest, counts, view, acks = acked
+    newcomer = BoardMeter("mg1-new", PrivateKey.generate(), "mg1", "pv", "")
+    early = newcomer.reading(T0, 10)
+    assert _send(ingest, newcomer, early) == [Outcome.REJECTED]  # unknown: not final
+    assert view.watermarks() == {}
+    assert _send(ingest, board, board.reading(T0, 1)) == [Outcome.ACCEPTED]
+    signed = [board.reading(T0 + 60 * k, 1 + k) for k in (1, 2)]
+    in_flight = [ingest.check(payload) for payload in signed]
+    rekeyed = BoardMeter(board.meter_id, PrivateKey.generate(), board.owner, board.source, "")
+    rekeyed.seq = board.seq
+    other = BoardMeter("mg2-load", PrivateKey.from_secret(77), "mg2", "load", "")
+    changed = ingest.set_registry(_registry(rekeyed, newcomer, other))
+    assert changed == {board.meter_id}
+    # Checked against the old key, committed after the swap: the old signature no longer counts.
+    results = ingest.commit(in_flight, senders=[board.meter_id] * 2)
+    assert [(r.outcome, r.reason) for r in results] == [(Outcome.REJECTED, "bad_signature")] * 2
+    # Their resends (verified and cached before the swap) and new old-key readings too.
+    assert _send(ingest, board, *signed) == [Outcome.REJECTED] * 2
+    assert _send(ingest, board, board.reading(T0 + 180, 4)) == [Outcome.REJECTED]
+    assert _send(ingest, rekeyed, rekeyed.reading(T0 + 240, 5)) == [Outcome.ACCEPTED]
+    # The newcomer's resend (the board kept it: it was never acknowledged) is accepted.
+    assert _send(ingest, newcomer, early) == [Outcome.ACCEPTED]
+    assert view.watermarks()["mg1-new"] == 1
+    # A meter removed while its readings are on their way: not final, not acknowledged,
+    # and the commit does not fail (the writer would stop the agent).
+    in_flight = [ingest.check(newcomer.reading(T0 + 60, 11))]
+    assert ingest.set_registry(_registry(rekeyed, other)) == {"mg1-new"}
+    (result,) = ingest.commit(in_flight, senders=["mg1-new"])
+    assert (result.outcome, result.reason) == (Outcome.REJECTED, "unknown_meter")
+    assert view.watermarks()["mg1-new"] == 1
+    assert counts.accepted_n == 3

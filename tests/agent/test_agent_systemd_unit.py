@@ -33,6 +33,8 @@ def test_unit_is_a_watched_notify_service_for_an_unprivileged_user() -> None:
     assert d["DynamicUser"] == ["yes"] and "User" not in d
     assert d["StateDirectory"] == ["meterchain-agent"]
     assert d["KillSignal"] == ["SIGTERM"]
+    # `systemctl reload`: SIGHUP to the agent (not its workers), which reads the registry again.
+    assert d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     (exec_start,) = d["ExecStart"]
     assert exec_start.split()[1:4] == ["agent", "run", "--config"]
     credentials = {c.split(":")[0] for c in d["LoadCredential"]}

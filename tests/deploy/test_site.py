@@ -128,6 +128,8 @@ def test_the_generated_units_pass_systemd_analyze(site: layout.Site, tmp_path: P
     for unit in units:
         text = unit.read_text()
         assert "ExecStart=/opt/meterchain/bin/meterchain " in text
+        # Agents reload their registry on SIGHUP; the aggregator has no reload.
+        assert ("ExecReload=/bin/kill -HUP $MAINPID" in text) == ("agent" in unit.name), unit
         assert f"ReadWritePaths={site.root / 'state'}" in text
         assert not systemd_verify_problems(unit, tmp_path)
 
