@@ -71,6 +71,7 @@ def test_sighup_takes_up_new_meters_and_loses_nothing_in_flight(make_site, agent
             make_meter(late.meter_id, late.key.public_key(), late.owner, late.source),
         )
         os.kill(agent.process.pid, signal.SIGHUP)
+        assert streaming.is_alive(), "the reload must come while readings stream"
         streaming.join(30)
         wait_until(
             lambda: scraped("meterchain_agent_registry_reloads_total", result="loaded") == 1,
