@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -66,6 +67,7 @@ class Agent:
         self.metrics = AgentMetrics(clock=self.clock)
         self.registry = Registry.load(config.agent.registry)
         self.metrics.registered_meters.set(len(self.registry))
+        self._reload_lock = threading.Lock()
         self.store = AgentStore(config.database)
         self.guard = SequenceGuard(self.store.conn)
         self.ingest = Ingest(
@@ -216,6 +218,10 @@ class Agent:
         changed or removed meter are checked again at commit); the ingest
         workers are restarted one after another and read it when they start.
         """
+        with self._reload_lock:  # SIGHUPs in quick succession: one reload after the other
+            return self._reload()
+
+    def _reload(self) -> bool:
         path = self.config.agent.registry
         try:
             registry = Registry.load(path)

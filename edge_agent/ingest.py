@@ -208,13 +208,12 @@ class Ingest:
         Readings verified against the old registry are forgotten, and those of
         the changed meters still on their way to `commit` are checked again there.
         """
-        old = self.registry
-        changed = frozenset(
-            meter.id
-            for meter in old
-            if (new := registry.get(meter.id)) is None or not new.same_entry(meter)
-        )
-        with self._verified_lock:
+        with self._verified_lock:  # two swaps at once: each compares with the one before it
+            changed = frozenset(
+                meter.id
+                for meter in self.registry
+                if (new := registry.get(meter.id)) is None or not new.same_entry(meter)
+            )
             self._verified.clear()
             self._recheck = self._recheck | changed
             self.registry = registry

@@ -201,7 +201,6 @@ class IngestPool:
         self._thread = threading.Thread(target=self._supervise, name="ingest-pool", daemon=True)
         self._reloads: list[int] = []  # workers still to restart for a reload, in order
         self._reload_lock = threading.Lock()
-        self.reloads = 0  # worker restarts done for reloads
 
     @property
     def up(self) -> bool:
@@ -331,7 +330,6 @@ class IngestPool:
             return
         if worker.reloading and code == 0:
             log.info("ingest worker %d stopped for the reload: starting it again", worker.index)
-            self.reloads += 1
             self._spawn(worker)
             worker.reload_wait = time.monotonic() + RELOAD_WAIT_S
             return

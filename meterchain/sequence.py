@@ -151,10 +151,15 @@ class MeterState:
 
     def recent_entries(self) -> list[tuple[int, bytes]]:
         """`recent` as (seq, digest) pairs, oldest first."""
-        return [
-            (int.from_bytes(self.recent[i : i + 8], "big"), self.recent[i + 8 : i + _ENTRY])
-            for i in range(0, len(self.recent), _ENTRY)
-        ]
+        return _ring_entries(self.recent)
+
+
+def _ring_entries(recent: bytes) -> list[tuple[int, bytes]]:
+    """A `recent` ring as (seq, digest) pairs, oldest first."""
+    return [
+        (int.from_bytes(recent[i : i + 8], "big"), recent[i + 8 : i + _ENTRY])
+        for i in range(0, len(recent), _ENTRY)
+    ]
 
 
 @dataclass(frozen=True)
@@ -669,9 +674,8 @@ def window_seqs(
     for meter, seq, recent in db.execute(
         f"SELECT meter_id, seq, recent FROM meter_state {where}", args
     ):
-        state = MeterState(meter, int(seq), 0, 0, 0, b"", recent)
-        floors[meter] = state.seq - window
-        held[meter] = [s for s, _ in state.recent_entries() if s > floors[meter]]
+        floors[meter] = int(seq) - window
+        held[meter] = [s for s, _ in _ring_entries(recent) if s > floors[meter]]
     for meter, seq in db.execute(f"SELECT meter_id, seq FROM accepted {where}", args):
         if int(seq) > floors.get(meter, -1):
             held.setdefault(meter, []).append(int(seq))
